@@ -1,0 +1,170 @@
+"""crosskd checkpoints: plain dicts of tensors and Python values, written atomically, loaded with weights_only=True."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from crosskd import __version__
+from crosskd.errors import CheckpointError
+from crosskd.models import Detector, build_detector
+from crosskd.utils import LOGGER
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("model", "model_yaml", "nc", "format_version")
+TRAINING_STATE_KEYS = ("optimizer", "scaler", "ema", "scheduler")
+
+
+def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
+    """Write `ckpt` to `path` atomically: a temporary file in the same directory, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(ckpt, tmp_name)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a crosskd checkpoint on the CPU with weights_only=True; any problem is a one-line CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: '{path}'; pass an existing crosskd .pt file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint '{path}' (corrupt or not a crosskd .pt): {reason}") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        raise CheckpointError(
+            f"'{path}' is not a crosskd checkpoint (needs keys {list(REQUIRED_KEYS)}); "
+            "use a .pt written by crosskd train/distill"
+        )
+    if ckpt["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(
+            f"'{path}' has checkpoint format {ckpt['format_version']}, newer than this crosskd supports "
+            f"({FORMAT_VERSION}); upgrade crosskd"
+        )
+    return ckpt
+
+
+def _float_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cast floating-point tensors to float32 (stripped checkpoints store fp16)."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """Copy every entry of `state` whose name and shape match `model`; returns (transferred, total in model)."""
+    own = model.state_dict()
+    matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(_float_state(matching), strict=False)
+    return len(matching), len(own)
+
+
+def is_yaml(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in (".yaml", ".yml")
+
+
+def load_detector(
+    path_or_yaml: str | Path | dict, nc: int | None = None, device: str | torch.device = "cpu"
+) -> tuple[Detector, dict]:
+    """Build a Detector from a model YAML (fresh) or a crosskd .pt (weights loaded, float32).
+
+    With a .pt and an `nc` that differs from the checkpoint's, the head is rebuilt for `nc` and every weight of
+    matching shape is transferred. Returns the detector (on `device`, with `names`) and the checkpoint dict
+    (empty for a YAML).
+    """
+    if isinstance(path_or_yaml, dict) or is_yaml(path_or_yaml):
+        detector = build_detector(path_or_yaml, nc)
+        detector.names = {i: str(i) for i in range(detector.nc)}
+        return detector.to(device), {}
+    ckpt = load_checkpoint(path_or_yaml)
+    ckpt_nc = int(ckpt["nc"])
+    names = {int(k): str(v) for k, v in (ckpt.get("names") or {}).items()} or {i: str(i) for i in range(ckpt_nc)}
+    if nc is None or nc == ckpt_nc:
+        detector = build_detector(ckpt["model_yaml"], ckpt_nc)
+        detector.load_state_dict(_float_state(ckpt["model"]))
+    else:
+        detector = build_detector(ckpt["model_yaml"], nc)
+        done, total = transfer_weights(detector, ckpt["model"])
+        LOGGER.info(f"Rebuilt the head of '{path_or_yaml}' for nc={nc} (was {ckpt_nc}); transferred {done}/{total} weights")
+        names = {i: str(i) for i in range(nc)}
+    detector.names = names
+    return detector.to(device), ckpt
+
+
+def cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of a module's state_dict."""
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def make_checkpoint(
+    model: Detector,
+    *,
+    epoch: int,
+    best_fitness: float | None,
+    names: dict[int, str],
+    train_args: dict,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    ema: nn.Module | None = None,
+    ema_updates: int = 0,
+    scheduler: dict | None = None,
+    train_metrics: dict | None = None,
+    **extra: Any,
+) -> dict:
+    """Assemble a checkpoint dict of plain values; `extra` adds keys such as teacher/teacher_args or rng."""
+    ckpt = {
+        "epoch": epoch,
+        "best_fitness": best_fitness,
+        "model": cpu_state(model),
+        "model_yaml": dict(model.yaml),
+        "names": {int(k): str(v) for k, v in names.items()},
+        "nc": int(model.nc),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "ema": cpu_state(ema) if ema is not None else None,
+        "ema_updates": ema_updates,
+        "scheduler": scheduler,
+        "train_args": train_args,
+        "train_metrics": train_metrics or {},
+        "date": datetime.now().isoformat(timespec="seconds"),
+        "version": __version__,
+        "format_version": FORMAT_VERSION,
+    }
+    ckpt.update(extra)
+    return ckpt
+
+
+def is_resumable(ckpt: dict) -> bool:
+    """True for an unfinished training checkpoint (has optimizer state and epoch >= 0)."""
+    return ckpt.get("epoch", -1) >= 0 and ckpt.get("optimizer") is not None
+
+
+def strip_checkpoint(path: str | Path) -> Path:
+    """Make a final checkpoint: EMA weights as the model when present, fp16, no training state, epoch -1."""
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    weights = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
+    ckpt["model"] = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+    for key in TRAINING_STATE_KEYS:
+        ckpt[key] = None
+    ckpt.pop("rng", None)
+    ckpt.update(epoch=-1, ema_updates=0)
+    save_checkpoint(ckpt, path)
+    size_mb = path.stat().st_size / 1e6
+    LOGGER.info(f"Optimizer stripped from {path}, {size_mb:.1f}MB")
+    return path
