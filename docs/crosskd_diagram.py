@@ -2,11 +2,8 @@
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
+from matplotlib.figure import Figure
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 STUDENT, TEACHER, LOSS, FROZEN = "#cfe2f3", "#f4cccc", "#fff2cc", "#ead1dc"
 
@@ -25,7 +22,8 @@ def arrow(ax, start: tuple, end: tuple, color: str = "#333333", ls: str = "-", r
 
 
 def draw(path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(12, 5.6))
+    fig = Figure(figsize=(12, 5.6))
+    ax = fig.subplots()
     ax.set_xlim(0, 12)
     ax.set_ylim(0, 5.6)
     ax.axis("off")
@@ -62,7 +60,6 @@ def draw(path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
