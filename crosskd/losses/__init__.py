@@ -1,0 +1,1 @@
+"""Detection losses (`detection`) and knowledge-distillation losses (`distill`) as element-wise functions."""

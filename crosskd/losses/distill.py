@@ -1,0 +1,39 @@
+"""Knowledge-distillation losses (CrossKD, LD, PKD) as element-wise pure functions; teacher inputs are detached."""
+
+import torch.nn.functional as F
+from torch import Tensor
+
+CLASS_REDUCTIONS = ("sum", "mean")
+
+
+def kd_quality_focal_loss(pred_logits: Tensor, teacher_logits: Tensor, beta: float = 1.0) -> Tensor:
+    """CrossKD classification KD `[..., C]`: BCE(pred, σ(teacher)) · |σ(pred) − σ(teacher)|^β (β=0: soft BCE)."""
+    pred_logits = pred_logits.float()
+    soft_targets = teacher_logits.detach().float().sigmoid()
+    bce = F.binary_cross_entropy_with_logits(pred_logits, soft_targets, reduction="none")
+    return bce * (pred_logits.sigmoid() - soft_targets).abs().pow(beta)
+
+
+def kl_div_loss(pred_logits: Tensor, teacher_logits: Tensor, T: float = 1.0, class_reduction: str = "sum") -> Tensor:
+    """KL(softmax(teacher/T) ‖ softmax(pred/T)) `[...]` over the last dim `[..., K]`, summed or averaged, × T²."""
+    if class_reduction not in CLASS_REDUCTIONS:
+        raise ValueError(f"class_reduction must be one of {CLASS_REDUCTIONS}, got {class_reduction!r}")
+    targets = (teacher_logits.detach().float() / T).softmax(dim=-1)
+    log_probs = (pred_logits.float() / T).log_softmax(dim=-1)
+    kl = F.kl_div(log_probs, targets, reduction="none")  # [..., K]
+    kl = kl.sum(dim=-1) if class_reduction == "sum" else kl.mean(dim=-1)
+    return kl * (T * T)
+
+
+def channel_standardize(feat: Tensor, eps: float = 1e-6) -> Tensor:
+    """Standardise `[B, C, H, W]` per channel over (B, H, W): (x − mean) / (unbiased std + eps)."""
+    mean = feat.mean(dim=(0, 2, 3), keepdim=True)  # [1, C, 1, 1]
+    std = feat.std(dim=(0, 2, 3), keepdim=True)  # [1, C, 1, 1]
+    return (feat - mean) / (std + eps)
+
+
+def pkd_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
+    """PKD feature imitation (scalar): MSE / 2 of per-channel standardised maps `[B, C, H, W]`, mean over elements."""
+    student = channel_standardize(student_feat.float())
+    teacher = channel_standardize(teacher_feat.detach().float())
+    return F.mse_loss(student, teacher) / 2
