@@ -1,0 +1,98 @@
+"""Teacher/student compatibility: checks with one-line errors, the hold-point index and 1x1 width adapters."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import Tensor, nn
+
+from crosskd.errors import CheckpointError, ConfigError
+from crosskd.utils import LOGGER
+
+if TYPE_CHECKING:
+    from crosskd.models import Detector
+    from crosskd.models.heads.base import DenseHead
+
+
+def check_compatible(student: Detector, teacher: Detector, kd: frozenset[str]) -> None:
+    """Raise a one-line CheckpointError when the teacher cannot distil this student with `kd`."""
+    if teacher.nc != student.nc:
+        raise CheckpointError(
+            f"teacher has {teacher.nc} classes but the student's data has {student.nc}: "
+            "train the teacher on the same dataset"
+        )
+    t_strides, s_strides = list(teacher.strides), list(student.strides)
+    if t_strides != s_strides:
+        raise CheckpointError(
+            f"teacher strides {t_strides} ({len(t_strides)} levels) differ from the student's {s_strides} "
+            f"({len(s_strides)} levels): give both model YAMLs the same FPN levels"
+        )
+    if kd & {"pm", "ld"}:
+        check_same_head(student.head, teacher.head, "pm" if "pm" in kd else "ld")
+    if "pkd" in kd and feature_channels(teacher) != feature_channels(student):
+        raise CheckpointError(
+            f"kd=pkd compares FPN features, but the teacher's have {feature_channels(teacher)} channels and the "
+            f"student's {feature_channels(student)}: use the same FPN width or kd=crosskd"
+        )
+
+
+def check_same_head(student_head: DenseHead, teacher_head: DenseHead, method: str) -> None:
+    """Prediction mimicking and LD compare raw outputs, so both heads must have the same type and layout."""
+    if method == "ld" and teacher_head.head_type != "gfl":
+        raise CheckpointError(f"kd=ld distils GFL box distributions, but the teacher is {teacher_head.head_type}: "
+                              "use a GFL teacher or kd=crosskd")
+    s_layout = (student_head.head_type, student_head.num_anchors, getattr(student_head, "reg_max", None))
+    t_layout = (teacher_head.head_type, teacher_head.num_anchors, getattr(teacher_head, "reg_max", None))
+    if s_layout != t_layout:
+        raise CheckpointError(
+            f"kd={method} needs the same head on both sides, but the teacher has (type, anchors, reg_max) {t_layout} "
+            f"and the student {s_layout}: use kd=crosskd for different heads"
+        )
+
+
+def feature_channels(detector: Detector) -> int:
+    """Channels of the FPN outputs, i.e. the head's input width."""
+    return int(detector.head.in_channels)
+
+
+def resolve_kd_idx(kd_idx: int | None, student_head: DenseHead, teacher_head: DenseHead) -> int:
+    """The hold point: `kd_idx` checked against both towers, or the teacher's default clamped to the towers."""
+    depth = min(student_head.stacked_convs, teacher_head.stacked_convs)
+    if kd_idx is None:
+        default = teacher_head.default_kd_idx
+        if default > depth:
+            LOGGER.info(f"kd_idx: the default {default} exceeds the heads' {depth} stacked convs, using {depth}")
+        return min(default, depth)
+    if isinstance(kd_idx, bool) or not isinstance(kd_idx, int) or not 0 <= kd_idx <= depth:
+        raise ConfigError(
+            f"kd_idx={kd_idx!r} is out of range: use an integer 0..{depth} "
+            f"(student head {student_head.stacked_convs} convs, teacher head {teacher_head.stacked_convs})"
+        )
+    return kd_idx
+
+
+def hold_channels(head: DenseHead, idx: int) -> int:
+    """Channels of the tower feature after step `idx` (the head input when idx is 0)."""
+    return int(head.in_channels) if idx == 0 else int(head.feat_channels)
+
+
+class TowerAdapter(nn.Module):
+    """Learned 1x1 convs mapping the student's cls and reg hold features to the teacher's width."""
+
+    def __init__(self, student_channels: int, teacher_channels: int) -> None:
+        super().__init__()
+        self.cls = nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
+        self.reg = nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
+
+    def forward(self, cls_feat: Tensor, reg_feat: Tensor) -> tuple[Tensor, Tensor]:
+        return self.cls(cls_feat), self.reg(reg_feat)
+
+
+def build_adapter(student_head: DenseHead, teacher_head: DenseHead, idx: int) -> TowerAdapter | None:
+    """A TowerAdapter when the hold features' widths differ, else None."""
+    s_channels, t_channels = hold_channels(student_head, idx), hold_channels(teacher_head, idx)
+    if s_channels == t_channels:
+        return None
+    LOGGER.info(f"CrossKD: student hold features have {s_channels} channels, the teacher's {t_channels}; "
+                "adding learned 1x1 adapters (cls, reg)")
+    return TowerAdapter(s_channels, t_channels)

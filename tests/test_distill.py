@@ -1,0 +1,202 @@
+"""Distiller: teacher handling, gradient flow of the cross-head pass, alignment, baselines and mismatch errors."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from crosskd.distill import Distiller, KDWeights, align_scale
+from crosskd.distill.crosskd import head_pass
+from crosskd.errors import CheckpointError, ConfigError
+from crosskd.models.backbones import ResNet
+from crosskd.models.detector import Detector
+from crosskd.models.heads import ATSSHead, FCOSHead, GFLHead, RetinaHead
+from crosskd.models.neck import FPN
+from crosskd.utils import LOGGER
+
+HEADS = {"gfl": GFLHead, "retinanet": RetinaHead, "atss": ATSSHead, "fcos": FCOSHead}
+IMGSZ = 64
+
+
+def tiny_detector(head_type: str = "gfl", nc: int = 3, feat: int = 16, stacked: int = 2, seed: int = 0,
+                  num_outs: int = 5, **head_kwargs) -> Detector:
+    """A quarter-width ResNet-18, FPN and head of `feat` channels: fast enough for unit tests."""
+    torch.manual_seed(seed)
+    backbone = ResNet(depth=18, width=0.25)
+    neck = FPN(backbone.out_channels, feat, num_outs=num_outs)
+    strides = [8 * 2**i for i in range(num_outs)]
+    head = HEADS[head_type](nc, feat, feat, stacked_convs=stacked, num_groups=4, strides=strides, **head_kwargs)
+    return Detector(backbone, neck, head)
+
+
+def tiny_batch(batch: int = 2, seed: int = 0) -> SimpleNamespace:
+    """Random images with two boxes in the first image and one in the others."""
+    gen = torch.Generator().manual_seed(seed)
+    gt_boxes = torch.zeros(batch, 2, 4)
+    gt_labels = torch.full((batch, 2), -1)
+    gt_boxes[:, 0] = torch.tensor([8.0, 8.0, 40.0, 36.0])
+    gt_labels[:, 0] = torch.arange(batch) % 3
+    gt_boxes[0, 1] = torch.tensor([30.0, 20.0, 60.0, 62.0])
+    gt_labels[0, 1] = 2
+    images = torch.rand(batch, 3, IMGSZ, IMGSZ, generator=gen)
+    return SimpleNamespace(images=images, gt_boxes=gt_boxes, gt_labels=gt_labels)
+
+
+def kd_total(losses: dict) -> torch.Tensor:
+    return sum(v for k, v in losses.items() if k.startswith("kd_"))
+
+
+def grad_norm(module: torch.nn.Module) -> float:
+    return sum(p.grad.abs().sum().item() for p in module.parameters() if p.grad is not None)
+
+
+def test_teacher_is_hidden_frozen_and_always_eval():
+    distiller = Distiller(tiny_detector(seed=1), tiny_detector(seed=2))
+    teacher_ids = {id(p) for p in distiller.teacher.parameters()}
+    assert not teacher_ids & {id(p) for p in distiller.parameters()}
+    assert not any(k.startswith("teacher") for k in distiller.state_dict())
+    assert all(not p.requires_grad for p in distiller.teacher.parameters())
+    distiller.train()
+    assert distiller.student.training and not distiller.teacher.training
+    distiller.to(torch.float64)
+    assert next(distiller.teacher.parameters()).dtype == torch.float64
+
+
+def test_kd_gradient_reaches_only_the_student_layers_before_the_hold_point():
+    student, teacher = tiny_detector(stacked=3, seed=1), tiny_detector(stacked=3, seed=2)
+    distiller = Distiller(student, teacher, kd="crosskd", kd_idx=2)
+    losses = distiller(tiny_batch())
+    assert {"loss_cls", "loss_box", "loss_dfl", "kd_cls", "kd_reg"} <= set(losses)
+    kd_total(losses).backward()
+    head = student.head
+    for late in (head.cls_convs[2], head.reg_convs[2], head.gfl_cls, head.gfl_reg, head.scales):
+        assert grad_norm(late) == 0.0
+    for early in (head.cls_convs[0], head.cls_convs[1], head.reg_convs[1], student.neck, student.backbone):
+        assert grad_norm(early) > 0.0
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_teacher_weights_stay_bit_identical_after_optimizer_steps():
+    student, teacher = tiny_detector(seed=1), tiny_detector(seed=2)
+    before = copy.deepcopy(teacher.state_dict())
+    distiller = Distiller(student, teacher)
+    optimizer = torch.optim.SGD(distiller.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    student_before = student.head.cls_convs[0].conv.weight.detach().clone()
+    for seed in range(2):
+        optimizer.zero_grad()
+        sum(distiller(tiny_batch(seed=seed)).values()).backward()
+        optimizer.step()
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert not torch.equal(student_before, student.head.cls_convs[0].conv.weight)
+
+
+@pytest.mark.parametrize("head_type", list(HEADS))
+def test_student_copy_of_teacher_gives_teacher_outputs_and_zero_kd(head_type):
+    teacher = tiny_detector(head_type, seed=3)
+    distiller = Distiller(copy.deepcopy(teacher), teacher, kd_idx=1).eval()
+    batch = tiny_batch()
+    with torch.no_grad():
+        feats = teacher.extract_features(batch.images)
+        holds, expected = head_pass(teacher.head, feats, 1)
+        cross = distiller.cross_head(holds, holds)
+    for got, want in zip(cross.cls_scores + cross.bbox_preds, expected.cls_scores + expected.bbox_preds):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    losses = distiller(batch)
+    assert losses["kd_cls"].item() == pytest.approx(0.0, abs=1e-5)
+    assert losses["kd_reg"].item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_align_scale_matches_teacher_channel_statistics():
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 4, 5, 6, generator=gen) * 3 + 1
+    teacher = torch.randn(2, 4, 5, 6, generator=gen) * torch.tensor([0.5, 2.0, 1.0, 4.0]).view(1, 4, 1, 1) - 2
+    aligned = align_scale(student.requires_grad_(), teacher)
+    dims = (0, 2, 3)
+    torch.testing.assert_close(aligned.mean(dims), teacher.mean(dims), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(aligned.std(dims), teacher.std(dims), atol=1e-5, rtol=1e-4)
+    aligned.sum().backward()
+    assert student.grad is not None
+
+
+def test_align_scale_single_position_is_finite():
+    aligned = align_scale(torch.randn(1, 4, 1, 1), torch.randn(1, 4, 1, 1))
+    assert torch.isfinite(aligned).all()
+
+
+def test_kd_weight_scales_every_kd_term():
+    student, teacher, batch = tiny_detector(seed=1), tiny_detector(seed=2), tiny_batch()
+    one = Distiller(student, teacher, weights=KDWeights(cls=1.0, reg=4.0))(batch)
+    half = Distiller(student, teacher, weights=KDWeights(cls=0.5, reg=2.0))(batch)
+    assert half["kd_cls"].item() == pytest.approx(one["kd_cls"].item() / 2, rel=1e-5)
+    assert half["kd_reg"].item() == pytest.approx(one["kd_reg"].item() / 2, rel=1e-5)
+    assert half["loss_cls"].item() == pytest.approx(one["loss_cls"].item(), rel=1e-5)
+
+
+def test_from_args_uses_teacher_type_defaults_and_overrides():
+    args = SimpleNamespace(kd="crosskd", kd_idx=None, kd_align=True, kd_weight=2.0, kd_cls_weight=None,
+                           kd_reg_weight=0.5, kd_ctr_weight=None, kd_feat_weight=None)
+    distiller = Distiller.from_args(tiny_detector("gfl", seed=1), tiny_detector("fcos", seed=2), args)
+    assert distiller.weights == KDWeights(cls=0.8, reg=1.0, feat=4.0)
+    assert distiller.kd_idx == 0  # FCOS default is stacked_convs - 2 = 0 for 2-conv heads
+
+
+def test_heterogeneous_retinanet_teacher_distils_gfl_student():
+    student, teacher = tiny_detector("gfl", seed=1), tiny_detector("retinanet", seed=2)
+    distiller = Distiller(student, teacher)
+    losses = distiller(tiny_batch())
+    assert {"loss_cls", "loss_box", "loss_dfl", "kd_cls", "kd_reg"} == set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    kd_total(losses).backward()
+    assert grad_norm(student.backbone) > 0.0
+    assert grad_norm(student.head.gfl_cls) == 0.0
+
+
+def test_width_mismatch_adds_trained_adapter():
+    student, teacher = tiny_detector(feat=16, seed=1), tiny_detector(feat=32, seed=2)
+    distiller = Distiller(student, teacher, kd_idx=1)
+    assert distiller.adapter is not None
+    assert {"adapter.cls.weight", "adapter.reg.weight"} <= set(distiller.state_dict())
+    kd_total(distiller(tiny_batch())).backward()
+    assert grad_norm(distiller.adapter.cls) > 0.0 and grad_norm(distiller.adapter.reg) > 0.0
+    assert Distiller(tiny_detector(seed=1), tiny_detector(seed=2)).adapter is None
+
+
+def test_mismatched_classes_and_strides_fail_with_one_line():
+    with pytest.raises(CheckpointError, match="teacher has 5 classes but the student's data has 3"):
+        Distiller(tiny_detector(nc=3), tiny_detector(nc=5))
+    with pytest.raises(CheckpointError, match=r"teacher strides \[8, 16, 32, 64\] \(4 levels\)"):
+        Distiller(tiny_detector(), tiny_detector(num_outs=4))
+
+
+def test_kd_idx_out_of_range_and_default_clamp(caplog):
+    with pytest.raises(ConfigError, match=r"kd_idx=3 is out of range: use an integer 0\.\.2"):
+        Distiller(tiny_detector(stacked=2), tiny_detector(stacked=4), kd_idx=3)
+    LOGGER.addHandler(caplog.handler)
+    try:
+        distiller = Distiller(tiny_detector(stacked=1), tiny_detector(stacked=4))
+    finally:
+        LOGGER.removeHandler(caplog.handler)
+    assert distiller.kd_idx == 1  # teacher default 3 clamped to the student's single conv
+    assert "kd_idx: the default 3 exceeds the heads' 1 stacked convs, using 1" in caplog.text
+
+
+def test_baselines_through_the_same_path():
+    student, teacher, batch = tiny_detector(seed=1), tiny_detector(seed=2), tiny_batch()
+    assert set(Distiller(student, teacher, kd="none")(batch)) == {"loss_cls", "loss_box", "loss_dfl"}
+    assert set(Distiller(student, teacher, kd="pkd")(batch)) == {"loss_cls", "loss_box", "loss_dfl", "kd_feat"}
+    assert set(Distiller(student, teacher, kd="ld")(batch)) == {"loss_cls", "loss_box", "loss_dfl", "kd_reg"}
+    both = Distiller(student, teacher, kd="crosskd+pkd")(batch)
+    assert {"kd_cls", "kd_reg", "kd_feat"} <= set(both)
+    pm = Distiller(student, teacher, kd="pm")
+    kd_total(pm(batch)).backward()
+    assert grad_norm(student.head.gfl_cls) > 0.0  # prediction mimicking acts on the student's own predictors
+
+
+def test_pm_and_ld_refuse_different_heads():
+    with pytest.raises(CheckpointError, match="kd=pm needs the same head"):
+        Distiller(tiny_detector("gfl"), tiny_detector("atss"), kd="pm")
+    with pytest.raises(CheckpointError, match="kd=ld distils GFL box distributions"):
+        Distiller(tiny_detector("retinanet"), tiny_detector("retinanet"), kd="ld")
+    with pytest.raises(CheckpointError, match="kd=pkd compares FPN features"):
+        Distiller(tiny_detector(feat=16), tiny_detector(feat=32), kd="pkd")
