@@ -1,0 +1,241 @@
+"""The `crosskd MODE key=value ...` command: parse, validate, dispatch. The only place that catches UserError."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+import platform
+import sys
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from crosskd import __version__
+from crosskd.config import (
+    ALIASES,
+    DEFAULT_CFG_PATH,
+    MODES,
+    Args,
+    check_required,
+    get_args,
+    join_tokens,
+    load_defaults,
+    parse_cli_args,
+)
+from crosskd.errors import ConfigError, UserError
+from crosskd.utils import LOGGER, console
+
+MODE_TARGETS = {  # mode -> (module, function taking Args); imported only when the mode runs
+    "train": ("crosskd.engine.trainer", "run"),
+    "distill": ("crosskd.engine.trainer", "run"),
+    "val": ("crosskd.engine.validator", "run"),
+    "predict": ("crosskd.engine.predictor", "run"),
+    "export": ("crosskd.engine.exporter", "run"),
+    "info": ("crosskd.models.info", "run"),
+}
+SPECIAL_WORDS = {  # spelling -> special command
+    "help": "help", "h": "help", "-h": "help", "--help": "help", "-help": "help",
+    "version": "version", "-v": "version", "--version": "version",
+    "checks": "checks", "check": "checks",
+    "cfg": "cfg",
+    "copy-cfg": "copy-cfg", "copy_cfg": "copy-cfg",
+}
+HELP_TEXT = f"""crosskd {__version__}: dense object detectors and Cross-Head Knowledge Distillation (CrossKD)
+
+Usage: crosskd MODE key=value ...
+  MODE is one of: {", ".join(MODES)}
+  key=value settings override cfg/default.yaml ('crosskd cfg' lists them); a bare bool key means key=true.
+
+Examples:
+  1. Train a detector from a model YAML:
+       crosskd train model=cfg/models/gfl_r50.yaml data=coco.yaml epochs=12
+  2. Distil a student from a trained teacher with CrossKD:
+       crosskd distill teacher=gfl_r101.pt student=gfl_r50.yaml data=coco.yaml
+  3. Validate a checkpoint (COCO mAP):
+       crosskd val model=best.pt data=coco.yaml
+  4. Predict on a folder of images:
+       crosskd predict model=best.pt source=images/ conf=0.25
+  5. Export to ONNX:
+       crosskd export model=best.pt format=onnx imgsz=640
+
+Special commands:
+  crosskd help        this text (also -h, --help)
+  crosskd version     the installed crosskd version
+  crosskd checks      software and hardware report
+  crosskd cfg         every setting with its default and comment
+  crosskd copy-cfg    write default_copy.yaml here, to edit and pass back as cfg=
+
+Docs: README.md and docs/ in the crosskd repository."""
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
+def _command(tokens: Annotated[list[str] | None, typer.Argument(help="MODE key=value ...")] = None) -> None:
+    try:
+        dispatch(tokens or [])
+    except KeyboardInterrupt:  # typer would turn it into a silent exit code
+        raise UserError("interrupted by the user") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the command, turning user errors into one red line and exit code 2."""
+    tokens = sys.argv[1:] if argv is None else list(argv)
+    try:
+        app(args=tokens, prog_name="crosskd", standalone_mode=False)
+    except UserError as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        _fail("interrupted by the user")
+
+
+def _fail(message: str) -> None:
+    Console(stderr=True, soft_wrap=True).print(Text(f"ERROR: {message}", style="bold red"))
+    raise SystemExit(2)
+
+
+def dispatch(tokens: list[str]) -> None:
+    """Run one command line (without the program name): a special command or a mode."""
+    tokens = join_tokens(tokens)
+    specials = [SPECIAL_WORDS[token] for token in tokens if token in SPECIAL_WORDS]
+    if not tokens or specials:
+        special = specials[0] if specials else "help"
+        _run_special(special, [token for token in tokens if SPECIAL_WORDS.get(token) != special])
+        return
+    mode, rest = _split_mode(tokens)
+    overrides = parse_cli_args(rest)
+    args = get_args(overrides, _resolve_mode(mode, overrides))
+    check_required(args)
+    _load_runner(args.mode)(args)
+
+
+def _split_mode(tokens: list[str]) -> tuple[str | None, list[str]]:
+    """Take the one mode word out of the tokens (it may stand anywhere); reject unknown bare words."""
+    bare = [token for token in tokens if "=" not in token]
+    modes = [token for token in bare if token in MODES]
+    if len(modes) > 1:
+        raise ConfigError(f"more than one mode given ({', '.join(modes)}); pass exactly one, e.g. crosskd train")
+    keys = set(load_defaults()) | set(ALIASES)
+    for word in bare:
+        if word not in MODES and word.lstrip("-") not in keys:
+            _raise_if_mode_typo(word)
+    if not modes:
+        return None, tokens
+    rest = list(tokens)
+    rest.remove(modes[0])
+    return modes[0], rest
+
+
+def _raise_if_mode_typo(word: str) -> None:
+    """A bare word close to a mode or special command is a mistyped mode; others fall to argument checks."""
+    similar = difflib.get_close_matches(word, [*MODES, *dict.fromkeys(SPECIAL_WORDS.values())], n=3, cutoff=0.6)
+    if similar:
+        raise ConfigError(f"'{word}' is not a valid crosskd mode. Similar: {', '.join(similar)}")
+
+
+def _resolve_mode(mode: str | None, overrides: dict[str, Any]) -> str:
+    """The mode word wins; `mode=` may stand in for it; neither means default.yaml's mode, with a warning."""
+    given = overrides.pop("mode", None)
+    if mode and given and given != mode:
+        raise ConfigError(f"mode word '{mode}' and mode={given} disagree; pass only one")
+    if mode or given:
+        return mode or given
+    default = load_defaults()["mode"]
+    LOGGER.warning(f"no mode given (valid modes: {', '.join(MODES)}); using mode={default}")
+    return default
+
+
+def _load_runner(mode: str) -> Callable[[Args], Any]:
+    """Import the engine of a mode lazily; a missing crosskd module means that mode is not built yet."""
+    module_name, function_name = MODE_TARGETS[mode]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name and (error.name == "crosskd" or error.name.startswith("crosskd.")):
+            raise UserError(f"'{mode}' is not built yet ({error.name} is missing)") from None
+        raise
+    runner = getattr(module, function_name, None)
+    if runner is None:
+        raise UserError(f"'{mode}' is not built yet ({module_name} has no {function_name}())")
+    return runner
+
+
+def _run_special(special: str, extra: list[str]) -> None:
+    if extra and special != "help":
+        raise ConfigError(f"'{special}' takes no arguments (got {' '.join(extra)}); "
+                          "to use a settings file write e.g. crosskd train cfg=my.yaml")
+    actions: dict[str, Callable[[], None]] = {
+        "help": lambda: print(HELP_TEXT),
+        "version": lambda: print(__version__),
+        "checks": _print_checks,
+        "cfg": lambda: print(DEFAULT_CFG_PATH.read_text(), end=""),
+        "copy-cfg": _copy_cfg,
+    }
+    actions[special]()
+
+
+def _copy_cfg() -> None:
+    """Write default.yaml to ./default_copy.yaml (never over an existing file) and show how to use it."""
+    target = Path.cwd() / "default_copy.yaml"
+    if target.exists():
+        raise ConfigError(f"{target} already exists; rename or delete it, then run 'crosskd copy-cfg' again")
+    target.write_text(DEFAULT_CFG_PATH.read_text())
+    print(f"{DEFAULT_CFG_PATH} copied to {target}\nExample: crosskd train cfg={target} imgsz=320 batch=8")
+
+
+def _package_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _ram_gib() -> str:
+    try:
+        return f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB"
+    except (AttributeError, ValueError, OSError):
+        return "unknown"
+
+
+def _cuda_devices() -> str:
+    devices = []
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        devices.append(f"{index}: {props.name} ({props.total_memory / 2**30:.0f} GiB)")
+    return "; ".join(devices) or "none"
+
+
+def environment_report() -> list[tuple[str, str]]:
+    """(item, value) rows describing the software and hardware this process runs on."""
+    cuda = torch.cuda.is_available()
+    return [
+        ("Python", platform.python_version()),
+        ("crosskd", __version__),
+        ("torch", torch.__version__),
+        ("torchvision", _package_version("torchvision")),
+        ("CUDA available", "yes" if cuda else "no"),
+        ("CUDA version", torch.version.cuda or "none (CPU build)"),
+        ("CUDA devices", _cuda_devices() if cuda else "none"),
+        ("onnx", _package_version("onnx")),
+        ("onnxruntime", _package_version("onnxruntime")),
+        ("OS", platform.platform()),
+        ("CPU count", str(os.cpu_count())),
+        ("RAM", _ram_gib()),
+    ]
+
+
+def _print_checks() -> None:
+    table = Table(title=f"crosskd {__version__} checks")
+    table.add_column("item", style="bold")
+    table.add_column("value")
+    for item, value in environment_report():
+        table.add_row(item, value)
+    console.print(table)

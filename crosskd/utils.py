@@ -1,0 +1,197 @@
+"""Shared helpers: logging, colours, run directories, atomic saving, seeding and device selection."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from crosskd.dist import get_rank, is_dist
+from crosskd.errors import UserError
+
+console = Console()
+
+ANSI = {
+    "black": "\033[30m", "red": "\033[31m", "green": "\033[32m", "yellow": "\033[33m", "blue": "\033[34m",
+    "magenta": "\033[35m", "cyan": "\033[36m", "white": "\033[37m", "bright_red": "\033[91m",
+    "bright_green": "\033[92m", "bright_yellow": "\033[93m", "bright_blue": "\033[94m", "bold": "\033[1m",
+    "underline": "\033[4m", "end": "\033[0m",
+}
+
+
+def _process_rank() -> int:
+    """This process's global rank, also before the process group exists (torchrun sets RANK)."""
+    return get_rank() if is_dist() else int(os.environ.get("RANK", 0))
+
+
+class _RankZeroFilter(logging.Filter):
+    """Let only rank 0 log below ERROR, so N processes do not print N copies."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or _process_rank() == 0
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Write to the current sys.stdout (looked up per record, so redirections and pytest capture see it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+
+
+class _PlainFormatter(logging.Formatter):
+    """Plain messages; warnings and errors get a WARNING:/ERROR: prefix."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno < logging.WARNING else f"{record.levelname}: {message}"
+
+
+def _build_logger(name: str = "crosskd") -> logging.Logger:
+    logger = logging.getLogger(name)
+    handler = _StdoutHandler()
+    handler.setFormatter(_PlainFormatter("%(message)s"))
+    handler.addFilter(_RankZeroFilter())
+    logger.handlers = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return logger
+
+
+LOGGER = _build_logger()
+
+
+def _use_colour() -> bool:
+    return "NO_COLOR" not in os.environ and sys.stdout.isatty()
+
+
+def colorstr(*parts: str) -> str:
+    """Colour a string for the terminal: colorstr('bold', 'red', 'text'); one argument means bold blue.
+
+    Plain text when stdout is not a terminal or NO_COLOR is set, so logs and CI output stay clean.
+    """
+    *styles, text = parts
+    if not _use_colour():
+        return text
+    styles = styles or ["blue", "bold"]
+    return "".join(ANSI[style] for style in styles) + text + ANSI["end"]
+
+
+def increment_path(path: str | Path, exist_ok: bool = False, mkdir: bool = False) -> Path:
+    """Return `path`, or the first free `path2`, `path3`, ... (Ultralytics 8.3 style: runs/train, runs/train2).
+
+    Files keep their suffix (`results.csv` -> `results2.csv`). With mkdir the directory is created atomically,
+    so two runs started together never share one.
+    """
+    path = Path(path)
+    stem, suffix = (path.with_suffix(""), path.suffix) if path.is_file() else (path, "")
+    candidate, number = path, 2
+    while True:
+        if exist_ok or not candidate.exists():
+            if not mkdir:
+                return candidate
+            try:
+                candidate.mkdir(parents=True, exist_ok=exist_ok)
+                return candidate
+            except FileExistsError:
+                pass
+        candidate = Path(f"{stem}{number}{suffix}")
+        number += 1
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """torch.save to a temporary file in the same directory, then os.replace: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as tmp_file:
+            torch.save(obj, tmp_file)
+            tmp_file.flush()
+            os.fsync(tmp_file.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def init_seeds(seed: int = 0, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch (all devices); optionally make CUDA kernels deterministic."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = False
+
+
+def parse_device_list(device: str | int | list[int] | tuple[int, ...] | None) -> list[int]:
+    """CUDA indices named by a device setting: '0,1' -> [0, 1], 'cuda:1' -> [1]; [] for cpu, mps, cuda or auto."""
+    if device is None:
+        return []
+    if isinstance(device, int) and not isinstance(device, bool):
+        return [device]
+    if isinstance(device, list | tuple):
+        return [index for item in device for index in parse_device_list(item)]
+    text = str(device).strip().lower().replace(" ", "").removeprefix("cuda:")
+    if text in ("", "cpu", "mps", "cuda"):
+        return []
+    indices = [item for item in text.strip("[]()").split(",") if item]
+    if not all(item.isdigit() for item in indices):
+        raise UserError(f"device={device} is not valid; use cpu, a CUDA index like 0, or a list like 0,1")
+    return [int(item) for item in indices]
+
+
+def select_device(device: str | int | list[int] | tuple[int, ...] | None = None) -> torch.device:
+    """The torch.device to run on: cpu, mps, the first listed GPU (this process's GPU under torchrun) or auto."""
+    text = "" if device is None else str(device).strip().lower()
+    if text in ("cpu", "mps"):
+        if text == "mps" and not torch.backends.mps.is_available():
+            raise UserError("device=mps asks for Apple MPS but it is not available; use device=cpu")
+        return torch.device(text)
+    if text == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda asks for CUDA but torch.cuda.is_available() is False; use device=cpu")
+    indices = parse_device_list(device)
+    if not indices:
+        return _auto_device()
+    if not torch.cuda.is_available():
+        raise UserError(f"device={device} asks for CUDA but torch.cuda.is_available() is False; use device=cpu")
+    visible = torch.cuda.device_count()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if local_rank >= len(indices):
+        raise UserError(f"device={device} lists {len(indices)} GPU(s) but this is local rank {local_rank}; "
+                        f"list one GPU per process, e.g. device=0,1")
+    index = indices[local_rank]
+    if index >= visible:
+        raise UserError(f"device={device} asks for GPU {index} but only {visible} CUDA device(s) are visible")
+    return torch.device("cuda", index)
+
+
+def _auto_device() -> torch.device:
+    """CUDA (this process's local rank) when available, else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def runs_dir() -> Path:
+    """Root of all run directories: ./runs under the current directory."""
+    return Path.cwd() / "runs"
+
+
+def newest_file(pattern_root: str | Path, name: str) -> Path | None:
+    """The most recently modified file called `name` anywhere under `pattern_root` (None when there is none)."""
+    candidates = [path for path in Path(pattern_root).rglob(name) if path.is_file()]
+    return max(candidates, key=lambda path: path.stat().st_mtime, default=None)
