@@ -68,12 +68,10 @@ KIND_NAMES = {
     "resume": "true, false or a checkpoint path",
     "any": "a value",
 }
-REQUIRED_INPUTS = {  # mode -> (keys it needs, a command line that gives them)
+REQUIRED_INPUTS = {  # mode -> (keys it needs, a command line that gives them); val/export fall back to best.pt
     "train": (("model",), "crosskd train model=gfl_r18.yaml data=digits.yaml"),
     "distill": (("teacher", "model"), "crosskd distill teacher=gfl_r50.pt student=gfl_r18.yaml data=digits.yaml"),
-    "val": (("model",), "crosskd val model=best.pt data=digits.yaml"),
-    "predict": (("model", "source"), "crosskd predict model=best.pt source=images/"),
-    "export": (("model",), "crosskd export model=best.pt format=onnx"),
+    "predict": (("source",), "crosskd predict model=best.pt source=images/"),
     "info": (("model",), "crosskd info model=gfl_r18.yaml"),
 }
 

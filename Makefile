@@ -1,0 +1,27 @@
+# crosskd developer commands. `make demo` and `make test` create .venv on first use and reuse it afterwards.
+VENV = .venv
+PYTHON = $(VENV)/bin/python
+STAMP = $(VENV)/.crosskd-installed
+
+.PHONY: .venv demo test lint
+
+.venv: $(STAMP)
+
+# Create the virtual environment only when it is missing; pin the torch build this project is tested with.
+$(PYTHON):
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install torch==2.14.1 torchvision==0.29.1
+
+# (Re)install crosskd in editable mode whenever pyproject.toml is newer than the stamp.
+$(STAMP): pyproject.toml | $(PYTHON)
+	$(PYTHON) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+demo: .venv
+	$(PYTHON) scripts/demo.py
+
+test: .venv
+	$(PYTHON) -m pytest -q tests
+
+lint: .venv
+	$(VENV)/bin/ruff check .
