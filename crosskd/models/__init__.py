@@ -1,0 +1,21 @@
+"""Detectors: backbones, FPN neck, dense heads, the model YAML builder and post-processing."""
+
+from .build import build_detector, load_model_yaml, resolve_model_yaml
+from .detector import Detector
+from .heads import FlatOutputs, HeadOutputs, LevelOutput, Priors, Targets
+from .postprocess import Detections, postprocess, scale_boxes
+
+__all__ = [
+    "Detections",
+    "Detector",
+    "FlatOutputs",
+    "HeadOutputs",
+    "LevelOutput",
+    "Priors",
+    "Targets",
+    "build_detector",
+    "load_model_yaml",
+    "postprocess",
+    "resolve_model_yaml",
+    "scale_boxes",
+]

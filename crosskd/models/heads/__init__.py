@@ -1,0 +1,22 @@
+"""Dense detection heads sharing one contract (see base.py)."""
+
+from .atss import ATSSHead
+from .base import ConvBlock, DenseHead, FlatOutputs, HeadOutputs, LevelOutput, Priors, Scale, Targets
+from .fcos import FCOSHead
+from .gfl import GFLHead
+from .retinanet import RetinaHead
+
+__all__ = [
+    "ATSSHead",
+    "ConvBlock",
+    "DenseHead",
+    "FCOSHead",
+    "FlatOutputs",
+    "GFLHead",
+    "HeadOutputs",
+    "LevelOutput",
+    "Priors",
+    "RetinaHead",
+    "Scale",
+    "Targets",
+]

@@ -1,0 +1,286 @@
+"""Backbones from torchvision building blocks (never downloaded): ResNet, MobileNetV2 and Swin-T.
+
+Every backbone returns a list of feature maps (strides 8, 16, 32 by default) and exposes `out_channels`.
+At width 1.0 the parameter names equal torchvision's, so a torchvision `.pth` state_dict loads through
+`load_pretrained` with an explicit key map and shape checks.
+"""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import SwinTransformer, mobilenet_v2
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from crosskd.errors import ConfigError
+from crosskd.utils import LOGGER
+
+RESNET_SPECS: dict[int, tuple[type[BasicBlock | Bottleneck], tuple[int, int, int, int]]] = {
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+    101: (Bottleneck, (3, 4, 23, 3)),
+}
+MOBILENET_STAGE_ENDS = (4, 7, 14, 18)  # torchvision features[:end] gives strides 4, 8, 16, 32
+SWIN_STAGE_ENDS = (2, 4, 6, 8)  # torchvision swin_t features[:end] gives strides 4, 8, 16, 32
+
+
+def _check_out_indices(out_indices: Sequence[int], num_stages: int = 4) -> tuple[int, ...]:
+    indices = tuple(out_indices)
+    if not indices or any(i not in range(num_stages) for i in indices) or list(indices) != sorted(set(indices)):
+        raise ConfigError(
+            f"backbone.out_indices {list(indices)} must be increasing stage indices in 0..{num_stages - 1}"
+        )
+    return indices
+
+
+def _check_frozen_stages(frozen_stages: int) -> int:
+    if frozen_stages not in range(-1, 5):
+        raise ConfigError(
+            f"backbone.frozen_stages {frozen_stages} must be in -1..4 (-1 none, 0 stem, k stem+stages 1..k)"
+        )
+    return frozen_stages
+
+
+def _set_bn_eval(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def _freeze(module: nn.Module) -> None:
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+class ResNet(nn.Module):
+    """ResNet-18/34/50/101 (MMDet 'pytorch' style) with a width multiplier; stage i has 64·width·2^i base planes."""
+
+    def __init__(
+        self,
+        depth: int = 50,
+        width: float = 1.0,
+        out_indices: Sequence[int] = (1, 2, 3),
+        frozen_stages: int = -1,
+        norm_eval: bool = False,
+        pretrained: str | None = None,
+    ) -> None:
+        super().__init__()
+        if depth not in RESNET_SPECS:
+            raise ConfigError(f"backbone.depth {depth} is not one of {', '.join(map(str, RESNET_SPECS))}")
+        if width <= 0:
+            raise ConfigError(f"backbone.width {width} must be > 0")
+        block, layers = RESNET_SPECS[depth]
+        self.out_indices = _check_out_indices(out_indices)
+        self.frozen_stages, self.norm_eval = _check_frozen_stages(frozen_stages), norm_eval
+        self.inplanes = max(int(64 * width), 1)
+        self.conv1 = nn.Conv2d(3, self.inplanes, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        planes = [max(int(64 * width * 2**i), 1) for i in range(4)]
+        self.layer1 = self._make_layer(block, planes[0], layers[0], stride=1)
+        self.layer2 = self._make_layer(block, planes[1], layers[1], stride=2)
+        self.layer3 = self._make_layer(block, planes[2], layers[2], stride=2)
+        self.layer4 = self._make_layer(block, planes[3], layers[3], stride=2)
+        self.out_channels = [planes[i] * block.expansion for i in self.out_indices]
+        self._init_weights()
+        if pretrained:
+            load_pretrained(self, pretrained)
+        self._freeze_stages()
+
+    def _make_layer(self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _stages(self) -> list[nn.Module]:
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def _freeze_stages(self) -> None:
+        if self.frozen_stages >= 0:
+            _freeze(self.conv1)
+            _freeze(self.bn1)
+        for stage in self._stages()[: max(self.frozen_stages, 0)]:
+            _freeze(stage)
+
+    def train(self, mode: bool = True) -> "ResNet":
+        """Train mode that keeps frozen stages (and all BatchNorm when `norm_eval`) in eval mode."""
+        super().train(mode)
+        if mode:
+            self._freeze_stages()
+            if self.norm_eval:
+                _set_bn_eval(self)
+        return self
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        outs = []
+        for i, stage in enumerate(self._stages()):
+            x = stage(x)
+            if i in self.out_indices:
+                outs.append(x)
+        return outs
+
+
+class MobileNetV2(nn.Module):
+    """torchvision MobileNetV2 features (up to the 320-channel block), outputs at the chosen stages."""
+
+    def __init__(
+        self,
+        width: float = 1.0,
+        out_indices: Sequence[int] = (1, 2, 3),
+        frozen_stages: int = -1,
+        norm_eval: bool = False,
+        pretrained: str | None = None,
+    ) -> None:
+        super().__init__()
+        if width <= 0:
+            raise ConfigError(f"backbone.width {width} must be > 0")
+        self.out_indices = _check_out_indices(out_indices)
+        self.frozen_stages, self.norm_eval = _check_frozen_stages(frozen_stages), norm_eval
+        self.features = mobilenet_v2(weights=None, width_mult=width).features[: MOBILENET_STAGE_ENDS[-1]]
+        channels = [self.features[end - 1].out_channels for end in MOBILENET_STAGE_ENDS]
+        self.out_channels = [channels[i] for i in self.out_indices]
+        if pretrained:
+            load_pretrained(self, pretrained)
+        self._freeze_stages()
+
+    def _freeze_stages(self) -> None:
+        if self.frozen_stages >= 0:
+            end = 1 if self.frozen_stages == 0 else MOBILENET_STAGE_ENDS[self.frozen_stages - 1]
+            for layer in self.features[:end]:
+                _freeze(layer)
+
+    def train(self, mode: bool = True) -> "MobileNetV2":
+        """Train mode that keeps frozen stages (and all BatchNorm when `norm_eval`) in eval mode."""
+        super().train(mode)
+        if mode:
+            self._freeze_stages()
+            if self.norm_eval:
+                _set_bn_eval(self)
+        return self
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        outs, start = [], 0
+        for i, end in enumerate(MOBILENET_STAGE_ENDS):
+            x = self.features[start:end](x)
+            start = end
+            if i in self.out_indices:
+                outs.append(x)
+        return outs
+
+
+class SwinT(nn.Module):
+    """torchvision Swin-T features (NHWC) with one LayerNorm per output stage (as MMDet), returned NCHW."""
+
+    def __init__(
+        self,
+        out_indices: Sequence[int] = (1, 2, 3),
+        drop_path_rate: float = 0.2,
+        frozen_stages: int = -1,
+        pretrained: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.out_indices = _check_out_indices(out_indices)
+        self.frozen_stages = _check_frozen_stages(frozen_stages)
+        swin = SwinTransformer([4, 4], 96, [2, 2, 6, 2], [3, 6, 12, 24], [7, 7], stochastic_depth_prob=drop_path_rate)
+        self.features = swin.features  # torchvision swin_t layout
+        channels = [96 * 2**i for i in range(4)]
+        self.out_channels = [channels[i] for i in self.out_indices]
+        self.norms = nn.ModuleList(nn.LayerNorm(c) for c in self.out_channels)
+        if pretrained:
+            load_pretrained(self, pretrained)
+        self._freeze_stages()
+
+    def _freeze_stages(self) -> None:
+        if self.frozen_stages >= 0:
+            end = 1 if self.frozen_stages == 0 else SWIN_STAGE_ENDS[self.frozen_stages - 1]
+            for layer in self.features[:end]:
+                _freeze(layer)
+
+    def train(self, mode: bool = True) -> "SwinT":
+        """Train mode that keeps frozen stages in eval mode."""
+        super().train(mode)
+        if mode:
+            self._freeze_stages()
+        return self
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        outs, start = [], 0
+        for i, end in enumerate(SWIN_STAGE_ENDS):
+            x = self.features[start:end](x)  # [B, H, W, C]
+            start = end
+            if i in self.out_indices:
+                norm = self.norms[self.out_indices.index(i)]
+                outs.append(norm(x).permute(0, 3, 1, 2).contiguous())  # [B, C, H, W]
+        return outs
+
+
+def _source_key_map(model: nn.Module) -> dict[str, str]:
+    """Our parameter/buffer name -> the name it has in a torchvision checkpoint."""
+    names = list(model.state_dict())
+    if not isinstance(model, SwinT):
+        return {n: n for n in names}
+    key_map = {n: n for n in names if not n.startswith("norms.")}
+    if 3 in model.out_indices:  # torchvision's final `norm` follows stage 4
+        last = len(model.out_indices) - 1
+        key_map.update({f"norms.{last}.{p}": f"norm.{p}" for p in ("weight", "bias")})
+    return key_map
+
+
+def _read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"backbone.pretrained '{path}' not found: give a local torchvision .pth file (nothing is downloaded)"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(
+            f"backbone.pretrained '{path}' is not a readable torch state_dict ({type(e).__name__})"
+        ) from e
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ConfigError(f"backbone.pretrained '{path}' holds no state_dict")
+    prefixes = ("module.", "backbone.")
+    return {next((k[len(p) :] for p in prefixes if k.startswith(p)), k): v for k, v in state.items()}
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> int:
+    """Copy matching tensors of a torchvision checkpoint into `model`; returns how many were transferred."""
+    source = _read_state_dict(path)
+    target = model.state_dict()
+    key_map = _source_key_map(model)
+    matched, skipped = {}, []
+    for ours, theirs in key_map.items():
+        tensor = source.get(theirs)
+        if tensor is not None and tensor.shape == target[ours].shape:
+            matched[ours] = tensor
+        elif tensor is not None:
+            skipped.append(f"{theirs} {tuple(tensor.shape)}→{tuple(target[ours].shape)}")
+    model.load_state_dict(matched, strict=False)
+    LOGGER.info(f"Transferred {len(matched)}/{len(target)} items from {path}")
+    if skipped:
+        LOGGER.warning(f"Shape mismatch, not loaded: {', '.join(skipped[:5])}{' …' if len(skipped) > 5 else ''}")
+    return len(matched)

@@ -1,0 +1,119 @@
+"""Build a Detector from a model YAML: each section is `type:` plus constructor keyword arguments (no registry)."""
+
+import difflib
+import inspect
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+
+from crosskd.errors import ConfigError
+
+from .backbones import MobileNetV2, ResNet, SwinT
+from .detector import Detector
+from .heads import ATSSHead, FCOSHead, GFLHead, RetinaHead
+from .neck import FPN
+
+MODELS_DIR = Path(__file__).resolve().parents[1] / "cfg" / "models"
+BACKBONES = {"resnet": ResNet, "mobilenetv2": MobileNetV2, "swin_t": SwinT}
+NECKS = {"fpn": FPN}
+HEADS = {"gfl": GFLHead, "retinanet": RetinaHead, "fcos": FCOSHead, "atss": ATSSHead}
+SECTIONS: dict[str, dict[str, type[nn.Module]]] = {"backbone": BACKBONES, "neck": NECKS, "head": HEADS}
+AUTO_ARGS = {"backbone": set(), "neck": {"in_channels"}, "head": {"num_classes", "in_channels"}}
+TOP_KEYS = (*SECTIONS, "nc", "name")
+
+
+def resolve_model_yaml(path: str | Path) -> Path:
+    """A model YAML path as given, or the name of one shipped in cfg/models (`gfl_r50`, `gfl_r50.yaml`)."""
+    path = Path(path)
+    candidates = [path, MODELS_DIR / path.name, MODELS_DIR / f"{path.name}.yaml"]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        shipped = ", ".join(sorted(p.stem for p in MODELS_DIR.glob("*.yaml")))
+        raise ConfigError(f"model YAML '{path}' not found; give a path or one of: {shipped}")
+    return found
+
+
+def load_model_yaml(model_cfg: dict | str | Path) -> tuple[dict[str, Any], str]:
+    """The model dict and a source name for messages (the file name, or 'model' for a dict)."""
+    if isinstance(model_cfg, dict):
+        return dict(model_cfg), str(model_cfg.get("name", "model"))
+    path = resolve_model_yaml(model_cfg)
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path.name}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path.name}: expected a mapping with backbone, neck and head sections")
+    cfg.setdefault("name", path.stem)
+    return cfg, path.name
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid: {', '.join(options)}"
+
+
+def _check_value(source: str, field: str, value: Any, default: Any) -> None:
+    """Reject a value whose type cannot stand in for the constructor default's type."""
+    if default is inspect.Parameter.empty or default is None or value is None:
+        return
+    expected: tuple[type, ...] = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(type(default), ())
+    if isinstance(default, (tuple, list)):
+        expected = (list, tuple)
+    bad_bool = isinstance(value, bool) and bool not in expected
+    if expected and (bad_bool or not isinstance(value, expected)):
+        names = "/".join(t.__name__ for t in expected)
+        raise ConfigError(f"{source}: {field} {value!r} must be {names}")
+
+
+def _section_kwargs(cfg: dict, section: str, source: str) -> tuple[type[nn.Module], dict[str, Any]]:
+    """The class and checked keyword arguments of one YAML section."""
+    spec = cfg.get(section)
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ConfigError(f"{source}: missing '{section}' section with a 'type' key")
+    kwargs = dict(spec)
+    kind, table = kwargs.pop("type"), SECTIONS[section]
+    if kind not in table:
+        raise ConfigError(f"{source}: {section}.type '{kind}' is not one of {', '.join(table)}")
+    cls = table[kind]
+    params = {k: p for k, p in inspect.signature(cls).parameters.items() if k not in AUTO_ARGS[section]}
+    for key, value in kwargs.items():
+        if key not in params:
+            raise ConfigError(f"{source}: {section}.{key} is not an argument of {kind}{_suggest(key, list(params))}")
+        _check_value(source, f"{section}.{key}", value, params[key].default)
+    missing = [k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in kwargs]
+    if missing:
+        raise ConfigError(f"{source}: {section}.{missing[0]} is required for {kind}")
+    return cls, kwargs
+
+
+def _construct(cls: type[nn.Module], source: str, **kwargs: Any) -> nn.Module:
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from e
+
+
+def _check_strides(source: str, backbone: nn.Module, neck: FPN, head: nn.Module) -> None:
+    first = 2 ** (backbone.out_indices[0] + 2)
+    expected = [first * 2**i for i in range(neck.num_outs)]
+    if head.strides != expected:
+        raise ConfigError(f"{source}: head.strides {head.strides} must be {expected} for this backbone and neck")
+
+
+def build_detector(model_cfg: dict | str | Path, nc: int) -> Detector:
+    """Build a Detector for `nc` classes from a model YAML path, shipped name or dict."""
+    cfg, source = load_model_yaml(model_cfg)
+    unknown = [k for k in cfg if k not in TOP_KEYS]
+    if unknown:
+        raise ConfigError(f"{source}: unknown section '{unknown[0]}'{_suggest(unknown[0], list(TOP_KEYS))}")
+    if not isinstance(nc, int) or nc < 1:
+        raise ConfigError(f"{source}: number of classes {nc!r} must be a positive int")
+    parts = {section: _section_kwargs(cfg, section, source) for section in SECTIONS}
+    backbone = _construct(parts["backbone"][0], source, **parts["backbone"][1])
+    neck = _construct(parts["neck"][0], source, in_channels=backbone.out_channels, **parts["neck"][1])
+    head = _construct(parts["head"][0], source, num_classes=nc, in_channels=neck.out_channels, **parts["head"][1])
+    _check_strides(source, backbone, neck, head)
+    return Detector(backbone, neck, head, yaml={**cfg, "nc": nc})

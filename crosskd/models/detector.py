@@ -1,0 +1,78 @@
+"""Detector: normalise → backbone → FPN → dense head, with thin loss and predict compositions."""
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .heads import DenseHead, HeadOutputs, Priors
+from .postprocess import Detections, postprocess, scale_boxes
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Detector(nn.Module):
+    """A single-stage dense detector taking 0..1 RGB images [B, 3, H, W]."""
+
+    def __init__(
+        self, backbone: nn.Module, neck: nn.Module, head: DenseHead, yaml: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__()
+        self.backbone, self.neck, self.head = backbone, neck, head
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.yaml = dict(yaml or {})
+
+    @property
+    def strides(self) -> list[int]:
+        return self.head.strides
+
+    @property
+    def head_type(self) -> str:
+        return self.head.head_type
+
+    @property
+    def nc(self) -> int:
+        return self.head.num_classes
+
+    def extract_features(self, images: Tensor) -> list[Tensor]:
+        """FPN outputs P3..P7 for 0..1 RGB images."""
+        return self.neck(self.backbone((images - self.mean) / self.std))
+
+    def forward(self, images: Tensor) -> HeadOutputs:
+        return self.head(self.extract_features(images))
+
+    def priors_for(self, outputs: HeadOutputs) -> Priors:
+        """The priors matching the feature-map sizes of `outputs`."""
+        feat_sizes = [tuple(m.shape[-2:]) for m in outputs.cls_scores]
+        return self.head.priors(feat_sizes, outputs.cls_scores[0].device)
+
+    def loss(self, batch: Any) -> dict[str, Tensor]:
+        """Detection losses of a `Batch` (images, gt_boxes, gt_labels)."""
+        outputs = self(batch.images)
+        priors = self.priors_for(outputs)
+        targets = self.head.get_targets(priors, batch)
+        return self.head.loss(outputs, priors, targets)
+
+    @torch.no_grad()
+    def predict(
+        self,
+        images: Tensor,
+        conf: float = 0.05,
+        iou: float = 0.6,
+        max_det: int = 100,
+        nms_pre: int = 1000,
+        ratios: Tensor | None = None,
+    ) -> list[Detections]:
+        """Detections per image, in input pixels or, with `ratios` [B], in original-image pixels."""
+        outputs = self(images)
+        priors = self.priors_for(outputs)
+        flat = self.head.flatten_outputs(outputs)
+        boxes = self.head.decode_boxes(flat.reg, priors)  # [B, N, 4]
+        height, width = images.shape[-2:]
+        boxes = boxes.clamp(min=boxes.new_zeros(4), max=boxes.new_tensor([width, height, width, height]))
+        dets = postprocess(boxes, self.head.scores(flat), priors.num_per_level, conf, iou, max_det, nms_pre)
+        if ratios is not None:
+            dets = [d._replace(boxes=scale_boxes(d.boxes, r)) for d, r in zip(dets, ratios)]
+        return dets

@@ -1,0 +1,277 @@
+"""The dense-head contract shared by GFL, RetinaNet, FCOS and ATSS (the CrossKD seam).
+
+A head is a shared conv tower per branch (`cls_convs`, `reg_convs` of `ConvBlock`), its predictors and per-level
+`scales`. `forward_tower` stops inside the tower (pre-activation) and `forward_from` finishes the pass, so a
+distiller can route a student feature through the rest of a teacher head. Target building and the loss terms
+used by several heads live here once; each head file adds its predictors, assigner, coder and loss recipe.
+"""
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from crosskd.assigners import IGNORED, AssignResult
+from crosskd.dist import reduce_mean
+from crosskd.errors import ConfigError
+from crosskd.losses.detection import bce_with_logits, focal_loss, weight_reduce
+from crosskd.ops.boxes import centerness_target, distance_encode, make_anchors, make_points
+
+NORMS = ("gn", "none")
+DEFAULT_STRIDES = (8, 16, 32, 64, 128)
+PRIOR_PROB = 0.01
+
+
+class HeadOutputs(NamedTuple):
+    """Raw per-level head outputs, identical in train and eval mode."""
+
+    cls_scores: list[Tensor]  # [B, A*C, H, W] logits
+    bbox_preds: list[Tensor]  # [B, A*4, H, W] deltas / ltrb, or [B, 4*(reg_max+1), H, W] DFL logits
+    centerness: list[Tensor] | None  # [B, A, H, W] logits (FCOS, ATSS)
+
+
+class LevelOutput(NamedTuple):
+    cls_score: Tensor  # [B, A*C, H, W]
+    bbox_pred: Tensor  # [B, A*R, H, W]
+    centerness: Tensor | None  # [B, A, H, W]
+
+
+class Priors(NamedTuple):
+    """Anchors or points of all levels, ordered level-major, then y, x, then anchor."""
+
+    boxes: Tensor  # [N, 4] xyxy anchors (zero-size boxes at points for FCOS)
+    points: Tensor  # [N, 2] centres
+    strides: Tensor  # [N]
+    num_per_level: list[int]
+
+
+class FlatOutputs(NamedTuple):
+    """Head outputs of all levels flattened to the prior order, in float32."""
+
+    cls: Tensor  # [B, N, C] logits
+    reg: Tensor  # [B, N, R]
+    ctr: Tensor | None  # [B, N] logits
+
+
+@dataclass
+class Targets:
+    """Per-prior training targets of a padded batch (no grad)."""
+
+    assigned_gt: Tensor  # [B, N] gt index >= 0, -1 background, -2 ignored
+    labels: Tensor  # [B, N] class id or -1
+    label_weights: Tensor  # [B, N] 0 for ignored priors, else 1
+    box_targets: Tensor  # [B, N, 4] xyxy pixels of the assigned gt (zeros elsewhere)
+    pos_mask: Tensor  # [B, N] bool
+    num_pos: Tensor  # scalar float, averaged over ranks, >= 1
+    centerness_targets: Tensor | None = None  # [B, N] (FCOS, ATSS), zeros on non-positives
+    centerness_denorm: Tensor | None = None  # scalar: averaged sum of positive centerness targets
+
+
+class ConvBlock(nn.Module):
+    """3×3 conv → GroupNorm (or nothing) → ReLU; the conv has a bias only without a norm (MMDet ConvModule)."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "gn", num_groups: int = 32) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=norm == "none")
+        self.norm = nn.GroupNorm(num_groups, out_channels) if norm == "gn" else nn.Identity()
+        self.act = nn.ReLU()
+
+    def forward(self, x: Tensor, activate: bool = True) -> Tensor:
+        x = self.norm(self.conv(x))
+        return self.act(x) if activate else x
+
+
+class Scale(nn.Module):
+    """A learnable scalar multiplier (one per FPN level)."""
+
+    def __init__(self, value: float = 1.0) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(float(value)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+
+def anchor_scales(octave_base_scale: float, scales_per_octave: int) -> list[float]:
+    """MMDet octave scales: base · 2^(i / scales_per_octave)."""
+    return [octave_base_scale * 2 ** (i / scales_per_octave) for i in range(scales_per_octave)]
+
+
+def flatten_levels(maps: Sequence[Tensor], channels: int) -> Tensor:
+    """Per-level [B, A*K, H, W] maps → [B, sum(H*W*A), K] in prior order."""
+    return torch.cat([m.permute(0, 2, 3, 1).reshape(m.shape[0], -1, channels) for m in maps], dim=1)
+
+
+def _check_head_args(feat_channels: int, stacked_convs: int, norm: str, num_groups: int) -> None:
+    if norm not in NORMS:
+        raise ConfigError(f"head.norm '{norm}' is not one of {', '.join(NORMS)}")
+    if norm == "gn" and (num_groups < 1 or feat_channels % num_groups):
+        raise ConfigError(f"head.num_groups {num_groups} must divide head.feat_channels {feat_channels}")
+    if stacked_convs < 0:
+        raise ConfigError(f"head.stacked_convs {stacked_convs} must be >= 0")
+
+
+class DenseHead(nn.Module):
+    """Base of all dense heads: towers, scales, the tower split, priors, target building and shared losses."""
+
+    head_type = ""
+    kd_offset = 1  # default CrossKD hold point = stacked_convs - kd_offset (3 of 4 convs; FCOS uses 2)
+    with_centerness = False  # FCOS, ATSS: centerness targets of positives from prior centres
+    centerness_denorm_min = 1.0
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int,
+        feat_channels: int,
+        stacked_convs: int,
+        norm: str,
+        num_groups: int,
+        strides: Sequence[int],
+        anchor_scales: Sequence[float] | None,
+        anchor_ratios: Sequence[float],
+        use_scales: bool,
+    ) -> None:
+        super().__init__()
+        _check_head_args(feat_channels, stacked_convs, norm, num_groups)
+        self.num_classes, self.in_channels, self.feat_channels = num_classes, in_channels, feat_channels
+        self.stacked_convs, self.strides = stacked_convs, list(strides)
+        self.anchor_scales = None if anchor_scales is None else list(anchor_scales)
+        self.anchor_ratios = list(anchor_ratios)
+        self.num_anchors = 1 if anchor_scales is None else len(self.anchor_scales) * len(self.anchor_ratios)
+        self.cls_convs = self._tower(norm, num_groups)
+        self.reg_convs = self._tower(norm, num_groups)
+        self.scales = nn.ModuleList(Scale(1.0) for _ in self.strides) if use_scales else None
+
+    def _tower(self, norm: str, num_groups: int) -> nn.ModuleList:
+        chans = [self.in_channels] + [self.feat_channels] * self.stacked_convs
+        return nn.ModuleList(ConvBlock(chans[i], chans[i + 1], norm, num_groups) for i in range(self.stacked_convs))
+
+    @property
+    def out_channels(self) -> int:
+        """Channels entering the predictors."""
+        return self.feat_channels if self.stacked_convs else self.in_channels
+
+    @property
+    def default_kd_idx(self) -> int:
+        """Default CrossKD hold point: 3 for a 4-conv GFL/RetinaNet/ATSS head, 2 for FCOS."""
+        return max(self.stacked_convs - self.kd_offset, 0)
+
+    def init_weights(self, cls_pred: nn.Conv2d) -> None:
+        """MMDet init: every conv normal(0, 0.01) with zero bias; the classifier bias starts at prior 0.01."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.constant_(cls_pred.bias, -math.log((1 - PRIOR_PROB) / PRIOR_PROB))
+
+    # ----- forward: the CrossKD seam -------------------------------------------------------------------
+    def forward_tower(self, x: Tensor, stop: int) -> tuple[Tensor, Tensor]:
+        """Cls and reg tower features after step `stop`, before its activation; `stop=0` returns (x, x)."""
+        if not 0 <= stop <= self.stacked_convs:
+            raise ValueError(f"tower step {stop} outside 0..{self.stacked_convs}")
+        cls_feat = reg_feat = x
+        for i in range(stop):
+            activate = i < stop - 1
+            cls_feat = self.cls_convs[i](cls_feat, activate)
+            reg_feat = self.reg_convs[i](reg_feat, activate)
+        return cls_feat, reg_feat
+
+    def forward_from(self, cls_feat: Tensor, reg_feat: Tensor, level: int, start: int) -> LevelOutput:
+        """Finish the head from pre-activation tower features of step `start` (raw input when `start=0`)."""
+        if start > 0:
+            cls_feat = self.cls_convs[start - 1].act(cls_feat)
+            reg_feat = self.reg_convs[start - 1].act(reg_feat)
+        for i in range(start, self.stacked_convs):
+            cls_feat = self.cls_convs[i](cls_feat)
+            reg_feat = self.reg_convs[i](reg_feat)
+        return self.predict_level(cls_feat, reg_feat, level)
+
+    def predict_level(self, cls_feat: Tensor, reg_feat: Tensor, level: int) -> LevelOutput:
+        """Predictors, the level's Scale and the output transform (per head)."""
+        raise NotImplementedError
+
+    def forward(self, feats: Sequence[Tensor]) -> HeadOutputs:
+        assert len(feats) == len(self.strides), f"{len(feats)} feature levels for {len(self.strides)} strides"
+        levels = [self.forward_from(x, x, level, 0) for level, x in enumerate(feats)]
+        ctr = [o.centerness for o in levels] if levels[0].centerness is not None else None
+        return HeadOutputs([o.cls_score for o in levels], [o.bbox_pred for o in levels], ctr)
+
+    # ----- priors and flattening -----------------------------------------------------------------------
+    def priors(self, feat_sizes: Sequence[tuple[int, int]], device: torch.device | str) -> Priors:
+        """Anchors (or points) of every level for feature maps of `feat_sizes` [(H, W), ...]."""
+        feat_sizes = [tuple(int(v) for v in s) for s in feat_sizes]
+        num_per_level = [h * w * self.num_anchors for h, w in feat_sizes]
+        if self.anchor_scales is None:
+            points, strides = make_points(feat_sizes, self.strides, device)
+            return Priors(torch.cat([points, points], dim=1), points, strides, num_per_level)
+        boxes = make_anchors(feat_sizes, self.strides, self.strides, self.anchor_scales, self.anchor_ratios, device)
+        points = (boxes[:, :2] + boxes[:, 2:]) / 2
+        counts = torch.tensor(num_per_level, device=boxes.device)
+        strides = torch.repeat_interleave(torch.tensor(self.strides, dtype=boxes.dtype, device=boxes.device), counts)
+        return Priors(boxes, points, strides, num_per_level)
+
+    def flatten_outputs(self, outputs: HeadOutputs) -> FlatOutputs:
+        """Concatenate the levels in prior order: cls [B, N, C], reg [B, N, R], ctr [B, N] (float32)."""
+        reg_channels = outputs.bbox_preds[0].shape[1] // self.num_anchors
+        cls = flatten_levels(outputs.cls_scores, self.num_classes).float()
+        reg = flatten_levels(outputs.bbox_preds, reg_channels).float()
+        ctr = None if outputs.centerness is None else flatten_levels(outputs.centerness, 1).squeeze(-1).float()
+        return FlatOutputs(cls, reg, ctr)
+
+    def scores(self, flat: FlatOutputs) -> Tensor:
+        """Final per-class probabilities [B, N, C]: sigmoid(cls), times sigmoid(centerness) when present."""
+        scores = flat.cls.sigmoid()
+        return scores if flat.ctr is None else scores * flat.ctr.sigmoid()[..., None]
+
+    def decode_boxes(self, reg: Tensor, priors: Priors) -> Tensor:
+        """Regression outputs [B, N, R] → boxes [B, N, 4] xyxy input pixels (differentiable)."""
+        raise NotImplementedError
+
+    # ----- targets --------------------------------------------------------------------------------------
+    def assign(self, priors: Priors, gt_boxes: Tensor, gt_labels: Tensor) -> AssignResult:
+        """Run the head's assigner on the padded batch; returns an AssignResult."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def get_targets(self, priors: Priors, batch) -> Targets:
+        """Assign priors to the batch's `gt_boxes` [B, M, 4] / `gt_labels` [B, M] and gather their targets."""
+        gt_boxes = batch.gt_boxes.float()
+        result = self.assign(priors, gt_boxes, batch.gt_labels)
+        assigned, pos = result.assigned_gt, result.pos_mask  # [B, N]
+        box_targets = result.gather_boxes(gt_boxes) if gt_boxes.shape[1] else gt_boxes.new_zeros(*pos.shape, 4)
+        num_pos = reduce_mean(pos.sum().float()).clamp(min=1.0)
+        targets = Targets(assigned, result.labels, (assigned != IGNORED).float(), box_targets, pos, num_pos)
+        if self.with_centerness:
+            ctr = centerness_target(distance_encode(priors.points, box_targets))  # [B, N]
+            targets.centerness_targets = torch.where(pos, ctr, 0.0)
+            targets.centerness_denorm = reduce_mean(targets.centerness_targets.sum()).clamp(
+                min=self.centerness_denorm_min
+            )
+        return targets
+
+    # ----- shared loss terms ----------------------------------------------------------------------------
+    def loss(self, outputs: HeadOutputs, priors: Priors, targets: Targets) -> dict[str, Tensor]:
+        """Detection losses: `loss_cls`, `loss_box` and `loss_dfl` (GFL) / `loss_ctr` (FCOS, ATSS)."""
+        raise NotImplementedError
+
+    def focal_cls_loss(self, cls: Tensor, targets: Targets, gamma: float, alpha: float) -> Tensor:
+        """Sigmoid focal loss over all non-ignored priors, summed and divided by num_pos."""
+        loss = focal_loss(cls, targets.labels, gamma=gamma, alpha=alpha).sum(-1)  # [B, N]
+        return weight_reduce(loss, targets.label_weights, avg_factor=targets.num_pos)
+
+    @staticmethod
+    def centerness_loss(ctr: Tensor, targets: Targets) -> Tensor:
+        """BCE between centerness logits and targets on positives, divided by num_pos."""
+        pos = targets.pos_mask
+        loss = bce_with_logits(ctr[pos], targets.centerness_targets[pos])  # [P]
+        return weight_reduce(loss, avg_factor=targets.num_pos)
+
+    @staticmethod
+    def pos_prior_index(targets: Targets) -> Tensor:
+        """Prior index [P] of every positive, in the order of boolean indexing with `pos_mask`."""
+        return targets.pos_mask.nonzero(as_tuple=True)[1]

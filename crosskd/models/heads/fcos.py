@@ -1,0 +1,103 @@
+"""FCOS head: anchor-free points, per-level regress ranges, focal loss, IoU loss and centerness."""
+
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from crosskd.assigners import AssignResult, fcos_assign
+from crosskd.errors import ConfigError
+from crosskd.losses.detection import giou_loss, iou_loss, weight_reduce
+from crosskd.ops.boxes import distance_decode
+
+from .base import DEFAULT_STRIDES, DenseHead, HeadOutputs, LevelOutput, Priors, Targets
+
+INF = 1e8
+BOX_LOSSES = ("iou", "giou")
+
+
+class FCOSHead(DenseHead):
+    """FCOS head (MMDet defaults): GN towers, exp(Scale(reg)) distances (relu and stride units with norm_on_bbox)."""
+
+    head_type = "fcos"
+    kd_offset = 2
+    with_centerness = True
+    centerness_denorm_min = 1e-6
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int,
+        feat_channels: int = 256,
+        stacked_convs: int = 4,
+        norm: str = "gn",
+        num_groups: int = 32,
+        strides: Sequence[int] = DEFAULT_STRIDES,
+        regress_ranges: Sequence[Sequence[float]] = ((-1, 64), (64, 128), (128, 256), (256, 512), (512, INF)),
+        center_sampling: bool = False,
+        center_sample_radius: float = 1.5,
+        norm_on_bbox: bool = False,
+        centerness_on_reg: bool = False,
+        box_loss: str = "iou",
+        focal_gamma: float = 2.0,
+        focal_alpha: float = 0.25,
+        loss_cls_weight: float = 1.0,
+        loss_box_weight: float = 1.0,
+        loss_ctr_weight: float = 1.0,
+    ) -> None:
+        super().__init__(
+            num_classes, in_channels, feat_channels, stacked_convs, norm, num_groups, strides, None, (1.0,), True
+        )
+        if len(regress_ranges) != len(self.strides):
+            raise ConfigError(f"head.regress_ranges has {len(regress_ranges)} ranges for {len(self.strides)} strides")
+        if box_loss not in BOX_LOSSES:
+            raise ConfigError(f"head.box_loss '{box_loss}' is not one of {', '.join(BOX_LOSSES)}")
+        self.regress_ranges = [tuple(float(v) for v in r) for r in regress_ranges]
+        self.center_sampling, self.center_sample_radius = center_sampling, center_sample_radius
+        self.norm_on_bbox, self.centerness_on_reg, self.box_loss = norm_on_bbox, centerness_on_reg, box_loss
+        self.focal_gamma, self.focal_alpha = focal_gamma, focal_alpha
+        self.loss_weights = {"loss_cls": loss_cls_weight, "loss_box": loss_box_weight, "loss_ctr": loss_ctr_weight}
+        self.conv_cls = nn.Conv2d(self.out_channels, num_classes, 3, padding=1)
+        self.conv_reg = nn.Conv2d(self.out_channels, 4, 3, padding=1)
+        self.conv_centerness = nn.Conv2d(self.out_channels, 1, 3, padding=1)
+        self.init_weights(self.conv_cls)
+
+    def predict_level(self, cls_feat: Tensor, reg_feat: Tensor, level: int) -> LevelOutput:
+        bbox_pred = self.scales[level](self.conv_reg(reg_feat)).float()
+        bbox_pred = F.relu(bbox_pred) if self.norm_on_bbox else bbox_pred.exp()
+        centerness = self.conv_centerness(reg_feat if self.centerness_on_reg else cls_feat)
+        return LevelOutput(self.conv_cls(cls_feat), bbox_pred, centerness)
+
+    def _pixels(self, ltrb: Tensor, strides: Tensor) -> Tensor:
+        """Distances in pixels: stride units × stride with `norm_on_bbox`."""
+        return ltrb * strides[..., None] if self.norm_on_bbox else ltrb
+
+    def decode_boxes(self, reg: Tensor, priors: Priors) -> Tensor:
+        return distance_decode(priors.points, self._pixels(reg, priors.strides))
+
+    def assign(self, priors: Priors, gt_boxes: Tensor, gt_labels: Tensor) -> AssignResult:
+        return fcos_assign(
+            priors.points,
+            priors.num_per_level,
+            self.strides,
+            self.regress_ranges,
+            gt_boxes,
+            gt_labels,
+            center_sampling=self.center_sampling,
+            center_sample_radius=self.center_sample_radius,
+        )
+
+    def loss(self, outputs: HeadOutputs, priors: Priors, targets: Targets) -> dict[str, Tensor]:
+        flat = self.flatten_outputs(outputs)
+        pos, idx = targets.pos_mask, self.pos_prior_index(targets)
+        pred_boxes = distance_decode(priors.points[idx], self._pixels(flat.reg[pos], priors.strides[idx]))  # [P, 4]
+        target_boxes = targets.box_targets[pos]  # [P, 4]
+        loss_box = (
+            giou_loss(pred_boxes, target_boxes) if self.box_loss == "giou" else iou_loss(pred_boxes, target_boxes)
+        )
+        losses = {
+            "loss_cls": self.focal_cls_loss(flat.cls, targets, self.focal_gamma, self.focal_alpha),
+            "loss_box": weight_reduce(loss_box, targets.centerness_targets[pos], avg_factor=targets.centerness_denorm),
+            "loss_ctr": self.centerness_loss(flat.ctr, targets),
+        }
+        return {k: v * self.loss_weights[k] for k, v in losses.items()}

@@ -1,0 +1,104 @@
+"""Model summaries: layer and parameter counts, GFLOPs, and the `crosskd info` mode."""
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.table import Table
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from crosskd.errors import CheckpointError, ConfigError
+from crosskd.utils import console
+
+from .build import build_detector, load_model_yaml
+from .detector import Detector
+
+DEFAULT_NC = 80
+
+
+def _hw(imgsz: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """(h, w) from an int or an (h, w) pair."""
+    return (imgsz, imgsz) if isinstance(imgsz, int) else (int(imgsz[0]), int(imgsz[-1]))
+
+
+def count_layers(model: nn.Module) -> int:
+    """Number of leaf modules (layers without children)."""
+    return sum(1 for m in model.modules() if not any(m.children()))
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def gflops(model: nn.Module, imgsz: int | tuple[int, int] = 640) -> float:
+    """Forward GFLOPs (2 per multiply-add) of one image at `imgsz`, counted with torch's FlopCounterMode."""
+    param = next(model.parameters())
+    images = torch.zeros(1, 3, *_hw(imgsz), device=param.device, dtype=param.dtype)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(images)
+    model.train(was_training)
+    return counter.get_total_flops() / 1e9
+
+
+def model_info(detector: Detector, imgsz: int | tuple[int, int] = 640) -> str:
+    """One summary line: `name summary: N layers, P parameters, G GFLOPs at WxH`."""
+    height, width = _hw(imgsz)
+    name = detector.yaml.get("name", detector.head_type)
+    flops = gflops(detector, (height, width))
+    layers, params = count_layers(detector), count_params(detector)
+    return f"{name} summary: {layers} layers, {params:,} parameters, {flops:.1f} GFLOPs at {width}x{height}"
+
+
+def module_table(detector: Detector) -> Table:
+    """A rich table of the detector's parts two levels deep (name, type, parameters)."""
+    table = Table(title=str(detector.yaml.get("name", "model")))
+    for column, justify in (("name", "left"), ("type", "left"), ("params", "right")):
+        table.add_column(column, justify=justify)
+    for part_name, part in detector.named_children():
+        table.add_row(part_name, type(part).__name__, f"{count_params(part):,}", style="bold")
+        for child_name, child in part.named_children():
+            table.add_row(f"  {part_name}.{child_name}", type(child).__name__, f"{count_params(child):,}")
+    return table
+
+
+def _num_classes(args: Any) -> int:
+    """Classes of the `data=` dataset when given, else 80 (COCO)."""
+    if not getattr(args, "data", None):
+        return DEFAULT_NC
+    from crosskd.data import load_data_yaml  # the info mode's only use of the data layer
+
+    return load_data_yaml(args.data, getattr(args, "datasets_dir", "datasets")).nc
+
+
+def _checkpoint_yaml(path: Path) -> dict:
+    """The model dict (with `nc`) stored in a crosskd .pt checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"model={path} is not a readable crosskd checkpoint ({type(e).__name__})") from e
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_yaml"), dict):
+        raise CheckpointError(f"model={path} has no 'model_yaml'; give a crosskd .pt or a model YAML")
+    return ckpt["model_yaml"]
+
+
+def run(args: Any) -> str:
+    """`crosskd info model=cfg/models/gfl_r50.yaml imgsz=640 [data=...]`: print the module table and summary.
+
+    A crosskd .pt checkpoint works too (its stored model YAML and class count are used).
+    """
+    if not getattr(args, "model", None):
+        raise ConfigError("info needs model=: a model YAML (e.g. model=gfl_r50.yaml) or a crosskd .pt checkpoint")
+    path = Path(str(args.model))
+    if path.suffix == ".pt":
+        cfg = _checkpoint_yaml(path)
+        detector = build_detector(cfg, int(cfg["nc"]))
+    else:
+        cfg, _ = load_model_yaml(path)
+        detector = build_detector(cfg, _num_classes(args))
+    summary = model_info(detector, args.imgsz)
+    console.print(module_table(detector))
+    console.print(summary)
+    return summary
