@@ -1,0 +1,238 @@
+"""Dataset YAML loading and the detection dataset (COCO JSON or YOLO txt labels, see `labels.py`)."""
+
+import contextlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import yaml
+from pycocotools.coco import COCO
+from torch.utils.data import Dataset
+
+from crosskd.config import resolve_cfg_file
+from crosskd.data.digits import generate_digits
+from crosskd.data.labels import ImageRecord, SplitSource, problems_message, read_split, resolve_split
+from crosskd.data.transforms import load_image, random_hflip, resize_long_side, scale_boxes
+from crosskd.dist import barrier, is_main_process
+from crosskd.errors import DataError
+from crosskd.utils import LOGGER
+
+SPLITS = ("train", "val", "test")
+GENERATE_KEYS = ("num_train", "num_val", "imgsz", "objects", "seed")
+
+
+@dataclass(kw_only=True)
+class DataInfo:
+    """A parsed dataset YAML. Split entries stay as written (relative to `path`); `source()` resolves them."""
+
+    path: Path  # dataset root
+    train: str | dict
+    val: str | dict
+    test: str | dict | None = None
+    names: dict[int, str]
+    nc: int
+    fliplr: float | None = None  # None: use the run setting
+    yaml_file: Path
+    layout: str = ""  # one-line description of the expected files, used in not-found messages
+
+    def source(self, split: str) -> SplitSource:
+        """Where the images and labels of `split` are, and in which format."""
+        entry = getattr(self, split, None) if split in SPLITS else None
+        if entry is None:
+            listed = ", ".join(name for name in SPLITS if getattr(self, name) is not None)
+            raise DataError(f"split={split} is not in {self.yaml_file.name}; use one of: {listed}")
+        return resolve_split(self.path, entry, split, self.layout)
+
+
+def load_data_yaml(
+    data: str | Path, datasets_dir: str | Path = "datasets", generate_overrides: dict | None = None
+) -> DataInfo:
+    """Read a dataset YAML (a path or a name shipped in cfg/datasets), generating demo data on first use.
+
+    A relative `path:` resolves against the current directory when it exists there, else under `datasets_dir`;
+    without `path:` the YAML's own folder is the root. The val split is checked here, the others when used.
+    """
+    yaml_file = resolve_cfg_file(data, "datasets")
+    cfg = _read_yaml(yaml_file)
+    for key in ("train", "val", "names"):
+        if not cfg.get(key):
+            raise DataError(f"{yaml_file.name}: '{key}:' is missing; add it (cfg/datasets/coco.yaml is an example)")
+    names = _parse_names(cfg, yaml_file.name)
+    root = _resolve_root(cfg.get("path"), yaml_file, Path(datasets_dir))
+    if cfg.get("generate") is not None:
+        _generate(root, cfg["generate"], generate_overrides or {}, yaml_file.name)
+    layout = str(cfg.get("layout") or "")
+    if not root.is_dir():
+        expected = f" (expected {layout})" if layout else ""
+        raise DataError(
+            f"{yaml_file.name}: dataset not found at {root}{expected}; place or symlink it at {root}, "
+            f"or copy {yaml_file.name}, set path: to where your data is and pass data=<your copy>"
+        )
+    info = DataInfo(
+        path=root, train=cfg["train"], val=cfg["val"], test=cfg.get("test"), names=names, nc=len(names),
+        fliplr=_parse_fliplr(cfg.get("fliplr"), yaml_file.name), yaml_file=yaml_file, layout=layout,
+    )
+    info.source("val")
+    return info
+
+
+def _read_yaml(yaml_file: Path) -> dict[str, Any]:
+    try:
+        cfg = yaml.safe_load(yaml_file.read_text())
+    except yaml.YAMLError as error:
+        raise DataError(f"{yaml_file}: not valid YAML ({str(error).splitlines()[0]}); fix the syntax") from error
+    if not isinstance(cfg, dict):
+        raise DataError(f"{yaml_file}: a dataset YAML must be a mapping with path, train, val and names")
+    return cfg
+
+
+def _parse_names(cfg: dict[str, Any], yaml_name: str) -> dict[int, str]:
+    """`names` as a list or a {0: name, ...} dict with contiguous keys; `nc`, when given, must match."""
+    names = cfg["names"]
+    if isinstance(names, list):
+        names = dict(enumerate(names))
+    if not isinstance(names, dict) or sorted(names) != list(range(len(names))):
+        raise DataError(f"{yaml_name}: names must be a list or a dict with keys 0..nc-1, got {names!r:.80}")
+    if cfg.get("nc") is not None and cfg["nc"] != len(names):
+        raise DataError(f"{yaml_name}: nc: {cfg['nc']} but names lists {len(names)} classes; make them agree")
+    return {int(key): str(value) for key, value in names.items()}
+
+
+def _parse_fliplr(value: Any, yaml_name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise DataError(f"{yaml_name}: fliplr: {value!r} must be a probability between 0 and 1")
+    return float(value)
+
+
+def _resolve_root(path: str | None, yaml_file: Path, datasets_dir: Path) -> Path:
+    if path is None:
+        return yaml_file.resolve().parent
+    root = Path(path).expanduser()
+    if not root.is_absolute() and not root.exists():
+        root = datasets_dir / root
+    return root.resolve()
+
+
+def _generate(root: Path, params: dict, overrides: dict, yaml_name: str) -> None:
+    """Generate the digits demo data under `root` (rank 0 only) unless it exists with the same parameters."""
+    params = {**params, **overrides}
+    unknown = sorted(set(params) - set(GENERATE_KEYS))
+    if unknown:
+        raise DataError(f"{yaml_name}: unknown generate: keys {unknown}; valid keys are {', '.join(GENERATE_KEYS)}")
+    if "objects" in params:
+        params["objects"] = tuple(params["objects"])
+    if is_main_process():
+        generate_digits(root, **params)
+    barrier()
+
+
+# ---------------------------------------------------------------------------------------------- dataset
+class Sample(NamedTuple):
+    """One transformed image with its boxes in input (resized) pixels."""
+
+    image: torch.Tensor  # [3, h, w] uint8 RGB
+    boxes: torch.Tensor  # [K, 4] float32 xyxy
+    labels: torch.Tensor  # [K] int64
+    image_id: int
+    orig_size: tuple[int, int]  # (h, w) of the original image
+    ratio: float  # input = original × ratio
+    path: str
+
+
+class DetectionDataset(Dataset):
+    """Images and checked labels of one split, resized keep-ratio so the long side is `imgsz`.
+
+    Bad labels are counted, skipped and reported in one warning line. An image whose header is fine but whose
+    pixels cannot be decoded becomes a black background sample (with a warning) instead of stopping training.
+    """
+
+    def __init__(
+        self, info: DataInfo, split: str, imgsz: int, augment: bool, pad_multiple: int = 128,
+        fliplr: float = 0.5, fraction: float = 1.0,
+    ) -> None:
+        self.source = info.source(split)
+        labels = read_split(self.source, info.nc)
+        message = problems_message(labels.counts, info.nc)
+        if message:
+            LOGGER.warning(f"{split}: {message} skipped")
+        if not labels.records:
+            raise DataError(f"{split}: no usable images in {self.source.images}; check the dataset YAML")
+        self.records: list[ImageRecord] = labels.records[: max(1, round(len(labels.records) * fraction))]
+        self.category_ids = labels.category_ids
+        self.names = info.names
+        self.split, self.imgsz, self.augment, self.pad_multiple = split, imgsz, augment, pad_multiple
+        self.fliplr = (info.fliplr if info.fliplr is not None else fliplr) if augment else 0.0
+        self.image_ids = [record.image_id for record in self.records]
+        self._coco_gt: COCO | None = None
+        summary = self.labels_summary()
+        LOGGER.info(
+            f"{split}: {summary['images']} images, {summary['backgrounds']} backgrounds, "
+            f"{summary['instances']} boxes ({self.source.format} labels from {self.source.annotations})"
+        )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Sample:
+        record = self.records[index]
+        image, boxes, labels = load_image(record.path), record.boxes, record.labels
+        if image is None:
+            LOGGER.warning(f"{self.split}: cannot decode {record.path}; using an empty background image instead")
+            image = np.zeros((record.height, record.width, 3), np.uint8)
+            boxes, labels = boxes[:0], labels[:0]
+        image, ratio = resize_long_side(image, self.imgsz)
+        boxes = scale_boxes(boxes, ratio, *image.shape[:2])
+        image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))  # HWC -> CHW
+        image_t, boxes_t = random_hflip(image_t, torch.from_numpy(boxes), self.fliplr)
+        return Sample(
+            image_t, boxes_t, torch.from_numpy(labels), record.image_id, (record.height, record.width), ratio,
+            str(record.path),
+        )
+
+    def coco_gt(self) -> COCO:
+        """pycocotools ground truth of the checked labels in original pixels (crowd regions as iscrowd=1)."""
+        if self._coco_gt is None:
+            coco = COCO()
+            coco.dataset = coco_dict(self.records, self.category_ids, self.names)
+            with contextlib.redirect_stdout(io.StringIO()):
+                coco.createIndex()
+            self._coco_gt = coco
+        return self._coco_gt
+
+    def labels_summary(self) -> dict[str, Any]:
+        """Image, background and box counts, with per-class box counts and per-class image counts."""
+        nc = len(self.names)
+        labels = np.concatenate([record.labels for record in self.records])
+        image_index = np.repeat(np.arange(len(self.records)), [len(record.labels) for record in self.records])
+        image_class = np.unique(image_index * nc + labels)  # distinct (image, class) pairs
+        return {
+            "images": len(self.records),
+            "backgrounds": sum(len(record.labels) == 0 for record in self.records),
+            "instances": len(labels),
+            "instances_per_class": np.bincount(labels, minlength=nc).tolist(),
+            "images_per_class": np.bincount(image_class % nc, minlength=nc).tolist(),
+        }
+
+
+def coco_dict(records: list[ImageRecord], category_ids: list[int], names: dict[int, str]) -> dict[str, list]:
+    """A COCO-format dict of `records`: boxes xywh in original pixels, area = w × h, original category ids."""
+    images = [
+        {"id": record.image_id, "file_name": record.path.name, "width": record.width, "height": record.height}
+        for record in records
+    ]
+    annotations = []
+    for record in records:
+        for boxes, labels, crowd in ((record.boxes, record.labels, 0), (record.crowd_boxes, record.crowd_labels, 1)):
+            for box, label in zip(boxes.tolist(), labels.tolist(), strict=True):
+                width, height = box[2] - box[0], box[3] - box[1]
+                annotations.append({
+                    "id": len(annotations) + 1, "image_id": record.image_id, "category_id": category_ids[label],
+                    "bbox": [box[0], box[1], width, height], "area": width * height, "iscrowd": crowd,
+                })
+    categories = [{"id": category_id, "name": names[label]} for label, category_id in enumerate(category_ids)]
+    return {"images": images, "annotations": annotations, "categories": categories}

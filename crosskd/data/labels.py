@@ -1,0 +1,393 @@
+"""Label sources: format detection, COCO JSON and YOLO txt readers, image header probing and label checks.
+
+Both readers produce the same `ImageRecord`s: xyxy boxes in original-image pixels and contiguous labels 0..nc-1.
+Problems (bad class ids, boxes outside the image, zero-size boxes, malformed lines, missing or unreadable images)
+are counted and skipped, then reported in one warning line per split; nothing here crashes on bad labels.
+
+Image readability is checked on load from the file header only (PNG and JPEG are parsed, other formats decoded
+once), which also gives YOLO image sizes and verifies COCO's recorded sizes. A file whose header is fine but whose
+body cannot be decoded is handled later by `DetectionDataset.__getitem__` (background sample plus a warning).
+"""
+
+import json
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import cv2
+import numpy as np
+
+from crosskd.errors import DataError
+
+IMG_FORMATS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dng", ".pfm", ".mpo"}
+BOX_TOLERANCE = 1.0  # pixels a box may stick out of the image before it counts as outside (it is clipped)
+MISSING, UNREADABLE = -1, 0  # probe_images codes stored in place of (width, height)
+SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# problem key -> (counted thing, what is wrong with it); the order is the order of the warning line
+PROBLEMS = {
+    "malformed": ("malformed label line", ""),
+    "class": ("box", "with class id outside 0..{last}"),
+    "outside": ("box", "outside the image"),
+    "size": ("zero-size box", ""),
+    "orphan": ("annotation", "of an unknown image"),
+    "missing": ("missing image", ""),
+    "unreadable": ("unreadable image", ""),
+    "mismatch": ("image", "whose size differs from its annotation"),
+}
+
+
+@dataclass
+class SplitSource:
+    """Where one split's images and labels live."""
+
+    format: str  # "coco" or "yolo"
+    images: Path  # image directory
+    annotations: Path  # COCO JSON file or YOLO labels directory
+
+
+@dataclass
+class ImageRecord:
+    """One checked image and its boxes in original-image pixels."""
+
+    path: Path
+    width: int
+    height: int
+    boxes: np.ndarray  # [K, 4] float32 xyxy
+    labels: np.ndarray  # [K] int64, contiguous 0..nc-1
+    image_id: int
+    crowd_boxes: np.ndarray  # [C, 4] float32 xyxy, COCO iscrowd=1 regions (ground truth only, never trained on)
+    crowd_labels: np.ndarray  # [C] int64
+
+
+@dataclass
+class LabelSet:
+    records: list[ImageRecord]
+    category_ids: list[int]  # contiguous label -> original category id
+    counts: Counter  # problem key -> number skipped
+
+
+def resolve_split(root: Path, entry: str | dict, split: str, layout: str = "") -> SplitSource:
+    """Find the format of a split entry (relative to `root`): a COCO JSON, an image dir or `{images, annotations}`."""
+    hint = f" (expected {layout})" if layout else ""
+    if isinstance(entry, dict):
+        return _explicit_source(root, entry, split, hint)
+    path = root / str(entry)
+    if path.suffix == ".json":
+        return _coco_json_source(root, path, split, hint)
+    if not path.is_dir():
+        raise DataError(f"{split}: image folder {path} not found{hint}; check '{split}:' and 'path:' in the YAML")
+    labels = yolo_labels_dir(path)
+    if labels is not None and labels.is_dir():
+        return SplitSource("yolo", path, labels)
+    coco_json = root / "annotations" / f"instances_{path.name}.json"
+    if coco_json.is_file():
+        return SplitSource("coco", path, coco_json)
+    raise DataError(
+        f"{split}: no labels for {path}{hint}; add YOLO txt files under {labels or '<...>/labels/...'} "
+        f"or a COCO file {coco_json}"
+    )
+
+
+def yolo_labels_dir(images: Path) -> Path | None:
+    """Ultralytics rule: the labels dir replaces the last `images` component of the image dir with `labels`."""
+    parts = images.parts
+    if "images" not in parts:
+        return None
+    last = len(parts) - 1 - parts[::-1].index("images")
+    return Path(*parts[:last], "labels", *parts[last + 1 :])
+
+
+def _explicit_source(root: Path, entry: dict, split: str, hint: str) -> SplitSource:
+    if set(entry) != {"images", "annotations"}:
+        raise DataError(f"{split}: a dict split needs exactly the keys images and annotations, got {sorted(entry)}")
+    images, annotations = root / str(entry["images"]), root / str(entry["annotations"])
+    for path in (images, annotations):
+        if not path.exists():
+            raise DataError(f"{split}: {path} not found{hint}; check '{split}:' and 'path:' in the dataset YAML")
+    return SplitSource("coco" if annotations.suffix == ".json" else "yolo", images, annotations)
+
+
+def _coco_json_source(root: Path, json_file: Path, split: str, hint: str) -> SplitSource:
+    if not json_file.is_file():
+        raise DataError(f"{split}: annotation file {json_file} not found{hint}; check '{split}:' and 'path:'")
+    name = json_file.stem.removeprefix("instances_")
+    candidates = [root / name, root / "images" / name]
+    images = next((path for path in candidates if path.is_dir()), None)
+    if images is None:
+        raise DataError(f"{split}: no image folder for {json_file.name}: expected {candidates[0]} or {candidates[1]}")
+    return SplitSource("coco", images, json_file)
+
+
+def read_split(source: SplitSource, nc: int) -> LabelSet:
+    """Read and check one split's labels (no warning logged; see `problems_message`)."""
+    return read_coco(source.annotations, source.images, nc) if source.format == "coco" else read_yolo(source, nc)
+
+
+def problems_message(counts: Counter, nc: int) -> str:
+    """One line such as '3 boxes with class id outside 0..9, 1 missing image' ('' when nothing was skipped)."""
+    parts = []
+    for key, (noun, detail) in PROBLEMS.items():
+        if counts.get(key):
+            nouns = noun if counts[key] == 1 else noun + ("es" if noun.endswith("x") else "s")
+            parts.append(" ".join(filter(None, [str(counts[key]), nouns, detail.format(last=nc - 1)])))
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- image probing
+def image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) read from the file header; None if the file cannot be read as an image."""
+    with open(path, "rb") as file:
+        head = file.read(24)
+        if head.startswith(PNG_SIGNATURE) and head[12:16] == b"IHDR":
+            size = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        elif head.startswith(b"\xff\xd8"):
+            size = _jpeg_size(file)
+        else:
+            image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION) if head else None
+            size = None if image is None else (image.shape[1], image.shape[0])
+    return size if size and min(size) > 0 else None
+
+
+def _jpeg_size(file: BinaryIO) -> tuple[int, int] | None:
+    """Walk the JPEG marker segments up to the start-of-frame, which holds the size."""
+    file.seek(2)
+    while file.read(1) == b"\xff":
+        marker = file.read(1)
+        while marker == b"\xff":  # fill bytes
+            marker = file.read(1)
+        if not marker or marker[0] == 0xD9:
+            return None
+        if marker[0] == 0x01 or 0xD0 <= marker[0] <= 0xD7:  # markers without a length
+            continue
+        length = int.from_bytes(file.read(2), "big")
+        if marker[0] in SOF_MARKERS:
+            frame = file.read(5)  # precision, height, width
+            return (int.from_bytes(frame[3:5], "big"), int.from_bytes(frame[1:3], "big")) if len(frame) == 5 else None
+        if length < 2:
+            return None
+        file.seek(length - 2, os.SEEK_CUR)
+    return None
+
+
+def _probe(path: Path) -> tuple[int, int]:
+    try:
+        return image_size(path) or (UNREADABLE, UNREADABLE)
+    except FileNotFoundError:
+        return MISSING, MISSING
+    except OSError:
+        return UNREADABLE, UNREADABLE
+
+
+def probe_images(paths: list[Path]) -> np.ndarray:
+    """Header sizes `[N, 2]` (width, height) of many files, read by a thread pool; MISSING/UNREADABLE codes."""
+    with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
+        sizes = list(pool.map(_probe, paths, chunksize=64))
+    return np.array(sizes, dtype=np.int64).reshape(-1, 2)
+
+
+def count_image_problems(sizes: np.ndarray, counts: Counter, expected: np.ndarray | None = None) -> np.ndarray:
+    """Count missing, unreadable and (given `expected` `[N, 2]`) wrongly sized images; returns the keep mask `[N]`."""
+    missing, unreadable = sizes[:, 0] == MISSING, sizes[:, 0] == UNREADABLE
+    mismatch = np.zeros_like(missing) if expected is None else (sizes != expected).any(1) & ~missing & ~unreadable
+    counts.update(missing=int(missing.sum()), unreadable=int(unreadable.sum()), mismatch=int(mismatch.sum()))
+    return ~(missing | unreadable | mismatch)
+
+
+# ---------------------------------------------------------------------------------------------- box checks
+def check_boxes(boxes: np.ndarray, labels: np.ndarray, sizes: np.ndarray, nc: int, counts: Counter) -> np.ndarray:
+    """Check xyxy `boxes [K, 4]` with `labels [K]` against their image `sizes [K, 2]` (w, h).
+
+    Boxes within BOX_TOLERANCE of the image are clipped in place. Each failing box is counted under its first
+    problem (non-finite → malformed, class, outside, zero size). Returns the keep mask `[K]`.
+    """
+    width, height = sizes[:, 0], sizes[:, 1]
+    finite = np.isfinite(boxes).all(1)
+    bad_class = (labels < 0) | (labels >= nc)
+    with np.errstate(invalid="ignore"):
+        outside = (boxes[:, :2] < -BOX_TOLERANCE).any(1) | (boxes[:, 2] > width + BOX_TOLERANCE)
+        outside |= boxes[:, 3] > height + BOX_TOLERANCE
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, width[:, None])
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, height[:, None])
+    zero_size = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+    keep = finite.copy()
+    counts["malformed"] += int((~finite).sum())
+    for key, bad in (("class", bad_class), ("outside", outside), ("size", zero_size)):
+        counts[key] += int((bad & keep).sum())
+        keep &= ~bad
+    return keep
+
+
+def group_by_image(values: np.ndarray, image_index: np.ndarray, num_images: int) -> list[np.ndarray]:
+    """Split rows of `values` into one array per image, given each row's image index `[K]`."""
+    order = np.argsort(image_index, kind="stable")
+    return np.split(values[order], np.cumsum(np.bincount(image_index, minlength=num_images))[:-1])
+
+
+# ---------------------------------------------------------------------------------------------- COCO JSON
+def read_coco(json_file: Path, images_dir: Path, nc: int) -> LabelSet:
+    """Read a COCO detection JSON; category ids map to contiguous labels by sorted id; crowd boxes kept apart."""
+    try:
+        data = json.loads(json_file.read_text())
+        images = data["images"]
+        category_ids = sorted(int(category["id"]) for category in data["categories"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DataError(f"{json_file}: not a COCO detection file ({error}); it needs images and categories") from error
+    if len(category_ids) != nc:
+        raise DataError(
+            f"{json_file.name} has {len(category_ids)} categories but the dataset YAML has {nc} names; "
+            "list one name per category (in sorted category-id order) under names:"
+        )
+    counts = Counter()
+    image_ids = [int(image["id"]) for image in images]
+    sizes = np.array([[image["width"], image["height"]] for image in images], dtype=np.int64).reshape(-1, 2)
+    paths = [images_dir / image["file_name"] for image in images]
+    keep_image = count_image_problems(probe_images(paths), counts, sizes)
+    boxes, labels, crowd, image_index = _coco_annotations(data.get("annotations", []), image_ids, category_ids, counts)
+    on_kept = keep_image[image_index]  # annotations of skipped images are dropped uncounted
+    boxes, labels, crowd, image_index = boxes[on_kept], labels[on_kept], crowd[on_kept], image_index[on_kept]
+    valid = check_boxes(boxes, labels, sizes[image_index], nc, counts)
+    flat = FlatLabels(boxes[valid], labels[valid], image_index[valid], crowd[valid])
+    records = build_records(paths, sizes, image_ids, keep_image, flat)
+    return LabelSet(sorted(records, key=lambda record: record.image_id), category_ids, counts)
+
+
+def _coco_annotations(
+    annotations: list[dict], image_ids: list[int], category_ids: list[int], counts: Counter
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Xyxy boxes `[A, 4]`, labels `[A]` (-1: unknown category), crowd flags `[A]` and image index `[A]`.
+
+    Annotations of unknown image ids are counted and dropped.
+    """
+    index_of = {image_id: i for i, image_id in enumerate(image_ids)}
+    image_index = np.array([index_of.get(ann.get("image_id"), -1) for ann in annotations], dtype=np.int64)
+    known = image_index >= 0
+    counts["orphan"] += int((~known).sum())
+    annotations = [ann for ann, ok in zip(annotations, known, strict=True) if ok]
+    xywh = np.array([_bbox_or_nan(ann) for ann in annotations], dtype=np.float64).reshape(-1, 4)
+    boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1).astype(np.float32)
+    label_of = {category_id: label for label, category_id in enumerate(category_ids)}
+    labels = np.array([label_of.get(ann.get("category_id"), -1) for ann in annotations], dtype=np.int64)
+    crowd = np.array([bool(ann.get("iscrowd", 0)) for ann in annotations], dtype=bool)
+    return boxes, labels, crowd, image_index[known]
+
+
+def _bbox_or_nan(annotation: dict) -> list[float]:
+    bbox = annotation.get("bbox")
+    if isinstance(bbox, list | tuple) and len(bbox) == 4 and all(isinstance(v, int | float) for v in bbox):
+        return bbox
+    return [np.nan] * 4
+
+
+# ---------------------------------------------------------------------------------------------- records
+@dataclass
+class FlatLabels:
+    """Checked boxes of a whole split, one row per box."""
+
+    boxes: np.ndarray  # [K, 4] float32 xyxy pixels
+    labels: np.ndarray  # [K] int64
+    image_index: np.ndarray  # [K] index of the box's image
+    crowd: np.ndarray  # [K] bool
+
+
+def build_records(
+    paths: list[Path], sizes: np.ndarray, image_ids: list[int], keep_image: np.ndarray, flat: FlatLabels
+) -> list[ImageRecord]:
+    """One record per kept image with its boxes grouped out of `flat`; `sizes [N, 2]` are (width, height)."""
+    num_images, train, crowd = len(paths), ~flat.crowd, flat.crowd
+    boxes = group_by_image(flat.boxes[train], flat.image_index[train], num_images)
+    labels = group_by_image(flat.labels[train], flat.image_index[train], num_images)
+    crowd_boxes = group_by_image(flat.boxes[crowd], flat.image_index[crowd], num_images)
+    crowd_labels = group_by_image(flat.labels[crowd], flat.image_index[crowd], num_images)
+    return [
+        ImageRecord(paths[i], int(sizes[i, 0]), int(sizes[i, 1]), boxes[i], labels[i], image_ids[i],
+                    crowd_boxes[i], crowd_labels[i])
+        for i in np.flatnonzero(keep_image)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- YOLO txt
+def read_yolo(source: SplitSource, nc: int) -> LabelSet:
+    """Read YOLO txt labels (`class xc yc w h` normalised, or a polygon); a missing/empty file is a background."""
+    counts = Counter()
+    paths = sorted(path for path in source.images.rglob("*") if path.suffix.lower() in IMG_FORMATS)
+    label_files = [source.annotations / path.relative_to(source.images).with_suffix(".txt") for path in paths]
+    counts["missing"] += _orphan_label_files(source, paths)
+    sizes = probe_images(paths)
+    keep_image = count_image_problems(sizes, counts)
+    kept = np.flatnonzero(keep_image)
+    rows, file_index = _yolo_rows([label_files[i] for i in kept], counts)
+    image_index = kept[file_index]  # [K] index into paths
+    box_sizes = sizes[image_index].astype(np.float64)
+    xy, wh = rows[:, 1:3] * box_sizes, rows[:, 3:5] * box_sizes
+    boxes = np.concatenate([xy - wh / 2, xy + wh / 2], 1).astype(np.float32)  # [K, 4] xyxy pixels
+    labels = rows[:, 0].astype(np.int64)
+    valid = check_boxes(boxes, labels, sizes[image_index], nc, counts)
+    flat = FlatLabels(boxes[valid], labels[valid], image_index[valid], np.zeros(int(valid.sum()), bool))
+    return LabelSet(build_records(paths, sizes, _yolo_image_ids(paths), keep_image, flat), list(range(nc)), counts)
+
+
+def _orphan_label_files(source: SplitSource, paths: list[Path]) -> int:
+    """Number of label files without an image (counted as missing images); classes.txt is not a label file."""
+    image_stems = {path.relative_to(source.images).with_suffix("") for path in paths}
+    label_stems = {
+        path.relative_to(source.annotations).with_suffix("")
+        for path in source.annotations.rglob("*.txt")
+        if path.name != "classes.txt"
+    }
+    return len(label_stems - image_stems)
+
+
+def _yolo_rows(label_files: list[Path], counts: Counter) -> tuple[np.ndarray, np.ndarray]:
+    """All label rows `[K, 5]` (class, xc, yc, w, h normalised) and the index `[K]` of the file each came from."""
+    rows, index = [], []
+    for i, label_file in enumerate(label_files):
+        file_rows = _parse_label_file(label_file, counts)
+        rows.extend(file_rows)
+        index.extend([i] * len(file_rows))
+    return np.array(rows, dtype=np.float64).reshape(-1, 5), np.array(index, dtype=np.int64)
+
+
+def _parse_label_file(label_file: Path, counts: Counter) -> list[list[float]]:
+    try:
+        lines = label_file.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError):
+        counts["malformed"] += 1
+        return []
+    rows = []
+    for line in filter(str.strip, lines):
+        row = _parse_label_line(line.split())
+        if row is None:
+            counts["malformed"] += 1
+        else:
+            rows.append(row)
+    return rows
+
+
+def _parse_label_line(fields: list[str]) -> list[float] | None:
+    """`class xc yc w h`, or `class x1 y1 x2 y2 ...` (a polygon, ≥ 3 points) reduced to its box; None if malformed."""
+    try:
+        values = [float(field) for field in fields]
+    except ValueError:
+        return None
+    is_polygon = len(values) >= 7 and len(values) % 2 == 1
+    if (len(values) != 5 and not is_polygon) or not values[0].is_integer():
+        return None
+    if is_polygon:
+        xs, ys = values[1::2], values[2::2]
+        return [values[0], (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2, max(xs) - min(xs), max(ys) - min(ys)]
+    return values
+
+
+def _yolo_image_ids(paths: list[Path]) -> list[int]:
+    """Numeric file stems when all are distinct integers, else the index in sorted order."""
+    stems = [path.stem for path in paths]
+    if all(stem.isdigit() for stem in stems) and len({int(stem) for stem in stems}) == len(stems):
+        return [int(stem) for stem in stems]
+    return list(range(len(paths)))

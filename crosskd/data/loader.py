@@ -1,0 +1,111 @@
+"""Batching: the padded `Batch` every consumer (trainer, validator, distiller) reads, and the DataLoader builder."""
+
+import math
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from functools import partial
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+
+from crosskd.data.dataset import Sample
+
+
+@dataclass
+class Batch:
+    """A padded batch; boxes are xyxy in input (resized) pixels, see docs/architecture.md."""
+
+    images: torch.Tensor  # [B, 3, H, W] float32 0..1 RGB, zero padding
+    gt_boxes: torch.Tensor  # [B, M, 4] float32, zero rows for padding (M ≥ 1)
+    gt_labels: torch.Tensor  # [B, M] int64, -1 for padding
+    img_sizes: torch.Tensor  # [B, 2] int64 (h, w) of the valid region
+    valid_masks: torch.Tensor  # [B, H, W] bool, True inside the valid region
+    orig_sizes: torch.Tensor  # [B, 2] int64 (h, w) of the original image
+    ratios: torch.Tensor  # [B] float32, input = original × ratio
+    image_ids: torch.Tensor  # [B] int64
+    paths: list[str]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        """A copy with every tensor on `device`."""
+        return self._map(lambda tensor: tensor.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        """A copy in pinned memory (DataLoader calls this when pin_memory=True)."""
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> "Batch":
+        values = {field.name: getattr(self, field.name) for field in fields(self)}
+        return Batch(**{name: function(v) if isinstance(v, torch.Tensor) else v for name, v in values.items()})
+
+
+def collate(samples: list[Sample], pad_multiple: int) -> Batch:
+    """Pad images to the batch's largest (h, w) rounded up to `pad_multiple`, and gt to the largest box count."""
+    img_sizes = torch.tensor([sample.image.shape[-2:] for sample in samples], dtype=torch.int64)  # [B, 2]
+    height, width = (math.ceil(int(size) / pad_multiple) * pad_multiple for size in img_sizes.max(0).values)
+    images = torch.zeros(len(samples), 3, height, width, dtype=torch.uint8)
+    max_boxes = max(1, *(len(sample.labels) for sample in samples))
+    gt_boxes = torch.zeros(len(samples), max_boxes, 4, dtype=torch.float32)
+    gt_labels = torch.full((len(samples), max_boxes), -1, dtype=torch.int64)
+    for i, sample in enumerate(samples):
+        images[i, :, : sample.image.shape[1], : sample.image.shape[2]] = sample.image
+        gt_boxes[i, : len(sample.labels)] = sample.boxes
+        gt_labels[i, : len(sample.labels)] = sample.labels
+    rows = torch.arange(height)[None, :, None] < img_sizes[:, 0, None, None]  # [B, H, 1]
+    cols = torch.arange(width)[None, None, :] < img_sizes[:, 1, None, None]  # [B, 1, W]
+    return Batch(
+        images=images.float().div_(255),
+        gt_boxes=gt_boxes,
+        gt_labels=gt_labels,
+        img_sizes=img_sizes,
+        valid_masks=rows & cols,
+        orig_sizes=torch.tensor([sample.orig_size for sample in samples], dtype=torch.int64),
+        ratios=torch.tensor([sample.ratio for sample in samples], dtype=torch.float32),
+        image_ids=torch.tensor([sample.image_id for sample in samples], dtype=torch.int64),
+        paths=[sample.path for sample in samples],
+    )
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed NumPy and `random` in a worker from its torch seed (set by the loader's generator); single-threaded cv2."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    cv2.setNumThreads(0)
+
+
+def build_dataloader(
+    dataset: Dataset, batch: int, workers: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
+    pin_memory: bool | None = None,
+) -> DataLoader:
+    """A reproducible DataLoader of `Batch`es; `batch` is the number of images per batch on this rank.
+
+    With world_size > 1 the sampler is a DistributedSampler: call `loader.sampler.set_epoch(epoch)` each epoch.
+    Otherwise shuffling draws from a generator seeded with `seed`, so two loaders with one seed give one order.
+    Augmentation in workers is seeded from the same generator; with workers=0 it uses torch's global RNG.
+    """
+    generator = torch.Generator().manual_seed(seed + rank)
+    if world_size > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+    elif shuffle:
+        sampler = RandomSampler(dataset, generator=generator)
+    else:
+        sampler = SequentialSampler(dataset)
+    workers = min(workers, os.cpu_count() or 1)
+    return DataLoader(
+        dataset,
+        batch_size=batch,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=partial(collate, pad_multiple=getattr(dataset, "pad_multiple", 1)),
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        worker_init_fn=seed_worker,
+        generator=generator,
+        persistent_workers=workers > 0,
+    )
