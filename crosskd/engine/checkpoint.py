@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import zipfile
 from datetime import datetime
 from pathlib import Path
@@ -14,9 +12,9 @@ import torch
 from torch import nn
 
 from crosskd import __version__
-from crosskd.errors import CheckpointError
+from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import Detector, build_detector
-from crosskd.utils import LOGGER
+from crosskd.utils import LOGGER, atomic_save
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("model", "model_yaml", "nc", "format_version")
@@ -24,18 +22,8 @@ TRAINING_STATE_KEYS = ("optimizer", "scaler", "ema", "scheduler")
 
 
 def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
-    """Write `ckpt` to `path` atomically: a temporary file in the same directory, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(ckpt, tmp_name)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    """Write `ckpt` to `path` atomically (temporary file in the same directory, then os.replace)."""
+    return atomic_save(ckpt, path)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -78,20 +66,12 @@ def is_yaml(path: str | Path) -> bool:
     return Path(path).suffix.lower() in (".yaml", ".yml")
 
 
-def load_detector(
-    path_or_yaml: str | Path | dict, nc: int | None = None, device: str | torch.device = "cpu"
-) -> tuple[Detector, dict]:
-    """Build a Detector from a model YAML (fresh) or a crosskd .pt (weights loaded, float32).
+def detector_from_checkpoint(ckpt: dict, nc: int | None = None, source: str | Path = "checkpoint") -> Detector:
+    """Rebuild the Detector of a loaded checkpoint (float32 weights, `names` set).
 
-    With a .pt and an `nc` that differs from the checkpoint's, the head is rebuilt for `nc` and every weight of
-    matching shape is transferred. Returns the detector (on `device`, with `names`) and the checkpoint dict
-    (empty for a YAML).
+    With an `nc` that differs from the checkpoint's, the head is rebuilt for `nc` and every weight of matching
+    shape is transferred (logged).
     """
-    if isinstance(path_or_yaml, dict) or is_yaml(path_or_yaml):
-        detector = build_detector(path_or_yaml, nc)
-        detector.names = {i: str(i) for i in range(detector.nc)}
-        return detector.to(device), {}
-    ckpt = load_checkpoint(path_or_yaml)
     ckpt_nc = int(ckpt["nc"])
     names = {int(k): str(v) for k, v in (ckpt.get("names") or {}).items()} or {i: str(i) for i in range(ckpt_nc)}
     if nc is None or nc == ckpt_nc:
@@ -100,10 +80,27 @@ def load_detector(
     else:
         detector = build_detector(ckpt["model_yaml"], nc)
         done, total = transfer_weights(detector, ckpt["model"])
-        LOGGER.info(f"Rebuilt the head of '{path_or_yaml}' for nc={nc} (was {ckpt_nc}); transferred {done}/{total} weights")
+        LOGGER.info(f"Rebuilt the head of '{source}' for nc={nc} (was {ckpt_nc}); transferred {done}/{total} weights")
         names = {i: str(i) for i in range(nc)}
     detector.names = names
-    return detector.to(device), ckpt
+    return detector
+
+
+def load_detector(
+    path_or_yaml: str | Path | dict, nc: int | None = None, device: str | torch.device = "cpu"
+) -> tuple[Detector, dict]:
+    """Build a Detector from a model YAML (fresh; nc required) or a crosskd .pt (weights loaded, float32).
+
+    Returns the detector (on `device`, with `names`) and the checkpoint dict (empty for a YAML).
+    """
+    if isinstance(path_or_yaml, dict) or is_yaml(path_or_yaml):
+        if nc is None:
+            raise ConfigError(f"building '{path_or_yaml}' needs the number of classes; pass data= with the dataset")
+        detector = build_detector(path_or_yaml, nc)
+        detector.names = {i: str(i) for i in range(detector.nc)}
+        return detector.to(device), {}
+    ckpt = load_checkpoint(path_or_yaml)
+    return detector_from_checkpoint(ckpt, nc, path_or_yaml).to(device), ckpt
 
 
 def cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,0 +1,86 @@
+"""Trainer events and the callbacks run at them, including the default results.csv / results.png writers."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from crosskd.dist import is_main_process
+from crosskd.engine.metrics import METRIC_KEYS
+from crosskd.engine.plotting import plot_results
+
+EVENTS = (
+    "on_train_start",
+    "on_train_epoch_start",
+    "on_train_batch_end",
+    "on_train_epoch_end",
+    "on_fit_epoch_end",
+    "on_model_save",
+    "on_train_end",
+)
+Callback = Callable[[Any], None]
+RESULT_METRICS = METRIC_KEYS[:6]  # AP .. APl go into results.csv
+
+
+class Callbacks:
+    """Lists of functions per event; each is called with the trainer."""
+
+    def __init__(self, defaults: dict[str, list[Callback]] | None = None):
+        self._handlers: dict[str, list[Callback]] = {event: [] for event in EVENTS}
+        for event, fns in (defaults or {}).items():
+            for fn in fns:
+                self.add(event, fn)
+
+    def add(self, event: str, fn: Callback) -> None:
+        if event not in self._handlers:
+            raise ValueError(f"unknown callback event '{event}'; valid events: {', '.join(EVENTS)}")
+        self._handlers[event].append(fn)
+
+    def clear(self, event: str) -> None:
+        self._handlers[event].clear()
+
+    def get(self, event: str) -> list[Callback]:
+        return list(self._handlers[event])
+
+    def run(self, event: str, trainer: Any) -> None:
+        for fn in self._handlers[event]:
+            fn(trainer)
+
+
+def results_header(loss_names: list[str]) -> list[str]:
+    return ["epoch", "time", *loss_names, *RESULT_METRICS, "lr"]
+
+
+def results_row(trainer: Any) -> list[str]:
+    """One results.csv row from the trainer's state after an epoch (blank metrics when not validated)."""
+    metrics = trainer.metrics or {}
+    values = [str(trainer.epoch + 1), f"{trainer.elapsed:.1f}"]
+    values += [f"{trainer.epoch_losses[name]:.5g}" for name in trainer.loss_names]
+    values += [f"{metrics[k]:.5g}" if k in metrics else "" for k in RESULT_METRICS]
+    return [*values, f"{trainer.lr:.6g}"]
+
+
+def write_results_csv(trainer: Any) -> None:
+    """Append this epoch's row to save_dir/results.csv (header only when the file is new)."""
+    if not is_main_process():
+        return
+    path = Path(trainer.save_dir) / "results.csv"
+    is_new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.writer(f)
+        if is_new:
+            writer.writerow(results_header(trainer.loss_names))
+        writer.writerow(results_row(trainer))
+
+
+def plot_results_png(trainer: Any) -> None:
+    """Draw results.png from results.csv at the end of training."""
+    path = Path(trainer.save_dir) / "results.csv"
+    if is_main_process() and trainer.args.plots and path.exists():
+        plot_results(path)
+
+
+def default_callbacks() -> dict[str, list[Callback]]:
+    return {"on_fit_epoch_end": [write_results_csv], "on_train_end": [plot_results_png]}

@@ -1,0 +1,83 @@
+"""Multi-process training: relaunch under torch.distributed.run, and process-group setup inside each child."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from crosskd.config import format_value, get_args
+from crosskd.dist import is_dist
+from crosskd.utils import LOGGER, colorstr, parse_device_list
+
+DDP_TIMEOUT = timedelta(hours=3)
+
+
+def env_world_size() -> int:
+    """WORLD_SIZE set by torchrun (1 when not launched by it)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_ddp_child() -> bool:
+    return "LOCAL_RANK" in os.environ and env_world_size() > 1
+
+
+def needs_launch(args: Any) -> bool:
+    """More than one device asked for and this process is not already one of torchrun's children."""
+    return len(parse_device_list(args.device)) > 1 and "LOCAL_RANK" not in os.environ
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli_overrides(args: Any, mode: str) -> list[str]:
+    """key=value words reproducing `args`: every setting that differs from the defaults."""
+    defaults = get_args({}, mode).to_dict()
+    words = []
+    for key, value in args.to_dict().items():
+        if key in ("mode", "student") or value == defaults.get(key):
+            continue
+        words.append(f"{key}={format_value(value)}")
+    return words
+
+
+def ddp_command(args: Any, mode: str, nproc: int) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        "--master_port", str(free_port()), "-m", "crosskd", mode, *cli_overrides(args, mode),
+    ]
+
+
+def launch(args: Any, mode: str) -> None:
+    """Run this command again as one process per listed device (blocking); exits with the children's code."""
+    nproc = len(parse_device_list(args.device))
+    command = ddp_command(args, mode, nproc)
+    LOGGER.info(f"{colorstr('DDP:')} debug command {' '.join(command)}")
+    code = subprocess.run(command, check=False).returncode
+    if code != 0:
+        raise SystemExit(code)
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join torchrun's process group: NCCL on CUDA, gloo otherwise (e.g. device=cpu)."""
+    if is_dist() or env_world_size() <= 1:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=DDP_TIMEOUT)
+    LOGGER.info(f"{colorstr('DDP:')} {backend} process group of {dist.get_world_size()} processes")
+
+
+def cleanup_distributed() -> None:
+    if is_dist():
+        dist.destroy_process_group()

@@ -1,0 +1,113 @@
+"""COCO box metrics with pycocotools: summary numbers, per-class AP and the results-file format."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
+STATS_INDEX = {"AP": 0, "AP50": 1, "AP75": 2, "APs": 3, "APm": 4, "APl": 5, "AR100": 8}  # into COCOeval.stats
+
+
+@dataclass
+class ClassStats:
+    """One row of the per-class table."""
+
+    name: str
+    images: int
+    instances: int
+    ap50: float
+    ap: float
+
+
+@dataclass
+class COCOResult:
+    metrics: dict[str, float]
+    classes: list[ClassStats] = field(default_factory=list)
+
+
+def fitness(metrics: dict[str, float]) -> float:
+    """The number best.pt is chosen by: COCO AP (mAP@[.5:.95])."""
+    return float(metrics.get("AP", 0.0))
+
+
+def detections_to_coco(
+    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, image_id: int, category_ids: list[int]
+) -> list[dict]:
+    """COCO results records for one image; boxes are xyxy original pixels, written as xywh (rounded)."""
+    xywh = boxes.detach().float().cpu().clone()  # [K, 4]
+    xywh[:, 2:] -= xywh[:, :2]
+    xywh = xywh.numpy().round(3).tolist()
+    scores_list = scores.detach().float().cpu().numpy().round(5).tolist()
+    labels_list = labels.detach().cpu().tolist()
+    return [
+        {"image_id": int(image_id), "category_id": int(category_ids[label]), "bbox": box, "score": score}
+        for box, score, label in zip(xywh, scores_list, labels_list, strict=True)
+    ]
+
+
+def _class_counts(coco_gt: COCO, cat_id: int) -> tuple[int, int]:
+    """(images containing the class, instances of the class)."""
+    ann_ids = coco_gt.getAnnIds(catIds=[cat_id], iscrowd=False)
+    image_ids = {coco_gt.anns[a]["image_id"] for a in ann_ids}
+    return len(image_ids), len(ann_ids)
+
+
+def _mean_valid(values: np.ndarray) -> float:
+    valid = values[values > -1]
+    return float(valid.mean()) if valid.size else 0.0
+
+
+def per_class_stats(evaluator: COCOeval | None, coco_gt: COCO, names: dict[int, str], category_ids: list[int]):
+    """Per-class AP50 and AP from COCOeval's precision array [T, R, K, A, M] (area all, maxDets last)."""
+    cat_index = {c: k for k, c in enumerate(evaluator.params.catIds)} if evaluator is not None else {}
+    precision = evaluator.eval["precision"] if evaluator is not None else None
+    rows = []
+    for label, cat_id in enumerate(category_ids):
+        images, instances = _class_counts(coco_gt, cat_id)
+        ap50 = ap = 0.0
+        if precision is not None and cat_id in cat_index:
+            k = cat_index[cat_id]
+            ap50 = _mean_valid(precision[0, :, k, 0, -1])
+            ap = _mean_valid(precision[:, :, k, 0, -1])
+        rows.append(ClassStats(names.get(label, str(label)), images, instances, ap50, ap))
+    return rows
+
+
+def coco_evaluate(
+    coco_gt: COCO, results: list[dict], names: dict[int, str], category_ids: list[int]
+) -> COCOResult:
+    """Run COCOeval (bbox) on `results` (pycocotools' own prints are suppressed); zero results give zeros."""
+    if not results:
+        zeros = dict.fromkeys(METRIC_KEYS, 0.0)
+        return COCOResult(zeros, per_class_stats(None, coco_gt, names, category_ids))
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(results)
+        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        evaluator.params.imgIds = sorted(coco_gt.getImgIds())
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    metrics = {key: max(float(evaluator.stats[i]), 0.0) for key, i in STATS_INDEX.items()}
+    return COCOResult(metrics, per_class_stats(evaluator, coco_gt, names, category_ids))
+
+
+def format_class_table(result: COCOResult, num_images: int, per_class: bool = True) -> list[str]:
+    """Fixed-width lines: header, the 'all' row, then one row per class."""
+    header = f"{'Class':>22}{'Images':>11}{'Instances':>11}{'AP50':>11}{'AP':>11}"
+    instances = sum(c.instances for c in result.classes)
+    m = result.metrics
+    lines = [header, f"{'all':>22}{num_images:>11}{instances:>11}{m['AP50']:>11.3g}{m['AP']:>11.3g}"]
+    if per_class:
+        lines += [f"{c.name:>22}{c.images:>11}{c.instances:>11}{c.ap50:>11.3g}{c.ap:>11.3g}" for c in result.classes]
+    return lines
+
+
+def format_summary(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{k} {metrics[k]:.4f}" for k in METRIC_KEYS)

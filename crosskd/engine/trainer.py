@@ -1,0 +1,426 @@
+"""Training engine: `Trainer(args).train()` with a visible lifecycle setup -> epochs -> finish, and `run(args)`."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from crosskd.config import get_args
+from crosskd.data import DetectionDataset, build_dataloader, load_data_yaml
+from crosskd.dist import barrier, get_rank, get_world_size, is_dist, is_main_process, reduce_mean
+from crosskd.engine import ddp
+from crosskd.engine.callbacks import Callback, Callbacks, default_callbacks
+from crosskd.engine.checkpoint import (
+    detector_from_checkpoint,
+    is_resumable,
+    load_checkpoint,
+    load_detector,
+    make_checkpoint,
+    save_checkpoint,
+    strip_checkpoint,
+    transfer_weights,
+)
+from crosskd.engine.metrics import fitness
+from crosskd.engine.optim import ModelEMA, build_optimizer, build_schedule, set_lr
+from crosskd.engine.progress import EpochProgress, epoch_header
+from crosskd.engine.validator import Validator, make_save_dir
+from crosskd.errors import CheckpointError, ConfigError
+from crosskd.models import Detector
+from crosskd.models.backbones import load_pretrained
+from crosskd.utils import LOGGER, colorstr, console, init_seeds, newest_file, runs_dir, select_device
+
+RESUME_WHITELIST = ("device", "workers", "val", "plots", "save_period")  # may change when resuming
+
+
+class DetectorLoss(nn.Module):
+    """Computes a detector's losses in `forward`, so DistributedDataParallel wraps the call that makes them."""
+
+    def __init__(self, detector: Detector):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, batch: Any) -> dict[str, Tensor]:
+        return self.detector.loss(batch)
+
+
+class Trainer:
+    """Detector training: SGD/AdamW, warm-up + step/cosine schedule, AMP, EMA, DDP, checkpoints and validation.
+
+    Subclasses change what is trained through `build_model()` (the Detector that is saved and validated),
+    `build_loss_module()` (an nn.Module whose forward(batch) returns the loss dict; it is what DDP wraps and whose
+    trainable parameters the optimiser gets) and `checkpoint_extras()` / `restore_extras()`.
+    """
+
+    mode = "train"
+
+    def __init__(self, args: Any, callbacks: Callbacks | None = None):
+        self.args = args
+        self.callbacks = callbacks or Callbacks(default_callbacks())
+        self.epoch = self.start_epoch = self.iteration = 0
+        self.best_fitness: float | None = None
+        self.fitness: float | None = None
+        self.metrics: dict[str, float] = {}
+        self.final_metrics: dict[str, float] = {}
+        self.loss_names: list[str] = []
+        self.loss_items: dict[str, Tensor] = {}
+        self.epoch_losses: dict[str, float] = {}
+        self.lr = 0.0
+        self.elapsed = self.elapsed_before = 0.0
+        self.resume_path: Path | None = None
+        self.save_dir: Path | None = None
+        self.ema: ModelEMA | None = None
+
+    def add_callback(self, event: str, fn: Callback) -> None:
+        self.callbacks.add(event, fn)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        """Device/DDP, resume args, seeds, data, model, optimiser, schedule, scaler, EMA, run dir, resume state."""
+        self.device = select_device(self.args.device)
+        ddp.init_distributed(self.device)
+        self.world_size, self.rank = get_world_size(), get_rank()
+        ckpt = self.load_resume_checkpoint()
+        init_seeds(self.args.seed + self.rank, self.args.deterministic)
+        self.data_info = load_data_yaml(self.args.data, self.args.datasets_dir)
+        self.names = dict(self.data_info.names)
+        self.model = self.build_model().to(self.device)
+        self.loss_module = self.build_loss_module().to(self.device)
+        self.train_module = self.wrap_ddp(self.loss_module)
+        self.train_loader, val_loader = self.build_dataloaders()
+        self.schedule = build_schedule(self.args, len(self.train_loader))
+        self.build_optimization()
+        self.save_dir = self.prepare_save_dir()
+        self.validator = Validator(self.args, dataloader=val_loader, save_dir=self.save_dir)
+        if ckpt is not None:
+            self.restore(ckpt)
+
+    def load_resume_checkpoint(self) -> dict | None:
+        """With resume=True or a path: load last.pt, check it can be resumed and take its train args."""
+        if not self.args.resume:
+            return None
+        path = newest_file(runs_dir(), "last.pt") if self.args.resume is True else Path(self.args.resume)
+        if path is None:
+            raise CheckpointError(f"resume=True but there is no last.pt under {runs_dir()}; "
+                                  "pass resume=path/to/last.pt")
+        ckpt = load_checkpoint(path)
+        if not is_resumable(ckpt):
+            raise CheckpointError(
+                f"'{path}' is a finished (stripped) checkpoint with no optimizer state, so it cannot be resumed; "
+                f"start a new run from it with model={path}"
+            )
+        self.args = self.resume_args(ckpt["train_args"], path)
+        self.resume_path = Path(path)
+        return ckpt
+
+    def resume_args(self, train_args: dict, path: Path) -> Any:
+        """The checkpoint's args plus the whitelisted keys the user changed; other changes are warned and ignored."""
+        defaults = get_args({}, self.mode).to_dict()
+        current = self.args.to_dict()
+        changed = {k: v for k, v in current.items() if v != defaults.get(k) and k not in ("resume", "mode", "cfg")}
+        kept = {k: v for k, v in changed.items() if k in RESUME_WHITELIST}
+        ignored = sorted(k for k, v in changed.items() if k not in RESUME_WHITELIST and train_args.get(k) != v)
+        if ignored:
+            LOGGER.warning(f"Resume ignores {ignored}, using the checkpoint's values; start a new run to change them")
+        settings = {k: v for k, v in train_args.items() if k in defaults and k not in ("cfg", "mode")}
+        return get_args({**settings, **kept, "resume": str(path)}, self.mode)
+
+    def build_model(self) -> Detector:
+        """The Detector to train: from the resumed checkpoint, a model YAML, or a .pt (nc from the dataset)."""
+        nc = self.data_info.nc
+        if self.resume_path is not None:
+            model = detector_from_checkpoint(load_checkpoint(self.resume_path), source=self.resume_path)
+        elif self.args.model is None:
+            raise ConfigError("train needs model=: a model YAML (e.g. model=gfl_r18s.yaml) or a crosskd .pt")
+        else:
+            model, ckpt = load_detector(self.args.model, nc=nc)
+            if ckpt:
+                LOGGER.info(f"Loaded weights from {self.args.model}")
+            if self.args.pretrained:
+                self.load_pretrained(model, self.args.pretrained)
+        model.names = self.names
+        return model
+
+    def load_pretrained(self, model: Detector, path: str) -> None:
+        """pretrained=: a crosskd .pt (all matching weights) or a torchvision .pth (backbone)."""
+        if Path(path).suffix == ".pt":
+            done, total = transfer_weights(model, load_checkpoint(path)["model"])
+            LOGGER.info(f"Transferred {done}/{total} items from pretrained weights {path}")
+        else:
+            load_pretrained(model.backbone, path)
+
+    def build_loss_module(self) -> nn.Module:
+        return DetectorLoss(self.model)
+
+    def wrap_ddp(self, module: nn.Module) -> nn.Module:
+        if self.world_size <= 1:
+            return module
+        if self.args.sync_bn:
+            if self.device.type == "cuda":
+                module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+            else:
+                LOGGER.warning("sync_bn=true needs CUDA; BatchNorm stays per-process on the CPU")
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True)
+
+    def build_dataloaders(self):
+        """Train loader (augmented, shuffled, per-rank batch) and val loader (sharded per rank)."""
+        args = self.args
+        if args.batch < self.world_size:
+            raise ConfigError(f"batch={args.batch} is smaller than the {self.world_size} processes; "
+                              f"use batch>={self.world_size}")
+        per_rank = args.batch // self.world_size
+        imgsz = max(args.imgsz) if isinstance(args.imgsz, list | tuple) else args.imgsz
+        stride = max(self.model.strides)
+        train_set = DetectionDataset(self.data_info, "train", imgsz, augment=True, pad_multiple=stride,
+                                     fliplr=args.fliplr, fraction=args.fraction)
+        val_set = DetectionDataset(self.data_info, args.split, imgsz, augment=False, pad_multiple=stride)
+        common = {"workers": args.workers, "seed": args.seed, "rank": self.rank, "world_size": self.world_size}
+        train_loader = build_dataloader(train_set, per_rank, shuffle=True, **common)
+        val_loader = build_dataloader(val_set, per_rank, shuffle=False, **common)
+        if self.world_size > 1:
+            LOGGER.info(f"{colorstr('DDP:')} batch {args.batch} = {self.world_size} processes x {per_rank} images")
+        return train_loader, val_loader
+
+    def build_optimization(self) -> None:
+        """Optimiser over the loss module's trainable parameters, AMP scaler and optional EMA."""
+        args = self.args
+        params = [p for p in self.loss_module.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(params, args.optimizer, self.schedule.base_lr, args.momentum,
+                                         args.weight_decay)
+        LOGGER.info(
+            f"{colorstr('optimizer:')} {args.optimizer}(lr={self.schedule.base_lr:.5g} = lr0 {args.lr0} x batch "
+            f"{args.batch}/16, momentum={args.momentum}, weight_decay={args.weight_decay}), {len(params)} tensors"
+        )
+        self.amp = bool(args.amp) and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.ema = ModelEMA(self.model, args.ema_decay) if args.ema else None
+
+    def prepare_save_dir(self) -> Path:
+        """runs/<mode>/<name> (rank 0 creates it and writes args.yaml; other ranks receive the path)."""
+        path = None
+        if is_main_process():
+            path = self.resume_path.parent.parent if self.resume_path else make_save_dir(self.args, self.mode)
+            (path / "weights").mkdir(parents=True, exist_ok=True)
+            (path / "args.yaml").write_text(yaml.safe_dump(self.args.to_dict(), sort_keys=False))
+        if is_dist():
+            shared = [path]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            path = shared[0]
+        return Path(path)
+
+    def restore(self, ckpt: dict) -> None:
+        """Continue from a last.pt: optimiser, scaler, EMA, epoch, best fitness, elapsed time and RNG states."""
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler") is not None and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.module.load_state_dict(ckpt["ema"])
+            self.ema.updates = int(ckpt.get("ema_updates", 0))
+        self.start_epoch = int(ckpt["epoch"]) + 1
+        self.best_fitness = ckpt.get("best_fitness")
+        self.elapsed_before = float((ckpt.get("train_metrics") or {}).get("elapsed", 0.0))
+        self.restore_extras(ckpt)
+        if self.start_epoch >= self.args.epochs:
+            raise CheckpointError(
+                f"'{self.resume_path}' already finished {self.args.epochs} epochs; nothing to resume, "
+                f"start a new run with model={self.resume_path}"
+            )
+        if ckpt.get("rng") is not None and self.world_size == 1:
+            set_rng_state(ckpt["rng"])
+        LOGGER.info(f"Resuming training {self.resume_path} from epoch {self.start_epoch + 1} to {self.args.epochs}")
+
+    def restore_extras(self, ckpt: dict) -> None:
+        """Hook for subclasses: restore what `checkpoint_extras` saved."""
+
+    def checkpoint_extras(self) -> dict:
+        """Hook for subclasses: extra checkpoint keys (e.g. teacher, teacher_args)."""
+        return {}
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict[str, float]:
+        """Run every epoch, then finish; returns the final validation metrics of best.pt."""
+        self.setup()
+        self.start_time = time.monotonic()
+        self.callbacks.run("on_train_start", self)
+        LOGGER.info(f"Logging results to {colorstr('bold', str(self.save_dir))}")
+        LOGGER.info(f"Starting training for {self.args.epochs} epochs...")
+        for epoch in range(self.start_epoch, self.args.epochs):
+            self.epoch = epoch
+            self.train_epoch()
+            self.callbacks.run("on_train_epoch_end", self)
+            self.validate()
+            self.elapsed = self.elapsed_before + time.monotonic() - self.start_time
+            if is_main_process():
+                self.save_model()
+            self.callbacks.run("on_fit_epoch_end", self)
+        self.finish()
+        return self.final_metrics
+
+    def train_epoch(self) -> None:
+        """One pass over the train loader with the running-mean progress display."""
+        self.train_module.train()
+        self.seed_loader_epoch()
+        self.callbacks.run("on_train_epoch_start", self)
+        num_batches = len(self.train_loader)
+        sums: dict[str, Tensor] = {}
+        epoch_text = f"{self.epoch + 1}/{self.args.epochs}"
+        with EpochProgress(console, num_batches, epoch_text, self.device, enabled=is_main_process()) as bar:
+            for i, batch in enumerate(self.train_loader):
+                self.iteration = self.epoch * num_batches + i
+                self.lr = self.schedule(self.iteration)
+                set_lr(self.optimizer, self.lr)
+                self.loss_items = self.train_step(batch)
+                for name, value in self.loss_items.items():
+                    sums[name] = sums.get(name, 0.0) + value
+                if i == 0:
+                    self.loss_names = list(sums)
+                    LOGGER.info(epoch_header(self.loss_names, self.device.type == "cuda"))
+                bar.advance(len(batch.images))
+                if bar.due(i):
+                    bar.refresh(i, {k: float(v) / (i + 1) for k, v in sums.items()}, self.lr)
+                self.callbacks.run("on_train_batch_end", self)
+        means = reduce_mean(torch.stack(list(sums.values())) / num_batches)  # [num_losses], averaged over ranks
+        self.epoch_losses = dict(zip(self.loss_names, means.tolist(), strict=True))
+        summary = "  ".join(f"{k} {v:.4g}" for k, v in self.epoch_losses.items())
+        LOGGER.info(f"Epoch {epoch_text}: {summary}  lr {self.lr:.4g}")
+
+    def seed_loader_epoch(self) -> None:
+        """Make this epoch's sample order and worker seeds a function of (seed, rank, epoch), so resume is exact."""
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        generator = getattr(self.train_loader, "generator", None)
+        if generator is not None:
+            generator.manual_seed(self.args.seed + self.rank + self.epoch)
+
+    def train_step(self, batch: Any) -> dict[str, Tensor]:
+        """Forward (AMP on CUDA), backward, optional gradient clipping, optimiser and EMA step; detached losses."""
+        batch = batch.to(self.device)
+        with torch.autocast(self.device.type, enabled=self.amp):
+            losses = self.compute_loss(batch)
+        total = sum(losses.values())
+        self.scaler.scale(total).backward()
+        if self.args.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], self.args.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return {name: value.detach().float() for name, value in losses.items()}
+
+    def compute_loss(self, batch: Any) -> dict[str, Tensor]:
+        """The loss dict of one batch through the (DDP-wrapped) loss module."""
+        return self.train_module(batch)
+
+    def validate(self) -> None:
+        """COCO metrics of the EMA (or raw) model when val=true and always after the last epoch."""
+        last = self.epoch + 1 == self.args.epochs
+        self.metrics, self.fitness = {}, None
+        if not (self.args.val or last):
+            return
+        model = self.ema.module if self.ema is not None else self.model
+        self.metrics = self.validator.run(model, plots=False, per_class=False)
+        if self.metrics:
+            self.fitness = fitness(self.metrics)
+            if self.best_fitness is None or self.fitness >= self.best_fitness:
+                self.best_fitness = self.fitness
+
+    # ------------------------------------------------------------------ saving and finishing
+    def checkpoint(self) -> dict:
+        return make_checkpoint(
+            self.model,
+            epoch=self.epoch,
+            best_fitness=self.best_fitness,
+            names=self.names,
+            train_args=self.args.to_dict(),
+            optimizer=self.optimizer,
+            scaler=self.scaler,
+            ema=self.ema.module if self.ema is not None else None,
+            ema_updates=self.ema.updates if self.ema is not None else 0,
+            scheduler={**self.schedule.state_dict(), "iteration": self.iteration + 1},
+            train_metrics={**self.metrics, "fitness": self.fitness, "elapsed": self.elapsed},
+            rng=get_rng_state(),
+            **self.checkpoint_extras(),
+        )
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.save_dir / "weights"
+
+    def save_model(self) -> None:
+        """last.pt every epoch, best.pt when this epoch's fitness is the best, epoch{N}.pt every save_period."""
+        ckpt = self.checkpoint()
+        save_checkpoint(ckpt, self.weights_dir / "last.pt")
+        if self.fitness is not None and self.fitness == self.best_fitness:
+            save_checkpoint(ckpt, self.weights_dir / "best.pt")
+        if self.args.save_period > 0 and (self.epoch + 1) % self.args.save_period == 0:
+            save_checkpoint(ckpt, self.weights_dir / f"epoch{self.epoch + 1}.pt")
+        self.callbacks.run("on_model_save", self)
+
+    def finish(self) -> None:
+        """Strip last.pt and best.pt, re-validate best.pt with the per-class table, run on_train_end."""
+        best, last = self.weights_dir / "best.pt", self.weights_dir / "last.pt"
+        if is_main_process():
+            hours = (time.monotonic() - self.start_time) / 3600
+            LOGGER.info(f"{self.args.epochs - self.start_epoch} epochs completed in {hours:.3f} hours.")
+            for path in (last, best):
+                if path.exists():
+                    strip_checkpoint(path)
+        barrier()
+        if best.exists():
+            LOGGER.info(f"Validating {best}...")
+            model, _ = load_detector(best, device=self.device)
+            self.final_metrics = self.validator.run(model.eval(), plots=self.args.plots)
+        self.callbacks.run("on_train_end", self)
+        LOGGER.info(f"Results saved to {colorstr('bold', str(self.save_dir))}")
+        ddp.cleanup_distributed()
+
+
+def get_rng_state() -> dict:
+    """Python, NumPy and torch (CPU and CUDA) RNG states as plain values and tensors (weights_only-safe)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state.get("cuda"):
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainer_class(args: Any) -> type[Trainer]:
+    """DistillTrainer when a teacher is given or the mode is distill (imported only then), else Trainer."""
+    if args.teacher or args.mode == "distill":
+        from crosskd.engine.distill_trainer import DistillTrainer
+
+        return DistillTrainer
+    return Trainer
+
+
+def run(args: Any) -> dict[str, float]:
+    """Entry for `crosskd train` / `crosskd distill`: relaunch under torchrun for several devices, else train."""
+    cls = trainer_class(args)
+    if ddp.needs_launch(args):
+        ddp.launch(args, cls.mode)
+        return {}
+    return cls(args).train()

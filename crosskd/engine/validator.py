@@ -1,0 +1,192 @@
+"""COCO validation of a Detector (or any object with its predict/names/strides) on a dataset split."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from crosskd.data import DetectionDataset, build_dataloader, load_data_yaml
+from crosskd.dist import get_rank, get_world_size, is_dist, is_main_process
+from crosskd.engine.checkpoint import is_yaml, load_detector
+from crosskd.engine.metrics import COCOResult, coco_evaluate, detections_to_coco, format_class_table, format_summary
+from crosskd.engine.plotting import plot_images
+from crosskd.errors import CheckpointError, DataError
+from crosskd.utils import LOGGER, colorstr, increment_path, newest_file, runs_dir, select_device
+
+VAL_CONF = 0.05  # score threshold when conf is empty (COCO-style evaluation keeps low-score boxes)
+EXPORTED_SUFFIXES = (".onnx", ".torchscript")
+
+
+def make_save_dir(args: Any, mode: str) -> Path:
+    """runs/<project or mode>/<name or mode>, incremented (train2, train3, ...) unless exist_ok; created."""
+    project = Path(args.project) if args.project else Path(mode)
+    root = project if project.is_absolute() else runs_dir() / project
+    return increment_path(root / (args.name or mode), exist_ok=args.exist_ok, mkdir=True)
+
+
+def val_imgsz(imgsz: int | list[int] | tuple[int, ...]) -> int:
+    """Validation resizes the long side, so an h,w pair means its larger value."""
+    return max(imgsz) if isinstance(imgsz, list | tuple) else int(imgsz)
+
+
+def newest_best() -> Path:
+    path = newest_file(runs_dir(), "best.pt")
+    if path is None:
+        raise CheckpointError(f"no model= given and no best.pt under {runs_dir()}; pass model=path/to/best.pt")
+    LOGGER.info(f"No model= given: validating the newest best.pt, {path}")
+    return path
+
+
+def load_val_model(model: str | Path, nc: int, device: torch.device) -> Any:
+    """A Detector from a .pt or model YAML, or an exported-model backend (lazy import) for .onnx/.torchscript."""
+    if Path(model).suffix.lower() in EXPORTED_SUFFIXES:
+        from crosskd.engine.backend import load_model
+
+        return load_model(model, device)
+    detector, _ = load_detector(model, nc=nc if is_yaml(model) else None, device=device)
+    return detector.eval()
+
+
+class Validator:
+    """Predict a split, evaluate with pycocotools, print the tables; `run()` returns the COCO metrics dict.
+
+    Standalone (`model` a path or None) it loads the model and data from `args`; inside training the trainer passes
+    the model and its val dataloader (sharded per rank under DDP; predictions are gathered to rank 0).
+    """
+
+    def __init__(self, args: Any, model: Any = None, dataloader: Any = None, save_dir: str | Path | None = None):
+        self.args = args
+        self.model = model
+        self.dataloader = dataloader
+        self.save_dir = Path(save_dir) if save_dir is not None else None
+        self.conf = VAL_CONF if args.conf is None else args.conf
+        self.device = torch.device("cpu")
+        self.result: COCOResult | None = None
+
+    def setup(self) -> None:
+        """Standalone use: device, model, dataset, dataloader and save dir from args."""
+        self.device = select_device(self.args.device)
+        info = load_data_yaml(self.args.data, self.args.datasets_dir)
+        if self.model is None or isinstance(self.model, str | Path):
+            self.model = load_val_model(self.model or self.args.model or newest_best(), info.nc, self.device)
+        if len(self.model.names) != info.nc:
+            raise DataError(
+                f"the model has {len(self.model.names)} classes but data={self.args.data} has {info.nc}; "
+                "validate on the dataset the model was trained on"
+            )
+        if self.dataloader is None:
+            self.dataloader = self.build_dataloader(info)
+        if self.save_dir is None and is_main_process():
+            self.save_dir = make_save_dir(self.args, "val")
+
+    def build_dataloader(self, info: Any):
+        imgsz = val_imgsz(self.args.imgsz)
+        static = getattr(self.model, "dynamic_size", True) is False
+        if static:
+            imgsz = max(self.model.imgsz)
+            LOGGER.info(f"Static exported model: validating at its export size imgsz={imgsz}")
+        dataset = DetectionDataset(info, self.args.split, imgsz, augment=False, pad_multiple=max(self.model.strides))
+        return build_dataloader(
+            dataset, self.args.batch, self.args.workers, shuffle=False, seed=self.args.seed,
+            rank=get_rank(), world_size=get_world_size(),
+        )
+
+    @property
+    def dataset(self) -> Any:
+        return self.dataloader.dataset
+
+    def run(self, model: Any = None, plots: bool | None = None, per_class: bool | None = None) -> dict[str, float]:
+        """Validate `model` (or the constructor's) and return {AP, AP50, AP75, APs, APm, APl, AR100}."""
+        if model is not None:
+            self.model = model
+        if self.dataloader is None or self.model is None or isinstance(self.model, str | Path):
+            self.setup()
+        plots = self.args.plots if plots is None else plots
+        device = self.model_device()
+        start = time.perf_counter()
+        records = self.predict_all(device, plots and is_main_process())
+        elapsed = time.perf_counter() - start
+        records = self.gather(records)
+        if not is_main_process():
+            return {}
+        results = [r for image_id in sorted(records) for r in records[image_id]]
+        self.result = coco_evaluate(self.dataset.coco_gt(), results, self.dataset.names, self.dataset.category_ids)
+        self.report(len(records), elapsed, per_class)
+        if self.args.save_json:
+            self.save_json(results)
+        return dict(self.result.metrics)
+
+    def model_device(self) -> torch.device:
+        if isinstance(self.model, nn.Module):
+            return next(self.model.parameters()).device
+        return torch.device(getattr(self.model, "device", self.device))
+
+    @torch.no_grad()
+    def predict_all(self, device: torch.device, plots: bool) -> dict[int, list[dict]]:
+        """COCO result records per image id for this rank's share of the split."""
+        was_training = isinstance(self.model, nn.Module) and self.model.training
+        self.model.eval()
+        amp = self.args.amp and device.type == "cuda" and isinstance(self.model, nn.Module)
+        records: dict[int, list[dict]] = {}
+        for i, batch in enumerate(self.dataloader):
+            batch = batch.to(device)
+            with torch.autocast(device.type, enabled=amp):
+                detections = self.model.predict(
+                    batch.images, self.conf, self.args.iou, self.args.max_det, self.args.nms_pre, ratios=batch.ratios
+                )
+            for det, image_id in zip(detections, batch.image_ids.tolist(), strict=True):
+                records[image_id] = detections_to_coco(
+                    det.boxes, det.scores, det.labels, image_id, self.dataset.category_ids
+                )
+            if plots and i == 0 and self.save_dir is not None:
+                self.plot_batch(batch, detections)
+        if was_training:
+            self.model.train()
+        return records
+
+    def gather(self, records: dict[int, list[dict]]) -> dict[int, list[dict]]:
+        """Merge every rank's records on all ranks (a padded sampler's repeated images collapse by id)."""
+        if not is_dist():
+            return records
+        shards: list[dict[int, list[dict]] | None] = [None] * get_world_size()
+        dist.all_gather_object(shards, records)
+        return {image_id: recs for shard in shards for image_id, recs in shard.items()}
+
+    def plot_batch(self, batch: Any, detections: list) -> None:
+        """val_batch0_labels.jpg and val_batch0_pred.jpg (boxes back in input pixels)."""
+        names = self.dataset.names
+        keep = [labels >= 0 for labels in batch.gt_labels]
+        gt_boxes = [boxes[k] for boxes, k in zip(batch.gt_boxes, keep, strict=True)]
+        gt_labels = [labels[k] for labels, k in zip(batch.gt_labels, keep, strict=True)]
+        plot_images(batch.images, gt_boxes, gt_labels, names, self.save_dir / "val_batch0_labels.jpg")
+        pred_boxes = [d.boxes * r for d, r in zip(detections, batch.ratios.tolist(), strict=True)]
+        plot_images(batch.images, pred_boxes, [d.labels for d in detections], names,
+                    self.save_dir / "val_batch0_pred.jpg", scores=[d.scores for d in detections])
+
+    def report(self, num_images: int, elapsed: float, per_class: bool | None) -> None:
+        """The class table (per-class rows when verbose and not told otherwise), summary and speed lines."""
+        per_class = (self.args.verbose and len(self.dataset.names) > 1) if per_class is None else per_class
+        for line in format_class_table(self.result, num_images, per_class):
+            LOGGER.info(line)
+        LOGGER.info(f"{colorstr('val:')} {format_summary(self.result.metrics)}")
+        LOGGER.info(f"Speed: {1000 * elapsed / max(num_images, 1):.1f}ms per image (this rank, incl. NMS)")
+
+    def save_json(self, results: list[dict]) -> Path:
+        path = self.save_dir / "predictions.json"
+        path.write_text(json.dumps(results))
+        LOGGER.info(f"Saved {len(results)} predictions to {path}")
+        return path
+
+
+def run(args: Any) -> dict[str, float]:
+    """Entry for `crosskd val`: validate args.model (or the newest best.pt) on args.data / args.split."""
+    validator = Validator(args, model=args.model)
+    metrics = validator.run()
+    LOGGER.info(f"Results saved to {colorstr('bold', str(validator.save_dir))}")
+    return metrics
