@@ -82,9 +82,7 @@ def test_priors_export_with_symbolic_height_and_width():
             return anchors, points
 
     height, width = torch.export.Dim("height", min=2, max=64), torch.export.Dim("width", min=2, max=64)
-    program = torch.export.export(
-        Priors(), (torch.zeros(1, 1, 4, 6),), dynamic_shapes={"feat": {2: height, 3: width}}
-    )
+    program = torch.export.export(Priors(), (torch.zeros(1, 1, 4, 6),), dynamic_shapes={"feat": {2: height, 3: width}})
     feat = torch.zeros(1, 1, 5, 3)
     for exported, eager in zip(program.module()(feat), Priors()(feat), strict=True):
         assert exported.shape == eager.shape
@@ -111,8 +109,9 @@ def test_delta_xywh_decode_clamps_size_and_clips_to_image():
     np.testing.assert_allclose((boxes[0, 2] - boxes[0, 0]).item(), max_width, rtol=1e-5)
     clipped = delta_xywh_decode(anchor, torch.tensor([[0.0, 0.0, 10.0, 0.0]]), max_shape=(30, 40))
     np.testing.assert_allclose(clipped.numpy(), [[0.0, 10.0, 40.0, 20.0]], atol=1e-4)
-    per_image = clip_boxes(torch.tensor([[[-5.0, -5.0, 50.0, 50.0]], [[-5.0, -5.0, 50.0, 50.0]]]),
-                           torch.tensor([[30, 40], [20, 10]]))
+    per_image = clip_boxes(
+        torch.tensor([[[-5.0, -5.0, 50.0, 50.0]], [[-5.0, -5.0, 50.0, 50.0]]]), torch.tensor([[30, 40], [20, 10]])
+    )
     np.testing.assert_allclose(per_image.numpy(), [[[0, 0, 40, 30]], [[0, 0, 10, 20]]])
 
 

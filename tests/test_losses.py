@@ -78,8 +78,9 @@ def test_quality_focal_loss_hand_value():
     beta = 2.0
     positive = bce(0.4, 0) * sigmoid(0.4) ** beta + bce(-0.3, 0.6) * abs(0.6 - sigmoid(-0.3)) ** beta
     negative = bce(1.2, 0) * sigmoid(1.2) ** beta + bce(-2.0, 0) * sigmoid(-2.0) ** beta
-    np.testing.assert_allclose(quality_focal_loss(logits, labels, quality, beta).numpy(), [positive, negative],
-                               atol=TOL)
+    np.testing.assert_allclose(
+        quality_focal_loss(logits, labels, quality, beta).numpy(), [positive, negative], atol=TOL
+    )
 
 
 def test_quality_focal_loss_gradient_flows_to_logits_only():
