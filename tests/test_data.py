@@ -1,6 +1,7 @@
 """Dataset YAML, COCO/YOLO readers and label checks, transforms, collate and the dataloader."""
 
 import json
+import pickle
 from pathlib import Path
 
 import cv2
@@ -251,6 +252,8 @@ def test_dataloader_is_reproducible(digits_dir: Path) -> None:
 def test_fraction_keeps_the_first_images(digits_dir: Path) -> None:
     dataset = DetectionDataset(load_data_yaml("digits", digits_dir, SMALL), "train", 64, False, fraction=0.25)
     assert dataset.image_ids == [1, 2, 3, 4] and len(dataset.coco_gt().getImgIds()) == 4
+    copy = pickle.loads(pickle.dumps(dataset))  # what a spawned worker receives: no cached ground truth
+    assert copy._coco_gt is None and torch.equal(copy[2].image, dataset[2].image)
 
 
 def test_missing_coco_names_path_and_fix(tmp_path: Path) -> None:

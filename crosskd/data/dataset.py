@@ -190,9 +190,13 @@ class DetectionDataset(Dataset):
         image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))  # HWC -> CHW
         image_t, boxes_t = random_hflip(image_t, torch.from_numpy(boxes), self.fliplr)
         return Sample(
-            image_t, boxes_t, torch.from_numpy(labels), record.image_id, (record.height, record.width), ratio,
+            image_t, boxes_t, torch.from_numpy(labels.copy()), record.image_id, (record.height, record.width), ratio,
             str(record.path),
         )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Worker processes need no COCO ground truth: leave the cached one out of the pickle."""
+        return {**self.__dict__, "_coco_gt": None}
 
     def coco_gt(self) -> COCO:
         """pycocotools ground truth of the checked labels in original pixels (crowd regions as iscrowd=1)."""
