@@ -294,3 +294,5 @@ def test_split_format_detection(tmp_path: Path) -> None:
     assert (explicit.format, explicit.annotations) == ("yolo", tmp_path / "labels/val")
     with pytest.raises(DataError, match="no labels for"):
         resolve_split(tmp_path, "annotations", "val")
+    with pytest.raises(DataError, match="image list files"):
+        resolve_split(tmp_path, "val2017.txt", "val")

@@ -79,6 +79,9 @@ def resolve_split(root: Path, entry: str | dict, split: str, layout: str = "") -
     path = root / str(entry)
     if path.suffix == ".json":
         return _coco_json_source(root, path, split, hint)
+    if path.suffix == ".txt":
+        raise DataError(f"{split}: image list files ({path.name}) are not supported; point '{split}:' at the image "
+                        "folder (e.g. images/train2017) or at a COCO JSON")
     if not path.is_dir():
         raise DataError(f"{split}: image folder {path} not found{hint}; check '{split}:' and 'path:' in the YAML")
     labels = yolo_labels_dir(path)
