@@ -59,8 +59,10 @@ def atss_assign(
     gt_valid = gt_labels >= 0  # [B, M]
     overlaps = batched_box_iou(anchors, gt_boxes).masked_fill(~gt_valid[:, None], 0)  # [B, N, M]
     centres = box_centers(anchors)  # [N, 2]
-    offsets = centres[None, :, None, :] - box_centers(gt_boxes)[:, None, :, :]  # [B, N, M, 2]
-    distances = offsets.pow(2).sum(-1)  # [B, N, M], squared: same order as L2
+    gt_centres = box_centers(gt_boxes)  # [B, M, 2]
+    dx = centres[None, :, None, 0] - gt_centres[:, None, :, 0]  # [B, N, M]
+    dy = centres[None, :, None, 1] - gt_centres[:, None, :, 1]  # [B, N, M]
+    distances = torch.addcmul(dx * dx, dy, dy)  # squared L2: same order as L2
     if valid is not None:
         distances = distances.masked_fill(~valid[..., None], float("inf"))
     candidates = _topk_closest(distances, num_per_level, topk)  # [B, K, M]

@@ -15,8 +15,8 @@ def _low_quality_matches(overlaps: Tensor, min_pos_iou: float) -> Tensor:
     gt_best = overlaps.max(dim=1).values  # [B, M]
     eligible = (gt_best >= min_pos_iou) & (gt_best > 0)
     ties = (overlaps == gt_best[:, None]) & eligible[:, None]  # [B, N, M]
-    order = torch.arange(1, overlaps.shape[2] + 1, device=overlaps.device)
-    return (ties * order).amax(dim=2) - 1
+    last = overlaps.shape[2] - 1 - ties.flip(2).to(torch.uint8).argmax(dim=2)  # argmax returns the first maximum
+    return torch.where(ties.any(dim=2), last, -1)
 
 
 @torch.no_grad()
