@@ -73,19 +73,23 @@ def test_make_points_values_and_strides():
     np.testing.assert_allclose(points_no_offset.numpy(), [[0, 0], [8, 0]])
 
 
-def test_priors_export_with_symbolic_height_and_width():
-    class Priors(torch.nn.Module):
-        def forward(self, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def test_priors_and_decoders_export_with_symbolic_height_and_width():
+    class Decode(torch.nn.Module):
+        def forward(self, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             size = [(feat.shape[2], feat.shape[3])]
-            anchors = make_anchors(size, [8], [32.0], [1.0], [0.5, 1.0, 2.0], feat.device)
-            points, _ = make_points(size, [8], feat.device)
-            return anchors, points
+            anchors = make_anchors(size, [8], [32.0], [1.0], [1.0], feat.device)  # [H*W, 4]
+            points, strides = make_points(size, [8], feat.device)  # [H*W, 2], [H*W]
+            logits = feat.flatten(2).transpose(1, 2)  # [1, H*W, 12]: DFL logits with reg_max 2
+            ltrb = integral_distribution(logits, reg_max=2) * strides[:, None]  # [1, H*W, 4]
+            boxes = delta_xywh_decode(anchors, ltrb / 8, max_shape=(feat.shape[2] * 8, feat.shape[3] * 8))
+            return anchors, distance_decode(points, ltrb), boxes
 
     height, width = torch.export.Dim("height", min=2, max=64), torch.export.Dim("width", min=2, max=64)
-    program = torch.export.export(Priors(), (torch.zeros(1, 1, 4, 6),), dynamic_shapes={"feat": {2: height, 3: width}})
-    feat = torch.zeros(1, 1, 5, 3)
-    for exported, eager in zip(program.module()(feat), Priors()(feat), strict=True):
-        assert exported.shape == eager.shape
+    example = torch.randn(1, 12, 4, 6, generator=torch.Generator().manual_seed(0))
+    program = torch.export.export(Decode(), (example,), dynamic_shapes={"feat": {2: height, 3: width}})
+    feat = torch.randn(1, 12, 5, 3, generator=torch.Generator().manual_seed(1))
+    for exported, eager in zip(program.module()(feat), Decode()(feat), strict=True):
+        assert exported.shape == eager.shape and eager.shape[-2] == 15
         torch.testing.assert_close(exported, eager)
 
 

@@ -44,13 +44,17 @@ def batched_box_iou(priors: Tensor, gt_boxes: Tensor) -> Tensor:
 
 
 def clip_boxes(boxes: Tensor, max_shape: tuple[int, int] | Tensor) -> Tensor:
-    """Clip xyxy boxes to an image of `max_shape` (h, w), or per image with a `[B, 2]` tensor for `[B, N, 4]` boxes."""
+    """Clip xyxy boxes to an image of `max_shape` (h, w), or per image with a `[B, 2]` tensor for `[B, N, 4]` boxes.
+
+    A (h, w) pair may hold symbolic sizes: it is used through `clamp`, which keeps them dynamic in torch.export.
+    """
     if isinstance(max_shape, Tensor):
         wh = max_shape.to(boxes.dtype).flip(-1)[..., None, :]  # [B, 1, 2] (w, h)
-    else:
-        wh = boxes.new_tensor([max_shape[1], max_shape[0]])
-    upper = torch.cat([wh, wh], dim=-1)  # (w, h, w, h)
-    return torch.minimum(boxes.clamp(min=0), upper)
+        return torch.minimum(boxes.clamp(min=0), torch.cat([wh, wh], dim=-1))
+    height, width = max_shape
+    xs = boxes[..., 0::2].clamp(min=0, max=width)  # [..., 2] (x1, x2)
+    ys = boxes[..., 1::2].clamp(min=0, max=height)  # [..., 2] (y1, y2)
+    return torch.stack([xs[..., 0], ys[..., 0], xs[..., 1], ys[..., 1]], dim=-1)
 
 
 # Priors ------------------------------------------------------------------------------------------------------------
