@@ -21,7 +21,7 @@ def _topk_closest(distances: Tensor, num_per_level: list[int], topk: int) -> Ten
 
 
 def _mean_plus_std(values: Tensor, mask: Tensor) -> Tensor:
-    """Masked mean + unbiased std over dim 1 of `[B, K, M]` -> `[B, M]`."""
+    """Masked mean + unbiased std over dim 1 of `[B, K, M]` -> `[B, M]` (std 0, not NaN, for a single candidate)."""
     weight = mask.to(values.dtype)
     count = weight.sum(1)
     mean = (values * weight).sum(1) / count.clamp(min=1)
@@ -35,6 +35,25 @@ def _centres_inside(centres: Tensor, candidates: Tensor, gt_boxes: Tensor) -> Te
     x1, y1, x2, y2 = gt_boxes[:, None].unbind(-1)  # [B, 1, M] each
     margin = torch.minimum(torch.minimum(cx - x1, cy - y1), torch.minimum(x2 - cx, y2 - cy))
     return margin > INSIDE_EPS
+
+
+def _squared_centre_distances(centres: Tensor, gt_boxes: Tensor) -> Tensor:
+    """`[B, N, M]` squared distance from prior centres `[N, 2]` to GT centres (same order as L2)."""
+    gt_centres = box_centers(gt_boxes)  # [B, M, 2]
+    dx = centres[None, :, None, 0] - gt_centres[:, None, :, 0]  # [B, N, M]
+    dy = centres[None, :, None, 1] - gt_centres[:, None, :, 1]  # [B, N, M]
+    return torch.addcmul(dx * dx, dy, dy)
+
+
+def _highest_iou_positive(overlaps: Tensor, candidates: Tensor, positive_iou: Tensor) -> Tensor:
+    """`[B, N]` the GT for which a prior is positive with the highest IoU, else −1.
+
+    `positive_iou [B, K, M]` holds the candidates' IoUs, −inf where not positive. Candidates of one GT are distinct
+    priors, so scattering them back per GT column never collides.
+    """
+    scattered = torch.full_like(overlaps, float("-inf")).scatter(1, candidates, positive_iou)  # [B, N, M]
+    best_iou, best_gt = scattered.max(dim=2)
+    return torch.where(best_iou > float("-inf"), best_gt, BACKGROUND)
 
 
 @torch.no_grad()
@@ -59,10 +78,7 @@ def atss_assign(
     gt_valid = gt_labels >= 0  # [B, M]
     overlaps = batched_box_iou(anchors, gt_boxes).masked_fill(~gt_valid[:, None], 0)  # [B, N, M]
     centres = box_centers(anchors)  # [N, 2]
-    gt_centres = box_centers(gt_boxes)  # [B, M, 2]
-    dx = centres[None, :, None, 0] - gt_centres[:, None, :, 0]  # [B, N, M]
-    dy = centres[None, :, None, 1] - gt_centres[:, None, :, 1]  # [B, N, M]
-    distances = torch.addcmul(dx * dx, dy, dy)  # squared L2: same order as L2
+    distances = _squared_centre_distances(centres, gt_boxes)  # [B, N, M]
     if valid is not None:
         distances = distances.masked_fill(~valid[..., None], float("inf"))
     candidates = _topk_closest(distances, num_per_level, topk)  # [B, K, M]
@@ -72,12 +88,7 @@ def atss_assign(
     candidate_iou = overlaps.gather(1, candidates)  # [B, K, M]
     threshold = _mean_plus_std(candidate_iou, candidate_ok)  # [B, M]
     positive = candidate_ok & (candidate_iou >= threshold[:, None]) & _centres_inside(centres, candidates, gt_boxes)
-    # candidates of one GT are distinct priors, so scattering them back per column never collides
-    positive_iou = torch.full_like(overlaps, float("-inf")).scatter(
-        1, candidates, candidate_iou.masked_fill(~positive, float("-inf"))
-    )  # [B, N, M]
-    best_iou, best_gt = positive_iou.max(dim=2)
-    assigned = torch.where(best_iou > float("-inf"), best_gt, BACKGROUND)
+    assigned = _highest_iou_positive(overlaps, candidates, candidate_iou.masked_fill(~positive, float("-inf")))
     if valid is not None:
         assigned = torch.where(valid, assigned, IGNORED)
     return AssignResult.build(assigned, gt_labels, overlaps)
