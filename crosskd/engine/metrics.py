@@ -41,10 +41,10 @@ def detections_to_coco(
     boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, image_id: int, category_ids: list[int]
 ) -> list[dict]:
     """COCO results records for one image; boxes are xyxy original pixels, written as xywh (rounded)."""
-    xywh = boxes.detach().float().cpu().clone()  # [K, 4]
+    xywh = boxes.detach().double().cpu().clone()  # [K, 4]
     xywh[:, 2:] -= xywh[:, :2]
     xywh = xywh.numpy().round(3).tolist()
-    scores_list = scores.detach().float().cpu().numpy().round(5).tolist()
+    scores_list = scores.detach().double().cpu().numpy().round(5).tolist()
     labels_list = labels.detach().cpu().tolist()
     return [
         {"image_id": int(image_id), "category_id": int(category_ids[label]), "bbox": box, "score": score}

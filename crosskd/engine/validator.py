@@ -53,6 +53,12 @@ def load_val_model(model: str | Path, nc: int, device: torch.device) -> Any:
     return detector.eval()
 
 
+def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Clip xyxy boxes [K, 4] to the original image (a model may clip only to the padded input)."""
+    limits = boxes.new_tensor([width, height, width, height])
+    return torch.minimum(boxes.clamp(min=0), limits)
+
+
 class Validator:
     """Predict a split, evaluate with pycocotools, print the tables; `run()` returns the COCO metrics dict.
 
@@ -140,14 +146,20 @@ class Validator:
                 detections = self.model.predict(
                     batch.images, self.conf, self.args.iou, self.args.max_det, self.args.nms_pre, ratios=batch.ratios
                 )
-            for det, image_id in zip(detections, batch.image_ids.tolist(), strict=True):
-                records[image_id] = detections_to_coco(
-                    det.boxes, det.scores, det.labels, image_id, self.dataset.category_ids
-                )
+            records.update(self.batch_records(batch, detections))
             if plots and i == 0 and self.save_dir is not None:
                 self.plot_batch(batch, detections)
         if was_training:
             self.model.train()
+        return records
+
+    def batch_records(self, batch: Any, detections: list) -> dict[int, list[dict]]:
+        """COCO result records of one batch, boxes clipped to each original image."""
+        records = {}
+        sizes = batch.orig_sizes.tolist()  # (h, w) per image
+        for det, image_id, (height, width) in zip(detections, batch.image_ids.tolist(), sizes, strict=True):
+            boxes = clip_boxes(det.boxes, height, width)
+            records[image_id] = detections_to_coco(boxes, det.scores, det.labels, image_id, self.dataset.category_ids)
         return records
 
     def gather(self, records: dict[int, list[dict]]) -> dict[int, list[dict]]:
