@@ -1,0 +1,235 @@
+"""Inference backends for exported crosskd models (ONNX Runtime, TorchScript) with the same predict() as a Detector."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import warnings
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from crosskd.config import Args, load_defaults
+from crosskd.engine.checkpoint import load_detector
+from crosskd.errors import CheckpointError
+from crosskd.models import Detector
+from crosskd.models.postprocess import Detections, postprocess
+from crosskd.utils import LOGGER
+
+MODEL_SUFFIXES = (".pt", ".onnx", ".torchscript")
+REQUIRED_METADATA = ("names", "stride", "strides", "imgsz", "batch", "num_anchors", "args")
+TORCHSCRIPT_METADATA = "config.txt"
+
+
+def setting_or_model_default(args: Args, key: str, model_value: Any) -> Any:
+    """The user's setting, or `model_value` while the key still holds its default.yaml value.
+
+    Args does not record which keys were typed, so an explicit value equal to the default also yields to the model's.
+    """
+    value = getattr(args, key)
+    return model_value if model_value is not None and value == load_defaults()[key] else value
+
+
+def parse_metadata(metadata: dict[str, str], path: Path) -> dict:
+    """Turn the exporter's string-valued metadata back into Python values; CheckpointError if it is not ours."""
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise CheckpointError(
+            f"'{path}' has no crosskd export metadata (missing {missing}); "
+            "export it with 'crosskd export model=best.pt'"
+        )
+    values = {key: ast.literal_eval(metadata[key]) for key in ("names", "strides", "imgsz", "args")}
+    values.update({key: int(metadata[key]) for key in ("stride", "batch", "num_anchors")})
+    values["names"] = {int(k): str(v) for k, v in values["names"].items()}
+    values["head_type"] = metadata.get("head_type", "")
+    return values
+
+
+def num_per_level(height: int, width: int, strides: list[int], num_anchors: int) -> list[int]:
+    """Priors per FPN level for an input of height x width (stride-2 convs round up)."""
+    return [math.ceil(height / s) * math.ceil(width / s) * num_anchors for s in strides]
+
+
+def xywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    """[..., 4] centre-size boxes to corner boxes."""
+    centre, size = boxes[..., :2], boxes[..., 2:]
+    return torch.cat([centre - size / 2, centre + size / 2], dim=-1)
+
+
+class ExportedDetector(ABC):
+    """Metadata, input shaping and post-processing shared by the ONNX and TorchScript backends.
+
+    Subclasses set `input_shape` (B, 3, H, W with None for dynamic axes) and implement `forward`.
+    """
+
+    input_shape: tuple[int | None, ...]
+
+    def __init__(self, path: Path, metadata: dict[str, str], device: torch.device) -> None:
+        meta = parse_metadata(metadata, path)
+        self.path = path
+        self.device = device
+        self.names: dict[int, str] = meta["names"]
+        self.nc = len(self.names)
+        self.stride: int = meta["stride"]
+        self.strides: list[int] = list(meta["strides"])
+        self.imgsz: tuple[int, int] = tuple(meta["imgsz"])
+        self.batch: int = meta["batch"]
+        self.num_anchors: int = meta["num_anchors"]
+        self.head_type: str = meta["head_type"]
+        self.args: dict = meta["args"]
+        self.nms = bool(self.args.get("nms", False))
+
+    def eval(self) -> ExportedDetector:
+        """No-op, so engines can treat every model alike."""
+        return self
+
+    @abstractmethod
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Run the graph on images already shaped for it; returns output0 as float32 on `images.device`."""
+
+    @property
+    def dynamic_size(self) -> bool:
+        return self.input_shape[2] is None or self.input_shape[3] is None
+
+    @property
+    def dynamic_batch(self) -> bool:
+        return self.input_shape[0] is None
+
+    def fit_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Pad images (bottom/right, zeros like the loader) to the static graph size; dynamic graphs pass through."""
+        if self.dynamic_size:
+            return images
+        height, width = self.input_shape[2:]
+        if images.shape[2] > height or images.shape[3] > width:
+            raise CheckpointError(
+                f"images of {images.shape[2]}x{images.shape[3]} do not fit the static input {height}x{width} of "
+                f"'{self.path.name}'; use imgsz={max(height, width)} or re-export with dynamic=True"
+            )
+        return F.pad(images, (0, width - images.shape[3], 0, height - images.shape[2]))
+
+    def run(self, images: torch.Tensor) -> torch.Tensor:
+        """output0 for any batch size: a static batch is run in chunks, the last one zero-padded."""
+        images = self.fit_input(images)
+        if self.dynamic_batch:
+            return self.forward(images)
+        size = self.input_shape[0]
+        outputs = []
+        for chunk in images.split(size):
+            padded = F.pad(chunk, (0, 0, 0, 0, 0, 0, 0, size - len(chunk)))
+            outputs.append(self.forward(padded)[: len(chunk)])
+        return torch.cat(outputs)
+
+    def predict(
+        self,
+        images: torch.Tensor,
+        conf: float,
+        iou: float,
+        max_det: int,
+        nms_pre: int,
+        ratios: torch.Tensor | None = None,
+    ) -> list[Detections]:
+        """Detections per image for images [B,3,H,W] (0..1 RGB); boxes divided by `ratios` when given."""
+        output = self.run(images)
+        if self.nms:
+            detections = self.filter_embedded(output, conf, max_det)
+        else:
+            detections = self.postprocess_raw(output, conf, iou, max_det, nms_pre, self.input_hw(images))
+        if ratios is None:
+            return detections
+        return [Detections(d.boxes / r, d.scores, d.labels) for d, r in zip(detections, ratios.tolist(), strict=True)]
+
+    def input_hw(self, images: torch.Tensor) -> tuple[int, int]:
+        """The (H, W) the graph actually ran at for these images."""
+        return tuple(images.shape[2:]) if self.dynamic_size else tuple(self.input_shape[2:])
+
+    def postprocess_raw(
+        self, output: torch.Tensor, conf: float, iou: float, max_det: int, nms_pre: int, hw: tuple[int, int]
+    ) -> list[Detections]:
+        """Ultralytics layout output0 [B,4+C,N] (xywh, scores) -> per-level top-k, NMS, max_det."""
+        preds = output.transpose(1, 2)  # [B, N, 4+C]
+        counts = num_per_level(*hw, self.strides, self.num_anchors)
+        if sum(counts) != preds.shape[1]:
+            raise CheckpointError(
+                f"'{self.path.name}' returned {preds.shape[1]} priors, expected {sum(counts)} for input {hw}; "
+                "the metadata does not match the graph, re-export the model"
+            )
+        return postprocess(xywh_to_xyxy(preds[..., :4]), preds[..., 4:], counts, conf, iou, max_det, nms_pre)
+
+    def filter_embedded(self, output: torch.Tensor, conf: float, max_det: int) -> list[Detections]:
+        """NMS-embedded output [B,max_det,6] (x1,y1,x2,y2,score,class): keep rows above `conf`."""
+        detections = []
+        for rows in output:  # [max_det, 6] per image
+            rows = rows[rows[:, 4] > conf][:max_det]
+            detections.append(Detections(rows[:, :4], rows[:, 4], rows[:, 5].long()))
+        return detections
+
+
+class OnnxDetector(ExportedDetector):
+    """An ONNX Runtime session behind the Detector predict() interface (CUDA EP when `device` is CUDA)."""
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"ONNX model not found: '{path}'; export one with 'crosskd export model=best.pt'")
+        device = torch.device(device)
+        cuda = device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
+        providers = [("CUDAExecutionProvider", {"device_id": device.index or 0})] if cuda else []
+        LOGGER.info(f"Loading {path} for ONNX Runtime inference...")
+        self.session = ort.InferenceSession(str(path), providers=[*providers, "CPUExecutionProvider"])
+        LOGGER.info(f"Using ONNX Runtime {ort.__version__} with {self.session.get_providers()[0]}")
+        super().__init__(path, self.session.get_modelmeta().custom_metadata_map, device)
+        graph_input = self.session.get_inputs()[0]
+        self.input_name = graph_input.name
+        self.input_shape = tuple(d if isinstance(d, int) else None for d in graph_input.shape)
+        self.fp16 = graph_input.type == "tensor(float16)"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        array = images.detach().to("cpu", torch.float16 if self.fp16 else torch.float32).numpy()
+        output = self.session.run(None, {self.input_name: array})[0]
+        return torch.from_numpy(output).float().to(images.device)
+
+
+class TorchScriptDetector(ExportedDetector):
+    """A traced crosskd ExportModel (metadata in the archive's config.txt) behind the Detector predict() interface."""
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"TorchScript model not found: '{path}'; export one with format=torchscript")
+        device = torch.device(device)
+        extra_files = {TORCHSCRIPT_METADATA: ""}
+        LOGGER.info(f"Loading {path} for TorchScript inference...")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is deprecated.*")  # TorchScript still loads in torch 2.14
+            self.module = torch.jit.load(str(path), map_location=device, _extra_files=extra_files)
+        self.module.eval()
+        super().__init__(path, json.loads(extra_files[TORCHSCRIPT_METADATA] or "{}"), device)
+        dynamic = bool(self.args.get("dynamic"))
+        height, width = (None, None) if dynamic and not self.nms else self.imgsz
+        self.input_shape = (None if dynamic else self.batch, 3, height, width)
+        self.dtype = torch.float16 if self.args.get("half") else torch.float32
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            output = self.module(images.to(self.device, self.dtype))
+        return output.float().to(images.device)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> Detector | ExportedDetector:
+    """Load a crosskd .pt (as an eval Detector with `names`), an exported .onnx or a .torchscript, by suffix."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in MODEL_SUFFIXES:
+        raise CheckpointError(f"cannot load model '{path}': expected one of {', '.join(MODEL_SUFFIXES)}")
+    if suffix == ".onnx":
+        return OnnxDetector(path, device)
+    if suffix == ".torchscript":
+        return TorchScriptDetector(path, device)
+    detector, _ = load_detector(path, device=device)
+    return detector.eval()

@@ -1,0 +1,251 @@
+"""ONNX / TorchScript export: parity with PyTorch for every head, student-only graphs, dynamic shapes, embedded NMS,
+metadata read back by the backends, and validation of an exported model."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from crosskd.config import get_args
+from crosskd.engine import exporter
+from crosskd.engine.backend import OnnxDetector, TorchScriptDetector, load_model
+from crosskd.engine.checkpoint import make_checkpoint, save_checkpoint
+from crosskd.engine.exporter import ExportModel, traceable_priors
+from crosskd.errors import ConfigError
+from crosskd.models import build_detector
+
+HEAD_TYPES = ("gfl", "retinanet", "fcos", "atss")
+NAMES = {0: "cat", 1: "dog", 2: "bird"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The shared 2-core machine: one intra-op thread per test process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_cfg(head_type: str, feat_channels: int = 16) -> dict:
+    """Quarter-width ResNet-18, FPN 16, one head conv: milliseconds per 128 px forward."""
+    head = {"type": head_type, "stacked_convs": 1, "feat_channels": feat_channels}
+    if head_type != "retinanet":
+        head["num_groups"] = 4
+    return {
+        "backbone": {"type": "resnet", "depth": 18, "width": 0.25},
+        "neck": {"type": "fpn", "out_channels": 16, "num_outs": 5, "add_extra_convs": "on_output"},
+        "head": head,
+    }
+
+
+def tiny_detector(head_type: str = "gfl", seed: int = 0, feat_channels: int = 16) -> nn.Module:
+    """An untrained detector whose head biases are randomised so that many scores clear 0.25."""
+    torch.manual_seed(seed)
+    detector = build_detector(tiny_cfg(head_type, feat_channels), len(NAMES))
+    for module in detector.head.modules():
+        if isinstance(module, nn.Conv2d) and module.bias is not None:
+            nn.init.normal_(module.bias, 0.0, 1.0)
+    return detector.eval()
+
+
+def write_checkpoint(path: Path, head_type: str = "gfl", seed: int = 0, **extra) -> Path:
+    """A finished crosskd checkpoint of `tiny_detector`, trained (nominally) at imgsz=128 on digits.yaml."""
+    ckpt = make_checkpoint(
+        tiny_detector(head_type, seed), epoch=-1, best_fitness=None, names=NAMES,
+        train_args={"imgsz": 128, "data": "digits.yaml", "model": f"{head_type}.yaml"}, **extra,
+    )
+    return save_checkpoint(ckpt, path)
+
+
+def export_args(model: Path | None, **overrides):
+    return get_args({"model": None if model is None else str(model), "device": "cpu", **overrides}, "export")
+
+
+def ort_run(path: Path, images: torch.Tensor) -> torch.Tensor:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+
+
+def onnx_metadata(path: Path) -> dict[str, str]:
+    return {entry.key: entry.value for entry in onnx.load(str(path)).metadata_props}
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_onnx_export_matches_pytorch_for_every_head(tmp_path, head_type):
+    weights = write_checkpoint(tmp_path / f"{head_type}.pt", head_type)
+    path = exporter.run(export_args(weights))
+    assert path == tmp_path / f"{head_type}.onnx"
+    detector = tiny_detector(head_type)
+    images = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = ExportModel(detector).eval()(images)
+    output = ort_run(path, images)
+    num_priors = sum(16 * 16 // 4**i for i in range(5)) * detector.head.num_anchors  # 128 px, strides 8..128
+    assert output.shape == (1, 4 + len(NAMES), num_priors)
+    assert (output - reference).abs().max().item() < 1e-3
+    scores = output[:, 4:]
+    assert scores.min() >= 0 and scores.max() <= 1  # probabilities, not logits
+
+
+def test_onnx_metadata_is_embedded_and_read_back(tmp_path, capsys):
+    weights = write_checkpoint(tmp_path / "best.pt", "retinanet")
+    path = exporter.run(export_args(weights, batch=2, imgsz=[128, 256]))
+    out = capsys.readouterr().out
+    assert "max abs diff" in out and "export success" in out and "ms vs PyTorch" in out
+    meta = onnx_metadata(path)
+    assert meta["task"] == "detect" and meta["head_type"] == "retinanet" and meta["stride"] == "128"
+    assert eval(meta["names"]) == NAMES and eval(meta["imgsz"]) == [128, 256] and meta["batch"] == "2"
+    assert eval(meta["strides"]) == [8, 16, 32, 64, 128] and meta["num_anchors"] == "9"
+    assert json.loads(meta["model_yaml"])["head"]["type"] == "retinanet"
+    assert json.loads(meta["train_args"])["data"] == "digits.yaml"
+    model = load_model(path)
+    assert isinstance(model, OnnxDetector)
+    assert model.names == NAMES and model.imgsz == (128, 256) and model.batch == 2 and not model.nms
+    assert model.input_shape == (2, 3, 128, 256) and not model.dynamic_size
+
+
+def test_traceable_priors_equal_head_priors():
+    sizes = [(5, 3), (3, 2), (2, 1), (1, 1), (1, 1)]
+    for head_type in HEAD_TYPES:
+        head = tiny_detector(head_type).head
+        expected, actual = head.priors(sizes, "cpu"), traceable_priors(head, sizes, torch.device("cpu"))
+        torch.testing.assert_close(actual.boxes, expected.boxes)
+        torch.testing.assert_close(actual.points, expected.points)
+        torch.testing.assert_close(actual.strides, expected.strides)
+        assert list(actual.num_per_level) == list(expected.num_per_level)
+
+
+def test_graph_holds_only_student_tensors(tmp_path):
+    """A distilled student's checkpoint names its teacher; neither the teacher nor the adapter reaches the graph."""
+    teacher = tiny_detector("gfl", seed=7, feat_channels=32)
+    teacher_path = save_checkpoint(
+        make_checkpoint(teacher, epoch=-1, best_fitness=None, names=NAMES, train_args={"imgsz": 128}),
+        tmp_path / "teacher.pt",
+    )
+    adapter = {"weight": torch.randn(32, 16, 1, 1), "bias": torch.randn(32)}
+    weights = write_checkpoint(
+        tmp_path / "student.pt", "gfl", teacher=str(teacher_path),
+        teacher_args={"kd": "crosskd", "kd_idx": 1, "head_type": "gfl"}, kd_adapter=adapter,
+    )
+    path = exporter.run(export_args(weights))
+    initializers = {init.name: onnx.numpy_helper.to_array(init) for init in onnx.load(str(path)).graph.initializer}
+    student = {f"detector.{k}": v for k, v in tiny_detector("gfl").state_dict().items()}
+    named = {name for name in initializers if name.startswith("detector.")}
+    assert named and named <= set(student)
+    shared = [v.numpy() for v in student.values()]  # e.g. BatchNorm ones/zeros equal in both models
+    foreign = [
+        v.numpy() for v in [*teacher.state_dict().values(), *adapter.values()]
+        if v.numel() >= 16 and not any(v.shape == s.shape and np.array_equal(v.numpy(), s) for s in shared)
+    ]
+    assert len(foreign) > 20  # the teacher's convs and the adapter
+    for array in initializers.values():
+        assert not any(array.shape == f.shape and np.array_equal(array, f) for f in foreign)
+    student_elements = sum(v.numel() for v in student.values())
+    assert sum(a.size for a in initializers.values()) < student_elements + sum(f.size for f in foreign)
+    with pytest.raises(TypeError, match="student Detector"):
+        ExportModel(nn.Conv2d(3, 3, 1))
+
+
+def test_dynamic_onnx_runs_at_two_sizes(tmp_path):
+    weights = write_checkpoint(tmp_path / "dyn.pt", "atss")
+    path = exporter.run(export_args(weights, dynamic=True))
+    detector = tiny_detector("atss")
+    model = ExportModel(detector).eval()
+    for shape in [(1, 3, 128, 128), (2, 3, 256, 128)]:
+        images = torch.rand(*shape, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            reference = model(images)
+        output = ort_run(path, images)
+        assert output.shape == reference.shape
+        assert (output - reference).abs().max().item() < 1e-3
+    onnx_model = OnnxDetector(path)
+    assert onnx_model.dynamic_size and onnx_model.dynamic_batch
+    images = torch.rand(2, 3, 256, 384, generator=torch.Generator().manual_seed(3))
+    expected = detector.predict(images, 0.25, 0.6, 50, 1000)
+    for ours, theirs in zip(onnx_model.predict(images, 0.25, 0.6, 50, 1000), expected, strict=True):
+        assert len(theirs.boxes) > 0
+        torch.testing.assert_close(ours.boxes, theirs.boxes, atol=1e-3, rtol=0)
+        assert torch.equal(ours.labels, theirs.labels)
+
+
+@pytest.mark.parametrize("head_type", ["gfl", "fcos"])
+def test_nms_export_matches_pytorch_postprocess(tmp_path, head_type):
+    weights = write_checkpoint(tmp_path / "nms.pt", head_type)
+    conf, iou, max_det = 0.3, 0.5, 20
+    path = exporter.run(export_args(weights, nms=True, conf=conf, iou=iou, max_det=max_det, batch=2, dynamic=True))
+    images = torch.rand(3, 3, 128, 128, generator=torch.Generator().manual_seed(4))
+    output = ort_run(path, images)
+    assert output.shape == (3, max_det, 6)
+    expected = tiny_detector(head_type).predict(images, conf, iou, max_det, 1000)
+    for rows, theirs in zip(output, expected, strict=True):
+        found = rows[rows[:, 4] > 0]
+        assert 0 < len(found) == len(theirs.boxes) <= max_det
+        assert (rows[len(found) :] == 0).all()  # zero padding after the detections
+        torch.testing.assert_close(found[:, :4], theirs.boxes, atol=1e-3, rtol=0)
+        torch.testing.assert_close(found[:, 4], theirs.scores, atol=1e-5, rtol=0)
+        assert torch.equal(found[:, 5].long(), theirs.labels)
+    backend = OnnxDetector(path)
+    assert backend.nms and backend.input_shape == (None, 3, 128, 128)
+    strict = backend.predict(images, 0.5, iou, max_det, 1000)  # a higher conf only filters the baked output
+    assert all((d.scores > 0.5).all() for d in strict)
+
+
+def test_static_batch_is_split_and_padded(tmp_path):
+    weights = write_checkpoint(tmp_path / "static.pt", "fcos")
+    backend = OnnxDetector(exporter.run(export_args(weights, batch=2)))
+    images = torch.rand(3, 3, 128, 128, generator=torch.Generator().manual_seed(5))  # 3 images, batch-2 graph
+    ratios = torch.tensor([1.0, 0.5, 2.0])
+    expected = tiny_detector("fcos").predict(images, 0.25, 0.6, 100, 1000, ratios=ratios)
+    for ours, theirs in zip(backend.predict(images, 0.25, 0.6, 100, 1000, ratios=ratios), expected, strict=True):
+        assert len(theirs.boxes) > 0
+        torch.testing.assert_close(ours.boxes, theirs.boxes, atol=1e-3, rtol=0)
+        torch.testing.assert_close(ours.scores, theirs.scores, atol=1e-5, rtol=0)
+
+
+def test_torchscript_export_parity(tmp_path):
+    weights = write_checkpoint(tmp_path / "best.pt", "gfl")
+    path = exporter.run(export_args(weights, format="torchscript"))
+    assert path == tmp_path / "best.torchscript"
+    backend = load_model(path)
+    assert isinstance(backend, TorchScriptDetector) and backend.names == NAMES and backend.imgsz == (128, 128)
+    images = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(6))
+    expected = tiny_detector("gfl").predict(images, 0.25, 0.6, 100, 1000)[0]
+    ours = backend.predict(images, 0.25, 0.6, 100, 1000)[0]
+    assert len(expected.boxes) > 0
+    torch.testing.assert_close(ours.boxes, expected.boxes, atol=1e-3, rtol=0)
+    assert torch.equal(ours.labels, expected.labels)
+
+
+def test_export_without_model_uses_newest_best(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    weights = write_checkpoint(tmp_path / "runs" / "train" / "weights" / "best.pt", "gfl")
+    path = exporter.run(export_args(None, format="torchscript"))
+    assert path.resolve() == weights.with_suffix(".torchscript").resolve()
+    assert "newest best.pt" in capsys.readouterr().out
+
+
+def test_user_errors(tmp_path):
+    weights = write_checkpoint(tmp_path / "best.pt", "gfl")
+    with pytest.raises(ConfigError, match="half=True needs a CUDA device"):
+        exporter.run(export_args(weights, half=True))
+    with pytest.raises(ConfigError, match="opset=9"):
+        exporter.run(export_args(weights, opset=9))
+    with pytest.raises(ConfigError, match="trained crosskd .pt"):
+        exporter.run(export_args(tmp_path / "gfl.yaml"))
+
+
+def test_cli_half_on_cpu_exits_2(tmp_path, capsys):
+    from crosskd import cli
+
+    weights = write_checkpoint(tmp_path / "best.pt", "gfl")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["export", f"model={weights}", "half=True", "device=cpu"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "half=True needs a CUDA device" in err[0]
