@@ -84,7 +84,9 @@ T_BOX = [[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 1.0], [-0.5, 0.5, 1.5, 0.0]]
 
 
 def box_inputs(targets: Targets, p_ctr=None, t_ctr=None) -> KDInputs:
-    ctr = (lambda v: None if v is None else torch.tensor([v]))
+    def ctr(values: list[float] | None) -> torch.Tensor | None:
+        return None if values is None else torch.tensor([values])
+
     pred = FlatOutputs(torch.tensor([P_CLS]), torch.tensor([P_BOX]), ctr(p_ctr))
     target = FlatOutputs(torch.tensor([T_CLS]), torch.tensor([T_BOX]), ctr(t_ctr))
     return KDInputs(pred, target, PRIORS, targets)

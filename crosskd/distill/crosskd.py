@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -17,14 +17,24 @@ from crosskd.distill.kd_losses import (
     prediction_kd,
     resolve_weights,
 )
-from crosskd.models.heads.base import HeadOutputs
+from crosskd.models.heads.base import HeadOutputs, Priors, Targets
 from crosskd.utils import LOGGER
 
 if TYPE_CHECKING:
     from crosskd.models import Detector
-    from crosskd.models.heads.base import DenseHead, LevelOutput, Priors, Targets
+    from crosskd.models.heads.base import DenseHead, LevelOutput
 
 HoldFeatures = list[tuple[Tensor, Tensor]]  # per level: (cls, reg) pre-activation tower features at the hold point
+
+
+class StudentPass(NamedTuple):
+    """What the student's forward produced for one batch."""
+
+    holds: HoldFeatures
+    outputs: HeadOutputs
+    priors: Priors
+    targets: Targets
+
 ALIGN_EPS = 1e-6
 
 
@@ -134,32 +144,39 @@ class Distiller(nn.Module):
 
     def loss(self, batch: Any) -> dict[str, Tensor]:
         """The student's detection losses (own predictions only) plus kd_cls, kd_reg, kd_ctr, kd_feat as applicable."""
-        s_feats = self.student.extract_features(batch.images)
-        s_holds, s_out = head_pass(self.student.head, s_feats, self.kd_idx)
         s_head = self.student.head
-        s_priors = s_head.priors(feat_sizes(s_feats), s_feats[0].device)
-        s_targets = s_head.get_targets(s_priors, batch)
-        losses = dict(s_head.loss(s_out, s_priors, s_targets))
+        s_feats = self.student.extract_features(batch.images)
+        holds, outputs = head_pass(s_head, s_feats, self.kd_idx)
+        priors = s_head.priors(feat_sizes(s_feats), s_feats[0].device)
+        targets = s_head.get_targets(priors, batch)
+        losses = dict(s_head.loss(outputs, priors, targets))
         if not self.methods:
             return losses
         with torch.no_grad():
             t_feats = self.teacher.extract_features(batch.images)
-            t_holds, t_out = head_pass(self.teacher.head, t_feats, self.kd_idx) if self.methods - {"pkd"} else (None, None)
         if "pkd" in self.methods:
             losses["kd_feat"] = feature_kd(s_feats, t_feats, self.weights.feat)
-        if t_out is None:
-            return losses
-        t_priors, kd_targets = self.kd_targets(t_feats, batch, s_priors, s_targets)
-        t_head = self.teacher.head
+        if self.methods - {"pkd"}:
+            losses.update(self.prediction_losses(StudentPass(holds, outputs, priors, targets), t_feats, batch))
+        return losses
+
+    def prediction_losses(self, student: StudentPass, t_feats: list[Tensor], batch: Any) -> dict[str, Tensor]:
+        """KD on predictions: cross-head (crosskd), the student's own (pm) or its box distributions (ld)."""
+        t_head, s_head = self.teacher.head, self.student.head
+        with torch.no_grad():
+            t_holds, t_out = head_pass(t_head, t_feats, self.kd_idx)
         t_flat = t_head.flatten_outputs(t_out)
+        t_priors, kd_targets = self.kd_targets(t_feats, batch, student.priors, student.targets)
+        losses = {}
         if "crosskd" in self.methods:
-            cross = t_head.flatten_outputs(self.cross_head(s_holds, t_holds))
+            cross = t_head.flatten_outputs(self.cross_head(student.holds, t_holds))
             losses.update(prediction_kd(KDInputs(cross, t_flat, t_priors, kd_targets), t_head, self.weights))
         if "pm" in self.methods:
-            own = s_head.flatten_outputs(s_out)
+            own = s_head.flatten_outputs(student.outputs)
             losses.update(prediction_kd(KDInputs(own, t_flat, t_priors, kd_targets), t_head, self.weights))
         if "ld" in self.methods:
-            losses["kd_reg"] = ld_loss(s_head.flatten_outputs(s_out), t_flat, s_targets, self.weights.reg)
+            own = s_head.flatten_outputs(student.outputs)
+            losses["kd_reg"] = ld_loss(own, t_flat, student.targets, self.weights.reg)
         return losses
 
     def cross_head(self, s_holds: HoldFeatures, t_holds: HoldFeatures) -> HeadOutputs:
@@ -176,7 +193,9 @@ class Distiller(nn.Module):
             levels.append(self.teacher.head.forward_from(s_cls, s_reg, level, self.kd_idx))
         return stack_levels(levels)
 
-    def kd_targets(self, t_feats: list[Tensor], batch: Any, s_priors: Priors, s_targets: Targets) -> tuple[Priors, Targets]:
+    def kd_targets(
+        self, t_feats: list[Tensor], batch: Any, s_priors: Priors, s_targets: Targets
+    ) -> tuple[Priors, Targets]:
         """Priors and region/normaliser targets of the teacher's head type (the student's when they coincide)."""
         t_head = self.teacher.head
         t_priors = t_head.priors(feat_sizes(t_feats), t_feats[0].device)

@@ -106,12 +106,12 @@ def kd_cls_sum(pred_cls: Tensor, teacher_cls: Tensor, weight: Tensor | None = No
     return loss.sum()
 
 
-def dfl_kl_sum(pred_reg: Tensor, teacher_reg: Tensor, weight: Tensor, temperature: float, class_reduction: str) -> Tensor:
+def dfl_kl_sum(pred_reg: Tensor, teacher_reg: Tensor, weight: Tensor, temperature: float, reduction: str) -> Tensor:
     """KL between the 4 per-side box distributions, each side weighted by `weight` [B,N], summed."""
     bins = pred_reg.shape[-1] // 4
     pred = pred_reg.float().unflatten(-1, (4, bins))  # [B,N,4,bins]
     target = teacher_reg.detach().float().unflatten(-1, (4, bins))  # [B,N,4,bins]
-    kl = kl_div_loss(pred, target, T=temperature, class_reduction=class_reduction)  # [B,N,4]
+    kl = kl_div_loss(pred, target, T=temperature, class_reduction=reduction)  # [B,N,4]
     return (kl * weight[..., None]).sum()
 
 
@@ -128,7 +128,7 @@ def gfl_kd(inputs: KDInputs, head: DenseHead, weights: KDWeights) -> dict[str, T
     label_weights = targets.label_weights.float()
     kd_cls = kd_cls_sum(inputs.pred.cls, inputs.target.cls, label_weights) / targets.num_pos
     w = teacher_box_weight(inputs.target.cls, label_weights)  # [B,N]
-    kl = dfl_kl_sum(inputs.pred.reg, inputs.target.reg, w, temperature=1.0, class_reduction="sum")
+    kl = dfl_kl_sum(inputs.pred.reg, inputs.target.reg, w, temperature=1.0, reduction="sum")
     kd_reg = kl / 4.0 / w.sum().clamp(min=EPS)
     return {"kd_cls": kd_cls * weights.cls, "kd_reg": kd_reg * weights.reg}
 
@@ -184,7 +184,7 @@ def ld_loss(student: FlatOutputs, teacher: FlatOutputs, targets: Targets, weight
     detached max score, / (4 · Σ weights averaged over ranks)."""
     pos = targets.pos_mask  # [B,N]
     w = student.cls.detach().float().amax(dim=-1).sigmoid() * pos  # [B,N]
-    kl = dfl_kl_sum(student.reg, teacher.reg, w, temperature=LD_TEMPERATURE, class_reduction="mean")
+    kl = dfl_kl_sum(student.reg, teacher.reg, w, temperature=LD_TEMPERATURE, reduction="mean")
     return kl / (4.0 * reduce_mean(w.sum()).clamp(min=EPS)) * weight
 
 
