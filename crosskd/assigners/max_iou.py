@@ -52,4 +52,6 @@ def max_iou_assign(
         assigned = torch.where(low_quality >= 0, low_quality, assigned)
     if valid is not None:
         assigned = torch.where(valid, assigned, IGNORED)
-    return AssignResult.build(assigned, gt_labels, overlaps)
+    assigned_iou = overlaps.gather(2, assigned.clamp(min=0)[..., None]).squeeze(-1)  # [B, N]
+    max_overlaps = torch.where(assigned >= 0, assigned_iou, best_iou).clamp(min=0)
+    return AssignResult.build(assigned, gt_labels, max_overlaps)

@@ -14,8 +14,8 @@ class AssignResult:
     """Matching of N priors to the padded ground truth of B images.
 
     assigned_gt: `[B, N]` long, the matched GT index (≥ 0) for positives, −1 background, −2 ignored.
-    max_overlaps: `[B, N]` float, IoU with the assigned GT for positives, else the best IoU with any real GT
-        (0 without GT; always 0 for point assigners, whose priors have no extent).
+    max_overlaps: `[B, N]` float, IoU with the assigned GT for positives; for the rest, the best IoU with any real GT
+        where the assigner computes all IoUs (max-IoU), else 0 (ATSS, and FCOS, whose points have no extent).
     labels: `[B, N]` long, the class of the assigned GT for positives, else −1.
     """
 
@@ -37,19 +37,12 @@ class AssignResult:
         return torch.where(self.pos_mask[..., None], boxes, torch.zeros_like(boxes))
 
     @classmethod
-    def build(cls, assigned_gt: Tensor, gt_labels: Tensor, overlaps: Tensor | None = None) -> "AssignResult":
-        """Fill labels and max_overlaps from `assigned_gt [B, N]`, `gt_labels [B, M]` (M ≥ 1) and optional IoUs.
-
-        `overlaps [B, N, M]` must be ≤ 0 in the columns of padded GT.
-        """
+    def build(cls, assigned_gt: Tensor, gt_labels: Tensor, max_overlaps: Tensor | None = None) -> "AssignResult":
+        """Fill labels from `assigned_gt [B, N]` and `gt_labels [B, M]` (M ≥ 1); max_overlaps default to 0."""
         positive = assigned_gt >= 0
-        index = assigned_gt.clamp(min=0)
-        labels = torch.where(positive, gt_labels.gather(1, index), BACKGROUND)
-        if overlaps is None:
+        labels = torch.where(positive, gt_labels.gather(1, assigned_gt.clamp(min=0)), BACKGROUND)
+        if max_overlaps is None:
             max_overlaps = torch.zeros_like(assigned_gt, dtype=torch.float32)
-        else:
-            assigned_iou = overlaps.gather(2, index[..., None]).squeeze(-1)
-            max_overlaps = torch.where(positive, assigned_iou, overlaps.max(dim=2).values).clamp(min=0)
         return cls(assigned_gt, max_overlaps, labels)
 
     @classmethod
