@@ -44,20 +44,21 @@ def tiny_cfg(head_type: str, feat_channels: int = 16) -> dict:
     }
 
 
-def tiny_detector(head_type: str = "gfl", seed: int = 0, feat_channels: int = 16) -> nn.Module:
+def tiny_detector(head_type: str = "gfl", seed: int = 0, feat_channels: int = 16, nc: int = len(NAMES)) -> nn.Module:
     """An untrained detector whose head biases are randomised so that many scores clear 0.25."""
     torch.manual_seed(seed)
-    detector = build_detector(tiny_cfg(head_type, feat_channels), len(NAMES))
+    detector = build_detector(tiny_cfg(head_type, feat_channels), nc)
     for module in detector.head.modules():
         if isinstance(module, nn.Conv2d) and module.bias is not None:
             nn.init.normal_(module.bias, 0.0, 1.0)
     return detector.eval()
 
 
-def write_checkpoint(path: Path, head_type: str = "gfl", seed: int = 0, **extra) -> Path:
+def write_checkpoint(path: Path, head_type: str = "gfl", seed: int = 0, names: dict | None = None, **extra) -> Path:
     """A finished crosskd checkpoint of `tiny_detector`, trained (nominally) at imgsz=128 on digits.yaml."""
+    names = names or NAMES
     ckpt = make_checkpoint(
-        tiny_detector(head_type, seed), epoch=-1, best_fitness=None, names=NAMES,
+        tiny_detector(head_type, seed, nc=len(names)), epoch=-1, best_fitness=None, names=names,
         train_args={"imgsz": 128, "data": "digits.yaml", "model": f"{head_type}.yaml"}, **extra,
     )
     return save_checkpoint(ckpt, path)
@@ -95,9 +96,9 @@ def test_onnx_export_matches_pytorch_for_every_head(tmp_path, head_type):
 
 def test_onnx_metadata_is_embedded_and_read_back(tmp_path, capsys):
     weights = write_checkpoint(tmp_path / "best.pt", "retinanet")
-    path = exporter.run(export_args(weights, batch=2, imgsz=[128, 256]))
+    path = exporter.run(export_args(weights, batch=2, imgsz=[128, 256], simplify=True))
     out = capsys.readouterr().out
-    assert "max abs diff" in out and "export success" in out and "ms vs PyTorch" in out
+    assert "max abs diff" in out and "export success" in out and "ms vs PyTorch" in out and "onnxslim" in out
     meta = onnx_metadata(path)
     assert meta["task"] == "detect" and meta["head_type"] == "retinanet" and meta["stride"] == "128"
     assert eval(meta["names"]) == NAMES and eval(meta["imgsz"]) == [128, 256] and meta["batch"] == "2"
@@ -208,18 +209,20 @@ def test_static_batch_is_split_and_padded(tmp_path):
         torch.testing.assert_close(ours.scores, theirs.scores, atol=1e-5, rtol=0)
 
 
-def test_torchscript_export_parity(tmp_path):
-    weights = write_checkpoint(tmp_path / "best.pt", "gfl")
-    path = exporter.run(export_args(weights, format="torchscript"))
+def test_torchscript_export_parity_at_two_sizes(tmp_path):
+    weights = write_checkpoint(tmp_path / "best.pt", "retinanet")
+    path = exporter.run(export_args(weights, format="torchscript", dynamic=True))
     assert path == tmp_path / "best.torchscript"
     backend = load_model(path)
     assert isinstance(backend, TorchScriptDetector) and backend.names == NAMES and backend.imgsz == (128, 128)
-    images = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(6))
-    expected = tiny_detector("gfl").predict(images, 0.25, 0.6, 100, 1000)[0]
-    ours = backend.predict(images, 0.25, 0.6, 100, 1000)[0]
-    assert len(expected.boxes) > 0
-    torch.testing.assert_close(ours.boxes, expected.boxes, atol=1e-3, rtol=0)
-    assert torch.equal(ours.labels, expected.labels)
+    assert backend.dynamic_size
+    for shape in [(1, 3, 128, 128), (2, 3, 128, 256)]:
+        images = torch.rand(*shape, generator=torch.Generator().manual_seed(6))
+        expected = tiny_detector("retinanet").predict(images, 0.25, 0.6, 100, 1000)
+        for ours, theirs in zip(backend.predict(images, 0.25, 0.6, 100, 1000), expected, strict=True):
+            assert len(theirs.boxes) > 0
+            torch.testing.assert_close(ours.boxes, theirs.boxes, atol=1e-3, rtol=0)
+            assert torch.equal(ours.labels, theirs.labels)
 
 
 def test_export_without_model_uses_newest_best(tmp_path, monkeypatch, capsys):
@@ -249,3 +252,33 @@ def test_cli_half_on_cpu_exits_2(tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "half=True needs a CUDA device" in err[0]
+
+
+def test_val_of_onnx_equals_val_of_checkpoint(tmp_path):
+    from crosskd.engine.validator import Validator
+
+    data = tmp_path / "digits.yaml"
+    data.write_text(
+        f"path: {tmp_path / 'digits'}\ntrain: annotations/instances_train.json\nval: annotations/instances_val.json\n"
+        "names: {0: '0', 1: '1', 2: '2', 3: '3', 4: '4', 5: '5', 6: '6', 7: '7', 8: '8', 9: '9'}\n"
+        "generate: {num_train: 2, num_val: 6, imgsz: 128, seed: 0}\n"
+    )
+    weights = write_checkpoint(tmp_path / "best.pt", "gfl", names={i: str(i) for i in range(10)})
+    onnx_path = exporter.run(export_args(weights, batch=4))
+    outcomes = []
+    for model in (weights, onnx_path):
+        args = get_args({"model": str(model), "data": str(data), "imgsz": 128, "batch": 3, "device": "cpu",
+                         "workers": 0, "plots": False, "project": str(tmp_path / "val")}, "val")
+        validator = Validator(args, model=str(model))
+        validator.setup()
+        records = validator.predict_all(validator.model_device(), plots=False)
+        outcomes.append((records, validator.run()))
+    (pt_records, pt_metrics), (onnx_records, onnx_metrics) = outcomes
+    assert sorted(pt_records) == sorted(onnx_records) and sum(map(len, pt_records.values())) > 0
+    for image_id, expected in pt_records.items():
+        assert len(onnx_records[image_id]) == len(expected)
+        for ours, theirs in zip(onnx_records[image_id], expected, strict=True):
+            assert ours["category_id"] == theirs["category_id"]
+            np.testing.assert_allclose(ours["bbox"], theirs["bbox"], atol=1e-2)
+    for key in ("AP", "AP50", "AR100"):
+        assert abs(onnx_metrics[key] - pt_metrics[key]) < 1e-3
