@@ -14,6 +14,7 @@ from crosskd.config import get_args
 from crosskd.engine.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from crosskd.engine.distill_trainer import ADAPTER_KEY, DistillTrainer
 from crosskd.engine.exporter import run as export_run
+from crosskd.engine.predictor import Predictor, read_image
 from crosskd.engine.trainer import trainer_class
 from crosskd.engine.validator import Validator
 from crosskd.errors import CheckpointError, ConfigError
@@ -108,9 +109,14 @@ def test_each_detector_distils_and_best_pt_is_student_only(work, distilled, head
     assert "AP" in Validator(val_args, model=str(best)).run()
 
 
-def test_best_pt_exports_without_teacher(work, distilled):
+def test_best_pt_predicts_and_exports_without_teacher(work, distilled):
     best = distilled("gfl").weights_dir / "best.pt"
     Path(load_checkpoint(best)["teacher"]).unlink()  # nothing of the teacher is needed any more
+    image = sorted((work / "digits" / "images" / "val").glob("*.jpg"))[0]
+    predictor = Predictor(get_args({"model": str(best), "source": str(image), "imgsz": 64, "device": "cpu",
+                                    "conf": 0.0, "save": False}, mode="predict"))
+    results = predictor.predict([read_image(image, 0)])
+    assert len(results) == 1 and results[0].boxes.shape[1:] == (4,)
     path = export_run(get_args({"model": str(best), "format": "torchscript", "imgsz": 64, "device": "cpu"},
                                mode="export"))
     assert path.is_file() and path.stat().st_size > 0
