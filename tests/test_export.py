@@ -13,10 +13,10 @@ from torch import nn
 
 from crosskd.config import get_args
 from crosskd.engine import exporter
-from crosskd.engine.backend import OnnxDetector, TorchScriptDetector, load_model
+from crosskd.engine.backend import OnnxDetector, TorchScriptDetector, load_model, traced_device
 from crosskd.engine.checkpoint import make_checkpoint, save_checkpoint
 from crosskd.engine.exporter import ExportModel, traceable_priors
-from crosskd.errors import ConfigError
+from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import build_detector
 
 HEAD_TYPES = ("gfl", "retinanet", "fcos", "atss")
@@ -197,6 +197,14 @@ def test_nms_export_matches_pytorch_postprocess(tmp_path, head_type):
     assert all((d.scores > 0.5).all() for d in strict)
 
 
+def test_nms_export_without_detections_is_all_zero(tmp_path):
+    weights = write_checkpoint(tmp_path / "none.pt", "gfl")
+    path = exporter.run(export_args(weights, nms=True, conf=0.9999, dynamic=True))
+    output = ort_run(path, torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(8)))
+    assert output.shape == (2, 100, 6) and (output == 0).all()
+    assert [len(d.boxes) for d in OnnxDetector(path).predict(torch.rand(1, 3, 128, 128), 0.25, 0.6, 100, 1000)] == [0]
+
+
 def test_static_batch_is_split_and_padded(tmp_path):
     weights = write_checkpoint(tmp_path / "static.pt", "fcos")
     backend = OnnxDetector(exporter.run(export_args(weights, batch=2)))
@@ -241,6 +249,22 @@ def test_user_errors(tmp_path):
         exporter.run(export_args(weights, opset=9))
     with pytest.raises(ConfigError, match="trained crosskd .pt"):
         exporter.run(export_args(tmp_path / "gfl.yaml"))
+
+
+def test_unreadable_exports_and_trace_devices(tmp_path):
+    bad_onnx, bad_script = tmp_path / "bad.onnx", tmp_path / "bad.torchscript"
+    bad_onnx.write_bytes(b"not onnx")
+    bad_script.write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError, match="corrupt or not ONNX"):
+        load_model(bad_onnx)
+    with pytest.raises(CheckpointError, match="as TorchScript"):
+        load_model(bad_script)
+    with pytest.raises(CheckpointError, match="expected one of"):
+        load_model(tmp_path / "model.h5")
+    on_gpu = {"args": str({"device": "cuda:0"})}
+    with pytest.raises(CheckpointError, match="traced on cuda:0"):
+        traced_device(bad_script, on_gpu, torch.device("cpu"))
+    assert traced_device(bad_script, {"args": str({"device": "cpu"})}, torch.device("cuda", 0)).type == "cpu"
 
 
 def test_cli_half_on_cpu_exits_2(tmp_path, capsys):

@@ -156,6 +156,11 @@ def test_api_accepts_paths_lists_and_numpy(tmp_path, weights):
 def test_bad_sources_are_one_line_errors(tmp_path, weights, capsys):
     with pytest.raises(DataError, match="does not exist"):
         source_files(tmp_path / "missing.jpg")
+    with pytest.raises(DataError, match="camera"):
+        source_files(0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images or videos"):
+        source_files(tmp_path / "empty")
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
     with pytest.raises(SystemExit) as exit_:

@@ -181,7 +181,11 @@ class OnnxDetector(ExportedDetector):
         cuda = device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
         providers = [("CUDAExecutionProvider", {"device_id": device.index or 0})] if cuda else []
         LOGGER.info(f"Loading {path} for ONNX Runtime inference...")
-        self.session = ort.InferenceSession(str(path), providers=[*providers, "CPUExecutionProvider"])
+        errors = ort.capi.onnxruntime_pybind11_state
+        try:
+            self.session = ort.InferenceSession(str(path), providers=[*providers, "CPUExecutionProvider"])
+        except (errors.InvalidProtobuf, errors.InvalidGraph, errors.Fail) as error:
+            raise CheckpointError(f"cannot load '{path}' with ONNX Runtime (corrupt or not ONNX): {error}") from None
         LOGGER.info(f"Using ONNX Runtime {ort.__version__} with {self.session.get_providers()[0]}")
         super().__init__(path, self.session.get_modelmeta().custom_metadata_map, device)
         graph_input = self.session.get_inputs()[0]
@@ -207,9 +211,14 @@ class TorchScriptDetector(ExportedDetector):
         LOGGER.info(f"Loading {path} for TorchScript inference...")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is deprecated.*")  # TorchScript still loads in torch 2.14
-            self.module = torch.jit.load(str(path), map_location=device, _extra_files=extra_files)
-        self.module.eval()
-        super().__init__(path, json.loads(extra_files[TORCHSCRIPT_METADATA] or "{}"), device)
+            try:
+                module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra_files)
+            except RuntimeError as error:
+                reason = str(error).strip().splitlines()[0]
+                raise CheckpointError(f"cannot load '{path}' as TorchScript (corrupt?): {reason}") from None
+        metadata = json.loads(extra_files[TORCHSCRIPT_METADATA] or "{}")
+        super().__init__(path, metadata, traced_device(path, metadata, device))
+        self.module = module.to(self.device).eval()
         dynamic = bool(self.args.get("dynamic"))
         height, width = (None, None) if dynamic and not self.nms else self.imgsz
         self.input_shape = (None if dynamic else self.batch, 3, height, width)
@@ -219,6 +228,19 @@ class TorchScriptDetector(ExportedDetector):
         with torch.inference_mode():
             output = self.module(images.to(self.device, self.dtype))
         return output.float().to(images.device)
+
+
+def traced_device(path: Path, metadata: dict[str, str], requested: torch.device) -> torch.device:
+    """Where a TorchScript trace can run: the device it was traced on (its factory calls are pinned there)."""
+    traced = torch.device(ast.literal_eval(metadata.get("args", "{}")).get("device", "cpu"))
+    if traced.type == requested.type:
+        return traced
+    if traced.type == "cpu":
+        LOGGER.warning(f"'{path.name}' was traced on the CPU and runs there; re-export it with device={requested} "
+                       "to run on that device")
+        return traced
+    raise CheckpointError(f"'{path.name}' was traced on {traced} and cannot run on {requested}; "
+                          f"re-export it with device={requested.type}")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> Detector | ExportedDetector:

@@ -308,11 +308,12 @@ def check_parity(prefix: str, model: ExportModel, runner, images: Tensor, refere
     return diff
 
 
-def export_settings(args: Args, detector: Detector, train_args: dict) -> dict:
+def export_settings(args: Args, detector: Detector, train_args: dict, device: torch.device) -> dict:
     """The resolved export settings (also stored as the `args` metadata)."""
     imgsz = setting_or_model_default(args, "imgsz", train_args.get("imgsz"))
     return {
         "format": args.format,
+        "device": str(device),
         "imgsz": list(export_imgsz(imgsz, max(detector.strides))),
         "batch": setting_or_model_default(args, "batch", 1),
         "dynamic": args.dynamic,
@@ -342,7 +343,7 @@ def export(detector: Detector, args: Args, train_args: dict | None = None) -> Pa
     device = select_device(args.device)
     if args.half and device.type != "cuda":
         raise ConfigError("half=True needs a CUDA device (fp16 export is GPU-only); pass device=0 or half=False")
-    settings = export_settings(args, detector, train_args)
+    settings = export_settings(args, detector, train_args, device)
     dtype = torch.float16 if settings["half"] else torch.float32
     model = ExportModel(copy.deepcopy(detector), settings["nms"], settings["conf"], settings["iou"],
                         settings["max_det"], settings["nms_pre"])

@@ -120,8 +120,11 @@ def is_media(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES
 
 
-def source_files(source: str | Path) -> list[Path]:
+def source_files(source: str | Path | int) -> list[Path]:
     """Image and video files named by an image/video file, a directory, a glob or a .txt list of paths."""
+    if isinstance(source, int):
+        raise DataError(f"source={source} looks like a camera index; cameras are not supported, pass an image, "
+                        "video, directory, glob or .txt list")
     text = str(source)
     path = Path(text)
     if any(char in text for char in "*?["):
