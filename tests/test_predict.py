@@ -96,16 +96,21 @@ def test_predict_image_saves_annotated_image_labels_and_json(tmp_path, weights, 
     assert len(records) == len(expected) and records[0]["image_id"] == 7
 
 
-def test_predict_directory_glob_and_txt_list(tmp_path, weights, capsys):
+def test_predict_directory_glob_and_txt_list(tmp_path, weights, capsys, monkeypatch):
     folder = tmp_path / "images"
     for i in range(3):
         write_image(folder / f"{i}.png", seed=i)
     (folder / "notes.md").write_text("not an image")
-    listing = tmp_path / "list.txt"
-    listing.write_text("images/0.png\nimages/2.png\n")
+    listing = tmp_path / "lists" / "list.txt"
+    listing.parent.mkdir()
+    listing.write_text("../images/0.png\nimages/2.png\n")  # relative to the list's folder, then to the cwd
+    monkeypatch.chdir(tmp_path)
     assert [p.name for p in source_files(folder)] == ["0.png", "1.png", "2.png"]
     assert [p.name for p in source_files(str(folder / "*.png"))] == ["0.png", "1.png", "2.png"]
     assert [p.name for p in source_files(listing)] == ["0.png", "2.png"]
+    listing.write_text("images/9.png\n")
+    with pytest.raises(DataError, match="missing file"):
+        source_files(listing)
     save_dir = predictor.run(predict_args(weights, folder, tmp_path / "out", batch=2, classes=[1], save_txt=True))
     out = capsys.readouterr().out
     assert "image 3/3 " in out and "per image at shape (1, 3, 128, 128)" in out  # last batch holds one image

@@ -132,8 +132,8 @@ def source_files(source: str | Path | int) -> list[Path]:
     elif path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file())
     elif path.suffix.lower() == ".txt" and path.is_file():
-        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        files = [p if p.is_absolute() else path.parent / p for p in map(Path, lines)]
+        lines = [Path(line.strip()) for line in path.read_text().splitlines() if line.strip()]
+        files = [p if p.is_file() else path.parent / p for p in lines]  # relative to the cwd, else to the list
         missing = [str(p) for p in files if not p.is_file()]
         if missing:
             raise DataError(f"source={source} lists {len(missing)} missing file(s), e.g. '{missing[0]}'; fix the list")
