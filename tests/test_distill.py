@@ -200,3 +200,19 @@ def test_pm_and_ld_refuse_different_heads():
         Distiller(tiny_detector("retinanet"), tiny_detector("retinanet"), kd="ld")
     with pytest.raises(CheckpointError, match="kd=pkd compares FPN features"):
         Distiller(tiny_detector(feat=16), tiny_detector(feat=32), kd="pkd")
+
+
+@pytest.mark.parametrize("head_type", ["gfl", "atss"])
+def test_optimising_kd_alone_lowers_every_kd_term(head_type):
+    student, teacher = tiny_detector(head_type, seed=1), tiny_detector(head_type, seed=2)
+    distiller = Distiller(student, teacher, kd_idx=1)
+    optimizer = torch.optim.SGD(distiller.parameters(), lr=0.05, momentum=0.9)
+    batch = tiny_batch()
+    history = []
+    for _ in range(6):
+        optimizer.zero_grad()
+        losses = {k: v for k, v in distiller(batch).items() if k.startswith("kd_")}
+        sum(losses.values()).backward()
+        optimizer.step()
+        history.append({k: v.item() for k, v in losses.items()})
+    assert all(history[-1][k] < history[0][k] for k in history[0])
