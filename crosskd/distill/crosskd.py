@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from crosskd.models import Detector
     from crosskd.models.heads.base import DenseHead, LevelOutput
 
+ALIGN_EPS = 1e-6
 HoldFeatures = list[tuple[Tensor, Tensor]]  # per level: (cls, reg) pre-activation tower features at the hold point
 
 
@@ -34,8 +35,6 @@ class StudentPass(NamedTuple):
     outputs: HeadOutputs
     priors: Priors
     targets: Targets
-
-ALIGN_EPS = 1e-6
 
 
 def align_scale(student_feat: Tensor, teacher_feat: Tensor, eps: float = ALIGN_EPS) -> Tensor:
@@ -123,9 +122,10 @@ class Distiller(nn.Module):
             return
         t_type, s_type = self.teacher.head.head_type, self.student.head.head_type
         w = self.weights
+        cross = f", kd_idx={self.kd_idx}, align={self.kd_align}" if "crosskd" in self.methods else ""
         LOGGER.info(
-            f"Distillation: kd={self.kd}, teacher {t_type} -> student {s_type}, kd_idx={self.kd_idx}, "
-            f"align={self.kd_align}, weights cls={w.cls:g} reg={w.reg:g} ctr={w.ctr:g} feat={w.feat:g}"
+            f"Distillation: kd={self.kd}, teacher {t_type} -> student {s_type}{cross}, "
+            f"weights cls={w.cls:g} reg={w.reg:g} ctr={w.ctr:g} feat={w.feat:g}"
         )
 
     def _apply(self, fn, recurse: bool = True):
