@@ -14,7 +14,7 @@ from crosskd.data.digits import generate_digits
 from crosskd.engine import validator
 from crosskd.engine.callbacks import EVENTS
 from crosskd.engine.checkpoint import load_checkpoint
-from crosskd.engine.trainer import Trainer
+from crosskd.engine.trainer import Trainer, trainer_class
 from crosskd.errors import CheckpointError
 
 NAMES = {i: str(i) for i in range(10)}
@@ -148,3 +148,12 @@ def test_resume_true_without_runs_is_a_checkpoint_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match="no last.pt"):
         Trainer(get_args({"resume": True}, "train")).train()
+
+
+def test_trainer_class_follows_teacher_and_mode():
+    from crosskd.engine.distill_trainer import DistillTrainer
+
+    assert trainer_class(get_args({"model": "gfl_r18t.yaml"}, "train")) is Trainer
+    assert trainer_class(get_args({"model": "gfl_r18t.yaml", "teacher": "t.pt"}, "train")) is DistillTrainer
+    assert trainer_class(get_args({"model": "gfl_r18t.yaml"}, "distill")) is DistillTrainer
+    assert trainer_class(get_args({"resume": "last.pt"}, "train"), {"teacher": "t.pt"}) is DistillTrainer

@@ -84,10 +84,10 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         """Device/DDP, resume args, seeds, data, model, optimiser, schedule, scaler, EMA, run dir, resume state."""
+        ckpt = self.load_resume_checkpoint()
         self.device = select_device(self.args.device)
         ddp.init_distributed(self.device)
         self.world_size, self.rank = get_world_size(), get_rank()
-        ckpt = self.load_resume_checkpoint()
         init_seeds(self.args.seed + self.rank, self.args.deterministic)
         self.data_info = load_data_yaml(self.args.data, self.args.datasets_dir)
         self.names = dict(self.data_info.names)
@@ -106,10 +106,7 @@ class Trainer:
         """With resume=True or a path: load last.pt, check it can be resumed and take its train args."""
         if not self.args.resume:
             return None
-        path = newest_file(runs_dir(), "last.pt") if self.args.resume is True else Path(self.args.resume)
-        if path is None:
-            raise CheckpointError(f"resume=True but there is no last.pt under {runs_dir()}; "
-                                  "pass resume=path/to/last.pt")
+        path = resume_path(self.args.resume)
         ckpt = load_checkpoint(path)
         if not is_resumable(ckpt):
             raise CheckpointError(
@@ -124,7 +121,8 @@ class Trainer:
         """The checkpoint's args plus the whitelisted keys the user changed; other changes are warned and ignored."""
         defaults = get_args({}, self.mode).to_dict()
         current = self.args.to_dict()
-        changed = {k: v for k, v in current.items() if v != defaults.get(k) and k not in ("resume", "mode", "cfg")}
+        skip = ("resume", "mode", "cfg", "student")
+        changed = {k: v for k, v in current.items() if v != defaults.get(k) and k not in skip}
         kept = {k: v for k, v in changed.items() if k in RESUME_WHITELIST}
         ignored = sorted(k for k, v in changed.items() if k not in RESUME_WHITELIST and train_args.get(k) != v)
         if ignored:
@@ -408,9 +406,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def trainer_class(args: Any) -> type[Trainer]:
-    """DistillTrainer when a teacher is given or the mode is distill (imported only then), else Trainer."""
-    if args.teacher or args.mode == "distill":
+def resume_path(resume: bool | str) -> Path:
+    """The checkpoint named by resume=: a path, or for True the newest last.pt under runs/."""
+    path = newest_file(runs_dir(), "last.pt") if resume is True else Path(resume)
+    if path is None:
+        raise CheckpointError(f"resume=True but there is no last.pt under {runs_dir()}; pass resume=path/to/last.pt")
+    return path
+
+
+def trainer_class(args: Any, resumed_args: dict | None = None) -> type[Trainer]:
+    """DistillTrainer when a teacher is given (or recorded in the resumed run) or the mode is distill, else Trainer.
+
+    DistillTrainer is imported only then.
+    """
+    if args.teacher or (resumed_args or {}).get("teacher") or args.mode == "distill":
         from crosskd.engine.distill_trainer import DistillTrainer
 
         return DistillTrainer
@@ -418,8 +427,14 @@ def trainer_class(args: Any) -> type[Trainer]:
 
 
 def run(args: Any) -> dict[str, float]:
-    """Entry for `crosskd train` / `crosskd distill`: relaunch under torchrun for several devices, else train."""
-    cls = trainer_class(args)
+    """Entry for `crosskd train` / `crosskd distill`: relaunch under torchrun for several devices, else train.
+
+    On resume the checkpoint's args decide the trainer class, and its device unless device= is given.
+    """
+    resumed_args = load_checkpoint(resume_path(args.resume))["train_args"] if args.resume else {}
+    if args.device is None and resumed_args.get("device") is not None:
+        args = get_args({**args.to_dict(), "device": resumed_args["device"]}, args.mode)
+    cls = trainer_class(args, resumed_args)
     if ddp.needs_launch(args):
         ddp.launch(args, cls.mode)
         return {}
