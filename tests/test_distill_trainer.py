@@ -2,6 +2,8 @@
 width adapters, resume, and the student-only best.pt in val and export."""
 
 import csv
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ import torch
 import yaml
 
 from crosskd.config import get_args
+from crosskd.engine import ddp
 from crosskd.engine.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from crosskd.engine.distill_trainer import ADAPTER_KEY, DistillTrainer
 from crosskd.engine.exporter import run as export_run
@@ -197,3 +200,21 @@ def test_cli_reports_a_missing_teacher_in_one_line(work):
     assert result.returncode == 2
     assert "teacher" in result.stderr + result.stdout and "absent.pt" in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_torchrun_two_processes_distil(work):
+    teacher = teacher_pt(work, "gfl")
+    words = [f"teacher={teacher}", f"model={model_yaml(work, 'gfl')}", f"data={work / 'data.yaml'}", "imgsz=64",
+             "epochs=1", "batch=4", "workers=0", "device=cpu", f"project={work / 'ddp'}", "name=run", "plots=false"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(ddp.free_port()), "-m", "crosskd", "distill", *words]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir = work / "ddp" / "run"
+    with open(run_dir / "results.csv") as f:
+        row = next(csv.DictReader(f))
+    assert all(math.isfinite(float(row[k])) for k in ("loss_cls", "kd_cls", "kd_reg"))
+    ckpt = load_checkpoint(run_dir / "weights" / "last.pt")
+    assert ckpt["teacher"] == str(teacher.resolve())
+    assert set(ckpt["model"]) == set(build_detector(model_yaml(work, "gfl"), NC).state_dict())
