@@ -121,8 +121,9 @@ def test_each_detector_distils_and_best_pt_is_student_only(work, distilled, head
     assert "AP" in Validator(val_args, model=str(best)).run()
 
 
-def test_best_pt_predicts_and_exports_without_teacher(work, distilled):
-    best = distilled("gfl").weights_dir / "best.pt"
+@pytest.mark.parametrize("head_type", list(KD_COLUMNS))
+def test_best_pt_predicts_and_exports_without_teacher(work, distilled, head_type):
+    best = distilled(head_type).weights_dir / "best.pt"
     Path(load_checkpoint(best)["teacher"]).unlink()  # nothing of the teacher is needed any more
     image = sorted((work / "digits" / "images" / "val").glob("*.jpg"))[0]
     predictor = Predictor(get_args({"model": str(best), "source": str(image), "imgsz": 64, "device": "cpu",
