@@ -1,0 +1,1 @@
+"""Engines: training, validation, prediction and export, plus checkpoints, metrics, plots and callbacks."""
