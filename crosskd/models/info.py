@@ -102,3 +102,17 @@ def run(args: Any) -> str:
     console.print(module_table(detector))
     console.print(summary)
     return summary
+
+
+def markdown_table(names: list[str], imgsz: int = 640, nc: int = DEFAULT_NC) -> str:
+    """A markdown table (model, head, backbone, parameters, GFLOPs) of shipped model YAMLs for docs/models.md."""
+    rows = ["| model | head | backbone | parameters | GFLOPs |", "|---|---|---|---:|---:|"]
+    for name in names:
+        detector = build_detector(name, nc)
+        backbone = detector.yaml["backbone"]
+        depth = f"-{backbone['depth']}" if "depth" in backbone else ""
+        width = f" ×{backbone['width']}" if backbone.get("width", 1.0) != 1.0 else ""
+        cells = [name, detector.head_type, f"{backbone['type']}{depth}{width}"]
+        cells += [f"{count_params(detector) / 1e6:.1f} M", f"{gflops(detector, imgsz):.1f}"]
+        rows.append(f"| {' | '.join(cells)} |")
+    return "\n".join(rows)
