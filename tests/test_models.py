@@ -10,13 +10,14 @@ import torch.nn.functional as F
 import yaml
 from torchvision.models import resnet18
 
+from crosskd.config import CFG_DIR
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import Detections, build_detector, postprocess, scale_boxes
 from crosskd.models.backbones import MobileNetV2, ResNet, SwinT, load_pretrained
-from crosskd.models.build import MODELS_DIR
 from crosskd.models.info import gflops, model_info, run
 from crosskd.models.neck import FPN
 
+MODELS_DIR = CFG_DIR / "models"
 SHIPPED = sorted(p.stem for p in MODELS_DIR.glob("*.yaml"))
 SMALL = ["gfl_r18s", "gfl_r18t", "gfl_r34s", "retinanet_r18s", "fcos_r18s", "atss_r18s"]
 
@@ -206,7 +207,7 @@ def test_missing_section_unknown_section_and_missing_file(tmp_path):
     cfg = {**small_cfg(), "heads": {}}
     with pytest.raises(ConfigError, match="unknown section 'heads'; did you mean 'head'"):
         build_detector(write_yaml(tmp_path, "b.yaml", cfg), nc=3)
-    with pytest.raises(ConfigError, match="not found; give a path or one of: .*gfl_r50"):
+    with pytest.raises(ConfigError, match="'.*nope.yaml' is neither a file nor a YAML in .*gfl_r50.yaml"):
         build_detector(tmp_path / "nope.yaml", nc=3)
     with pytest.raises(ConfigError, match="number of classes 0"):
         build_detector("gfl_r18t", nc=0)
@@ -289,5 +290,8 @@ def test_info_run_prints_table_and_reads_checkpoints(tmp_path, capsys):
     torch.save({"model": {}}, ckpt)
     with pytest.raises(CheckpointError, match="no 'model_yaml'"):
         run(SimpleNamespace(model=str(ckpt), imgsz=64, data=None))
+    data = write_yaml(tmp_path, "three.yaml", {"path": "nowhere", "train": "t", "val": "v", "names": ["a", "b", "c"]})
+    three = sum(p.numel() for p in build_detector("gfl_r18t", nc=3).parameters())
+    assert f"{three:,} parameters" in run(SimpleNamespace(model="gfl_r18t", imgsz=64, data=str(data)))
     with pytest.raises(ConfigError, match="info needs model="):
         run(SimpleNamespace(model=None, imgsz=64, data=None))

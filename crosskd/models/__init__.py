@@ -1,6 +1,6 @@
 """Detectors: backbones, FPN neck, dense heads, the model YAML builder and post-processing."""
 
-from .build import build_detector, load_model_yaml, resolve_model_yaml
+from .build import build_detector, load_model_yaml
 from .detector import Detector
 from .heads import FlatOutputs, HeadOutputs, LevelOutput, Priors, Targets
 from .postprocess import Detections, postprocess, scale_boxes
@@ -16,6 +16,5 @@ __all__ = [
     "build_detector",
     "load_model_yaml",
     "postprocess",
-    "resolve_model_yaml",
     "scale_boxes",
 ]

@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 from torch import nn
 
+from crosskd.config import resolve_cfg_file
 from crosskd.errors import ConfigError
 
 from .backbones import MobileNetV2, ResNet, SwinT
@@ -15,7 +16,6 @@ from .detector import Detector
 from .heads import ATSSHead, FCOSHead, GFLHead, RetinaHead
 from .neck import FPN
 
-MODELS_DIR = Path(__file__).resolve().parents[1] / "cfg" / "models"
 BACKBONES = {"resnet": ResNet, "mobilenetv2": MobileNetV2, "swin_t": SwinT}
 NECKS = {"fpn": FPN}
 HEADS = {"gfl": GFLHead, "retinanet": RetinaHead, "fcos": FCOSHead, "atss": ATSSHead}
@@ -24,22 +24,11 @@ AUTO_ARGS = {"backbone": set(), "neck": {"in_channels"}, "head": {"num_classes",
 TOP_KEYS = (*SECTIONS, "nc", "name")
 
 
-def resolve_model_yaml(path: str | Path) -> Path:
-    """A model YAML path as given, or the name of one shipped in cfg/models (`gfl_r50`, `gfl_r50.yaml`)."""
-    path = Path(path)
-    candidates = [path, MODELS_DIR / path.name, MODELS_DIR / f"{path.name}.yaml"]
-    found = next((p for p in candidates if p.is_file()), None)
-    if found is None:
-        shipped = ", ".join(sorted(p.stem for p in MODELS_DIR.glob("*.yaml")))
-        raise ConfigError(f"model YAML '{path}' not found; give a path or one of: {shipped}")
-    return found
-
-
 def load_model_yaml(model_cfg: dict | str | Path) -> tuple[dict[str, Any], str]:
     """The model dict and a source name for messages (the file name, or 'model' for a dict)."""
     if isinstance(model_cfg, dict):
         return dict(model_cfg), str(model_cfg.get("name", "model"))
-    path = resolve_model_yaml(model_cfg)
+    path = resolve_cfg_file(model_cfg, "models")
     try:
         cfg = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:

@@ -4,11 +4,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from rich.table import Table
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from crosskd.errors import CheckpointError, ConfigError
+from crosskd.config import resolve_cfg_file
+from crosskd.errors import CheckpointError, ConfigError, DataError
 from crosskd.utils import console
 
 from .build import build_detector, load_model_yaml
@@ -65,12 +67,16 @@ def module_table(detector: Detector) -> Table:
 
 
 def _num_classes(args: Any) -> int:
-    """Classes of the `data=` dataset when given, else 80 (COCO)."""
+    """Classes named in the `data=` dataset YAML when given (read only, nothing generated), else 80 (COCO)."""
     if not getattr(args, "data", None):
         return DEFAULT_NC
-    from crosskd.data import load_data_yaml  # the info mode's only use of the data layer
-
-    return load_data_yaml(args.data, getattr(args, "datasets_dir", "datasets")).nc
+    path = resolve_cfg_file(args.data, "datasets")
+    names = (yaml.safe_load(path.read_text()) or {}).get("names")
+    if not isinstance(names, (list, dict)) or not names:
+        raise DataError(
+            f"{path.name}: 'names:' is missing; list the class names (cfg/datasets/coco.yaml is an example)"
+        )
+    return len(names)
 
 
 def _checkpoint_yaml(path: Path) -> dict:
