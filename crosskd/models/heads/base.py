@@ -7,6 +7,7 @@ used by several heads live here once; each head file adds its predictors, assign
 """
 
 import math
+from abc import ABCMeta, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -114,7 +115,7 @@ def _check_head_args(feat_channels: int, stacked_convs: int, norm: str, num_grou
         raise ConfigError(f"head.stacked_convs {stacked_convs} must be >= 0")
 
 
-class DenseHead(nn.Module):
+class DenseHead(nn.Module, metaclass=ABCMeta):
     """Base of all dense heads: towers, scales, the tower split, priors, target building and shared losses."""
 
     head_type = ""
@@ -191,9 +192,9 @@ class DenseHead(nn.Module):
             reg_feat = self.reg_convs[i](reg_feat)
         return self.predict_level(cls_feat, reg_feat, level)
 
+    @abstractmethod
     def predict_level(self, cls_feat: Tensor, reg_feat: Tensor, level: int) -> LevelOutput:
         """Predictors, the level's Scale and the output transform (per head)."""
-        raise NotImplementedError
 
     def forward(self, feats: Sequence[Tensor]) -> HeadOutputs:
         assert len(feats) == len(self.strides), f"{len(feats)} feature levels for {len(self.strides)} strides"
@@ -228,14 +229,14 @@ class DenseHead(nn.Module):
         scores = flat.cls.sigmoid()
         return scores if flat.ctr is None else scores * flat.ctr.sigmoid()[..., None]
 
+    @abstractmethod
     def decode_boxes(self, reg: Tensor, priors: Priors) -> Tensor:
         """Regression outputs [B, N, R] → boxes [B, N, 4] xyxy input pixels (differentiable)."""
-        raise NotImplementedError
 
     # ----- targets --------------------------------------------------------------------------------------
+    @abstractmethod
     def assign(self, priors: Priors, gt_boxes: Tensor, gt_labels: Tensor) -> AssignResult:
-        """Run the head's assigner on the padded batch; returns an AssignResult."""
-        raise NotImplementedError
+        """Run the head's assigner on the padded batch."""
 
     @torch.no_grad()
     def get_targets(self, priors: Priors, batch) -> Targets:
@@ -255,9 +256,9 @@ class DenseHead(nn.Module):
         return targets
 
     # ----- shared loss terms ----------------------------------------------------------------------------
+    @abstractmethod
     def loss(self, outputs: HeadOutputs, priors: Priors, targets: Targets) -> dict[str, Tensor]:
         """Detection losses: `loss_cls`, `loss_box` and `loss_dfl` (GFL) / `loss_ctr` (FCOS, ATSS)."""
-        raise NotImplementedError
 
     def focal_cls_loss(self, cls: Tensor, targets: Targets, gamma: float, alpha: float) -> Tensor:
         """Sigmoid focal loss over all non-ignored priors, summed and divided by num_pos."""
