@@ -21,15 +21,6 @@ from crosskd.models import build_detector
 NAMES = {0: "zero", 1: "one", 2: "two"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the development machine's two cores are shared, and oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def detector():
     torch.manual_seed(0)

@@ -21,15 +21,6 @@ NAMES = {i: str(i) for i in range(10)}
 LOSSES = ("loss_cls", "loss_box", "loss_dfl")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the development machine's two cores are shared, and oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_inputs(root: Path) -> tuple[Path, Path]:
     """8 train / 4 val digits images, and a starting checkpoint of gfl_r18t whose BatchNorm statistics are frozen
     (norm_eval), so per-process batches are normalised like the full batch, and whose classifier starts at

@@ -19,15 +19,6 @@ HEADS = {"gfl": GFLHead, "retinanet": RetinaHead, "atss": ATSSHead, "fcos": FCOS
 IMGSZ = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the development machine's two cores are shared, and oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_detector(head_type: str = "gfl", nc: int = 3, feat: int = 16, stacked: int = 2, seed: int = 0,
                   num_outs: int = 5, **head_kwargs) -> Detector:
     """A quarter-width ResNet-18, FPN and head of `feat` channels: fast enough for unit tests."""

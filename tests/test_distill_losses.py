@@ -24,15 +24,6 @@ from crosskd.models.heads.base import FlatOutputs, Priors, Targets
 TOL = 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the development machine's two cores are shared, and oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def sig(x: float) -> float:
     return 1 / (1 + math.exp(-x))
 

@@ -28,15 +28,6 @@ KD_COLUMNS = {"gfl": {"kd_cls", "kd_reg"}, "retinanet": {"kd_cls", "kd_reg"},
               "atss": {"kd_cls", "kd_reg", "kd_ctr"}, "fcos": {"kd_cls", "kd_reg"}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the development machine's two cores are shared, and oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class StopAfterFirstEpoch(Exception):
     """Raised from a callback to leave a resumable last.pt behind."""
 

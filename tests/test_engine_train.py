@@ -20,15 +20,6 @@ from crosskd.errors import CheckpointError
 NAMES = {i: str(i) for i in range(10)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the development machine's two cores are shared, and oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_digits_yaml(root: Path, num_train: int, num_val: int, fliplr: float) -> Path:
     data_root = generate_digits(root / "digits", num_train=num_train, num_val=num_val, imgsz=128, seed=0)
     split = {"train": "annotations/instances_train.json", "val": "annotations/instances_val.json"}

@@ -22,15 +22,6 @@ from crosskd.models import Detections, build_detector
 NAMES = {i: str(i) for i in range(10)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the development machine's two cores are shared, and oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data_yaml(tmp_path_factory) -> Path:
     root = generate_digits(tmp_path_factory.mktemp("digits") / "digits", num_train=8, num_val=12, imgsz=96, seed=1)

@@ -23,15 +23,6 @@ HEAD_TYPES = ("gfl", "retinanet", "fcos", "atss")
 NAMES = {0: "cat", 1: "dog", 2: "bird"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The shared 2-core machine: one intra-op thread per test process."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_cfg(head_type: str, feat_channels: int = 16) -> dict:
     """Quarter-width ResNet-18, FPN 16, one head conv: milliseconds per 128 px forward."""
     head = {"type": head_type, "stacked_convs": 1, "feat_channels": feat_channels}

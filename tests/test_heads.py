@@ -16,15 +16,6 @@ FEAT_SIZES = [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]  # a 64×64 input
 HEADS = {"gfl": GFLHead, "retinanet": RetinaHead, "fcos": FCOSHead, "atss": ATSSHead}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine a second OpenMP thread waits on busy cores (~50x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_head(kind: str, stacked_convs: int = 3, **kwargs) -> nn.Module:
     torch.manual_seed(0)
     head = HEADS[kind](NC, 16, feat_channels=16, stacked_convs=stacked_convs, num_groups=4, **kwargs)

@@ -22,15 +22,6 @@ SHIPPED = sorted(p.stem for p in MODELS_DIR.glob("*.yaml"))
 SMALL = ["gfl_r18s", "gfl_r18t", "gfl_r34s", "retinanet_r18s", "fcos_r18s", "atss_r18s"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine a second OpenMP thread waits on busy cores (~50x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -17,15 +17,6 @@ MIN_BOX_SIDE = 10  # a stride-8 anchor grid has a centre strictly inside every b
 ITERATIONS = 150
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine a second OpenMP thread waits on busy cores (~50x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """The dataset and one padded batch of its first images whose boxes all have sides >= MIN_BOX_SIDE."""

@@ -19,15 +19,6 @@ from crosskd.errors import DataError
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The shared 2-core machine: one intra-op thread per test process."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def weights(tmp_path):
     from test_export import write_checkpoint  # tests/ is on sys.path (pytest rootdir-relative import)
