@@ -409,3 +409,12 @@ def resolve_cfg_file(name: str | Path, kind: str) -> Path:
     shipped = ", ".join(sorted(p.name for p in (CFG_DIR / kind).glob("*.yaml"))) or "none"
     error = DataError if kind == "datasets" else ConfigError
     raise error(f"'{name}' is neither a file nor a YAML in {CFG_DIR / kind} (shipped: {shipped})")
+
+
+def setting_or_model_default(args: Args, key: str, model_value: Any) -> Any:
+    """The user's setting, or `model_value` while the key still holds its default.yaml value.
+
+    Args does not record which keys were typed, so an explicit value equal to the default also yields to the model's.
+    """
+    value = getattr(args, key)
+    return model_value if model_value is not None and value == load_defaults()[key] else value

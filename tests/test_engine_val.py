@@ -135,3 +135,17 @@ def test_save_dir_increments_unless_exist_ok(tmp_path):
     assert (first.name, second.name) == ("exp", "exp2") and second.is_dir()
     assert make_save_dir(get_args({"project": str(tmp_path), "name": "exp", "exist_ok": True}, "val"), "val") == first
     assert make_save_dir(get_args({"project": str(tmp_path)}, "train"), "train") == tmp_path / "train"
+
+
+def test_val_without_imgsz_uses_the_checkpoint_training_size(data_yaml, tmp_path):
+    detector = build_detector("gfl_r18t.yaml", nc=10)
+    ckpt = make_checkpoint(detector, epoch=-1, best_fitness=None, names=NAMES, train_args={"imgsz": 96})
+    weights = save_checkpoint(ckpt, tmp_path / "trained_at_96.pt")
+    defaults = val_args(data_yaml, tmp_path, imgsz=640)  # 640 is default.yaml's value: not typed by the user
+    validator = Validator(defaults, model=str(weights))
+    validator.run(plots=False, per_class=False)
+    assert validator.dataset.imgsz == 96
+    typed = val_args(data_yaml, tmp_path, imgsz=64)
+    validator = Validator(typed, model=str(weights))
+    validator.run(plots=False, per_class=False)
+    assert validator.dataset.imgsz == 64

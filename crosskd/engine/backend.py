@@ -8,12 +8,10 @@ import math
 import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from crosskd.config import Args, load_defaults
 from crosskd.engine.checkpoint import load_detector
 from crosskd.errors import CheckpointError
 from crosskd.models import Detector
@@ -23,15 +21,6 @@ from crosskd.utils import LOGGER
 MODEL_SUFFIXES = (".pt", ".onnx", ".torchscript")
 REQUIRED_METADATA = ("names", "stride", "strides", "imgsz", "batch", "num_anchors", "args")
 TORCHSCRIPT_METADATA = "config.txt"
-
-
-def setting_or_model_default(args: Args, key: str, model_value: Any) -> Any:
-    """The user's setting, or `model_value` while the key still holds its default.yaml value.
-
-    Args does not record which keys were typed, so an explicit value equal to the default also yields to the model's.
-    """
-    value = getattr(args, key)
-    return model_value if model_value is not None and value == load_defaults()[key] else value
 
 
 def parse_metadata(metadata: dict[str, str], path: Path) -> dict:

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from torchvision.ops import nms
 
 from crosskd import __version__
-from crosskd.config import Args
-from crosskd.engine.backend import TORCHSCRIPT_METADATA, setting_or_model_default
+from crosskd.config import Args, setting_or_model_default
+from crosskd.engine.backend import TORCHSCRIPT_METADATA
 from crosskd.engine.checkpoint import load_detector
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import Detector

@@ -15,9 +15,9 @@ import cv2
 import numpy as np
 import torch
 
-from crosskd.config import Args, load_defaults
+from crosskd.config import Args, load_defaults, setting_or_model_default
 from crosskd.data.transforms import load_image, resize_long_side
-from crosskd.engine.backend import ExportedDetector, load_model, setting_or_model_default
+from crosskd.engine.backend import ExportedDetector, load_model
 from crosskd.engine.checkpoint import load_detector
 from crosskd.engine.plotting import class_color
 from crosskd.engine.validator import make_save_dir

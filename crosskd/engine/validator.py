@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from crosskd.config import setting_or_model_default
 from crosskd.data import DetectionDataset, build_dataloader, load_data_yaml
 from crosskd.dist import get_rank, get_world_size, is_dist, is_main_process
 from crosskd.engine.checkpoint import is_yaml, load_detector
@@ -49,7 +50,8 @@ def load_val_model(model: str | Path, nc: int, device: torch.device) -> Any:
         from crosskd.engine.backend import load_model
 
         return load_model(model, device)
-    detector, _ = load_detector(model, nc=nc if is_yaml(model) else None, device=device)
+    detector, ckpt = load_detector(model, nc=nc if is_yaml(model) else None, device=device)
+    detector.imgsz = (ckpt.get("train_args") or {}).get("imgsz")  # the training size, used unless imgsz= is given
     return detector.eval()
 
 
@@ -92,11 +94,12 @@ class Validator:
             self.save_dir = make_save_dir(self.args, "val")
 
     def build_dataloader(self, info: Any):
-        imgsz = val_imgsz(self.args.imgsz)
+        imgsz = val_imgsz(setting_or_model_default(self.args, "imgsz", getattr(self.model, "imgsz", None)))
         static = getattr(self.model, "dynamic_size", True) is False
         if static:
             imgsz = max(self.model.imgsz)
             LOGGER.info(f"Static exported model: validating at its export size imgsz={imgsz}")
+        LOGGER.info(f"Validating at imgsz={imgsz}")
         dataset = DetectionDataset(info, self.args.split, imgsz, augment=False, pad_multiple=max(self.model.strides))
         return build_dataloader(
             dataset, self.args.batch, self.args.workers, shuffle=False, seed=self.args.seed,
