@@ -24,11 +24,11 @@ from torchvision.ops import nms
 from crosskd import __version__
 from crosskd.config import Args, setting_or_model_default
 from crosskd.engine.backend import TORCHSCRIPT_METADATA
-from crosskd.engine.checkpoint import load_detector
-from crosskd.errors import CheckpointError, ConfigError
+from crosskd.engine.checkpoint import load_detector, newest_best
+from crosskd.errors import ConfigError
 from crosskd.models import Detector
 from crosskd.models.heads.base import DenseHead, Priors
-from crosskd.utils import LOGGER, colorstr, newest_file, runs_dir, select_device
+from crosskd.utils import LOGGER, colorstr, select_device
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript"}
 DEFAULT_OPSET, MIN_OPSET, MAX_OPSET = 17, 11, 20
@@ -385,11 +385,7 @@ def log_usage(path: Path, settings: dict, data: str | None) -> None:
 def resolve_weights(model: str | None) -> Path:
     """The .pt to export: `model=`, or the newest best.pt under runs/ (logged)."""
     if model is None:
-        newest = newest_file(runs_dir(), "best.pt")
-        if newest is None:
-            raise CheckpointError(f"no model= given and no best.pt under {runs_dir()}; pass model=path/to/best.pt")
-        LOGGER.info(f"model= not given; exporting the newest best.pt: {newest}")
-        return newest
+        return newest_best("exporting")
     if Path(model).suffix != ".pt":
         raise ConfigError(f"export needs a trained crosskd .pt checkpoint, not model={model}; e.g. model=best.pt")
     return Path(model)

@@ -18,12 +18,12 @@ import torch
 from crosskd.config import Args, load_defaults, setting_or_model_default
 from crosskd.data.transforms import load_image, resize_long_side
 from crosskd.engine.backend import ExportedDetector, load_model
-from crosskd.engine.checkpoint import load_detector
+from crosskd.engine.checkpoint import load_detector, newest_best
 from crosskd.engine.plotting import class_color
 from crosskd.engine.validator import make_save_dir
-from crosskd.errors import CheckpointError, DataError, UserError
+from crosskd.errors import DataError, UserError
 from crosskd.models import Detector
-from crosskd.utils import LOGGER, colorstr, newest_file, runs_dir, select_device
+from crosskd.utils import LOGGER, colorstr, select_device
 
 IMAGE_SUFFIXES = {".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}
 VIDEO_SUFFIXES = {".avi", ".m4v", ".mkv", ".mov", ".mp4", ".mpeg", ".mpg", ".webm", ".wmv"}
@@ -256,7 +256,7 @@ class Predictor:
     def __init__(self, args: Args) -> None:
         self.args = args
         self.device = select_device(args.device)
-        self.model, model_imgsz = load_predict_model(args.model or newest_best(), self.device)
+        self.model, model_imgsz = load_predict_model(args.model or newest_best("predicting with"), self.device)
         self.names: dict[int, str] = dict(self.model.names)
         self.stride = max(self.model.strides)
         self.imgsz = self.resolve_imgsz(model_imgsz)
@@ -397,14 +397,6 @@ class ResultWriter:
             video.release()
         if self.args.save_json:
             (self.save_dir / "predictions.json").write_text(json.dumps(self.records))
-
-
-def newest_best() -> Path:
-    path = newest_file(runs_dir(), "best.pt")
-    if path is None:
-        raise CheckpointError(f"no model= given and no best.pt under {runs_dir()}; pass model=path/to/best.pt")
-    LOGGER.info(f"No model= given: predicting with the newest best.pt, {path}")
-    return path
 
 
 def run(args: Args) -> Path | None:

@@ -14,11 +14,11 @@ from torch import nn
 from crosskd.config import setting_or_model_default
 from crosskd.data import DetectionDataset, build_dataloader, load_data_yaml
 from crosskd.dist import get_rank, get_world_size, is_dist, is_main_process
-from crosskd.engine.checkpoint import is_yaml, load_detector
+from crosskd.engine.checkpoint import is_yaml, load_detector, newest_best
 from crosskd.engine.metrics import COCOResult, coco_evaluate, detections_to_coco, format_class_table, format_summary
 from crosskd.engine.plotting import plot_images
-from crosskd.errors import CheckpointError, DataError
-from crosskd.utils import LOGGER, colorstr, increment_path, newest_file, runs_dir, select_device
+from crosskd.errors import DataError
+from crosskd.utils import LOGGER, colorstr, increment_path, runs_dir, select_device
 
 VAL_CONF = 0.05  # score threshold when conf is empty (COCO-style evaluation keeps low-score boxes)
 EXPORTED_SUFFIXES = (".onnx", ".torchscript")
@@ -34,14 +34,6 @@ def make_save_dir(args: Any, mode: str) -> Path:
 def val_imgsz(imgsz: int | list[int] | tuple[int, ...]) -> int:
     """Validation resizes the long side, so an h,w pair means its larger value."""
     return max(imgsz) if isinstance(imgsz, list | tuple) else int(imgsz)
-
-
-def newest_best() -> Path:
-    path = newest_file(runs_dir(), "best.pt")
-    if path is None:
-        raise CheckpointError(f"no model= given and no best.pt under {runs_dir()}; pass model=path/to/best.pt")
-    LOGGER.info(f"No model= given: validating the newest best.pt, {path}")
-    return path
 
 
 def load_val_model(model: str | Path, nc: int, device: torch.device) -> Any:
@@ -82,7 +74,8 @@ class Validator:
         self.device = select_device(self.args.device)
         info = load_data_yaml(self.args.data, self.args.datasets_dir)
         if self.model is None or isinstance(self.model, str | Path):
-            self.model = load_val_model(self.model or self.args.model or newest_best(), info.nc, self.device)
+            source = self.model or self.args.model or newest_best("validating")
+            self.model = load_val_model(source, info.nc, self.device)
         if len(self.model.names) != info.nc:
             raise DataError(
                 f"the model has {len(self.model.names)} classes but data={self.args.data} has {info.nc}; "
