@@ -55,7 +55,47 @@ def _freeze(module: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-class ResNet(nn.Module):
+class Backbone(nn.Module):
+    """A backbone whose first `frozen_stages` stay frozen in eval mode (and all BatchNorm when `norm_eval`)."""
+
+    norm_eval = False
+
+    def _freeze_stages(self) -> None:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> "Backbone":
+        """Train mode that keeps frozen stages (and all BatchNorm when `norm_eval`) in eval mode."""
+        super().train(mode)
+        if mode:
+            self._freeze_stages()
+            if self.norm_eval:
+                _set_bn_eval(self)
+        return self
+
+
+class StagedFeatures(Backbone):
+    """A torchvision `features` Sequential cut into four stages at `stage_ends` (stem = its first layer)."""
+
+    stage_ends: tuple[int, ...] = ()
+
+    def _freeze_stages(self) -> None:
+        if self.frozen_stages >= 0:
+            end = 1 if self.frozen_stages == 0 else self.stage_ends[self.frozen_stages - 1]
+            for layer in self.features[:end]:
+                _freeze(layer)
+
+    def _stage_outputs(self, x: Tensor) -> list[tuple[int, Tensor]]:
+        """(stage index, output) of every stage in `out_indices`."""
+        outs, start = [], 0
+        for i, end in enumerate(self.stage_ends):
+            x = self.features[start:end](x)
+            start = end
+            if i in self.out_indices:
+                outs.append((i, x))
+        return outs
+
+
+class ResNet(Backbone):
     """ResNet-18/34/50/101 (MMDet 'pytorch' style) with a width multiplier; stage i has 64·width·2^i base planes."""
 
     def __init__(
@@ -121,15 +161,6 @@ class ResNet(nn.Module):
         for stage in self._stages()[: max(self.frozen_stages, 0)]:
             _freeze(stage)
 
-    def train(self, mode: bool = True) -> "ResNet":
-        """Train mode that keeps frozen stages (and all BatchNorm when `norm_eval`) in eval mode."""
-        super().train(mode)
-        if mode:
-            self._freeze_stages()
-            if self.norm_eval:
-                _set_bn_eval(self)
-        return self
-
     def forward(self, x: Tensor) -> list[Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         outs = []
@@ -140,8 +171,10 @@ class ResNet(nn.Module):
         return outs
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(StagedFeatures):
     """torchvision MobileNetV2 features (up to the 320-channel block), outputs at the chosen stages."""
+
+    stage_ends = MOBILENET_STAGE_ENDS
 
     def __init__(
         self,
@@ -163,33 +196,14 @@ class MobileNetV2(nn.Module):
             load_pretrained(self, pretrained)
         self._freeze_stages()
 
-    def _freeze_stages(self) -> None:
-        if self.frozen_stages >= 0:
-            end = 1 if self.frozen_stages == 0 else MOBILENET_STAGE_ENDS[self.frozen_stages - 1]
-            for layer in self.features[:end]:
-                _freeze(layer)
-
-    def train(self, mode: bool = True) -> "MobileNetV2":
-        """Train mode that keeps frozen stages (and all BatchNorm when `norm_eval`) in eval mode."""
-        super().train(mode)
-        if mode:
-            self._freeze_stages()
-            if self.norm_eval:
-                _set_bn_eval(self)
-        return self
-
     def forward(self, x: Tensor) -> list[Tensor]:
-        outs, start = [], 0
-        for i, end in enumerate(MOBILENET_STAGE_ENDS):
-            x = self.features[start:end](x)
-            start = end
-            if i in self.out_indices:
-                outs.append(x)
-        return outs
+        return [out for _, out in self._stage_outputs(x)]
 
 
-class SwinT(nn.Module):
+class SwinT(StagedFeatures):
     """torchvision Swin-T features (NHWC) with one LayerNorm per output stage (as MMDet), returned NCHW."""
+
+    stage_ends = SWIN_STAGE_ENDS
 
     def __init__(
         self,
@@ -210,27 +224,11 @@ class SwinT(nn.Module):
             load_pretrained(self, pretrained)
         self._freeze_stages()
 
-    def _freeze_stages(self) -> None:
-        if self.frozen_stages >= 0:
-            end = 1 if self.frozen_stages == 0 else SWIN_STAGE_ENDS[self.frozen_stages - 1]
-            for layer in self.features[:end]:
-                _freeze(layer)
-
-    def train(self, mode: bool = True) -> "SwinT":
-        """Train mode that keeps frozen stages in eval mode."""
-        super().train(mode)
-        if mode:
-            self._freeze_stages()
-        return self
-
     def forward(self, x: Tensor) -> list[Tensor]:
-        outs, start = [], 0
-        for i, end in enumerate(SWIN_STAGE_ENDS):
-            x = self.features[start:end](x)  # [B, H, W, C]
-            start = end
-            if i in self.out_indices:
-                norm = self.norms[self.out_indices.index(i)]
-                outs.append(norm(x).permute(0, 3, 1, 2).contiguous())  # [B, C, H, W]
+        outs = []
+        for i, out in self._stage_outputs(x):  # out: [B, H, W, C]
+            norm = self.norms[self.out_indices.index(i)]
+            outs.append(norm(out).permute(0, 3, 1, 2).contiguous())  # [B, C, H, W]
         return outs
 
 
