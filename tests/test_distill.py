@@ -10,7 +10,7 @@ from crosskd.distill import Distiller, KDWeights, align_scale
 from crosskd.distill.crosskd import head_pass
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models.backbones import ResNet
-from crosskd.models.detector import Detector
+from crosskd.models.dense_detector import DenseDetector
 from crosskd.models.heads import ATSSHead, FCOSHead, GFLHead, RetinaHead
 from crosskd.models.neck import FPN
 from crosskd.utils import LOGGER
@@ -20,14 +20,14 @@ IMGSZ = 64
 
 
 def tiny_detector(head_type: str = "gfl", nc: int = 3, feat: int = 16, stacked: int = 2, seed: int = 0,
-                  num_outs: int = 5, **head_kwargs) -> Detector:
+                  num_outs: int = 5, **head_kwargs) -> DenseDetector:
     """A quarter-width ResNet-18, FPN and head of `feat` channels: fast enough for unit tests."""
     torch.manual_seed(seed)
     backbone = ResNet(depth=18, width=0.25)
     neck = FPN(backbone.out_channels, feat, num_outs=num_outs)
     strides = [8 * 2**i for i in range(num_outs)]
     head = HEADS[head_type](nc, feat, feat, stacked_convs=stacked, num_groups=4, strides=strides, **head_kwargs)
-    return Detector(backbone, neck, head)
+    return DenseDetector(backbone, neck, head)
 
 
 def tiny_batch(batch: int = 2, seed: int = 0) -> SimpleNamespace:

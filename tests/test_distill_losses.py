@@ -15,7 +15,7 @@ from crosskd.distill.kd_losses import (
     gfl_kd,
     ld_loss,
     parse_kd,
-    resolve_weights,
+    resolve_kd_weights,
     retina_kd,
 )
 from crosskd.errors import ConfigError
@@ -208,10 +208,10 @@ def test_identical_predictions_give_zero_kd():
 
 
 def test_weights_defaults_overrides_and_global_scale():
-    assert resolve_weights("gfl") == KDWeights(cls=1.0, reg=4.0, feat=6.0)
-    assert resolve_weights("fcos", reg=1.5, kd_weight=2.0) == KDWeights(cls=0.8, reg=3.0, feat=4.0)
-    assert resolve_weights("atss", kd="ld").reg == 0.25
-    assert resolve_weights("retinanet").feat == 2.0
+    assert resolve_kd_weights("gfl") == KDWeights(cls=1.0, reg=4.0, feat=6.0)
+    assert resolve_kd_weights("fcos", reg=1.5, kd_weight=2.0) == KDWeights(cls=0.8, reg=3.0, feat=4.0)
+    assert resolve_kd_weights("atss", kd="ld").reg == 0.25
+    assert resolve_kd_weights("retinanet").feat == 2.0
 
 
 def test_parse_kd_rejects_unknown_method():

@@ -105,7 +105,7 @@ def test_each_detector_distils_and_best_pt_is_student_only(work, distilled, head
     best = trainer.weights_dir / "best.pt"
     ckpt = load_checkpoint(best)
     assert ckpt["teacher"] == str((work / f"teacher_{head_type}_32_{NC}.pt").resolve())
-    assert ckpt["teacher_args"]["kd"] == "crosskd" and ckpt["teacher_args"]["head_type"] == head_type
+    assert ckpt["kd_args"]["kd"] == "crosskd" and ckpt["kd_args"]["head_type"] == head_type
     assert set(ckpt["model"]) == set(build_detector(model_yaml(work, head_type), NC).state_dict())
     val_args = get_args({"model": str(best), "data": str(work / "data.yaml"), "imgsz": 64, "batch": 4,
                          "workers": 0, "device": "cpu", "plots": False, "project": str(work / "val")}, mode="val")

@@ -123,7 +123,7 @@ def test_graph_holds_only_student_tensors(tmp_path):
     adapter = {"weight": torch.randn(32, 16, 1, 1), "bias": torch.randn(32)}
     weights = write_checkpoint(
         tmp_path / "student.pt", "gfl", teacher=str(teacher_path),
-        teacher_args={"kd": "crosskd", "kd_idx": 1, "head_type": "gfl"}, kd_adapter=adapter,
+        kd_args={"kd": "crosskd", "kd_idx": 1, "head_type": "gfl"}, kd_adapter=adapter,
     )
     path = exporter.run(export_args(weights))
     initializers = {init.name: onnx.numpy_helper.to_array(init) for init in onnx.load(str(path)).graph.initializer}
@@ -140,7 +140,7 @@ def test_graph_holds_only_student_tensors(tmp_path):
         assert not any(array.shape == f.shape and np.array_equal(array, f) for f in foreign)
     student_elements = sum(v.numel() for v in student.values())
     assert sum(a.size for a in initializers.values()) < student_elements + sum(f.size for f in foreign)
-    with pytest.raises(TypeError, match="student Detector"):
+    with pytest.raises(TypeError, match="student DenseDetector"):
         ExportModel(nn.Conv2d(3, 3, 1))
 
 

@@ -1,4 +1,4 @@
-"""Backbones, FPN, the YAML builder, the Detector, post-processing and model info."""
+"""Backbones, FPN, the YAML builder, the DenseDetector, post-processing and model info."""
 
 import logging
 from pathlib import Path

@@ -2,7 +2,7 @@
 
 from crosskd.distill.adapters import TowerAdapter, check_compatible, resolve_kd_idx
 from crosskd.distill.crosskd import Distiller, align_scale
-from crosskd.distill.kd_losses import DEFAULT_WEIGHTS, KD_METHODS, KDWeights, parse_kd, resolve_weights
+from crosskd.distill.kd_losses import DEFAULT_WEIGHTS, KD_METHODS, KDWeights, parse_kd, resolve_kd_weights
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -14,5 +14,5 @@ __all__ = [
     "check_compatible",
     "parse_kd",
     "resolve_kd_idx",
-    "resolve_weights",
+    "resolve_kd_weights",
 ]

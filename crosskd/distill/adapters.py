@@ -10,11 +10,11 @@ from crosskd.errors import CheckpointError, ConfigError
 from crosskd.utils import LOGGER
 
 if TYPE_CHECKING:
-    from crosskd.models import Detector
+    from crosskd.models import DenseDetector
     from crosskd.models.heads.base import DenseHead
 
 
-def check_compatible(student: Detector, teacher: Detector, kd: frozenset[str]) -> None:
+def check_compatible(student: DenseDetector, teacher: DenseDetector, kd: frozenset[str]) -> None:
     """Raise a one-line CheckpointError when the teacher cannot distil this student with `kd`."""
     if teacher.nc != student.nc:
         raise CheckpointError(
@@ -50,7 +50,7 @@ def check_same_head(student_head: DenseHead, teacher_head: DenseHead, method: st
         )
 
 
-def feature_channels(detector: Detector) -> int:
+def feature_channels(detector: DenseDetector) -> int:
     """Channels of the FPN outputs, i.e. the head's input width."""
     return int(detector.head.in_channels)
 

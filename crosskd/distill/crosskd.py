@@ -15,13 +15,13 @@ from crosskd.distill.kd_losses import (
     ld_loss,
     parse_kd,
     prediction_kd,
-    resolve_weights,
+    resolve_kd_weights,
 )
 from crosskd.models.heads.base import HeadOutputs, Priors, Targets
 from crosskd.utils import LOGGER
 
 if TYPE_CHECKING:
-    from crosskd.models import Detector
+    from crosskd.models import DenseDetector
     from crosskd.models.heads.base import DenseHead, LevelOutput
 
 ALIGN_EPS = 1e-6
@@ -83,8 +83,8 @@ class Distiller(nn.Module):
 
     def __init__(
         self,
-        student: Detector,
-        teacher: Detector,
+        student: DenseDetector,
+        teacher: DenseDetector,
         kd: str = "crosskd",
         kd_idx: int | None = None,
         kd_align: bool = True,
@@ -99,18 +99,18 @@ class Distiller(nn.Module):
         teacher.requires_grad_(False).train(False)
         teacher.to(next(student.parameters()).device)
         self.kd_align = bool(kd_align)
-        self.weights = weights if weights is not None else resolve_weights(teacher.head.head_type, self.kd)
+        self.weights = weights if weights is not None else resolve_kd_weights(teacher.head.head_type, self.kd)
         use_cross = "crosskd" in self.methods
         self.kd_idx = resolve_kd_idx(kd_idx, student.head, teacher.head) if use_cross else 0
         self.adapter = build_adapter(student.head, teacher.head, self.kd_idx) if use_cross else None
         self.log_setup()
 
     @classmethod
-    def from_args(cls, student: Detector, teacher: Detector, args: Any) -> Distiller:
+    def from_args(cls, student: DenseDetector, teacher: DenseDetector, args: Any) -> Distiller:
         """Build from run settings (kd, kd_idx, kd_align, kd_weight, kd_cls/reg/ctr/feat_weight)."""
         kd = str(args.kd).strip().lower()
         parse_kd(kd)
-        weights = resolve_weights(
+        weights = resolve_kd_weights(
             teacher.head.head_type, kd, cls=args.kd_cls_weight, reg=args.kd_reg_weight, ctr=args.kd_ctr_weight,
             feat=args.kd_feat_weight, kd_weight=args.kd_weight,
         )

@@ -72,7 +72,7 @@ def parse_kd(kd: str) -> frozenset[str]:
     return KD_METHODS[key]
 
 
-def resolve_weights(
+def resolve_kd_weights(
     head_type: str,
     kd: str = "crosskd",
     cls: float | None = None,

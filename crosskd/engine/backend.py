@@ -1,4 +1,4 @@
-"""Inference backends for exported crosskd models (ONNX Runtime, TorchScript) with the same predict() as a Detector."""
+"""Inference backends for exported crosskd models (ONNX Runtime, TorchScript) with DenseDetector.predict()."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from crosskd.engine.checkpoint import load_detector
 from crosskd.errors import CheckpointError
-from crosskd.models import Detector
+from crosskd.models import DenseDetector
 from crosskd.models.postprocess import Detections, postprocess
 from crosskd.utils import LOGGER
 
@@ -158,7 +158,7 @@ class ExportedDetector(ABC):
 
 
 class OnnxDetector(ExportedDetector):
-    """An ONNX Runtime session behind the Detector predict() interface (CUDA EP when `device` is CUDA)."""
+    """An ONNX Runtime session behind the DenseDetector predict() interface (CUDA EP when `device` is CUDA)."""
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
         import onnxruntime as ort
@@ -189,7 +189,7 @@ class OnnxDetector(ExportedDetector):
 
 
 class TorchScriptDetector(ExportedDetector):
-    """A traced crosskd ExportModel (metadata in the archive's config.txt) behind the Detector predict() interface."""
+    """A traced crosskd ExportModel (metadata in the archive's config.txt) behind DenseDetector.predict()."""
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
         path = Path(path)
@@ -232,8 +232,8 @@ def traced_device(path: Path, metadata: dict[str, str], requested: torch.device)
                           f"re-export it with device={requested.type}")
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> Detector | ExportedDetector:
-    """Load a crosskd .pt (as an eval Detector with `names`), an exported .onnx or a .torchscript, by suffix."""
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> DenseDetector | ExportedDetector:
+    """Load a crosskd .pt (as an eval DenseDetector with `names`), an exported .onnx or a .torchscript, by suffix."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in MODEL_SUFFIXES:

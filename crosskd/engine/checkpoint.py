@@ -13,7 +13,7 @@ from torch import nn
 
 from crosskd import __version__
 from crosskd.errors import CheckpointError, ConfigError
-from crosskd.models import Detector, build_detector
+from crosskd.models import DenseDetector, build_detector
 from crosskd.utils import LOGGER, atomic_save, newest_file, runs_dir
 
 FORMAT_VERSION = 1
@@ -66,8 +66,8 @@ def is_yaml(path: str | Path) -> bool:
     return Path(path).suffix.lower() in (".yaml", ".yml")
 
 
-def detector_from_checkpoint(ckpt: dict, nc: int | None = None, source: str | Path = "checkpoint") -> Detector:
-    """Rebuild the Detector of a loaded checkpoint (float32 weights, `names` set).
+def detector_from_checkpoint(ckpt: dict, nc: int | None = None, source: str | Path = "checkpoint") -> DenseDetector:
+    """Rebuild the DenseDetector of a loaded checkpoint (float32 weights, `names` set).
 
     With an `nc` that differs from the checkpoint's, the head is rebuilt for `nc` and every weight of matching
     shape is transferred (logged).
@@ -88,8 +88,8 @@ def detector_from_checkpoint(ckpt: dict, nc: int | None = None, source: str | Pa
 
 def load_detector(
     path_or_yaml: str | Path | dict, nc: int | None = None, device: str | torch.device = "cpu"
-) -> tuple[Detector, dict]:
-    """Build a Detector from a model YAML (fresh; nc required) or a crosskd .pt (weights loaded, float32).
+) -> tuple[DenseDetector, dict]:
+    """Build a DenseDetector from a model YAML (fresh; nc required) or a crosskd .pt (weights loaded, float32).
 
     Returns the detector (on `device`, with `names`) and the checkpoint dict (empty for a YAML).
     """
@@ -109,7 +109,7 @@ def cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def make_checkpoint(
-    model: Detector,
+    model: DenseDetector,
     *,
     epoch: int,
     best_fitness: float | None,
@@ -123,7 +123,7 @@ def make_checkpoint(
     train_metrics: dict | None = None,
     **extra: Any,
 ) -> dict:
-    """Assemble a checkpoint dict of plain values; `extra` adds keys such as teacher/teacher_args or rng."""
+    """Assemble a checkpoint dict of plain values; `extra` adds keys such as teacher/kd_args or rng."""
     ckpt = {
         "epoch": epoch,
         "best_fitness": best_fitness,

@@ -13,7 +13,7 @@ from crosskd.distill import Distiller
 from crosskd.engine.checkpoint import is_yaml, load_checkpoint, load_detector, save_checkpoint
 from crosskd.engine.trainer import Trainer
 from crosskd.errors import CheckpointError, ConfigError
-from crosskd.models import Detector
+from crosskd.models import DenseDetector
 from crosskd.utils import LOGGER, colorstr
 
 ADAPTER_KEY = "kd_adapter"  # last.pt only: the learned width adapter, needed to resume
@@ -29,7 +29,7 @@ def resolve_teacher_path(teacher: str) -> str:
     return str(path.resolve())
 
 
-def load_teacher(teacher: str, teacher_weights: str | None) -> Detector:
+def load_teacher(teacher: str, teacher_weights: str | None) -> DenseDetector:
     """A trained teacher: a crosskd .pt, or a model YAML with `teacher_weights=` (a crosskd .pt of that model)."""
     if not is_yaml(teacher):
         if teacher_weights:
@@ -62,23 +62,23 @@ class DistillTrainer(Trainer):
 
     def __init__(self, args: Any, callbacks: Any = None):
         super().__init__(args, callbacks)
-        self.teacher: Detector | None = None
+        self.teacher: DenseDetector | None = None
         self.resume_ckpt: dict | None = None
 
     def load_resume_checkpoint(self) -> dict | None:
         self.resume_ckpt = super().load_resume_checkpoint()
         return self.resume_ckpt
 
-    def build_model(self) -> Detector:
+    def build_model(self) -> DenseDetector:
         """The student (as Trainer builds it); the teacher is loaded alongside."""
         student = super().build_model()
         self.teacher = self.build_teacher()
         return student
 
-    def build_teacher(self) -> Detector:
+    def build_teacher(self) -> DenseDetector:
         """Load the teacher from teacher= (teacher_weights=), or from the paths recorded in the resumed checkpoint."""
         if self.resume_ckpt is not None and self.resume_ckpt.get("teacher"):
-            saved = self.resume_ckpt.get("teacher_args") or {}
+            saved = self.resume_ckpt.get("kd_args") or self.resume_ckpt.get("teacher_args") or {}  # older checkpoints
             teacher, weights = self.resume_ckpt["teacher"], saved.get("teacher_weights")
         elif self.args.teacher:
             teacher = resolve_teacher_path(self.args.teacher)
@@ -94,10 +94,10 @@ class DistillTrainer(Trainer):
         return Distiller.from_args(self.model, self.teacher, self.args)
 
     def checkpoint_extras(self) -> dict:
-        """teacher (path), teacher_args (KD settings as resolved) and, with a width adapter, its weights."""
+        """teacher (path), kd_args (KD settings as resolved) and, with a width adapter, its weights."""
         distiller: Distiller = self.loss_module
         w = distiller.weights
-        teacher_args = {
+        kd_args = {
             "teacher_weights": self.teacher_weights,
             "kd": distiller.kd,
             "kd_idx": distiller.kd_idx,
@@ -105,7 +105,7 @@ class DistillTrainer(Trainer):
             "kd_weights": {"cls": w.cls, "reg": w.reg, "ctr": w.ctr, "feat": w.feat},
             "head_type": self.teacher.head_type,
         }
-        extras = {"teacher": self.teacher_path, "teacher_args": teacher_args}
+        extras = {"teacher": self.teacher_path, "kd_args": kd_args}
         adapter = distiller.adapter_state()
         return extras if adapter is None else {**extras, ADAPTER_KEY: adapter}
 

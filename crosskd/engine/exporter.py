@@ -1,4 +1,4 @@
-"""Export a trained student Detector to ONNX or TorchScript with embedded metadata and a parity check.
+"""Export a trained student DenseDetector to ONNX or TorchScript with embedded metadata and a parity check.
 
 ONNX uses torch's TorchScript-based exporter (`dynamo=False`) on purpose: on this project's CPUs it takes under a
 second against 4.5-7 s for the torch.export-based one, writes one self-contained file, supports opsets 11-20 and
@@ -26,7 +26,7 @@ from crosskd.config import Args, setting_or_model_default
 from crosskd.engine.backend import TORCHSCRIPT_METADATA
 from crosskd.engine.checkpoint import load_detector, newest_best
 from crosskd.errors import ConfigError
-from crosskd.models import Detector
+from crosskd.models import DenseDetector
 from crosskd.models.heads.base import DenseHead, Priors
 from crosskd.utils import LOGGER, colorstr, select_device
 
@@ -113,7 +113,7 @@ def xyxy_to_xywh(boxes: Tensor) -> Tensor:
 
 
 class ExportModel(nn.Module):
-    """The student Detector plus decoding (and optionally NMS) as one graph: images [B,3,H,W] 0..1 RGB -> output0.
+    """The student DenseDetector plus decoding (and optionally NMS) as one graph: images [B,3,H,W] 0..1 RGB -> output0.
 
     Without NMS output0 is the Ultralytics layout [B, 4+C, N]: centre x, centre y, width, height in input pixels,
     then the final class scores. With `nms=True` it is [B, max_det, 6] = x1, y1, x2, y2, score, class.
@@ -121,7 +121,7 @@ class ExportModel(nn.Module):
 
     def __init__(
         self,
-        detector: Detector,
+        detector: DenseDetector,
         nms: bool = False,
         conf: float = EXPORT_CONF,
         iou: float = 0.6,
@@ -129,13 +129,13 @@ class ExportModel(nn.Module):
         nms_pre: int = 1000,
     ) -> None:
         super().__init__()
-        if not isinstance(detector, Detector):
-            raise TypeError(f"ExportModel takes a student Detector, not {type(detector).__name__}")
+        if not isinstance(detector, DenseDetector):
+            raise TypeError(f"ExportModel takes a student DenseDetector, not {type(detector).__name__}")
         self.detector = detector
         self.nms, self.conf, self.iou, self.max_det, self.nms_pre = nms, conf, iou, max_det, nms_pre
 
     def decode(self, images: Tensor) -> tuple[Tensor, Tensor, list]:
-        """Boxes [B, N, 4] xyxy clipped to the input (as Detector.predict), scores [B, N, C], priors per level."""
+        """Boxes [B, N, 4] xyxy clipped to the input (as DenseDetector.predict), scores [B, N, C], priors per level."""
         head = self.detector.head
         outputs = self.detector(images)
         feat_sizes = [score.shape[-2:] for score in outputs.cls_scores]
@@ -172,7 +172,7 @@ def export_opset(opset: int | None) -> int:
     return opset
 
 
-def export_metadata(detector: Detector, settings: dict, train_args: dict) -> dict[str, str]:
+def export_metadata(detector: DenseDetector, settings: dict, train_args: dict) -> dict[str, str]:
     """String metadata stored in the exported file (Ultralytics keys plus what crosskd backends need)."""
     names = getattr(detector, "names", None) or {i: str(i) for i in range(detector.head.num_classes)}
     return {
@@ -308,7 +308,7 @@ def check_parity(prefix: str, model: ExportModel, runner, images: Tensor, refere
     return diff
 
 
-def export_settings(args: Args, detector: Detector, train_args: dict, device: torch.device) -> dict:
+def export_settings(args: Args, detector: DenseDetector, train_args: dict, device: torch.device) -> dict:
     """The resolved export settings (also stored as the `args` metadata)."""
     imgsz = setting_or_model_default(args, "imgsz", train_args.get("imgsz"))
     return {
@@ -334,7 +334,7 @@ def export_path(model: str | Path | None, fmt: str) -> Path:
     return weights.with_suffix(SUFFIXES[fmt]) if weights.suffix == ".pt" else Path(weights.stem + SUFFIXES[fmt])
 
 
-def export(detector: Detector, args: Args, train_args: dict | None = None) -> Path:
+def export(detector: DenseDetector, args: Args, train_args: dict | None = None) -> Path:
     """Export the student `detector` as `args.format` next to `args.model`; returns the written file.
 
     `train_args` (the checkpoint's) give the default imgsz and are embedded in the metadata.

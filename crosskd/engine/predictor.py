@@ -22,7 +22,7 @@ from crosskd.engine.checkpoint import load_detector, newest_best
 from crosskd.engine.plotting import class_color
 from crosskd.engine.validator import make_save_dir
 from crosskd.errors import DataError, UserError
-from crosskd.models import Detector
+from crosskd.models import DenseDetector
 from crosskd.utils import LOGGER, colorstr, select_device
 
 IMAGE_SUFFIXES = {".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}
@@ -199,7 +199,7 @@ def batched(frames: Iterator[Frame], size: int) -> Iterator[list[Frame]]:
 # Model, preprocessing and prediction ---------------------------------------------------------------------------------
 
 
-def load_predict_model(path: str | Path, device: torch.device) -> tuple[Detector | ExportedDetector, Any]:
+def load_predict_model(path: str | Path, device: torch.device) -> tuple[DenseDetector | ExportedDetector, Any]:
     """The model for `path` and its own input size (training imgsz of a .pt, export imgsz of an exported file)."""
     if Path(path).suffix.lower() == ".pt":
         detector, ckpt = load_detector(path, device=device)

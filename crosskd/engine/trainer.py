@@ -33,7 +33,7 @@ from crosskd.engine.optim import ModelEMA, build_optimizer, build_schedule, set_
 from crosskd.engine.progress import EpochProgress, epoch_header
 from crosskd.engine.validator import Validator, make_save_dir
 from crosskd.errors import CheckpointError, ConfigError
-from crosskd.models import Detector
+from crosskd.models import DenseDetector
 from crosskd.models.backbones import load_pretrained
 from crosskd.utils import LOGGER, colorstr, console, init_seeds, newest_file, runs_dir, select_device
 
@@ -43,7 +43,7 @@ RESUME_WHITELIST = ("device", "workers", "val", "plots", "save_period")  # may c
 class DetectorLoss(nn.Module):
     """Computes a detector's losses in `forward`, so DistributedDataParallel wraps the call that makes them."""
 
-    def __init__(self, detector: Detector):
+    def __init__(self, detector: DenseDetector):
         super().__init__()
         self.detector = detector
 
@@ -52,9 +52,9 @@ class DetectorLoss(nn.Module):
 
 
 class Trainer:
-    """Detector training: SGD/AdamW, warm-up + step/cosine schedule, AMP, EMA, DDP, checkpoints and validation.
+    """DenseDetector training: SGD/AdamW, warm-up + step/cosine schedule, AMP, EMA, DDP, checkpoints and validation.
 
-    Subclasses change what is trained through `build_model()` (the Detector that is saved and validated),
+    Subclasses change what is trained through `build_model()` (the DenseDetector that is saved and validated),
     `build_loss_module()` (an nn.Module whose forward(batch) returns the loss dict; it is what DDP wraps and whose
     trainable parameters the optimiser gets) and `checkpoint_extras()` / `restore_extras()`.
     """
@@ -130,8 +130,8 @@ class Trainer:
         settings = {k: v for k, v in train_args.items() if k in defaults and k not in ("cfg", "mode")}
         return get_args({**settings, **kept, "resume": str(path)}, self.mode)
 
-    def build_model(self) -> Detector:
-        """The Detector to train: from the resumed checkpoint, a model YAML, or a .pt (nc from the dataset)."""
+    def build_model(self) -> DenseDetector:
+        """The DenseDetector to train: from the resumed checkpoint, a model YAML, or a .pt (nc from the dataset)."""
         nc = self.data_info.nc
         if self.resume_path is not None:
             model = detector_from_checkpoint(load_checkpoint(self.resume_path), source=self.resume_path)
@@ -146,7 +146,7 @@ class Trainer:
         model.names = self.names
         return model
 
-    def load_pretrained(self, model: Detector, path: str) -> None:
+    def load_pretrained(self, model: DenseDetector, path: str) -> None:
         """pretrained=: a crosskd .pt (all matching weights) or a torchvision .pth (backbone)."""
         if Path(path).suffix == ".pt":
             done, total = transfer_weights(model, load_checkpoint(path)["model"])
@@ -239,7 +239,7 @@ class Trainer:
         """Hook for subclasses: restore what `checkpoint_extras` saved."""
 
     def checkpoint_extras(self) -> dict:
-        """Hook for subclasses: extra checkpoint keys (e.g. teacher, teacher_args)."""
+        """Hook for subclasses: extra checkpoint keys (e.g. teacher, kd_args)."""
         return {}
 
     # ------------------------------------------------------------------ loop

@@ -1,4 +1,4 @@
-"""COCO validation of a Detector (or any object with its predict/names/strides) on a dataset split."""
+"""COCO validation of a DenseDetector (or any object with its predict/names/strides) on a dataset split."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def val_imgsz(imgsz: int | list[int] | tuple[int, ...]) -> int:
 
 
 def load_val_model(model: str | Path, nc: int, device: torch.device) -> Any:
-    """A Detector from a .pt or model YAML, or an exported-model backend (lazy import) for .onnx/.torchscript."""
+    """A DenseDetector from a .pt or model YAML, or an exported-model backend (lazy import) for .onnx/.torchscript."""
     if Path(model).suffix.lower() in EXPORTED_SUFFIXES:
         from crosskd.engine.backend import load_model
 

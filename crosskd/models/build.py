@@ -1,4 +1,4 @@
-"""Build a Detector from a model YAML: each section is `type:` plus constructor keyword arguments (no registry)."""
+"""Build a DenseDetector from a model YAML: each section is `type:` plus constructor keyword arguments (no registry)."""
 
 import difflib
 import inspect
@@ -12,7 +12,7 @@ from crosskd.config import resolve_cfg_file
 from crosskd.errors import ConfigError
 
 from .backbones import MobileNetV2, ResNet, SwinT
-from .detector import Detector
+from .dense_detector import DenseDetector
 from .heads import ATSSHead, FCOSHead, GFLHead, RetinaHead
 from .neck import FPN
 
@@ -92,8 +92,8 @@ def _check_strides(source: str, backbone: nn.Module, neck: FPN, head: nn.Module)
         raise ConfigError(f"{source}: head.strides {head.strides} must be {expected} for this backbone and neck")
 
 
-def build_detector(model_cfg: dict | str | Path, nc: int) -> Detector:
-    """Build a Detector for `nc` classes from a model YAML path, shipped name or dict."""
+def build_detector(model_cfg: dict | str | Path, nc: int) -> DenseDetector:
+    """Build a DenseDetector for `nc` classes from a model YAML path, shipped name or dict."""
     cfg, source = load_model_yaml(model_cfg)
     unknown = [k for k in cfg if k not in TOP_KEYS]
     if unknown:
@@ -105,4 +105,4 @@ def build_detector(model_cfg: dict | str | Path, nc: int) -> Detector:
     neck = _construct(parts["neck"][0], source, in_channels=backbone.out_channels, **parts["neck"][1])
     head = _construct(parts["head"][0], source, num_classes=nc, in_channels=neck.out_channels, **parts["head"][1])
     _check_strides(source, backbone, neck, head)
-    return Detector(backbone, neck, head, yaml={**cfg, "nc": nc})
+    return DenseDetector(backbone, neck, head, yaml={**cfg, "nc": nc})

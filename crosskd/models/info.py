@@ -14,7 +14,7 @@ from crosskd.errors import CheckpointError, ConfigError, DataError
 from crosskd.utils import console
 
 from .build import build_detector, load_model_yaml
-from .detector import Detector
+from .dense_detector import DenseDetector
 
 DEFAULT_NC = 80
 
@@ -45,7 +45,7 @@ def gflops(model: nn.Module, imgsz: int | tuple[int, int] = 640) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def model_info(detector: Detector, imgsz: int | tuple[int, int] = 640) -> str:
+def model_info(detector: DenseDetector, imgsz: int | tuple[int, int] = 640) -> str:
     """One summary line: `name summary: N layers, P parameters, G GFLOPs at WxH`."""
     height, width = _hw(imgsz)
     name = detector.yaml.get("name", detector.head_type)
@@ -54,7 +54,7 @@ def model_info(detector: Detector, imgsz: int | tuple[int, int] = 640) -> str:
     return f"{name} summary: {layers} layers, {params:,} parameters, {flops:.1f} GFLOPs at {width}x{height}"
 
 
-def module_table(detector: Detector) -> Table:
+def module_table(detector: DenseDetector) -> Table:
     """A rich table of the detector's parts two levels deep (name, type, parameters)."""
     table = Table(title=str(detector.yaml.get("name", "model")))
     for column, justify in (("name", "left"), ("type", "left"), ("params", "right")):

@@ -1,4 +1,4 @@
-"""Detector: normalise → backbone → FPN → dense head, with thin loss and predict compositions."""
+"""DenseDetector: normalise → backbone → FPN → dense head, with thin loss and predict compositions."""
 
 from typing import Any
 
@@ -12,7 +12,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class Detector(nn.Module):
+class DenseDetector(nn.Module):
     """A single-stage dense detector taking 0..1 RGB images [B, 3, H, W]."""
 
     def __init__(
