@@ -1,0 +1,1 @@
+"""Weights from other frameworks (MMDetection, torchvision detection) mapped onto crosskd detectors."""
