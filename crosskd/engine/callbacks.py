@@ -34,22 +34,19 @@ class Callbacks:
                 self.add(event, fn)
 
     def add(self, event: str, fn: Callback) -> None:
+        """Call `fn(trainer)` at `event` (one of EVENTS), after the functions already added there."""
         if event not in self._handlers:
             raise ValueError(f"unknown callback event '{event}'; valid events: {', '.join(EVENTS)}")
         self._handlers[event].append(fn)
 
-    def clear(self, event: str) -> None:
-        self._handlers[event].clear()
-
-    def get(self, event: str) -> list[Callback]:
-        return list(self._handlers[event])
-
     def run(self, event: str, trainer: Any) -> None:
+        """Call every function added at `event` with the trainer, in the order they were added."""
         for fn in self._handlers[event]:
             fn(trainer)
 
 
 def results_header(loss_names: list[str]) -> list[str]:
+    """results.csv columns: epoch, time, the mean training losses, COCO AP metrics, learning rate."""
     return ["epoch", "time", *loss_names, *RESULT_METRICS, "lr"]
 
 
@@ -83,4 +80,5 @@ def plot_results_png(trainer: Any) -> None:
 
 
 def default_callbacks() -> dict[str, list[Callback]]:
+    """The callbacks every trainer starts with: results.csv after each epoch, results.png at the end."""
     return {"on_fit_epoch_end": [write_results_csv], "on_train_end": [plot_results_png]}

@@ -24,16 +24,13 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
-def is_ddp_child() -> bool:
-    return "LOCAL_RANK" in os.environ and env_world_size() > 1
-
-
 def needs_launch(args: Any) -> bool:
     """More than one device asked for and this process is not already one of torchrun's children."""
     return len(parse_device_list(args.device)) > 1 and "LOCAL_RANK" not in os.environ
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now, for torchrun's rendezvous."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -51,6 +48,7 @@ def cli_overrides(args: Any, mode: str) -> list[str]:
 
 
 def ddp_command(args: Any, mode: str, nproc: int) -> list[str]:
+    """`python -m torch.distributed.run ... -m crosskd MODE key=value ...` running `nproc` copies of this command."""
     return [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
         "--master_port", str(free_port()), "-m", "crosskd", mode, *cli_overrides(args, mode),
@@ -79,5 +77,6 @@ def init_distributed(device: torch.device) -> None:
 
 
 def cleanup_distributed() -> None:
+    """Leave the process group when one was joined."""
     if is_dist():
         dist.destroy_process_group()
