@@ -8,7 +8,7 @@ from __future__ import annotations
 import ast
 import difflib
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -418,3 +418,8 @@ def setting_or_model_default(args: Args, key: str, model_value: Any) -> Any:
     """
     value = getattr(args, key)
     return model_value if model_value is not None and value == load_defaults()[key] else value
+
+
+def imgsz_hw(imgsz: int | Sequence[int]) -> tuple[int, int]:
+    """An imgsz setting (640, [640], or [h, w]) as (h, w)."""
+    return (int(imgsz), int(imgsz)) if isinstance(imgsz, int) else (int(imgsz[0]), int(imgsz[-1]))
