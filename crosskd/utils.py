@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import secrets
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -108,10 +108,14 @@ def increment_path(path: str | Path, exist_ok: bool = False, mkdir: bool = False
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """torch.save to a temporary file in the same directory, then os.replace: readers never see half a file."""
+    """torch.save to a temporary file in the same directory, then os.replace: readers never see half a file.
+
+    The file gets the permissions of any other run file (0o666 minus the umask), not mkstemp's 0o600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp_name = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    handle = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(handle, "wb") as tmp_file:
             torch.save(obj, tmp_file)
@@ -119,7 +123,7 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
             os.fsync(tmp_file.fileno())
         os.replace(tmp_name, path)
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        tmp_name.unlink(missing_ok=True)
         raise
     return path
 

@@ -80,6 +80,17 @@ def test_atomic_save_failure_keeps_the_old_file(tmp_path):
     assert os.listdir(tmp_path) == ["last.pt"]
 
 
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_atomic_save_respects_the_umask_like_other_run_files(tmp_path, umask, mode):
+    old_umask = os.umask(umask)
+    try:
+        path = atomic_save({"epoch": 1}, tmp_path / "last.pt")
+        (tmp_path / "results.csv").write_text("epoch\n")
+    finally:
+        os.umask(old_umask)
+    assert path.stat().st_mode & 0o777 == mode == (tmp_path / "results.csv").stat().st_mode & 0o777
+
+
 @pytest.fixture
 def restore_determinism():
     yield
