@@ -1,4 +1,8 @@
-"""Dependencies flow one way: cli → engine → distill → models → (losses, assigners) → ops; data serves engine/cli."""
+"""Dependencies flow one way: cli → engine → distill → models → (losses, assigners) → ops; data serves engine/cli.
+
+The import graph sees every `import` and `from ... import` anywhere in a file (function-level, TYPE_CHECKING and
+relative imports included), resolved to the crosskd module it loads, so a cycle hidden inside a function still shows.
+"""
 
 import ast
 from pathlib import Path
@@ -6,40 +10,150 @@ from pathlib import Path
 import crosskd
 
 PACKAGE = Path(crosskd.__file__).parent
-SHARED = {"errors", "dist", "utils", "config"}
-LOWER = {"ops": set(), "losses": {"ops"}, "assigners": {"ops"}}
-LOWER["models"] = {"models", "losses", "assigners", "ops"}
-LOWER["distill"] = LOWER["models"] | {"distill"}
-LOWER["data"] = {"data"}
-LOWER["engine"] = LOWER["distill"] | {"engine", "data"}
-LOWER["api"] = LOWER["engine"]
-for part in LOWER:
-    LOWER[part] = LOWER[part] | {part}
+GROUND = {"errors", "dist", "utils", "paths"}  # usable from every layer
+SETTINGS = {"config"}  # run settings: engine, api and cli only
+ROOT_GROUND_NAMES = {"__version__"}  # `from crosskd import __version__` is ground; `Detector` is the api layer
+BELOW = {"ops": set(), "losses": {"ops"}, "assigners": {"ops"}, "data": set()}
+BELOW["models"] = {"losses", "assigners", "ops"}
+BELOW["distill"] = BELOW["models"] | {"models"}
+BELOW["engine"] = BELOW["distill"] | {"distill", "data"} | SETTINGS
+BELOW["api"] = BELOW["engine"] | {"engine"}
+BELOW["cli"] = BELOW["api"] | {"api"}
+BELOW["__main__"] = {"cli"}
+BELOW["__init__"] = {"api"}
+for part in GROUND | SETTINGS:
+    BELOW[part] = set(GROUND)
 
 
-def crosskd_imports(path: Path) -> set[str]:
-    """Top-level crosskd subpackages or modules a file imports (absolute imports only, as the project uses)."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("crosskd."):
-            names.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            names.update(a.name.split(".")[1] for a in node.names if a.name.startswith("crosskd."))
+def module_names(root: Path) -> dict[str, Path]:
+    """Dotted module name → file for every .py under the package directory `root` (packages by their __init__)."""
+    names = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = (root.name, *path.relative_to(root).with_suffix("").parts)
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return names
 
 
-def test_no_upward_imports():
+def _known(name: str, known: set[str]) -> str | None:
+    """The longest prefix of `name` that is a known module (None outside the package)."""
+    parts = name.split(".")
+    for end in range(len(parts), 0, -1):
+        if ".".join(parts[:end]) in known:
+            return ".".join(parts[:end])
+    return None
+
+
+def _from_targets(node: ast.ImportFrom, module: str, is_package: bool, known: set[str]) -> set[str]:
+    """Modules a `from X import a, b` loads: X.a when it is a submodule, else X itself."""
+    if node.level:
+        base = module if is_package else module.rpartition(".")[0]
+        base = ".".join(base.split(".")[: len(base.split(".")) - node.level + 1])
+        source = f"{base}.{node.module}" if node.module else base
+    else:
+        source = node.module
+    targets = set()
+    for alias in node.names:
+        if f"{source}.{alias.name}" in known:
+            targets.add(f"{source}.{alias.name}")
+        elif "." in source or alias.name not in ROOT_GROUND_NAMES:
+            targets.add(_known(source, known))
+    return targets - {None}
+
+
+def imported_modules(path: Path, module: str, known: set[str]) -> set[str]:
+    """Known modules that the file of `module` imports anywhere (top level, in functions, under TYPE_CHECKING)."""
+    is_package = path.name == "__init__.py"
+    targets = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            targets |= _from_targets(node, module, is_package, known)
+        elif isinstance(node, ast.Import):
+            targets |= {_known(alias.name, known) for alias in node.names} - {None}
+    return targets - {module}
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """module → the package's modules it imports, for the package directory `root`."""
+    files = module_names(root)
+    return {name: imported_modules(path, name, set(files)) for name, path in files.items()}
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle path [a, b, ..., a] per back edge of a depth-first search (empty when the graph is acyclic)."""
+    cycles, done, stack = [], set(), []
+
+    def visit(node: str) -> None:
+        stack.append(node)
+        for target in sorted(graph.get(node, ())):
+            if target in stack:
+                cycles.append([*stack[stack.index(target) :], target])
+            elif target not in done:
+                visit(target)
+        stack.pop()
+        done.add(node)
+
+    for node in sorted(graph):
+        if node not in done:
+            visit(node)
+    return cycles
+
+
+def layer(module: str) -> str:
+    """The layer of a crosskd module: its first name below the package (`crosskd.engine.trainer` → engine)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """'a imports b' for every import of a layer that is neither the module's own, a lower one nor allowed ground."""
     violations = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        part = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
-        if part not in LOWER:
+    for module, targets in sorted(graph.items()):
+        part = layer(module)
+        if part not in BELOW:
+            violations.append(f"{module} belongs to no layer: add '{part}' to BELOW in tests/test_layers.py")
             continue
-        upward = crosskd_imports(path) - LOWER[part] - SHARED
-        violations += [f"{path.relative_to(PACKAGE)} imports crosskd.{name}" for name in sorted(upward)]
-    assert violations == []
+        allowed = BELOW[part] | {part} | GROUND
+        violations += [f"{module} imports {target}" for target in sorted(targets) if layer(target) not in allowed]
+    return violations
 
 
-def test_the_layer_check_sees_imports(tmp_path):
-    module = tmp_path / "m.py"
-    module.write_text("from crosskd.engine.trainer import Trainer\nimport crosskd.models.detector\n")
-    assert crosskd_imports(module) == {"engine", "models"}
+def test_no_import_cycles():
+    cycles = find_cycles(import_graph(PACKAGE))
+    assert [" -> ".join(cycle) for cycle in cycles] == []
+
+
+def test_no_upward_imports_and_settings_only_in_engine_api_cli():
+    assert layer_violations(import_graph(PACKAGE)) == []
+
+
+def test_the_checker_sees_every_kind_of_import(tmp_path):
+    module = tmp_path / "fake.py"
+    module.write_text(
+        "from crosskd.engine.trainer import Trainer\n"
+        "import crosskd.models.heads.base as base\n"
+        "from crosskd import __version__\n"
+        "from . import checkpoint\n"
+        "from ..distill import Distiller\n"
+        "def late():\n"
+        "    from crosskd.config import get_args\n"
+        "    from crosskd.engine import ddp\n"
+    )
+    known = set(module_names(PACKAGE))
+    assert imported_modules(module, "crosskd.engine.fake", known) == {
+        "crosskd.engine.trainer", "crosskd.models.heads.base", "crosskd.engine.checkpoint", "crosskd.distill",
+        "crosskd.config", "crosskd.engine.ddp",
+    }
+    graph = {"crosskd.models.fake": imported_modules(module, "crosskd.models.fake", known)}
+    assert "crosskd.models.fake imports crosskd.config" in layer_violations(graph)
+
+
+def test_the_checker_finds_a_cycle_hidden_in_a_function(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text("from .a import A\n")
+    (package / "sub" / "a.py").write_text("from pkg.b import B\nA = 1\n")
+    (package / "b.py").write_text("B = 2\ndef late():\n    from .sub import a\n")
+    assert find_cycles(import_graph(package)) == [["pkg.b", "pkg.sub.a", "pkg.b"]]
+    (package / "b.py").write_text("B = 2\n")
+    assert find_cycles(import_graph(package)) == []
