@@ -12,7 +12,11 @@ from .base import DEFAULT_STRIDES, DenseHead, HeadOutputs, LevelOutput, Priors, 
 
 
 class ATSSHead(DenseHead):
-    """ATSS head (MMDet defaults): GN towers, Scale on deltas (stds 0.1/0.2), centerness from the reg branch."""
+    """ATSS head (MMDet defaults): GN towers, Scale on deltas (stds 0.1/0.2), centerness from the reg branch.
+
+    Per level: cls_score [B, A*C, H, W] logits (A = 1 anchor), bbox_pred [B, A*4, H, W] (dx, dy, dw, dh) deltas
+    after the level's Scale, centerness [B, A, H, W] logits.
+    """
 
     head_type = "atss"
     with_centerness = True
@@ -54,6 +58,7 @@ class ATSSHead(DenseHead):
         return LevelOutput(self.atss_cls(cls_feat), bbox_pred, self.atss_centerness(reg_feat))
 
     def decode_boxes(self, reg: Tensor, priors: Priors) -> Tensor:
+        """Deltas [B, N, 4] applied to the anchors → [B, N, 4] xyxy."""
         return delta_xywh_decode(priors.boxes, reg, stds=self.box_stds)
 
     def assign(self, priors: Priors, gt_boxes: Tensor, gt_labels: Tensor) -> AssignResult:

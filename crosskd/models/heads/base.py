@@ -35,6 +35,8 @@ class HeadOutputs(NamedTuple):
 
 
 class LevelOutput(NamedTuple):
+    """One level's raw head outputs (one entry of each HeadOutputs list); R = 4, or 4*(reg_max+1) for GFL."""
+
     cls_score: Tensor  # [B, A*C, H, W]
     bbox_pred: Tensor  # [B, A*R, H, W]
     centerness: Tensor | None  # [B, A, H, W]
@@ -81,6 +83,7 @@ class ConvBlock(nn.Module):
         self.act = nn.ReLU()
 
     def forward(self, x: Tensor, activate: bool = True) -> Tensor:
+        """[B, C_in, H, W] → [B, C_out, H, W]; `activate=False` returns the pre-activation (after the norm)."""
         x = self.norm(self.conv(x))
         return self.act(x) if activate else x
 
@@ -93,6 +96,7 @@ class Scale(nn.Module):
         self.scale = nn.Parameter(torch.tensor(float(value)))
 
     def forward(self, x: Tensor) -> Tensor:
+        """`x` (any shape, e.g. [B, 4, H, W]) times the learned scalar."""
         return x * self.scale
 
 
@@ -116,7 +120,11 @@ def _check_head_args(feat_channels: int, stacked_convs: int, norm: str, num_grou
 
 
 class DenseHead(nn.Module, metaclass=ABCMeta):
-    """Base of all dense heads: towers, scales, the tower split, priors, target building and shared losses."""
+    """Base of all dense heads: towers, scales, the tower split, priors, target building and shared losses.
+
+    `forward` takes FPN features (list of Tensor[B, in_channels, H_l, W_l], one per stride) and returns
+    `HeadOutputs`; `num_anchors` (A) is 1 for point heads (FCOS) and scales × ratios for anchor heads.
+    """
 
     head_type = ""
     kd_offset = 1  # default CrossKD hold point = stacked_convs - kd_offset (3 of 4 convs; FCOS uses 2)
@@ -172,7 +180,15 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
 
     # ----- forward: the CrossKD seam -------------------------------------------------------------------
     def forward_tower(self, x: Tensor, stop: int) -> tuple[Tensor, Tensor]:
-        """Cls and reg tower features after step `stop`, before its activation; `stop=0` returns (x, x)."""
+        """Cls and reg tower features after step `stop`, before its activation; `stop=0` returns (x, x).
+
+        Args:
+            x (Tensor[B, in_channels, H, W]): one FPN level.
+            stop (int): tower step, 0 ≤ stop ≤ stacked_convs.
+
+        Returns:
+            (cls_feat, reg_feat): each Tensor[B, feat_channels, H, W] (x itself when `stop=0`).
+        """
         if not 0 <= stop <= self.stacked_convs:
             raise ValueError(f"tower step {stop} outside 0..{self.stacked_convs}")
         cls_feat = reg_feat = x
@@ -183,7 +199,17 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
         return cls_feat, reg_feat
 
     def forward_from(self, cls_feat: Tensor, reg_feat: Tensor, level: int, start: int) -> LevelOutput:
-        """Finish the head from pre-activation tower features of step `start` (raw input when `start=0`)."""
+        """Finish the head from pre-activation tower features of step `start` (raw input when `start=0`).
+
+        Args:
+            cls_feat, reg_feat (Tensor[B, C, H, W]): what `forward_tower(x, start)` returns (or a student's
+                features of the same width).
+            level (int): FPN level index, selects the level's Scale.
+            start (int): tower step the features come from.
+
+        Returns:
+            LevelOutput: cls_score [B, A*C, H, W], bbox_pred [B, A*R, H, W], centerness [B, A, H, W] or None.
+        """
         if start > 0:
             cls_feat = self.cls_convs[start - 1].act(cls_feat)
             reg_feat = self.reg_convs[start - 1].act(reg_feat)
@@ -194,9 +220,10 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
 
     @abstractmethod
     def predict_level(self, cls_feat: Tensor, reg_feat: Tensor, level: int) -> LevelOutput:
-        """Predictors, the level's Scale and the output transform (per head)."""
+        """Predictors, the level's Scale and the output transform (per head): [B, C, H, W] tower outputs."""
 
     def forward(self, feats: Sequence[Tensor]) -> HeadOutputs:
+        """Per-level outputs for FPN features `feats` (list of Tensor[B, in_channels, H_l, W_l], one per stride)."""
         assert len(feats) == len(self.strides), f"{len(feats)} feature levels for {len(self.strides)} strides"
         levels = [self.forward_from(x, x, level, 0) for level, x in enumerate(feats)]
         ctr = [o.centerness for o in levels] if levels[0].centerness is not None else None
@@ -204,7 +231,11 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
 
     # ----- priors and flattening -----------------------------------------------------------------------
     def priors(self, feat_sizes: Sequence[tuple[int, int]], device: torch.device | str) -> Priors:
-        """Anchors (or points) of every level for feature maps of `feat_sizes` [(H, W), ...]."""
+        """Anchors (or points) of every level for feature maps of `feat_sizes` [(H, W), ...].
+
+        Returns:
+            Priors: boxes [N, 4] xyxy input pixels, points [N, 2] (x, y), strides [N], N = Σ H·W·A.
+        """
         feat_sizes = [tuple(int(v) for v in s) for s in feat_sizes]
         num_per_level = [h * w * self.num_anchors for h, w in feat_sizes]
         if self.anchor_scales is None:
@@ -236,7 +267,16 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
     # ----- targets --------------------------------------------------------------------------------------
     @abstractmethod
     def assign(self, priors: Priors, gt_boxes: Tensor, gt_labels: Tensor) -> AssignResult:
-        """Run the head's assigner on the padded batch."""
+        """Run the head's assigner on the padded batch.
+
+        Args:
+            priors (Priors): N priors of `self.priors`.
+            gt_boxes (Tensor[B, M, 4]): xyxy input pixels, zero rows for padding.
+            gt_labels (Tensor[B, M]): class ids, -1 for padding.
+
+        Returns:
+            AssignResult: assigned_gt, labels and max_overlaps, each [B, N].
+        """
 
     @torch.no_grad()
     def get_targets(self, priors: Priors, batch) -> Targets:
@@ -258,16 +298,25 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
     # ----- shared loss terms ----------------------------------------------------------------------------
     @abstractmethod
     def loss(self, outputs: HeadOutputs, priors: Priors, targets: Targets) -> dict[str, Tensor]:
-        """Detection losses: `loss_cls`, `loss_box` and `loss_dfl` (GFL) / `loss_ctr` (FCOS, ATSS)."""
+        """Detection losses: `loss_cls`, `loss_box` and `loss_dfl` (GFL) / `loss_ctr` (FCOS, ATSS).
+
+        Args:
+            outputs (HeadOutputs): `forward` of the batch's features.
+            priors (Priors): N priors of the outputs' feature sizes.
+            targets (Targets): `get_targets(priors, batch)`, [B, N] per prior.
+
+        Returns:
+            dict[str, Tensor]: scalar losses (zero with a graph when there are no positives).
+        """
 
     def focal_cls_loss(self, cls: Tensor, targets: Targets, gamma: float, alpha: float) -> Tensor:
-        """Sigmoid focal loss over all non-ignored priors, summed and divided by num_pos."""
+        """Sigmoid focal loss of logits `cls` [B, N, C] over all non-ignored priors, summed / num_pos (scalar)."""
         loss = focal_loss(cls, targets.labels, gamma=gamma, alpha=alpha).sum(-1)  # [B, N]
         return weight_reduce(loss, targets.label_weights, avg_factor=targets.num_pos)
 
     @staticmethod
     def centerness_loss(ctr: Tensor, targets: Targets) -> Tensor:
-        """BCE between centerness logits and targets on positives, divided by num_pos."""
+        """BCE between centerness logits `ctr` [B, N] and targets on positives, summed / num_pos (scalar)."""
         pos = targets.pos_mask
         loss = bce_with_logits(ctr[pos], targets.centerness_targets[pos])  # [P]
         return weight_reduce(loss, avg_factor=targets.num_pos)

@@ -17,7 +17,11 @@ BOX_LOSSES = ("iou", "giou")
 
 
 class FCOSHead(DenseHead):
-    """FCOS head (MMDet defaults): GN towers, exp(Scale(reg)) distances (relu and stride units with norm_on_bbox)."""
+    """FCOS head (MMDet defaults): GN towers, exp(Scale(reg)) distances (relu and stride units with norm_on_bbox).
+
+    Per level: cls_score [B, C, H, W] logits, bbox_pred [B, 4, H, W] ltrb distances (pixels, or stride units
+    with `norm_on_bbox`), centerness [B, 1, H, W] logits.
+    """
 
     head_type = "fcos"
     kd_offset = 2
@@ -73,6 +77,7 @@ class FCOSHead(DenseHead):
         return ltrb * strides[..., None] if self.norm_on_bbox else ltrb
 
     def decode_boxes(self, reg: Tensor, priors: Priors) -> Tensor:
+        """ltrb distances [B, N, 4] from the points → [B, N, 4] xyxy."""
         return distance_decode(priors.points, self._pixels(reg, priors.strides))
 
     def assign(self, priors: Priors, gt_boxes: Tensor, gt_labels: Tensor) -> AssignResult:

@@ -14,7 +14,11 @@ from .base import DEFAULT_STRIDES, DenseHead, HeadOutputs, LevelOutput, Priors, 
 
 
 class GFLHead(DenseHead):
-    """GFL head: QFL on the classifier, GIoU + DFL on `4*(reg_max+1)` distance-distribution logits."""
+    """GFL head: QFL on the classifier, GIoU + DFL on `4*(reg_max+1)` distance-distribution logits.
+
+    Per level: cls_score [B, A*C, H, W] joint class-quality logits, bbox_pred [B, A*4*(reg_max+1), H, W]
+    DFL logits after the level's Scale (ltrb distances in stride units), no centerness.
+    """
 
     head_type = "gfl"
 
@@ -51,6 +55,7 @@ class GFLHead(DenseHead):
         return LevelOutput(self.gfl_cls(cls_feat), self.scales[level](self.gfl_reg(reg_feat)), None)
 
     def decode_boxes(self, reg: Tensor, priors: Priors) -> Tensor:
+        """DFL logits [B, N, 4*(reg_max+1)] → expected ltrb × stride from the anchor centres → [B, N, 4] xyxy."""
         ltrb = integral_distribution(reg, self.reg_max) * priors.strides[:, None]  # [B, N, 4] pixels
         return distance_decode(priors.points, ltrb)
 

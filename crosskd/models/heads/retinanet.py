@@ -12,7 +12,11 @@ from .base import DEFAULT_STRIDES, DenseHead, HeadOutputs, LevelOutput, Priors, 
 
 
 class RetinaHead(DenseHead):
-    """RetinaNet head (MMDet defaults): MaxIoU assignment 0.5/0.4, focal γ2 α0.25, L1 on deltas, no Scale."""
+    """RetinaNet head (MMDet defaults): MaxIoU assignment 0.5/0.4, focal γ2 α0.25, L1 on deltas, no Scale.
+
+    Per level: cls_score [B, A*C, H, W] logits (A = 9 anchors), bbox_pred [B, A*4, H, W] (dx, dy, dw, dh)
+    deltas normalised by `box_stds`, no centerness.
+    """
 
     head_type = "retinanet"
 
@@ -58,6 +62,7 @@ class RetinaHead(DenseHead):
         return LevelOutput(self.retina_cls(cls_feat), self.retina_reg(reg_feat), None)
 
     def decode_boxes(self, reg: Tensor, priors: Priors) -> Tensor:
+        """Deltas [B, N, 4] applied to the anchors → [B, N, 4] xyxy."""
         return delta_xywh_decode(priors.boxes, reg, stds=self.box_stds)
 
     def assign(self, priors: Priors, gt_boxes: Tensor, gt_labels: Tensor) -> AssignResult:
