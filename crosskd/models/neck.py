@@ -29,6 +29,7 @@ class ExtraConvs(ExtraFPNBlock):
         self.source, self.relu_before = source, relu_before
 
     def forward(self, results: list[Tensor], x: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
+        """Append one [B, out_channels, ⌈H/2⌉, ⌈W/2⌉] map per extra conv to the FPN `results` (inputs `x`: C3..C5)."""
         feat = x[-1] if self.source == "on_input" else results[-1]
         for i, conv in enumerate(self.convs):
             feat = conv(F.relu(feat) if self.relu_before and i > 0 else feat)
@@ -38,7 +39,13 @@ class ExtraConvs(ExtraFPNBlock):
 
 
 class FPN(nn.Module):
-    """Feature pyramid over backbone levels (C3–C5) with `num_outs` outputs (P3–P7 by default)."""
+    """Feature pyramid over backbone levels (C3–C5) with `num_outs` outputs (P3–P7 by default).
+
+    Args:
+        in_channels (Sequence[int]): channels of the backbone outputs, e.g. (512, 1024, 2048) for C3–C5.
+        out_channels (int): channels of every output level.
+        num_outs (int): output levels; those beyond the inputs come from stride-2 convs (`add_extra_convs`).
+    """
 
     def __init__(
         self,
@@ -66,5 +73,6 @@ class FPN(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
+        """`num_outs` maps [B, out_channels, H/s, W/s] (s = 8..128) from backbone maps [B, in_channels[i], H_i, W_i]."""
         outs = self.fpn(OrderedDict((f"c{i}", f) for i, f in enumerate(feats)))
         return list(outs.values())
