@@ -74,11 +74,17 @@ class Targets:
 
 
 class ConvBlock(nn.Module):
-    """3×3 conv → GroupNorm (or nothing) → ReLU; the conv has a bias only without a norm (MMDet ConvModule)."""
+    """3×3 conv → GroupNorm (or nothing) → ReLU.
 
-    def __init__(self, in_channels: int, out_channels: int, norm: str = "gn", num_groups: int = 32) -> None:
+    The conv has a bias only without a norm unless `bias` says otherwise (MMDet ConvModule `bias='auto'`).
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, norm: str = "gn", num_groups: int = 32, bias: bool | None = None
+    ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=norm == "none")
+        bias = norm == "none" if bias is None else bias
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias)
         self.norm = nn.GroupNorm(num_groups, out_channels) if norm == "gn" else nn.Identity()
         self.act = nn.ReLU()
 
@@ -143,6 +149,7 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
         anchor_scales: Sequence[float] | None,
         anchor_ratios: Sequence[float],
         use_scales: bool,
+        conv_bias: bool | None = None,
     ) -> None:
         super().__init__()
         _check_head_args(feat_channels, stacked_convs, norm, num_groups)
@@ -151,13 +158,15 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
         self.anchor_scales = None if anchor_scales is None else list(anchor_scales)
         self.anchor_ratios = list(anchor_ratios)
         self.num_anchors = 1 if anchor_scales is None else len(self.anchor_scales) * len(self.anchor_ratios)
-        self.cls_convs = self._tower(norm, num_groups)
-        self.reg_convs = self._tower(norm, num_groups)
+        self.cls_convs = self._tower(norm, num_groups, conv_bias)
+        self.reg_convs = self._tower(norm, num_groups, conv_bias)
         self.scales = nn.ModuleList(Scale(1.0) for _ in self.strides) if use_scales else None
 
-    def _tower(self, norm: str, num_groups: int) -> nn.ModuleList:
+    def _tower(self, norm: str, num_groups: int, conv_bias: bool | None) -> nn.ModuleList:
         chans = [self.in_channels] + [self.feat_channels] * self.stacked_convs
-        return nn.ModuleList(ConvBlock(chans[i], chans[i + 1], norm, num_groups) for i in range(self.stacked_convs))
+        return nn.ModuleList(
+            ConvBlock(chans[i], chans[i + 1], norm, num_groups, conv_bias) for i in range(self.stacked_convs)
+        )
 
     @property
     def out_channels(self) -> int:

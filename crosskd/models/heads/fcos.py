@@ -20,7 +20,8 @@ class FCOSHead(DenseHead):
     """FCOS head (MMDet defaults): GN towers, exp(Scale(reg)) distances (relu and stride units with norm_on_bbox).
 
     Per level: cls_score [B, C, H, W] logits, bbox_pred [B, 4, H, W] ltrb distances (pixels, or stride units
-    with `norm_on_bbox`), centerness [B, 1, H, W] logits.
+    with `norm_on_bbox`), centerness [B, 1, H, W] logits. `conv_bias=True` keeps a bias on the GN tower convs
+    (MMDet `conv_bias=True` configs); None gives a bias only without a norm (MMDet's 'auto').
     """
 
     head_type = "fcos"
@@ -42,6 +43,7 @@ class FCOSHead(DenseHead):
         center_sample_radius: float = 1.5,
         norm_on_bbox: bool = False,
         centerness_on_reg: bool = False,
+        conv_bias: bool | None = None,
         box_loss: str = "iou",
         focal_gamma: float = 2.0,
         focal_alpha: float = 0.25,
@@ -50,7 +52,8 @@ class FCOSHead(DenseHead):
         loss_ctr_weight: float = 1.0,
     ) -> None:
         super().__init__(
-            num_classes, in_channels, feat_channels, stacked_convs, norm, num_groups, strides, None, (1.0,), True
+            num_classes, in_channels, feat_channels, stacked_convs, norm, num_groups, strides, None, (1.0,), True,
+            conv_bias,
         )
         if len(regress_ranges) != len(self.strides):
             raise ConfigError(f"head.regress_ranges has {len(regress_ranges)} ranges for {len(self.strides)} strides")
