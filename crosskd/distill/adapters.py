@@ -85,6 +85,7 @@ class TowerAdapter(nn.Module):
         self.reg = nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
 
     def forward(self, cls_feat: Tensor, reg_feat: Tensor) -> tuple[Tensor, Tensor]:
+        """[B, C_student, H, W] hold features → [B, C_teacher, H, W] each."""
         return self.cls(cls_feat), self.reg(reg_feat)
 
 

@@ -63,13 +63,21 @@ def stack_levels(levels: list[LevelOutput]) -> HeadOutputs:
 
 
 def head_pass(head: DenseHead, feats: list[Tensor], idx: int) -> tuple[HoldFeatures, HeadOutputs]:
-    """Run a head split at tower step `idx`: the hold features per level and the (identical to forward) outputs."""
+    """Run a head split at tower step `idx`: the hold features per level and the (identical to forward) outputs.
+
+    Args:
+        feats (list[Tensor[B, C, H_l, W_l]]): FPN outputs, one per level.
+
+    Returns:
+        holds: per level (cls, reg), each [B, feat_channels, H_l, W_l] pre-activation; outputs: HeadOutputs.
+    """
     holds = [head.forward_tower(x, idx) for x in feats]
     outputs = [head.forward_from(cls_feat, reg_feat, level, idx) for level, (cls_feat, reg_feat) in enumerate(holds)]
     return holds, stack_levels(outputs)
 
 
 def feat_sizes(feats: list[Tensor]) -> list[tuple[int, int]]:
+    """(H, W) of every [B, C, H, W] feature map."""
     return [(int(x.shape[-2]), int(x.shape[-1])) for x in feats]
 
 
@@ -79,6 +87,12 @@ class Distiller(nn.Module):
     The teacher is a plain attribute (not a submodule), so it is absent from parameters(), state_dict(), the
     optimizer, EMA and DDP; it is frozen, always in eval mode and follows `.to()`. KD recipes follow the
     teacher's head type. `kd`: crosskd | pm | ld | pkd | crosskd+pkd | none.
+
+    Args:
+        student, teacher (DenseDetector): detectors with the same classes; their FPN outputs must have equal
+            sizes (same strides), while widths may differ (1x1 adapters at the hold point).
+        kd_idx (int | None): CrossKD hold point, a tower step; None takes the teacher head's default.
+        kd_align (bool): standardise the student hold features to the teacher's per-channel statistics.
     """
 
     def __init__(
@@ -117,6 +131,7 @@ class Distiller(nn.Module):
         return cls(student, teacher, kd=kd, kd_idx=args.kd_idx, kd_align=args.kd_align, weights=weights)
 
     def log_setup(self) -> None:
+        """Log the KD method, the head types, the hold point and the loss weights (one line)."""
         if not self.methods:
             LOGGER.info("kd=none: training the student without distillation (the teacher is loaded but unused)")
             return
@@ -140,10 +155,18 @@ class Distiller(nn.Module):
         return self
 
     def forward(self, batch: Any) -> dict[str, Tensor]:
+        """Same as `loss(batch)`, so DDP can wrap the distiller."""
         return self.loss(batch)
 
     def loss(self, batch: Any) -> dict[str, Tensor]:
-        """The student's detection losses (own predictions only) plus kd_cls, kd_reg, kd_ctr, kd_feat as applicable."""
+        """The student's detection losses (own predictions only) plus kd_cls, kd_reg, kd_ctr, kd_feat as applicable.
+
+        Args:
+            batch (Batch): images [B, 3, H, W] 0..1 RGB, gt_boxes [B, M, 4] xyxy input pixels, gt_labels [B, M].
+
+        Returns:
+            dict[str, Tensor]: scalar losses, already weighted.
+        """
         s_head = self.student.head
         s_feats = self.student.extract_features(batch.images)
         holds, outputs = head_pass(s_head, s_feats, self.kd_idx)
@@ -161,7 +184,10 @@ class Distiller(nn.Module):
         return losses
 
     def prediction_losses(self, student: StudentPass, t_feats: list[Tensor], batch: Any) -> dict[str, Tensor]:
-        """KD on predictions: cross-head (crosskd), the student's own (pm) or its box distributions (ld)."""
+        """KD on predictions: cross-head (crosskd), the student's own (pm) or its box distributions (ld).
+
+        `t_feats` are the teacher's FPN outputs (list of [B, C_t, H_l, W_l]); returns scalar kd_* losses.
+        """
         t_head, s_head = self.teacher.head, self.student.head
         with torch.no_grad():
             t_holds, t_out = head_pass(t_head, t_feats, self.kd_idx)
@@ -182,7 +208,8 @@ class Distiller(nn.Module):
     def cross_head(self, s_holds: HoldFeatures, t_holds: HoldFeatures) -> HeadOutputs:
         """Student hold features (adapted, aligned to the teacher's) through the rest of the teacher's head.
 
-        Not under no_grad: the KD gradient flows through the frozen teacher layers into the student.
+        Not under no_grad: the KD gradient flows through the frozen teacher layers into the student. Hold features
+        are per level (cls, reg) pairs: the student's [B, C_s, H_l, W_l], the teacher's [B, C_t, H_l, W_l].
         """
         levels = []
         for level, ((s_cls, s_reg), (t_cls, t_reg)) in enumerate(zip(s_holds, t_holds)):
@@ -211,5 +238,6 @@ class Distiller(nn.Module):
         return {k: v.detach().cpu().clone() for k, v in self.adapter.state_dict().items()}
 
     def load_adapter_state(self, state: dict[str, Tensor] | None) -> None:
+        """Restore the width adapter from `adapter_state()` (no-op without an adapter or a state)."""
         if self.adapter is not None and state is not None:
             self.adapter.load_state_dict(state)

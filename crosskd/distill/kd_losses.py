@@ -2,7 +2,8 @@
 
 Every recipe compares predictions in the teacher head's layout (`pred`: cross-head outputs for CrossKD or the
 student's own outputs for prediction mimicking) with the teacher's outputs (`target`), and returns already
-weighted terms keyed `kd_cls`, `kd_reg` and `kd_ctr`.
+weighted scalar terms keyed `kd_cls`, `kd_reg` and `kd_ctr`. Flat outputs are cls [B, N, C] logits, reg [B, N, R]
+and ctr [B, N] logits over the N priors of the teacher head.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class KDWeights:
     feat: float = 0.0
 
     def scaled(self, factor: float) -> KDWeights:
+        """Every weight times `factor` (the global kd_weight)."""
         return KDWeights(self.cls * factor, self.reg * factor, self.ctr * factor, self.feat * factor)
 
 
@@ -107,7 +109,7 @@ def kd_cls_sum(pred_cls: Tensor, teacher_cls: Tensor, weight: Tensor | None = No
 
 
 def dfl_kl_sum(pred_reg: Tensor, teacher_reg: Tensor, weight: Tensor, temperature: float, reduction: str) -> Tensor:
-    """KL between the 4 per-side box distributions, each side weighted by `weight` [B,N], summed."""
+    """KL between the 4 per-side distributions of [B,N,4*bins] logits, each side weighted by `weight` [B,N], summed."""
     bins = pred_reg.shape[-1] // 4
     pred = pred_reg.float().unflatten(-1, (4, bins))  # [B,N,4,bins]
     target = teacher_reg.detach().float().unflatten(-1, (4, bins))  # [B,N,4,bins]
@@ -175,13 +177,13 @@ RECIPES: dict[str, Callable[[KDInputs, DenseHead, KDWeights], dict[str, Tensor]]
 
 
 def prediction_kd(inputs: KDInputs, head: DenseHead, weights: KDWeights) -> dict[str, Tensor]:
-    """The KD terms of the teacher head's type (`head` is the teacher's head)."""
+    """The KD terms of the teacher head's type (`head` is the teacher's head): scalar kd_cls, kd_reg (, kd_ctr)."""
     return RECIPES[head.head_type](inputs, head, weights)
 
 
 def ld_loss(student: FlatOutputs, teacher: FlatOutputs, targets: Targets, weight: float) -> Tensor:
     """LD: KL (T 10, mean over bins × T²) on positive anchors' box distributions, weighted by the student's
-    detached max score, / (4 · Σ weights averaged over ranks)."""
+    detached max score, / (4 · Σ weights averaged over ranks). reg [B, N, 4*(reg_max+1)] on both sides; a scalar."""
     pos = targets.pos_mask  # [B,N]
     w = student.cls.detach().float().amax(dim=-1).sigmoid() * pos  # [B,N]
     kl = dfl_kl_sum(student.reg, teacher.reg, w, temperature=LD_TEMPERATURE, reduction="mean")
@@ -189,5 +191,5 @@ def ld_loss(student: FlatOutputs, teacher: FlatOutputs, targets: Targets, weight
 
 
 def feature_kd(student_feats: list[Tensor], teacher_feats: list[Tensor], weight: float) -> Tensor:
-    """PKD over every FPN level (per-level losses summed) × weight."""
+    """PKD over every FPN level (per-level losses summed) × weight: lists of [B, C, H_l, W_l] → a scalar."""
     return sum(pkd_loss(s.float(), t.detach().float()) for s, t in zip(student_feats, teacher_feats)) * weight
