@@ -47,6 +47,6 @@ class AssignResult:
 
     @classmethod
     def all_background(cls, batch: int, num_priors: int, device: torch.device) -> "AssignResult":
-        """Every prior background: for a batch padded to zero GT."""
+        """Every prior background (assigned_gt and labels −1, overlaps 0, each [B, N]): for zero padded GT."""
         assigned = torch.full((batch, num_priors), BACKGROUND, dtype=torch.long, device=device)
         return cls(assigned, torch.zeros(batch, num_priors, device=device), assigned.clone())

@@ -21,7 +21,8 @@ def weight_reduce(
     avg_factor: float | Tensor | None = None,
     reduction: str = "mean",
 ) -> Tensor:
-    """Multiply by `weight` (broadcast), then reduce: sum/avg_factor when given, else mean, sum or none.
+    """Multiply by `weight` (broadcast to `loss`, e.g. [B, N]), then reduce to a scalar: sum/avg_factor when given,
+    else mean or sum; reduction='none' returns the weighted loss.
 
     The mean of an empty tensor is a zero that keeps the graph.
     """
@@ -101,10 +102,10 @@ def iou_loss(pred: Tensor, target: Tensor, mode: str = "log", eps: float = 1e-6)
 
 
 def l1_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """Element-wise |pred − target|."""
+    """Element-wise |pred − target| `[...]` of same-shape tensors `[...]` (e.g. box deltas [P, 4])."""
     return (pred.float() - target.float()).abs()
 
 
 def bce_with_logits(logits: Tensor, targets: Tensor) -> Tensor:
-    """Element-wise binary cross-entropy on logits; targets may be soft (0..1)."""
+    """Element-wise binary cross-entropy `[...]` on logits `[...]`; same-shape targets may be soft (0..1)."""
     return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
