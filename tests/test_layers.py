@@ -11,7 +11,7 @@ import crosskd
 
 PACKAGE = Path(crosskd.__file__).parent
 GROUND = {"errors", "dist", "utils", "paths"}  # usable from every layer
-SETTINGS = {"config"}  # run settings: engine, api and cli only
+SETTINGS = {"config", "settings"}  # run settings (schema and validation): engine, api and cli only
 ROOT_GROUND_NAMES = {"__version__"}  # `from crosskd import __version__` is ground; `Detector` is the api layer
 BELOW = {"ops": set(), "losses": {"ops"}, "assigners": {"ops"}, "data": set()}
 BELOW["models"] = {"losses", "assigners", "ops"}
@@ -21,8 +21,10 @@ BELOW["api"] = BELOW["engine"] | {"engine"}
 BELOW["cli"] = BELOW["api"] | {"api"}
 BELOW["__main__"] = {"cli"}
 BELOW["__init__"] = {"api"}
-for part in GROUND | SETTINGS:
-    BELOW[part] = set(GROUND)
+for part in GROUND:
+    BELOW[part] = set()
+for part in SETTINGS:
+    BELOW[part] = set(SETTINGS)
 
 
 def module_names(root: Path) -> dict[str, Path]:
