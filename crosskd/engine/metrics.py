@@ -28,6 +28,8 @@ class ClassStats:
 
 @dataclass
 class COCOResult:
+    """COCO metrics by METRIC_KEYS name (AP, AP50, ...) and the per-class rows."""
+
     metrics: dict[str, float]
     classes: list[ClassStats] = field(default_factory=list)
 
@@ -40,7 +42,13 @@ def fitness(metrics: dict[str, float]) -> float:
 def detections_to_coco(
     boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, image_id: int, category_ids: list[int]
 ) -> list[dict]:
-    """COCO results records for one image; boxes are xyxy original pixels, written as xywh (rounded)."""
+    """COCO results records for one image; boxes are xyxy original pixels, written as xywh (rounded).
+
+    Args:
+        boxes (Tensor[K, 4]): xyxy in original-image pixels.
+        scores (Tensor[K]): confidences.
+        labels (Tensor[K]): contiguous class ids, mapped through `category_ids` to COCO category ids.
+    """
     xywh = boxes.detach().double().cpu().clone()  # [K, 4]
     xywh[:, 2:] -= xywh[:, :2]
     xywh = xywh.numpy().round(3).tolist()
@@ -110,4 +118,5 @@ def format_class_table(result: COCOResult, num_images: int, per_class: bool = Tr
 
 
 def format_summary(metrics: dict[str, float]) -> str:
+    """One line 'AP 0.1234  AP50 ...' of every METRIC_KEYS value."""
     return "  ".join(f"{k} {metrics[k]:.4f}" for k in METRIC_KEYS)

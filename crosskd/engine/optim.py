@@ -40,6 +40,7 @@ class LRSchedule:
 
     @property
     def total_iters(self) -> int:
+        """Iterations of the whole run."""
         return self.iters_per_epoch * self.epochs
 
     def regular(self, iteration: int) -> float:
@@ -53,12 +54,14 @@ class LRSchedule:
         return self.base_lr * 0.1**decays
 
     def __call__(self, iteration: int) -> float:
+        """The learning rate at `iteration` (0-based over the whole run), warm-up included."""
         lr = self.regular(iteration)
         if iteration < self.warmup_iters:
             lr *= self.warmup_ratio + (1 - self.warmup_ratio) * iteration / self.warmup_iters
         return lr
 
     def state_dict(self) -> dict:
+        """The schedule's fields as plain values (for the checkpoint)."""
         state = asdict(self)
         state["lr_steps"] = list(self.lr_steps)
         return state
@@ -90,6 +93,7 @@ def build_optimizer(params: list[nn.Parameter], name: str, lr: float, momentum: 
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set `lr` on every parameter group."""
     for group in optimizer.param_groups:
         group["lr"] = lr
 
@@ -104,10 +108,12 @@ class ModelEMA:
         self.updates = updates
 
     def current_decay(self) -> float:
+        """decay · (1 − exp(−updates / EMA_TAU)): small for the first updates, then close to `decay`."""
         return self.decay * (1 - math.exp(-self.updates / EMA_TAU))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """Blend the model's floating-point state into the average; copy integer buffers (e.g. BN counters)."""
         self.updates += 1
         d = self.current_decay()
         model_state = model.state_dict()

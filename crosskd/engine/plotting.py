@@ -19,6 +19,7 @@ PALETTE = [(56, 56, 255), (151, 157, 255), (31, 112, 255), (29, 178, 255), (49, 
 
 
 def class_color(label: int) -> tuple[int, int, int]:
+    """The BGR colour of a class id (the palette repeats after 20 classes)."""
     return PALETTE[label % len(PALETTE)]
 
 
@@ -42,7 +43,10 @@ def plot_images(
     scores: list[torch.Tensor] | None = None,
     max_images: int = 16,
 ) -> Path:
-    """Save a grid of images [B,3,H,W] (0..1 RGB) with per-image xyxy boxes in input pixels."""
+    """Save a grid of images [B,3,H,W] (0..1 RGB) with per-image xyxy boxes in input pixels.
+
+    `boxes[i]` is [K_i, 4], `labels[i]` and `scores[i]` are [K_i]; at most `max_images` images are drawn.
+    """
     count = min(len(images), max_images)
     cols = math.ceil(math.sqrt(count))
     rows = math.ceil(count / cols)

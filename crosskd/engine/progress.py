@@ -13,6 +13,7 @@ REFRESH_INTERVAL_S = 0.5  # how often the running means are read back from the d
 
 
 def memory_text(device: torch.device) -> str:
+    """Reserved CUDA memory, e.g. '3.2G'; empty on other devices."""
     if device.type != "cuda":
         return ""
     return f"{torch.cuda.memory_reserved(device) / 2**30:.3g}G"
@@ -59,6 +60,7 @@ class EpochProgress:
             self.progress.stop()
 
     def describe(self, means: dict[str, float], lr: float) -> str:
+        """One row under `epoch_header`: epoch, memory (CUDA), running loss means, lr and images/s."""
         mem = memory_text(self.device)
         rate = self.images / max(time.monotonic() - self.start, 1e-9)
         values = [self.epoch_text, *([mem] if self.device.type == "cuda" else [])]
@@ -71,6 +73,7 @@ class EpochProgress:
         return self.enabled and (last or time.monotonic() - self.last_refresh >= REFRESH_INTERVAL_S)
 
     def advance(self, images: int) -> None:
+        """Count one finished iteration of `images` images."""
         self.images += images
         if self.progress is not None:
             self.progress.advance(self.task)
