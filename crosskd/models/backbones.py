@@ -1,20 +1,17 @@
-"""Backbones from torchvision building blocks (never downloaded): ResNet, MobileNetV2 and Swin-T.
+"""Backbones from torchvision building blocks: ResNet, MobileNetV2 and Swin-T.
 
 Every backbone returns a list of feature maps (strides 8, 16, 32 by default) and exposes `out_channels`.
-At width 1.0 the parameter names equal torchvision's, so a torchvision `.pth` state_dict loads through
-`load_pretrained` with an explicit key map and shape checks.
+At width 1.0 the parameter names equal torchvision's. A backbone only stores its `pretrained` spec: the weights
+are loaded when training starts (`crosskd.models.pretrained.load_pretrained_weights`), never while building.
 """
 
 from collections.abc import Sequence
-from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 from torchvision.models import SwinTransformer, mobilenet_v2
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from crosskd.errors import ConfigError
-from crosskd.utils import LOGGER
 
 RESNET_SPECS: dict[int, tuple[type[BasicBlock | Bottleneck], tuple[int, int, int, int]]] = {
     18: (BasicBlock, (2, 2, 2, 2)),
@@ -59,6 +56,7 @@ class Backbone(nn.Module):
     """A backbone whose first `frozen_stages` stay frozen in eval mode (and all BatchNorm when `norm_eval`)."""
 
     norm_eval = False
+    pretrained: bool | str | None = None  # weights spec loaded at training start (see models/pretrained.py)
 
     def _freeze_stages(self) -> None:
         raise NotImplementedError
@@ -105,14 +103,17 @@ class ResNet(Backbone):
         out_indices: Sequence[int] = (1, 2, 3),
         frozen_stages: int = -1,
         norm_eval: bool = False,
-        pretrained: str | None = None,
+        pretrained: bool | str | None = None,
+        norm_eps: float = 1e-5,
     ) -> None:
+        """`norm_eps` is every BatchNorm's eps (torchvision's COCO RetinaNet v1 weights expect 0)."""
         super().__init__()
         if depth not in RESNET_SPECS:
             raise ConfigError(f"backbone.depth {depth} is not one of {', '.join(map(str, RESNET_SPECS))}")
         if width <= 0:
             raise ConfigError(f"backbone.width {width} must be > 0")
         block, layers = RESNET_SPECS[depth]
+        self.depth, self.width = depth, width
         self.out_indices = _check_out_indices(out_indices)
         self.frozen_stages, self.norm_eval = _check_frozen_stages(frozen_stages), norm_eval
         self.inplanes = max(int(64 * width), 1)
@@ -127,8 +128,10 @@ class ResNet(Backbone):
         self.layer4 = self._make_layer(block, planes[3], layers[3], stride=2)
         self.out_channels = [planes[i] * block.expansion for i in self.out_indices]
         self._init_weights()
-        if pretrained:
-            load_pretrained(self, pretrained)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eps = norm_eps
+        self.pretrained = pretrained
         self._freeze_stages()
 
     def _make_layer(self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int) -> nn.Sequential:
@@ -182,18 +185,18 @@ class MobileNetV2(StagedFeatures):
         out_indices: Sequence[int] = (1, 2, 3),
         frozen_stages: int = -1,
         norm_eval: bool = False,
-        pretrained: str | None = None,
+        pretrained: bool | str | None = None,
     ) -> None:
         super().__init__()
         if width <= 0:
             raise ConfigError(f"backbone.width {width} must be > 0")
+        self.width = width
         self.out_indices = _check_out_indices(out_indices)
         self.frozen_stages, self.norm_eval = _check_frozen_stages(frozen_stages), norm_eval
         self.features = mobilenet_v2(weights=None, width_mult=width).features[: MOBILENET_STAGE_ENDS[-1]]
         channels = [self.features[end - 1].out_channels for end in MOBILENET_STAGE_ENDS]
         self.out_channels = [channels[i] for i in self.out_indices]
-        if pretrained:
-            load_pretrained(self, pretrained)
+        self.pretrained = pretrained
         self._freeze_stages()
 
     def forward(self, x: Tensor) -> list[Tensor]:
@@ -210,7 +213,7 @@ class SwinT(StagedFeatures):
         out_indices: Sequence[int] = (1, 2, 3),
         drop_path_rate: float = 0.2,
         frozen_stages: int = -1,
-        pretrained: str | None = None,
+        pretrained: bool | str | None = None,
     ) -> None:
         super().__init__()
         self.out_indices = _check_out_indices(out_indices)
@@ -220,8 +223,7 @@ class SwinT(StagedFeatures):
         channels = [96 * 2**i for i in range(4)]
         self.out_channels = [channels[i] for i in self.out_indices]
         self.norms = nn.ModuleList(nn.LayerNorm(c) for c in self.out_channels)
-        if pretrained:
-            load_pretrained(self, pretrained)
+        self.pretrained = pretrained
         self._freeze_stages()
 
     def forward(self, x: Tensor) -> list[Tensor]:
@@ -230,55 +232,3 @@ class SwinT(StagedFeatures):
             norm = self.norms[self.out_indices.index(i)]
             outs.append(norm(out).permute(0, 3, 1, 2).contiguous())  # [B, C, H, W]
         return outs
-
-
-def _source_key_map(model: nn.Module) -> dict[str, str]:
-    """Our parameter/buffer name -> the name it has in a torchvision checkpoint."""
-    names = list(model.state_dict())
-    if not isinstance(model, SwinT):
-        return {n: n for n in names}
-    key_map = {n: n for n in names if not n.startswith("norms.")}
-    if 3 in model.out_indices:  # torchvision's final `norm` follows stage 4
-        last = len(model.out_indices) - 1
-        key_map.update({f"norms.{last}.{p}": f"norm.{p}" for p in ("weight", "bias")})
-    return key_map
-
-
-def _read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(
-            f"backbone.pretrained '{path}' not found: give a local torchvision .pth file (nothing is downloaded)"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(
-            f"backbone.pretrained '{path}' is not a readable torch state_dict ({type(e).__name__})"
-        ) from e
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ConfigError(f"backbone.pretrained '{path}' holds no state_dict")
-    prefixes = ("module.", "backbone.")
-    return {next((k[len(p) :] for p in prefixes if k.startswith(p)), k): v for k, v in state.items()}
-
-
-def load_pretrained(model: nn.Module, path: str | Path) -> int:
-    """Copy matching tensors of a torchvision checkpoint into `model`; returns how many were transferred."""
-    source = _read_state_dict(path)
-    target = model.state_dict()
-    key_map = _source_key_map(model)
-    matched, skipped = {}, []
-    for ours, theirs in key_map.items():
-        tensor = source.get(theirs)
-        if tensor is not None and tensor.shape == target[ours].shape:
-            matched[ours] = tensor
-        elif tensor is not None:
-            skipped.append(f"{theirs} {tuple(tensor.shape)}→{tuple(target[ours].shape)}")
-    model.load_state_dict(matched, strict=False)
-    LOGGER.info(f"Transferred {len(matched)}/{len(target)} items from {path}")
-    if skipped:
-        LOGGER.warning(f"Shape mismatch, not loaded: {', '.join(skipped[:5])}{' …' if len(skipped) > 5 else ''}")
-    return len(matched)
