@@ -112,13 +112,15 @@ def mmdet_fpn(in_channels: list[int], out: int, num_outs: int, on_input: bool) -
     return keys
 
 
-def mmdet_head(kind: str, nc: int, in_ch: int, feat: int, stacked: int, gn: bool, anchors: int = 1) -> Shapes:
+def mmdet_head(
+    kind: str, nc: int, in_ch: int, feat: int, stacked: int, gn: bool, anchors: int = 1, conv_bias: bool = False
+) -> Shapes:
     """GFLHead / RetinaHead / FCOSHead / ATSSHead: ConvModule towers (conv + gn, or conv with bias), predictors."""
     keys: Shapes = {}
     for branch in ("cls", "reg"):
         for i in range(stacked):
             p = f"bbox_head.{branch}_convs.{i}"
-            keys |= conv(f"{p}.conv", feat, in_ch if i == 0 else feat, 3, bias=not gn)
+            keys |= conv(f"{p}.conv", feat, in_ch if i == 0 else feat, 3, bias=conv_bias or not gn)
             keys |= ln(f"{p}.gn", feat) if gn else {}
     for name, per_anchor in PREDICTORS[kind].items():
         keys |= conv(f"bbox_head.{name}", anchors * (per_anchor or nc), feat, 3)
@@ -417,3 +419,36 @@ def test_full_size_retinanet_swint_every_tensor_lands_and_patch_merging_matches_
         torch.testing.assert_close(features[2 * stage + 2](x), ref, rtol=1e-4, atol=1e-4)
     attn = features[1][0].attn
     assert torch.equal(attn.relative_position_index, mmdet_relative_position_index(7).reshape(-1))
+
+
+# fcos_r18_fpn_gn-head-center-normbbox-centeronreg-giou_8xb8-amp-lsj-200e_coco (MMDet 3.x), narrowed to base 32
+FCOS_TRICKS_CONFIG = """
+model = dict(
+    type='FCOS',
+    backbone=dict(type='ResNet', depth=18, base_channels=32, num_stages=4, out_indices=(0, 1, 2, 3),
+                  frozen_stages=1, norm_cfg=dict(type='BN', requires_grad=True), norm_eval=True, style='pytorch'),
+    neck=dict(type='FPN', in_channels=[32, 64, 128, 256], out_channels=64, start_level=1,
+              add_extra_convs='on_output', num_outs=5, relu_before_extra_convs=True),
+    bbox_head=dict(type='FCOSHead', num_classes=80, in_channels=64, stacked_convs=2, feat_channels=64,
+                   norm_cfg=dict(type='GN', num_groups=16, requires_grad=True), strides=[8, 16, 32, 64, 128],
+                   norm_on_bbox=True, centerness_on_reg=True, dcn_on_last_conv=False, center_sampling=True,
+                   conv_bias=True, loss_bbox=dict(type='GIoULoss', loss_weight=1.0)))
+"""
+
+
+def test_fcos_tricks_config_keeps_tower_conv_biases():
+    cfg = mmdet_model_cfg({"state_dict": {}, "meta": {"cfg": FCOS_TRICKS_CONFIG}})
+    head = cfg["head"]
+    assert (head["conv_bias"], head["norm_on_bbox"], head["centerness_on_reg"], head["box_loss"]) == (
+        True,
+        True,
+        True,
+        "giou",
+    )
+    assert cfg["neck"]["relu_before_extra_convs"] is True and cfg["backbone"]["width"] == 0.5
+    keys, widths = mmdet_resnet(18, 32)
+    keys |= mmdet_fpn(widths[1:], 64, 5, on_input=False) | mmdet_head("fcos", 3, 64, 64, 2, gn=True, conv_bias=True)
+    source = make_source(keys)
+    detector = load_mmdet(mmdet_ckpt(source, {"cfg": FCOS_TRICKS_CONFIG}), None, "fcos_tricks.pth")
+    assert detector.head.cls_convs[0].conv.bias is not None
+    assert check_every_tensor_lands(detector, source) == len(source) == len(detector.state_dict())
