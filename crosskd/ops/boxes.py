@@ -68,35 +68,43 @@ def _grid_centres(height: int, width: int, stride: int, offset: float, device: D
     return torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=-1)
 
 
-def base_anchors(base_size: float, scales: list[float], ratios: list[float]) -> Tensor:
-    """Anchors `[len(ratios)*len(scales), 4]` centred on 0 (MMDet order: ratios outer, scales inner)."""
+def base_anchors(base_size: float, scales: list[float], ratios: list[float], round_corners: bool = False) -> Tensor:
+    """Anchors `[len(ratios)*len(scales), 4]` centred on 0 (MMDet order: ratios outer, scales inner).
+
+    `round_corners` rounds the corners to whole pixels, as torchvision's AnchorGenerator does.
+    """
     h_ratios = torch.tensor(ratios, dtype=torch.float32).sqrt()
     w_ratios = 1.0 / h_ratios
     scales_t = torch.tensor(scales, dtype=torch.float32)
     widths = (base_size * w_ratios[:, None] * scales_t[None, :]).reshape(-1)  # [R*S]
     heights = (base_size * h_ratios[:, None] * scales_t[None, :]).reshape(-1)  # [R*S]
-    return torch.stack([-0.5 * widths, -0.5 * heights, 0.5 * widths, 0.5 * heights], dim=-1)
+    anchors = torch.stack([-0.5 * widths, -0.5 * heights, 0.5 * widths, 0.5 * heights], dim=-1)
+    return anchors.round() if round_corners else anchors
 
 
 def make_anchors(
     feat_sizes: list[tuple[int, int]],
     strides: list[int],
     base_sizes: list[float],
-    scales: list[float],
+    scales: list[float] | list[list[float]],
     ratios: list[float],
     device: Device,
     dtype: torch.dtype = torch.float32,
+    round_corners: bool = False,
 ) -> Tensor:
     """Anchors `[N, 4]` xyxy for all levels, MMDet AnchorGenerator semantics (centre offset 0).
 
     A level of size (H, W) with stride s has anchor centres at (x*s, y*s); each location holds
     `len(ratios) * len(scales)` anchors of width `base_size * scale / sqrt(ratio)` and height
-    `base_size * scale * sqrt(ratio)`. N = Σ H*W*A, ordered level, y, x, anchor.
+    `base_size * scale * sqrt(ratio)`. N = Σ H*W*A, ordered level, y, x, anchor. `scales` is one list shared
+    by every level or one list per level (torchvision's explicit sizes, with base size 1); `round_corners` rounds
+    the base anchors to whole pixels (torchvision).
     """
+    level_scales = scales if isinstance(scales[0], (list, tuple)) else [scales] * len(strides)
     per_level = []
-    for (height, width), stride, base_size in zip(feat_sizes, strides, base_sizes, strict=True):
+    for (height, width), stride, base_size, scales_l in zip(feat_sizes, strides, base_sizes, level_scales, strict=True):
         centres = _grid_centres(height, width, stride, 0.0, device).repeat(1, 2)  # [H*W, 4]
-        base = base_anchors(base_size, scales, ratios).to(device)  # [A, 4]
+        base = base_anchors(base_size, list(scales_l), ratios, round_corners).to(device)  # [A, 4]
         per_level.append((centres[:, None, :] + base[None, :, :]).reshape(-1, 4))  # [H*W*A, 4]
     return torch.cat(per_level).to(dtype)
 
@@ -145,13 +153,17 @@ def delta_xywh_decode(
     stds: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0),
     max_shape: tuple[int, int] | Tensor | None = None,
     wh_ratio_clip: float = 16 / 1000,
+    clamp_below: bool = True,
 ) -> Tensor:
-    """Boxes `[..., 4]` xyxy from anchors `[..., 4]` and deltas; dw, dh clamped to ±|log(wh_ratio_clip)|."""
+    """Boxes `[..., 4]` xyxy from anchors `[..., 4]` and deltas; dw, dh clamped to ±|log(wh_ratio_clip)| (MMDet).
+
+    With `clamp_below=False` dw, dh are clamped from above only (torchvision's BoxCoder, clip log(1000/16)).
+    """
     deltas = deltas * deltas.new_tensor(stds) + deltas.new_tensor(means)
     max_ratio = abs(math.log(wh_ratio_clip))
     anchor_xy, anchor_wh = box_centers(anchors), box_sizes(anchors)
     centre = anchor_xy + anchor_wh * deltas[..., :2]
-    size = anchor_wh * deltas[..., 2:].clamp(min=-max_ratio, max=max_ratio).exp()
+    size = anchor_wh * deltas[..., 2:].clamp(min=-max_ratio if clamp_below else None, max=max_ratio).exp()
     boxes = torch.cat([centre - 0.5 * size, centre + 0.5 * size], dim=-1)
     return boxes if max_shape is None else clip_boxes(boxes, max_shape)
 

@@ -116,6 +116,18 @@ def flatten_levels(maps: Sequence[Tensor], channels: int) -> Tensor:
     return torch.cat([m.permute(0, 2, 3, 1).reshape(m.shape[0], -1, channels) for m in maps], dim=1)
 
 
+def _check_anchor_sizes(anchor_sizes: Sequence[Sequence[float]] | None, strides: list[int]) -> list[list[float]] | None:
+    """Explicit anchor sizes: one equally long list of pixel sizes per stride."""
+    if anchor_sizes is None:
+        return None
+    sizes = [[float(v) for v in level] for level in anchor_sizes]
+    if len(sizes) != len(strides) or len({len(level) for level in sizes}) != 1 or not sizes[0]:
+        raise ConfigError(
+            f"head.anchor_sizes {anchor_sizes} must give one equally long, non-empty list per stride ({len(strides)})"
+        )
+    return sizes
+
+
 def _check_head_args(feat_channels: int, stacked_convs: int, norm: str, num_groups: int) -> None:
     if norm not in NORMS:
         raise ConfigError(f"head.norm '{norm}' is not one of {', '.join(NORMS)}")
@@ -150,14 +162,24 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
         anchor_ratios: Sequence[float],
         use_scales: bool,
         conv_bias: bool | None = None,
+        *,
+        anchor_sizes: Sequence[Sequence[float]] | None = None,
+        round_anchors: bool = False,
+        point_offset: float = 0.5,
     ) -> None:
+        """Prior options for exact torchvision equivalence (the defaults keep MMDet's priors): `anchor_sizes`
+        (explicit per-level anchor sizes in pixels instead of octave scales × stride), `round_anchors` (base anchor
+        corners rounded to whole pixels) and `point_offset` (points at (index + offset) × stride; torchvision 0)."""
         super().__init__()
         _check_head_args(feat_channels, stacked_convs, norm, num_groups)
         self.num_classes, self.in_channels, self.feat_channels = num_classes, in_channels, feat_channels
         self.stacked_convs, self.strides = stacked_convs, list(strides)
         self.anchor_scales = None if anchor_scales is None else list(anchor_scales)
+        self.anchor_sizes = _check_anchor_sizes(anchor_sizes, self.strides)
         self.anchor_ratios = list(anchor_ratios)
-        self.num_anchors = 1 if anchor_scales is None else len(self.anchor_scales) * len(self.anchor_ratios)
+        self.round_anchors, self.point_offset = round_anchors, point_offset
+        per_location = self.anchor_sizes[0] if self.anchor_sizes else self.anchor_scales
+        self.num_anchors = 1 if anchor_scales is None else len(per_location) * len(self.anchor_ratios)
         self.cls_convs = self._tower(norm, num_groups, conv_bias)
         self.reg_convs = self._tower(norm, num_groups, conv_bias)
         self.scales = nn.ModuleList(Scale(1.0) for _ in self.strides) if use_scales else None
@@ -248,9 +270,14 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
         feat_sizes = [tuple(int(v) for v in s) for s in feat_sizes]
         num_per_level = [h * w * self.num_anchors for h, w in feat_sizes]
         if self.anchor_scales is None:
-            points, strides = make_points(feat_sizes, self.strides, device)
+            points, strides = make_points(feat_sizes, self.strides, device, offset=self.point_offset)
             return Priors(torch.cat([points, points], dim=1), points, strides, num_per_level)
-        boxes = make_anchors(feat_sizes, self.strides, self.strides, self.anchor_scales, self.anchor_ratios, device)
+        base_sizes, scales = (
+            ([1.0] * len(self.strides), self.anchor_sizes) if self.anchor_sizes else (self.strides, self.anchor_scales)
+        )
+        boxes = make_anchors(
+            feat_sizes, self.strides, base_sizes, scales, self.anchor_ratios, device, round_corners=self.round_anchors
+        )
         points = (boxes[:, :2] + boxes[:, 2:]) / 2
         counts = torch.tensor(num_per_level, device=boxes.device)
         strides = torch.repeat_interleave(torch.tensor(self.strides, dtype=boxes.dtype, device=boxes.device), counts)

@@ -10,7 +10,7 @@ from crosskd.errors import ConfigError
 from crosskd.losses.detection import giou_loss, iou_loss, weight_reduce
 from crosskd.ops.boxes import distance_decode
 
-from .base import DEFAULT_STRIDES, DenseHead, HeadOutputs, LevelOutput, Priors, Targets
+from .base import DEFAULT_STRIDES, DenseHead, FlatOutputs, HeadOutputs, LevelOutput, Priors, Targets
 
 INF = 1e8
 BOX_LOSSES = ("iou", "giou")
@@ -22,6 +22,8 @@ class FCOSHead(DenseHead):
     Per level: cls_score [B, C, H, W] logits, bbox_pred [B, 4, H, W] ltrb distances (pixels, or stride units
     with `norm_on_bbox`), centerness [B, 1, H, W] logits. `conv_bias=True` keeps a bias on the GN tower convs
     (MMDet `conv_bias=True` configs); None gives a bias only without a norm (MMDet's 'auto').
+    torchvision's FCOS is `norm_on_bbox`, `centerness_on_reg`, `conv_bias=True`, plus `use_scale=False` (no
+    learnable Scale), `point_offset=0` (points at index × stride) and `sqrt_scores` (score = sqrt(cls · ctr)).
     """
 
     head_type = "fcos"
@@ -44,6 +46,9 @@ class FCOSHead(DenseHead):
         norm_on_bbox: bool = False,
         centerness_on_reg: bool = False,
         conv_bias: bool | None = None,
+        use_scale: bool = True,
+        point_offset: float = 0.5,
+        sqrt_scores: bool = False,
         box_loss: str = "iou",
         focal_gamma: float = 2.0,
         focal_alpha: float = 0.25,
@@ -52,8 +57,8 @@ class FCOSHead(DenseHead):
         loss_ctr_weight: float = 1.0,
     ) -> None:
         super().__init__(
-            num_classes, in_channels, feat_channels, stacked_convs, norm, num_groups, strides, None, (1.0,), True,
-            conv_bias,
+            num_classes, in_channels, feat_channels, stacked_convs, norm, num_groups, strides, None, (1.0,), use_scale,
+            conv_bias, point_offset=point_offset,
         )
         if len(regress_ranges) != len(self.strides):
             raise ConfigError(f"head.regress_ranges has {len(regress_ranges)} ranges for {len(self.strides)} strides")
@@ -62,6 +67,7 @@ class FCOSHead(DenseHead):
         self.regress_ranges = [tuple(float(v) for v in r) for r in regress_ranges]
         self.center_sampling, self.center_sample_radius = center_sampling, center_sample_radius
         self.norm_on_bbox, self.centerness_on_reg, self.box_loss = norm_on_bbox, centerness_on_reg, box_loss
+        self.sqrt_scores = sqrt_scores
         self.focal_gamma, self.focal_alpha = focal_gamma, focal_alpha
         self.loss_weights = {"loss_cls": loss_cls_weight, "loss_box": loss_box_weight, "loss_ctr": loss_ctr_weight}
         self.conv_cls = nn.Conv2d(self.out_channels, num_classes, 3, padding=1)
@@ -70,10 +76,16 @@ class FCOSHead(DenseHead):
         self.init_weights(self.conv_cls)
 
     def predict_level(self, cls_feat: Tensor, reg_feat: Tensor, level: int) -> LevelOutput:
-        bbox_pred = self.scales[level](self.conv_reg(reg_feat)).float()
+        bbox_pred = self.conv_reg(reg_feat)
+        bbox_pred = (bbox_pred if self.scales is None else self.scales[level](bbox_pred)).float()
         bbox_pred = F.relu(bbox_pred) if self.norm_on_bbox else bbox_pred.exp()
         centerness = self.conv_centerness(reg_feat if self.centerness_on_reg else cls_feat)
         return LevelOutput(self.conv_cls(cls_feat), bbox_pred, centerness)
+
+    def scores(self, flat: FlatOutputs) -> Tensor:
+        """Per-class scores [B, N, C]: sigmoid(cls) · sigmoid(ctr), or its square root with `sqrt_scores`."""
+        scores = super().scores(flat)
+        return scores.sqrt() if self.sqrt_scores else scores
 
     def _pixels(self, ltrb: Tensor, strides: Tensor) -> Tensor:
         """Distances in pixels: stride units × stride with `norm_on_bbox`."""

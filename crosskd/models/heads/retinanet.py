@@ -15,7 +15,9 @@ class RetinaHead(DenseHead):
     """RetinaNet head (MMDet defaults): MaxIoU assignment 0.5/0.4, focal γ2 α0.25, L1 on deltas, no Scale.
 
     Per level: cls_score [B, A*C, H, W] logits (A = 9 anchors), bbox_pred [B, A*4, H, W] (dx, dy, dw, dh)
-    deltas normalised by `box_stds`, no centerness.
+    deltas normalised by `box_stds`, no centerness. torchvision's RetinaNet: `anchor_sizes` (its per-level
+    pixel sizes, e.g. [32, 40, 50] at stride 8), `round_anchors` (whole-pixel base anchors) and `clamp_below=False`
+    (its BoxCoder clamps dw, dh from above only).
     """
 
     head_type = "retinanet"
@@ -32,6 +34,9 @@ class RetinaHead(DenseHead):
         octave_base_scale: float = 4.0,
         scales_per_octave: int = 3,
         ratios: Sequence[float] = (0.5, 1.0, 2.0),
+        anchor_sizes: Sequence[Sequence[float]] | None = None,
+        round_anchors: bool = False,
+        clamp_below: bool = True,
         pos_iou_thr: float = 0.5,
         neg_iou_thr: float = 0.4,
         min_pos_iou: float = 0.0,
@@ -44,8 +49,10 @@ class RetinaHead(DenseHead):
     ) -> None:
         scales = anchor_scales(octave_base_scale, scales_per_octave)
         super().__init__(
-            num_classes, in_channels, feat_channels, stacked_convs, norm, num_groups, strides, scales, ratios, False
+            num_classes, in_channels, feat_channels, stacked_convs, norm, num_groups, strides, scales, ratios, False,
+            anchor_sizes=anchor_sizes, round_anchors=round_anchors,
         )
+        self.clamp_below = clamp_below
         self.assign_cfg = {
             "pos_iou_thr": pos_iou_thr,
             "neg_iou_thr": neg_iou_thr,
@@ -63,7 +70,7 @@ class RetinaHead(DenseHead):
 
     def decode_boxes(self, reg: Tensor, priors: Priors) -> Tensor:
         """Deltas [B, N, 4] applied to the anchors → [B, N, 4] xyxy."""
-        return delta_xywh_decode(priors.boxes, reg, stds=self.box_stds)
+        return delta_xywh_decode(priors.boxes, reg, stds=self.box_stds, clamp_below=self.clamp_below)
 
     def assign(self, priors: Priors, gt_boxes: Tensor, gt_labels: Tensor) -> AssignResult:
         return max_iou_assign(priors.boxes, gt_boxes, gt_labels, **self.assign_cfg)
