@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from crosskd.config import get_args
+from crosskd.config import get_args, imgsz_hw
 from crosskd.engine.backend import ExportedDetector
-from crosskd.engine.predictor import Frame, Predictor, Result, as_hw, batched, iter_frames, source_files
+from crosskd.engine.predictor import Frame, Predictor, Result, batched, iter_frames, source_files
 from crosskd.errors import DataError
 
 __all__ = ["Detector", "Result"]
@@ -66,7 +66,7 @@ class Detector:
         Results hold boxes (xyxy, original-image pixels), scores, labels, names and path; `.plot()` draws them.
         """
         static = isinstance(self.predictor.model, ExportedDetector) and not self.predictor.model.dynamic_size
-        size = None if imgsz is None or static else as_hw(imgsz)
+        size = None if imgsz is None or static else imgsz_hw(imgsz)
         results: list[Result] = []
         for frames in batched(to_frames(source), self.predictor.batch):
             results.extend(self.predictor.predict(frames, conf, iou, max_det, size))

@@ -1,7 +1,11 @@
-"""The `crosskd MODE key=value ...` command: parse, validate, dispatch. The only place that catches UserError."""
+"""The `crosskd MODE key=value ...` command: parse, validate, dispatch. The only place that catches UserError.
+
+Shell words become typed overrides here (`parse_cli_args`); `crosskd.config.get_args` validates them into Args.
+"""
 
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib
 import os
@@ -19,18 +23,10 @@ from rich.table import Table
 from rich.text import Text
 
 from crosskd import __version__
-from crosskd.config import (
-    ALIASES,
-    DEFAULT_CFG_PATH,
-    MODES,
-    Args,
-    check_required,
-    get_args,
-    join_tokens,
-    load_defaults,
-    parse_cli_args,
-)
+from crosskd.config import Args, check_required, get_args, unknown_key_error
 from crosskd.errors import ConfigError, UserError
+from crosskd.paths import DEFAULT_CFG_PATH
+from crosskd.settings import ALIASES, MODES, SETTINGS
 from crosskd.utils import LOGGER, console
 
 MODE_TARGETS = {  # mode -> (module, function taking Args); imported only when the mode runs
@@ -73,7 +69,7 @@ Special commands:
   crosskd cfg         every setting with its default and comment
   crosskd copy-cfg    write default_copy.yaml here, to edit and pass back as cfg=
 
-Docs: README.md and docs/ in the crosskd repository."""
+Docs: README.md and docs/ in the crosskd repository (docs/cli.md lists every setting)."""
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -123,7 +119,7 @@ def _split_mode(tokens: list[str]) -> tuple[str | None, list[str]]:
     modes = [token for token in bare if token in MODES]
     if len(modes) > 1:
         raise ConfigError(f"more than one mode given ({', '.join(modes)}); pass exactly one, e.g. crosskd train")
-    keys = set(load_defaults()) | set(ALIASES)
+    keys = set(SETTINGS) | set(ALIASES)
     for word in bare:
         if word not in MODES and word.lstrip("-") not in keys:
             _raise_if_mode_typo(word)
@@ -148,9 +144,110 @@ def _resolve_mode(mode: str | None, overrides: dict[str, Any]) -> str:
         raise ConfigError(f"mode word '{mode}' and mode={given} disagree; pass only one")
     if mode or given:
         return mode or given
-    default = load_defaults()["mode"]
+    default = SETTINGS["mode"].default
     LOGGER.warning(f"no mode given (valid modes: {', '.join(MODES)}); using mode={default}")
     return default
+
+
+# Shell words -> typed overrides ---------------------------------------------------------------------------------------
+BARE_KINDS = ("bool", "resume")  # kinds whose bare key means key=true
+
+
+def smart_value(text: str) -> Any:
+    """Type a command-line value: none/true/false, Python literals (3, 0.01, [0,1], 640,480), else the raw string."""
+    lowered = text.lower()
+    if lowered in ("none", ""):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+
+
+def _glue_brackets(tokens: list[str]) -> list[str]:
+    """Join shell words of a bracket value split by spaces: `imgsz=[640,` `480]` -> `imgsz=[640,480]`."""
+    glued: list[str] = []
+    pending = ""
+    for token in tokens:
+        pending += token
+        depth = pending.count("[") - pending.count("]")
+        if depth < 0:
+            raise ConfigError(f"unmatched ']' in '{pending}'; write lists as key=[a,b]")
+        if depth == 0:
+            glued.append(pending)
+            pending = ""
+    if pending:
+        raise ConfigError(f"unmatched '[' in '{pending}'; write lists as key=[a,b]")
+    return glued
+
+
+def _glue_equals(tokens: list[str]) -> list[str]:
+    """Re-join `key = value`, `key= value` and `key =value` into `key=value`."""
+    joined: list[str] = []
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        has_next = i + 1 < len(tokens)
+        if token == "=" and joined and has_next:
+            joined[-1] += "=" + tokens[i + 1]
+            i += 2
+        elif token.startswith("=") and joined:
+            joined[-1] += token
+            i += 1
+        elif token.endswith("=") and token.count("=") == 1 and has_next and "=" not in tokens[i + 1]:
+            joined.append(token + tokens[i + 1])
+            i += 2
+        else:
+            joined.append(token)
+            i += 1
+    return joined
+
+
+def join_tokens(tokens: list[str]) -> list[str]:
+    """Re-join shell words into whole `key=value` tokens (split brackets and spaces around `=`)."""
+    return _glue_equals(_glue_brackets(list(tokens)))
+
+
+def _clean_token(token: str) -> str:
+    """Strip a leading `--` and a trailing comma, each with a warning."""
+    if token.startswith("--"):
+        LOGGER.warning(f"'{token}' does not need leading dashes; using '{token[2:]}'")
+        token = token[2:]
+    if token.endswith(","):
+        LOGGER.warning(f"'{token}' has a trailing comma; using '{token[:-1]}'")
+        token = token[:-1]
+    return token
+
+
+def _bare_key(key: str) -> bool:
+    """A bare word: True for a bool-like setting, else a one-line error."""
+    setting = SETTINGS.get(ALIASES.get(key, key))
+    if setting is None:
+        raise unknown_key_error([key])
+    if setting.kind not in BARE_KINDS:
+        example = f"{key}={setting.example_value()}"
+        raise ConfigError(f"'{key}' is a valid crosskd argument but is missing '=' — try '{example}'")
+    return True
+
+
+def parse_cli_args(tokens: list[str]) -> dict[str, Any]:
+    """Parse `key=value` shell words into a dict of typed values (keys as written; aliases resolved by get_args)."""
+    overrides: dict[str, Any] = {}
+    for token in join_tokens(tokens):
+        token = _clean_token(token)
+        key, sep, text = token.partition("=")
+        if not key:
+            raise ConfigError(f"'{token}' has no key; write key=value, e.g. epochs=12")
+        if not sep:
+            overrides[key] = _bare_key(key)
+            continue
+        setting = SETTINGS.get(ALIASES.get(key, key))
+        if setting is None:
+            raise unknown_key_error([key])
+        overrides[key] = text if setting.raw and text else smart_value(text)
+    return overrides
 
 
 def _load_runner(mode: str) -> Callable[[Args], Any]:

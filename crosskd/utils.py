@@ -1,4 +1,4 @@
-"""Shared helpers: logging, colours, run directories, atomic saving, seeding and device selection."""
+"""Shared helpers: logging, colours, atomic saving, seeding and device selection (paths live in crosskd.paths)."""
 
 from __future__ import annotations
 
@@ -85,28 +85,6 @@ def colorstr(*parts: str) -> str:
     return "".join(ANSI[style] for style in styles) + text + ANSI["end"]
 
 
-def increment_path(path: str | Path, exist_ok: bool = False, mkdir: bool = False) -> Path:
-    """Return `path`, or the first free `path2`, `path3`, ... (Ultralytics 8.3 style: runs/train, runs/train2).
-
-    Files keep their suffix (`results.csv` -> `results2.csv`). With mkdir the directory is created atomically,
-    so two runs started together never share one.
-    """
-    path = Path(path)
-    stem, suffix = (path.with_suffix(""), path.suffix) if path.is_file() else (path, "")
-    candidate, number = path, 2
-    while True:
-        if exist_ok or not candidate.exists():
-            if not mkdir:
-                return candidate
-            try:
-                candidate.mkdir(parents=True, exist_ok=exist_ok)
-                return candidate
-            except FileExistsError:
-                pass
-        candidate = Path(f"{stem}{number}{suffix}")
-        number += 1
-
-
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """torch.save to a temporary file in the same directory, then os.replace: readers never see half a file.
 
@@ -188,14 +166,3 @@ def _auto_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
-
-
-def runs_dir() -> Path:
-    """Root of all run directories: ./runs under the current directory."""
-    return Path.cwd() / "runs"
-
-
-def newest_file(pattern_root: str | Path, name: str) -> Path | None:
-    """The most recently modified file called `name` anywhere under `pattern_root` (None when there is none)."""
-    candidates = [path for path in Path(pattern_root).rglob(name) if path.is_file()]
-    return max(candidates, key=lambda path: path.stat().st_mtime, default=None)

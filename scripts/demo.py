@@ -16,7 +16,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from crosskd.config import CFG_DIR
+from crosskd.paths import CFG_DIR
 
 console = Console()
 PROJECT = "demo"  # run directories land in runs/demo/<name>

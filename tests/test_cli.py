@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from crosskd import __version__, cli
-from crosskd.config import DEFAULT_CFG_PATH
+from crosskd.paths import DEFAULT_CFG_PATH
 
 ROOT = Path(__file__).resolve().parents[1]
 

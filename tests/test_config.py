@@ -6,19 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from crosskd.config import (
-    CFG_DIR,
-    DEFAULT_CFG_PATH,
-    Args,
-    check_required,
-    format_value,
-    get_args,
-    load_defaults,
-    parse_cli_args,
-    resolve_cfg_file,
-    smart_value,
-)
-from crosskd.errors import ConfigError, DataError
+from crosskd.cli import parse_cli_args, smart_value
+from crosskd.config import Args, check_required, get_args, load_defaults
+from crosskd.errors import ConfigError
+from crosskd.settings import format_value
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -254,22 +245,6 @@ def test_check_required_names_the_missing_input():
     check_required(get_args({"resume": True}, mode="train"))
     check_required(get_args({}, mode="val"))
     check_required(get_args({"teacher": "t.pt", "student": "s.yaml"}, mode="distill"))
-
-
-def test_resolve_cfg_file_finds_shipped_names_and_paths(tmp_path):
-    assert resolve_cfg_file("gfl_r18.yaml", "models") == CFG_DIR / "models" / "gfl_r18.yaml"
-    assert resolve_cfg_file("digits", "datasets") == CFG_DIR / "datasets" / "digits.yaml"
-    own = tmp_path / "mine.yaml"
-    own.write_text("nc: 1\n")
-    assert resolve_cfg_file(own, "models") == own
-    with pytest.raises(ConfigError, match=r"'nope.yaml' is neither a file nor a YAML in .*models \(shipped: .*gfl_r18"):
-        resolve_cfg_file("nope.yaml", "models")
-    with pytest.raises(DataError, match="shipped: .*digits.yaml"):
-        resolve_cfg_file("nope.yaml", "datasets")
-
-
-def test_packaged_cfg_dir_is_the_top_level_cfg():
-    assert DEFAULT_CFG_PATH.read_text() == (ROOT / "cfg" / "default.yaml").read_text()
 
 
 def test_package_data_globs_cover_every_shipped_yaml():

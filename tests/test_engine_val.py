@@ -15,7 +15,7 @@ from crosskd.data import DetectionDataset, load_data_yaml
 from crosskd.data.digits import generate_digits
 from crosskd.engine import validator as validator_module
 from crosskd.engine.checkpoint import make_checkpoint, save_checkpoint
-from crosskd.engine.validator import Validator, make_save_dir
+from crosskd.engine.validator import Validator
 from crosskd.errors import CheckpointError, DataError
 from crosskd.models import Detections, build_detector
 
@@ -127,14 +127,6 @@ def test_class_count_mismatch_is_a_data_error(data_yaml, tmp_path):
     path = save_checkpoint(ckpt, tmp_path / "three.pt")
     with pytest.raises(DataError, match="3 classes"):
         Validator(val_args(data_yaml, tmp_path, model=str(path))).run()
-
-
-def test_save_dir_increments_unless_exist_ok(tmp_path):
-    args = get_args({"project": str(tmp_path), "name": "exp"}, "val")
-    first, second = make_save_dir(args, "val"), make_save_dir(args, "val")
-    assert (first.name, second.name) == ("exp", "exp2") and second.is_dir()
-    assert make_save_dir(get_args({"project": str(tmp_path), "name": "exp", "exist_ok": True}, "val"), "val") == first
-    assert make_save_dir(get_args({"project": str(tmp_path)}, "train"), "train") == tmp_path / "train"
 
 
 def test_val_without_imgsz_uses_the_checkpoint_training_size(data_yaml, tmp_path):

@@ -10,12 +10,12 @@ import torch.nn.functional as F
 import yaml
 from torchvision.models import resnet18
 
-from crosskd.config import CFG_DIR
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import Detections, build_detector, postprocess, scale_boxes
 from crosskd.models.backbones import MobileNetV2, ResNet, SwinT, load_pretrained
 from crosskd.models.info import gflops, model_info, run
 from crosskd.models.neck import FPN
+from crosskd.paths import CFG_DIR
 
 MODELS_DIR = CFG_DIR / "models"
 SHIPPED = sorted(p.stem for p in MODELS_DIR.glob("*.yaml"))

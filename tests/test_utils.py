@@ -14,11 +14,8 @@ from crosskd.utils import (
     LOGGER,
     atomic_save,
     colorstr,
-    increment_path,
     init_seeds,
-    newest_file,
     parse_device_list,
-    runs_dir,
     select_device,
 )
 
@@ -47,22 +44,6 @@ def test_colorstr_is_plain_off_terminal_and_coloured_on_one(monkeypatch):
     monkeypatch.setattr(utils, "_use_colour", lambda: True)
     assert colorstr("bold", "red", "text") == "\033[1m\033[31mtext\033[0m"
     assert colorstr("text") == "\033[34m\033[1mtext\033[0m"
-
-
-def test_increment_path_numbers_like_ultralytics_8_3(tmp_path):
-    run = tmp_path / "runs" / "train"
-    assert increment_path(run) == run
-    run.mkdir(parents=True)
-    assert increment_path(run) == tmp_path / "runs" / "train2"
-    assert increment_path(run, exist_ok=True) == run
-    (tmp_path / "runs" / "train2").mkdir()
-    made = increment_path(run, mkdir=True)
-    assert made == tmp_path / "runs" / "train3" and made.is_dir()
-
-
-def test_increment_path_keeps_file_suffixes(tmp_path):
-    (tmp_path / "results.csv").write_text("a")
-    assert increment_path(tmp_path / "results.csv") == tmp_path / "results2.csv"
 
 
 def test_atomic_save_writes_a_loadable_file_and_no_temp_files(tmp_path):
@@ -158,21 +139,3 @@ def test_select_device_picks_this_process_gpu(monkeypatch):
     with pytest.raises(UserError, match="asks for GPU 3 but only 2 CUDA device"):
         select_device("3")
 
-
-def test_runs_dir_is_under_the_current_directory(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert runs_dir() == tmp_path / "runs"
-
-
-def test_newest_file_finds_the_latest_match(tmp_path):
-    assert newest_file(tmp_path, "last.pt") is None
-    old, new = tmp_path / "train" / "weights" / "last.pt", tmp_path / "train2" / "weights" / "last.pt"
-    for path, mtime in ((old, 1_000_000), (new, 2_000_000)):
-        path.parent.mkdir(parents=True)
-        path.write_bytes(b"x")
-        os.utime(path, (mtime, mtime))
-    (tmp_path / "train3").mkdir()
-    (tmp_path / "train3" / "best.pt").write_bytes(b"x")
-    assert newest_file(tmp_path, "last.pt") == new
-    os.utime(old, (3_000_000, 3_000_000))
-    assert newest_file(tmp_path, "last.pt") == old

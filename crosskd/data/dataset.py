@@ -12,12 +12,12 @@ import yaml
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from crosskd.config import resolve_cfg_file
 from crosskd.data.digits import generate_digits
 from crosskd.data.labels import ImageRecord, SplitSource, problems_message, read_split, resolve_split
 from crosskd.data.transforms import load_image, random_hflip, resize_long_side, scale_boxes
 from crosskd.dist import barrier, is_main_process
 from crosskd.errors import DataError
+from crosskd.paths import resolve_cfg_file
 from crosskd.utils import LOGGER
 
 SPLITS = ("train", "val", "test")

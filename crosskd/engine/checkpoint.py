@@ -14,7 +14,7 @@ from torch import nn
 from crosskd import __version__
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import DenseDetector, build_detector
-from crosskd.utils import LOGGER, atomic_save, newest_file, runs_dir
+from crosskd.utils import LOGGER, atomic_save
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("model", "model_yaml", "nc", "format_version")
@@ -164,13 +164,4 @@ def strip_checkpoint(path: str | Path) -> Path:
     save_checkpoint(ckpt, path)
     size_mb = path.stat().st_size / 1e6
     LOGGER.info(f"Optimizer stripped from {path}, {size_mb:.1f}MB")
-    return path
-
-
-def newest_best(action: str) -> Path:
-    """The newest best.pt under runs/, for a mode run without model= (logged, e.g. action='validating')."""
-    path = newest_file(runs_dir(), "best.pt")
-    if path is None:
-        raise CheckpointError(f"no model= given and no best.pt under {runs_dir()}; pass model=path/to/best.pt")
-    LOGGER.info(f"No model= given: {action} the newest best.pt, {path}")
     return path

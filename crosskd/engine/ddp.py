@@ -12,8 +12,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from crosskd.config import format_value, get_args
+from crosskd.config import get_args
 from crosskd.dist import is_dist
+from crosskd.settings import format_value
 from crosskd.utils import LOGGER, colorstr, parse_device_list
 
 DDP_TIMEOUT = timedelta(hours=3)

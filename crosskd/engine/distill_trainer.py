@@ -7,13 +7,13 @@ from typing import Any
 
 from torch import nn
 
-from crosskd.config import resolve_cfg_file
 from crosskd.dist import is_main_process
 from crosskd.distill import Distiller
 from crosskd.engine.checkpoint import is_yaml, load_checkpoint, load_detector, save_checkpoint
 from crosskd.engine.trainer import Trainer
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import DenseDetector
+from crosskd.paths import resolve_cfg_file
 from crosskd.utils import LOGGER, colorstr
 
 ADAPTER_KEY = "kd_adapter"  # last.pt only: the learned width adapter, needed to resume

@@ -15,14 +15,14 @@ import cv2
 import numpy as np
 import torch
 
-from crosskd.config import Args, load_defaults, setting_or_model_default
+from crosskd.config import Args, imgsz_hw, load_defaults, setting_or_model_default
 from crosskd.data.transforms import load_image, resize_long_side
 from crosskd.engine.backend import ExportedDetector, load_model
-from crosskd.engine.checkpoint import load_detector, newest_best
+from crosskd.engine.checkpoint import load_detector
 from crosskd.engine.plotting import class_color
-from crosskd.engine.validator import make_save_dir
 from crosskd.errors import DataError, UserError
 from crosskd.models import DenseDetector
+from crosskd.paths import make_save_dir, newest_best
 from crosskd.utils import LOGGER, colorstr, select_device
 
 IMAGE_SUFFIXES = {".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}
@@ -208,10 +208,6 @@ def load_predict_model(path: str | Path, device: torch.device) -> tuple[DenseDet
     return model, list(model.imgsz)
 
 
-def as_hw(imgsz: int | Sequence[int]) -> tuple[int, int]:
-    return (imgsz, imgsz) if isinstance(imgsz, int) else (int(imgsz[0]), int(imgsz[-1]))
-
-
 def resize_to_fit(image: np.ndarray, imgsz: tuple[int, int]) -> tuple[np.ndarray, float]:
     """Keep-ratio resize into h x w: the validation resize (long side = imgsz) when square."""
     height, width = imgsz
@@ -269,10 +265,10 @@ class Predictor:
     def resolve_imgsz(self, model_imgsz: Any) -> tuple[int, int]:
         """A static exported graph forces its size; otherwise imgsz=, defaulting to the model's own size."""
         if isinstance(self.model, ExportedDetector) and not self.model.dynamic_size:
-            if as_hw(self.args.imgsz) != self.model.imgsz and self.args.imgsz != load_defaults()["imgsz"]:
+            if imgsz_hw(self.args.imgsz) != self.model.imgsz and self.args.imgsz != load_defaults()["imgsz"]:
                 LOGGER.warning(f"imgsz={self.args.imgsz} ignored: the static graph takes {self.model.imgsz}")
             return self.model.imgsz
-        return as_hw(setting_or_model_default(self.args, "imgsz", model_imgsz))
+        return imgsz_hw(setting_or_model_default(self.args, "imgsz", model_imgsz))
 
     def predict(
         self, frames: Sequence[Frame], conf: float | None = None, iou: float | None = None,

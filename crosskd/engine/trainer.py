@@ -13,7 +13,7 @@ import yaml
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from crosskd.config import get_args
+from crosskd.config import get_args, imgsz_hw
 from crosskd.data import DetectionDataset, build_dataloader, load_data_yaml
 from crosskd.dist import barrier, get_rank, get_world_size, is_dist, is_main_process, reduce_mean
 from crosskd.engine import ddp
@@ -31,11 +31,12 @@ from crosskd.engine.checkpoint import (
 from crosskd.engine.metrics import fitness
 from crosskd.engine.optim import ModelEMA, build_optimizer, build_schedule, set_lr
 from crosskd.engine.progress import EpochProgress, epoch_header
-from crosskd.engine.validator import Validator, make_save_dir
+from crosskd.engine.validator import Validator
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import DenseDetector
 from crosskd.models.backbones import load_pretrained
-from crosskd.utils import LOGGER, colorstr, console, init_seeds, newest_file, runs_dir, select_device
+from crosskd.paths import make_save_dir, newest_file, runs_dir
+from crosskd.utils import LOGGER, colorstr, console, init_seeds, select_device
 
 RESUME_WHITELIST = ("device", "workers", "val", "plots", "save_period")  # may change when resuming
 
@@ -175,7 +176,7 @@ class Trainer:
             raise ConfigError(f"batch={args.batch} is smaller than the {self.world_size} processes; "
                               f"use batch>={self.world_size}")
         per_rank = args.batch // self.world_size
-        imgsz = max(args.imgsz) if isinstance(args.imgsz, list | tuple) else args.imgsz
+        imgsz = max(imgsz_hw(args.imgsz))  # the loaders resize the long side
         stride = max(self.model.strides)
         train_set = DetectionDataset(self.data_info, "train", imgsz, augment=True, pad_multiple=stride,
                                      fliplr=args.fliplr, fraction=args.fraction)

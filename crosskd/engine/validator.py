@@ -11,29 +11,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from crosskd.config import setting_or_model_default
+from crosskd.config import imgsz_hw, setting_or_model_default
 from crosskd.data import DetectionDataset, build_dataloader, load_data_yaml
 from crosskd.dist import get_rank, get_world_size, is_dist, is_main_process
-from crosskd.engine.checkpoint import is_yaml, load_detector, newest_best
+from crosskd.engine.checkpoint import is_yaml, load_detector
 from crosskd.engine.metrics import COCOResult, coco_evaluate, detections_to_coco, format_class_table, format_summary
 from crosskd.engine.plotting import plot_images
 from crosskd.errors import DataError
-from crosskd.utils import LOGGER, colorstr, increment_path, runs_dir, select_device
+from crosskd.paths import make_save_dir, newest_best
+from crosskd.utils import LOGGER, colorstr, select_device
 
 VAL_CONF = 0.05  # score threshold when conf is empty (COCO-style evaluation keeps low-score boxes)
 EXPORTED_SUFFIXES = (".onnx", ".torchscript")
-
-
-def make_save_dir(args: Any, mode: str) -> Path:
-    """runs/<project or mode>/<name or mode>, incremented (train2, train3, ...) unless exist_ok; created."""
-    project = Path(args.project) if args.project else Path(mode)
-    root = project if project.is_absolute() else runs_dir() / project
-    return increment_path(root / (args.name or mode), exist_ok=args.exist_ok, mkdir=True)
-
-
-def val_imgsz(imgsz: int | list[int] | tuple[int, ...]) -> int:
-    """Validation resizes the long side, so an h,w pair means its larger value."""
-    return max(imgsz) if isinstance(imgsz, list | tuple) else int(imgsz)
 
 
 def load_val_model(model: str | Path, nc: int, device: torch.device) -> Any:
@@ -87,7 +76,7 @@ class Validator:
             self.save_dir = make_save_dir(self.args, "val")
 
     def build_dataloader(self, info: Any):
-        imgsz = val_imgsz(setting_or_model_default(self.args, "imgsz", getattr(self.model, "imgsz", None)))
+        imgsz = max(imgsz_hw(setting_or_model_default(self.args, "imgsz", getattr(self.model, "imgsz", None))))
         static = getattr(self.model, "dynamic_size", True) is False
         if static:
             imgsz = max(self.model.imgsz)

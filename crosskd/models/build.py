@@ -8,8 +8,8 @@ from typing import Any
 import yaml
 from torch import nn
 
-from crosskd.config import resolve_cfg_file
 from crosskd.errors import ConfigError
+from crosskd.paths import resolve_cfg_file
 
 from .backbones import MobileNetV2, ResNet, SwinT
 from .dense_detector import DenseDetector

@@ -9,8 +9,8 @@ from rich.table import Table
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from crosskd.config import resolve_cfg_file
 from crosskd.errors import CheckpointError, ConfigError, DataError
+from crosskd.paths import resolve_cfg_file
 from crosskd.utils import console
 
 from .build import build_detector, load_model_yaml

@@ -1,0 +1,86 @@
+"""Where crosskd finds and puts files: shipped YAMLs, run directories, the newest checkpoint under runs/.
+
+A ground-level module (like `errors` and `utils`): any layer may import it, and it imports no crosskd layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from crosskd.errors import CheckpointError, ConfigError, DataError
+from crosskd.utils import LOGGER
+
+CFG_DIR = Path(__file__).resolve().parent / "cfg"
+DEFAULT_CFG_PATH = CFG_DIR / "default.yaml"
+CFG_KINDS = ("models", "datasets")
+
+
+def resolve_cfg_file(name: str | Path, kind: str) -> Path:
+    """Find a model or dataset YAML: an existing path, else a file shipped in cfg/models or cfg/datasets.
+
+    `kind` is 'models' or 'datasets'; a missing dataset raises DataError, a missing model ConfigError.
+    """
+    if kind not in CFG_KINDS:
+        raise ValueError(f"kind must be 'models' or 'datasets', not {kind!r}")
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (CFG_DIR / kind / path.name, CFG_DIR / kind / f"{path.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    shipped = ", ".join(sorted(p.name for p in (CFG_DIR / kind).glob("*.yaml"))) or "none"
+    error = DataError if kind == "datasets" else ConfigError
+    raise error(f"'{name}' is neither a file nor a YAML in {CFG_DIR / kind} (shipped: {shipped})")
+
+
+def runs_dir() -> Path:
+    """Root of all run directories: ./runs under the current directory."""
+    return Path.cwd() / "runs"
+
+
+def increment_path(path: str | Path, exist_ok: bool = False, mkdir: bool = False) -> Path:
+    """Return `path`, or the first free `path2`, `path3`, ... (Ultralytics 8.3 style: runs/train, runs/train2).
+
+    Files keep their suffix (`results.csv` -> `results2.csv`). With mkdir the directory is created atomically,
+    so two runs started together never share one.
+    """
+    path = Path(path)
+    stem, suffix = (path.with_suffix(""), path.suffix) if path.is_file() else (path, "")
+    candidate, number = path, 2
+    while True:
+        if exist_ok or not candidate.exists():
+            if not mkdir:
+                return candidate
+            try:
+                candidate.mkdir(parents=True, exist_ok=exist_ok)
+                return candidate
+            except FileExistsError:
+                pass
+        candidate = Path(f"{stem}{number}{suffix}")
+        number += 1
+
+
+def make_save_dir(args: Any, mode: str) -> Path:
+    """runs/<project or mode>/<name or mode>, incremented (train2, train3, ...) unless exist_ok; created.
+
+    `args` needs `project`, `name` and `exist_ok` (an Args of any mode).
+    """
+    project = Path(args.project) if args.project else Path(mode)
+    root = project if project.is_absolute() else runs_dir() / project
+    return increment_path(root / (args.name or mode), exist_ok=args.exist_ok, mkdir=True)
+
+
+def newest_file(pattern_root: str | Path, name: str) -> Path | None:
+    """The most recently modified file called `name` anywhere under `pattern_root` (None when there is none)."""
+    candidates = [path for path in Path(pattern_root).rglob(name) if path.is_file()]
+    return max(candidates, key=lambda path: path.stat().st_mtime, default=None)
+
+
+def newest_best(action: str) -> Path:
+    """The newest best.pt under runs/, for a mode run without model= (logged, e.g. action='validating')."""
+    path = newest_file(runs_dir(), "best.pt")
+    if path is None:
+        raise CheckpointError(f"no model= given and no best.pt under {runs_dir()}; pass model=path/to/best.pt")
+    LOGGER.info(f"No model= given: {action} the newest best.pt, {path}")
+    return path

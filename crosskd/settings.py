@@ -1,0 +1,249 @@
+"""The run settings as data: one `Setting` per key, from which default.yaml, docs/cli.md and validation derive.
+
+`SECTIONS` is the only key list. `crosskd.config` validates values against it; `render_default_yaml()` and
+`render_cli_reference()` write `cfg/default.yaml` and `docs/cli.md` (`python -m crosskd.settings` regenerates both;
+tests fail when either file drifts from the spec). This module imports nothing heavy, so the CLI can read it at start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from crosskd.paths import DEFAULT_CFG_PATH
+
+Kind = Literal["bool", "int", "float", "str", "int_list", "imgsz", "device", "source", "classes", "resume", "weights"]
+KIND_NAMES: dict[str, str] = {  # how error messages and docs/cli.md describe each kind
+    "bool": "a bool (true or false)",
+    "int": "an int",
+    "float": "a number",
+    "str": "a string",
+    "int_list": "a list of ints",
+    "imgsz": "an int or an h,w pair of ints",
+    "device": "cpu, a CUDA index or a list of indices",
+    "source": "a path, glob or camera index",
+    "classes": "a class id or a list of class ids",
+    "resume": "true, false or a checkpoint path",
+    "weights": "true/imagenet, false, a torchvision weights name or a .pth/.pt path",
+}
+MODES = ("train", "distill", "val", "predict", "export", "info")
+KD_METHOD_NAMES = ("crosskd", "pm", "ld", "pkd", "crosskd+pkd", "none")  # = crosskd.distill KD_METHODS (tested)
+CLI_REFERENCE_PATH = Path(__file__).resolve().parents[1] / "docs" / "cli.md"  # exists in a source checkout
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One run setting: a key of default.yaml with its kind, default, allowed values and help text.
+
+    `low`/`high` bound numbers (and every item of a list); `choices` are matched case-insensitively; `aliases` are
+    other spellings accepted on input; `example` is shown in error messages when the default is not a useful
+    example; `raw` keeps the command-line text as typed (`name=123` stays the string '123').
+    """
+
+    name: str
+    kind: Kind
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    aliases: tuple[str, ...] = ()
+    example: str | None = None
+    raw: bool = False
+
+    def range_text(self) -> str:
+        """The allowed range in words: 'between 0 and 1', '>= 1' or '' (unbounded)."""
+        if self.low is not None and self.high is not None:
+            return f"between {self.low:g} and {self.high:g}"
+        return f">= {self.low:g}" if self.low is not None else ""
+
+    def example_value(self) -> str:
+        """A typical value for messages, as typed on the command line: the spec's example, else the default."""
+        return self.example or format_value(self.default)
+
+
+SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
+    ("Mode and inputs", (
+        Setting("mode", "str", "train", "what to run", choices=MODES),
+        Setting("model", "str", None, "model YAML (build from scratch) or crosskd .pt checkpoint; the student when "
+                "distilling", example="gfl_r18.yaml"),
+        Setting("student", "str", None, "student model YAML or .pt when distilling (same as model=)",
+                example="gfl_r18.yaml"),
+        Setting("data", "str", "digits.yaml", "dataset YAML: a path or a name shipped in cfg/datasets"),
+        Setting("datasets_dir", "str", "datasets", "where dataset YAML relative paths and generated demo data live"),
+        Setting("pretrained", "weights", None, "overrides the model YAML's backbone.pretrained: imagenet, a "
+                "torchvision weights name, a backbone .pth, a crosskd .pt (all matching tensors) or false",
+                example="imagenet"),
+    )),
+    ("Distillation", (
+        Setting("teacher", "str", None, "teacher: crosskd .pt checkpoint, or model YAML together with "
+                "teacher_weights=", aliases=("distill_model",), example="gfl_r50.pt"),
+        Setting("teacher_weights", "str", None, "weights for a YAML teacher (.pt from crosskd)", example="gfl_r50.pt"),
+        Setting("kd", "str", "crosskd", "distillation method", choices=KD_METHOD_NAMES),
+        Setting("kd_idx", "int", None, "CrossKD hold point (head conv index 0..stacked_convs); empty = detector "
+                "default (3, FCOS 2)", low=0, example="2"),
+        Setting("kd_align", "bool", True, "align student hold features to the teacher's per-channel mean/std"),
+        Setting("kd_weight", "float", 1.0, "global multiplier of every distillation loss", low=0, aliases=("dis",)),
+        Setting("kd_cls_weight", "float", None, "classification KD weight; empty = the teacher head type's default",
+                low=0, example="1.0"),
+        Setting("kd_reg_weight", "float", None, "regression KD weight; empty = the teacher head type's default",
+                low=0, example="1.0"),
+        Setting("kd_ctr_weight", "float", None, "centerness KD weight (ATSS); empty = default", low=0, example="1.0"),
+        Setting("kd_feat_weight", "float", None, "PKD feature KD weight; empty = default per head type", low=0,
+                example="6.0"),
+    )),
+    ("Training", (
+        Setting("epochs", "int", 12, "number of epochs (paper 1x schedule)", low=1),
+        Setting("batch", "int", 16, "total batch size over all devices", low=1),
+        Setting("imgsz", "imgsz", 640, "input size: long side of the resized image (train, val); int or h,w for "
+                "predict/export"),
+        Setting("device", "device", None, "cpu, 0, 0,1 or empty for auto", example="0"),
+        Setting("workers", "int", 4, "dataloader worker processes per rank", low=0),
+        Setting("project", "str", None, "project directory under runs/", example="coco", raw=True),
+        Setting("name", "str", None, "run name; empty = the mode name", example="exp", raw=True),
+        Setting("exist_ok", "bool", False, "reuse an existing run directory instead of incrementing its name"),
+        Setting("optimizer", "str", "SGD", "optimizer", choices=("SGD", "AdamW")),
+        Setting("lr0", "float", 0.01, "initial learning rate for batch 16 (scaled linearly with batch)", low=0, high=1),
+        Setting("lrf", "float", 0.01, "final learning rate as a fraction of lr0 (cosine schedule)", low=0, high=1),
+        Setting("momentum", "float", 0.9, "SGD momentum / AdamW beta1", low=0, high=1),
+        Setting("weight_decay", "float", 0.0001, "optimizer weight decay", low=0, high=1),
+        Setting("warmup_iters", "int", 500, "linear warm-up iterations", low=0),
+        Setting("warmup_epochs", "float", 0.0, "warm-up length in epochs; overrides warmup_iters when > 0", low=0),
+        Setting("warmup_ratio", "float", 0.001, "learning-rate factor at the start of warm-up", low=0, high=1),
+        Setting("cos_lr", "bool", False, "cosine learning-rate schedule instead of step decay"),
+        Setting("lr_steps", "int_list", (8, 11), "step-decay epochs of a 12-epoch schedule, scaled to epochs", low=0),
+        Setting("amp", "bool", True, "automatic mixed precision on CUDA"),
+        Setting("clip_grad", "float", 0.0, "gradient clipping max norm; 0 disables", low=0),
+        Setting("ema", "bool", False, "keep an exponential moving average of the weights"),
+        Setting("ema_decay", "float", 0.9998, "EMA decay", low=0, high=1),
+        Setting("seed", "int", 0, "random seed"),
+        Setting("deterministic", "bool", True, "deterministic algorithms where available"),
+        Setting("resume", "resume", False, "resume from last.pt: true for the newest run or a path", example="true"),
+        Setting("save_period", "int", -1, "save a checkpoint every N epochs; -1 disables", low=-1),
+        Setting("val", "bool", True, "validate after every epoch"),
+        Setting("plots", "bool", True, "save plots and validation images"),
+        Setting("sync_bn", "bool", False, "convert BatchNorm to SyncBatchNorm under DDP"),
+        Setting("fliplr", "float", 0.5, "horizontal flip probability (a dataset YAML may override it)", low=0, high=1),
+        Setting("fraction", "float", 1.0, "fraction of the training set to use", low=0, high=1),
+        Setting("verbose", "bool", True, "print detailed output"),
+    )),
+    ("Validation and prediction", (
+        Setting("split", "str", "val", "dataset split for validation", choices=("train", "val", "test")),
+        Setting("save_json", "bool", False, "write predictions in COCO results format"),
+        Setting("conf", "float", None, "score threshold; empty = 0.05 for val, 0.25 for predict", low=0, high=1,
+                example="0.25"),
+        Setting("iou", "float", 0.6, "NMS IoU threshold", low=0, high=1),
+        Setting("max_det", "int", 100, "maximum detections per image", low=1),
+        Setting("nms_pre", "int", 1000, "top-k candidates per level before NMS", low=1),
+        Setting("source", "source", None, "predict source: image, directory, glob, video or .txt list",
+                example="images/"),
+        Setting("classes", "classes", None, "keep only these class ids, e.g. 0,2", low=0, example="0,2"),
+        Setting("save", "bool", True, "save annotated images or videos (predict)"),
+        Setting("save_txt", "bool", False, "save YOLO-format label files"),
+        Setting("save_conf", "bool", False, "add the score to save_txt lines"),
+        Setting("show", "bool", False, "display results in a window"),
+        Setting("line_width", "int", None, "box line width; empty = auto", low=1, example="2"),
+        Setting("vid_stride", "int", 1, "process every Nth video frame", low=1),
+    )),
+    ("Export", (
+        Setting("format", "str", "onnx", "export format", choices=("onnx", "torchscript")),
+        Setting("dynamic", "bool", False, "dynamic batch, height and width axes"),
+        Setting("simplify", "bool", False, "simplify the ONNX graph with onnxslim"),
+        Setting("opset", "int", None, "ONNX opset; empty = exporter default", low=7, example="17"),
+        Setting("half", "bool", False, "FP16 export (CUDA only)"),
+        Setting("nms", "bool", False, "embed NMS in the exported graph, output (B, max_det, 6)"),
+    )),
+    ("Other", (
+        Setting("cfg", "str", None, "a YAML of overrides for this file", example="my.yaml"),
+    )),
+)
+SETTINGS: dict[str, Setting] = {setting.name: setting for _, group in SECTIONS for setting in group}
+ALIASES: dict[str, str] = {alias: setting.name for setting in SETTINGS.values() for alias in setting.aliases}
+
+
+def format_value(value: Any) -> str:
+    """How a value is written on the command line: `true`, `[8,11]`, empty for None."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(format_value(item) for item in value) + "]"
+    return str(value)
+
+
+def _yaml_value(value: Any) -> str:
+    """A default as a YAML flow scalar or list: `true`, `0.0001`, `[8, 11]`, empty for None."""
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_yaml_value(item) for item in value) + "]"
+    return format_value(value)
+
+
+def _comment(setting: Setting) -> str:
+    """The default.yaml comment of a key: its help, choices and aliases."""
+    text = setting.help + (f": {' | '.join(setting.choices)}" if setting.choices else "")
+    return text + (f" (alias {', '.join(setting.aliases)})" if setting.aliases else "")
+
+
+def render_default_yaml() -> str:
+    """The text of cfg/default.yaml: every setting's default with its comment, grouped in sections."""
+    lines = [
+        "# crosskd default settings. Every key a mode accepts lives here; `crosskd cfg` prints them.",
+        "# Precedence (lowest → highest): this file ← cfg=my.yaml ← command-line key=value.",
+        "# Generated from crosskd/settings.py by `python -m crosskd.settings`: edit the spec there, not this file.",
+    ]
+    for title, group in SECTIONS:
+        lines += ["", f"# {title} ".ljust(79, "-")]
+        for setting in group:
+            value = _yaml_value(setting.default)
+            lines.append(f"{setting.name}:{' ' + value if value else ''}  # {_comment(setting)}")
+    return "\n".join(lines) + "\n"
+
+
+def _allowed(setting: Setting) -> str:
+    """The docs' 'allowed' cell: choices, a range or nothing."""
+    if setting.choices:
+        return ", ".join(f"`{choice}`" for choice in setting.choices)
+    return setting.range_text()
+
+
+def _reference_row(setting: Setting) -> str:
+    default = f"`{format_value(setting.default)}`" if setting.default is not None else "empty"
+    aliases = ", ".join(f"`{alias}`" for alias in setting.aliases)
+    cells = (f"`{setting.name}`", default, KIND_NAMES[setting.kind], _allowed(setting), aliases, setting.help)
+    return "| " + " | ".join(cells) + " |"
+
+
+def render_cli_reference() -> str:
+    """The text of docs/cli.md: usage and one table per section (key, default, kind, allowed values, aliases)."""
+    lines = [
+        "# Command-line reference",
+        "",
+        "<!-- Generated from crosskd/settings.py by `python -m crosskd.settings`; edit the spec there. -->",
+        "",
+        f"`crosskd MODE key=value ...` where MODE is one of {', '.join(f'`{mode}`' for mode in MODES)}. "
+        "Settings merge, lowest to highest: `cfg/default.yaml` ← the `cfg=` YAML ← command-line `key=value` "
+        "(or the overrides dict of a Python call). A bare bool key means `key=true`; `key=` or `key=none` empties "
+        "a key whose default is empty. Choices match case-insensitively; a range applies to every item of a list. "
+        "`crosskd cfg` prints `cfg/default.yaml`; `crosskd help` lists the special commands.",
+    ]
+    for title, group in SECTIONS:
+        lines += ["", f"## {title}", "", "| key | default | value | allowed | aliases | help |", "|---" * 6 + "|"]
+        lines += [_reference_row(setting) for setting in group]
+    return "\n".join(lines) + "\n"
+
+
+def write_generated_files() -> list[Path]:
+    """Regenerate cfg/default.yaml and, in a source checkout, docs/cli.md; return the files written."""
+    written = [DEFAULT_CFG_PATH]
+    DEFAULT_CFG_PATH.write_text(render_default_yaml())
+    if CLI_REFERENCE_PATH.parent.is_dir():
+        CLI_REFERENCE_PATH.write_text(render_cli_reference())
+        written.append(CLI_REFERENCE_PATH)
+    return written
+
+
+if __name__ == "__main__":
+    for path in write_generated_files():
+        print(f"wrote {path}")
