@@ -15,7 +15,7 @@ from crosskd.config import get_args
 from crosskd.engine import exporter
 from crosskd.engine.backend import OnnxDetector, TorchScriptDetector, load_model, traced_device
 from crosskd.engine.checkpoint import make_checkpoint, save_checkpoint
-from crosskd.engine.exporter import ExportModel, traceable_priors
+from crosskd.engine.exporter import ExportModel
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import build_detector
 
@@ -102,17 +102,6 @@ def test_onnx_metadata_is_embedded_and_read_back(tmp_path, capsys):
     assert model.input_shape == (2, 3, 128, 256) and not model.dynamic_size
 
 
-def test_traceable_priors_equal_head_priors():
-    sizes = [(5, 3), (3, 2), (2, 1), (1, 1), (1, 1)]
-    for head_type in HEAD_TYPES:
-        head = tiny_detector(head_type).head
-        expected, actual = head.priors(sizes, "cpu"), traceable_priors(head, sizes, torch.device("cpu"))
-        torch.testing.assert_close(actual.boxes, expected.boxes)
-        torch.testing.assert_close(actual.points, expected.points)
-        torch.testing.assert_close(actual.strides, expected.strides)
-        assert list(actual.num_per_level) == list(expected.num_per_level)
-
-
 def test_graph_holds_only_student_tensors(tmp_path):
     """A distilled student's checkpoint names its teacher; neither the teacher nor the adapter reaches the graph."""
     teacher = tiny_detector("gfl", seed=7, feat_channels=32)
@@ -194,6 +183,27 @@ def test_nms_export_without_detections_is_all_zero(tmp_path):
     output = ort_run(path, torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(8)))
     assert output.shape == (2, 100, 6) and (output == 0).all()
     assert [len(d.boxes) for d in OnnxDetector(path).predict(torch.rand(1, 3, 128, 128), 0.25, 0.6, 100, 1000)] == [0]
+
+
+@pytest.mark.parametrize("head_type", ["gfl", "retinanet"])
+def test_eager_onnx_and_torchscript_give_the_same_detections(tmp_path, head_type):
+    """One post-processing path: DenseDetector.predict, ONNX and TorchScript, each with raw output0 and with NMS in
+    the graph, give the same detections for the same batch."""
+    predict_args = {"conf": 0.01, "iou": 0.6, "max_det": 50, "nms_pre": 200}
+    exported = []
+    for fmt, nms in [("onnx", False), ("onnx", True), ("torchscript", False), ("torchscript", True)]:
+        weights = write_checkpoint(tmp_path / f"{fmt}_{nms}.pt", head_type)
+        path = exporter.run(export_args(weights, format=fmt, nms=nms, batch=2, **predict_args))
+        exported.append((OnnxDetector if fmt == "onnx" else TorchScriptDetector)(path))
+    images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(9))
+    expected = tiny_detector(head_type).predict(images, **predict_args)
+    for backend in exported:
+        assert backend.nms == ("_True" in backend.path.stem)
+        for ours, theirs in zip(backend.predict(images, **predict_args), expected, strict=True):
+            assert len(ours.scores) == len(theirs.scores) > 0, backend.path.name
+            assert torch.equal(ours.labels, theirs.labels), backend.path.name
+            torch.testing.assert_close(ours.boxes, theirs.boxes, atol=1e-4, rtol=0)
+            torch.testing.assert_close(ours.scores, theirs.scores, atol=1e-4, rtol=0)
 
 
 def test_static_batch_is_split_and_padded(tmp_path):

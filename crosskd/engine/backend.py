@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from crosskd.engine.checkpoint import load_detector
 from crosskd.errors import CheckpointError
 from crosskd.models import DenseDetector
-from crosskd.models.postprocess import Detections, postprocess
+from crosskd.models.postprocess import Detections, postprocess, unpad
 from crosskd.utils import LOGGER
 
 MODEL_SUFFIXES = (".pt", ".onnx", ".torchscript")
@@ -149,12 +149,8 @@ class ExportedDetector(ABC):
         return postprocess(xywh_to_xyxy(preds[..., :4]), preds[..., 4:], counts, conf, iou, max_det, nms_pre)
 
     def filter_embedded(self, output: torch.Tensor, conf: float, max_det: int) -> list[Detections]:
-        """NMS-embedded output [B,max_det,6] (x1,y1,x2,y2,score,class): keep rows above `conf`."""
-        detections = []
-        for rows in output:  # [max_det, 6] per image
-            rows = rows[rows[:, 4] > conf][:max_det]
-            detections.append(Detections(rows[:, :4], rows[:, 4], rows[:, 5].long()))
-        return detections
+        """NMS-embedded output [B,max_det,6] (x1,y1,x2,y2,score,class), score-descending: keep rows above `conf`."""
+        return unpad(output, (output[..., 4] > conf).sum(1).clamp(max=max_det))
 
 
 class OnnxDetector(ExportedDetector):

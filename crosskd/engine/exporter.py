@@ -19,16 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torchvision.ops import nms
 
 from crosskd import __version__
-from crosskd.config import Args, imgsz_hw, setting_or_model_default
-from crosskd.engine.backend import TORCHSCRIPT_METADATA
-from crosskd.engine.checkpoint import load_detector
+from crosskd.config import Args, setting_or_model_default
+from crosskd.engine.backend import TORCHSCRIPT_METADATA, ExportedDetector, OnnxDetector, TorchScriptDetector
+from crosskd.engine.checkpoint import load_detector, newest_best
 from crosskd.errors import ConfigError
 from crosskd.models import DenseDetector
-from crosskd.models.heads.base import DenseHead, Priors
-from crosskd.paths import newest_best
+from crosskd.models.postprocess import select_detections
+from crosskd.ops.boxes import box_centers, box_sizes
 from crosskd.utils import LOGGER, colorstr, select_device
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript"}
@@ -37,80 +36,6 @@ LATENCY_RUNS = 3  # timed runs (after one warm-up) for the latency comparison
 PARITY_TOL = 1e-3  # max abs difference allowed between the exported graph and PyTorch (float32)
 HALF_PARITY_TOL = 1e-2  # relative to the output's largest magnitude, for float16 graphs
 EXPORT_CONF = 0.05  # score threshold baked into an nms=True graph when conf= is empty (the val default)
-
-
-def traceable_priors(head: DenseHead, feat_sizes: list, device: torch.device) -> Priors:
-    """`head.priors` for feature-map sizes that may be traced: each level's 1x1-map priors shifted over the grid.
-
-    Anchors and points are translation invariant (a cell at (x, y) adds (x*s, y*s)), so the graph keeps H and W
-    as inputs instead of baking the export size into constants.
-    """
-    cell = head.priors([(1, 1)] * len(feat_sizes), device)  # the A priors of cell (0, 0) on every level
-    num_anchors = cell.num_per_level[0]
-    boxes, points, strides, counts = [], [], [], []
-    for level, ((height, width), stride) in enumerate(zip(feat_sizes, head.strides, strict=True)):
-        ys = torch.arange(height, device=device, dtype=torch.float32) * stride
-        xs = torch.arange(width, device=device, dtype=torch.float32) * stride
-        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # [H, W] each
-        shifts = torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=-1)  # [H*W, 2]
-        part = slice(level * num_anchors, (level + 1) * num_anchors)
-        level_points = (shifts[:, None] + cell.points[part][None]).reshape(-1, 2)  # [H*W*A, 2]
-        boxes.append((shifts.repeat(1, 2)[:, None] + cell.boxes[part][None]).reshape(-1, 4))  # [H*W*A, 4]
-        points.append(level_points)
-        strides.append(torch.full_like(level_points[:, 0], float(stride)))
-        counts.append(height * width * num_anchors)
-    return Priors(torch.cat(boxes), torch.cat(points), torch.cat(strides), counts)
-
-
-def topk_per_level(scores: Tensor, counts: list, nms_pre: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Best `nms_pre` (prior, class) pairs of every level: scores [B, K], prior index [B, K], class [B, K]."""
-    batch, _, num_classes = scores.shape
-    values, indices, start = [], [], 0
-    for count in counts:
-        level = scores[:, start : start + count].reshape(batch, -1)  # [B, count*C]
-        top, index = level.topk(min(nms_pre, count * num_classes), dim=1)
-        values.append(top)
-        indices.append(index + start * num_classes)
-        start = start + count
-    index = torch.cat(indices, dim=1)
-    return torch.cat(values, dim=1), index // num_classes, index % num_classes
-
-
-def grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou: float) -> Tensor:
-    """NMS within groups via a per-group coordinate offset; kept indices sorted by score, safe for empty input."""
-    coords = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)])
-    span = coords.max() - coords.min() + 1
-    return nms(boxes + (groups.to(boxes.dtype) * span)[:, None], scores, iou)
-
-
-def padded_nms(
-    boxes: Tensor, scores: Tensor, counts: list, conf: float, iou: float, max_det: int, nms_pre: int
-) -> Tensor:
-    """Batched post-processing inside the graph: [B, N, 4] xyxy, [B, N, C] -> [B, max_det, 6] zero-padded rows.
-
-    Rows are x1, y1, x2, y2, score, class sorted by score; the same steps as `postprocess` (per-level top-k,
-    score threshold, class-wise NMS, max_det) but for the whole batch at once.
-    """
-    batch, _, num_classes = scores.shape
-    cand_scores, prior_index, labels = topk_per_level(scores, counts, nms_pre)  # [B, K] each
-    cand_boxes = boxes.gather(1, prior_index[..., None].expand(-1, -1, 4))  # [B, K, 4]
-    image_index = torch.arange(batch, device=boxes.device)[:, None].expand_as(labels)  # [B, K]
-    valid = cand_scores.reshape(-1) > conf
-    cand_boxes, cand_scores = cand_boxes.reshape(-1, 4)[valid], cand_scores.reshape(-1)[valid]
-    labels, image_index = labels.reshape(-1)[valid], image_index.reshape(-1)[valid]
-    keep = grouped_nms(cand_boxes, cand_scores, image_index * num_classes + labels, iou)  # [M] by score
-    image_index = image_index[keep]
-    same_image = image_index[:, None] == torch.arange(batch, device=boxes.device)[None]  # [M, B]
-    rank = (same_image.long().cumsum(0) - 1).gather(1, image_index[:, None]).squeeze(1)  # place within its image
-    kept = rank < max_det
-    rows = torch.cat([cand_boxes[keep], cand_scores[keep, None], labels[keep, None].to(boxes.dtype)], dim=1)
-    output = boxes.new_zeros(batch, max_det, 6)
-    output[image_index[kept], rank[kept]] = rows[kept]
-    return output
-
-
-def xyxy_to_xywh(boxes: Tensor) -> Tensor:
-    return torch.cat([(boxes[..., :2] + boxes[..., 2:]) / 2, boxes[..., 2:] - boxes[..., :2]], dim=-1)
 
 
 class ExportModel(nn.Module):
@@ -135,29 +60,16 @@ class ExportModel(nn.Module):
         self.detector = detector
         self.nms, self.conf, self.iou, self.max_det, self.nms_pre = nms, conf, iou, max_det, nms_pre
 
-    def decode(self, images: Tensor) -> tuple[Tensor, Tensor, list]:
-        """Boxes [B, N, 4] xyxy clipped to the input (as DenseDetector.predict), scores [B, N, C], priors per level."""
-        head = self.detector.head
-        outputs = self.detector(images)
-        feat_sizes = [score.shape[-2:] for score in outputs.cls_scores]
-        priors = traceable_priors(head, feat_sizes, images.device)
-        flat = head.flatten_outputs(outputs)
-        boxes = head.decode_boxes(flat.reg, priors)  # [B, N, 4]
-        height, width = images.shape[-2:]
-        limits = torch.stack([width, height] * 2) if torch.jit.is_tracing() else boxes.new_tensor([width, height] * 2)
-        boxes = boxes.clamp(min=boxes.new_zeros(4), max=limits.to(boxes.dtype))
-        return boxes, head.scores(flat), priors.num_per_level
-
     def forward(self, images: Tensor) -> Tensor:
-        boxes, scores, counts = self.decode(images)
+        boxes, scores, num_per_level = self.detector.decode(images)  # [B, N, 4] xyxy, [B, N, C]
         if self.nms:
-            return padded_nms(boxes, scores, counts, self.conf, self.iou, self.max_det, self.nms_pre)
-        return torch.cat([xyxy_to_xywh(boxes), scores.to(boxes.dtype)], dim=-1).transpose(1, 2)  # [B, 4+C, N]
+            return select_detections(boxes, scores, num_per_level, self.conf, self.iou, self.max_det, self.nms_pre)[0]
+        return torch.cat([box_centers(boxes), box_sizes(boxes), scores], dim=-1).transpose(1, 2)  # [B, 4+C, N]
 
 
 def export_imgsz(imgsz: int | list[int], stride: int) -> tuple[int, int]:
     """(h, w) of the export input, each rounded up to a multiple of the largest stride."""
-    height, width = imgsz_hw(imgsz)
+    height, width = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
     size = tuple(-(-side // stride) * stride for side in (height, width))
     if size != (height, width):
         LOGGER.warning(f"imgsz={imgsz} is not a multiple of the largest stride {stride}; "
@@ -245,37 +157,12 @@ def slim(proto):
         return proto
 
 
-def onnx_runner(path: Path, device: torch.device):
-    """A callable images -> output0 running the .onnx with onnxruntime (CUDA EP on CUDA when installed)."""
-    import onnxruntime as ort
-
-    cuda = device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
-    session = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider"] * cuda + ["CPUExecutionProvider"])
-
-    def run(images: Tensor) -> Tensor:
-        return torch.from_numpy(session.run(None, {"images": images.cpu().numpy()})[0])
-
-    return run
-
-
 def export_torchscript(model: ExportModel, images: Tensor, path: Path, metadata: dict) -> None:
     """torch.jit.trace `model`; the metadata goes into the archive as config.txt (JSON)."""
     LOGGER.info(f"{colorstr('TorchScript:')} starting export with torch {torch.__version__}...")
     with quiet_export_warnings(), torch.no_grad():
         traced = torch.jit.trace(model, images, strict=False)
     traced.save(str(path), _extra_files={TORCHSCRIPT_METADATA: json.dumps(metadata)})
-
-
-def torchscript_runner(path: Path, device: torch.device):
-    """A callable images -> output0 running the saved TorchScript archive."""
-    with quiet_export_warnings():
-        module = torch.jit.load(str(path), map_location=device)
-
-    def run(images: Tensor) -> Tensor:
-        with torch.no_grad():
-            return module(images)
-
-    return run
 
 
 def median_ms(function, images: Tensor, runs: int = LATENCY_RUNS) -> float:
@@ -292,16 +179,21 @@ def median_ms(function, images: Tensor, runs: int = LATENCY_RUNS) -> float:
     return float(np.median(times)) * 1000
 
 
-def check_parity(prefix: str, model: ExportModel, runner, images: Tensor, reference: Tensor, half: bool) -> float:
-    """Compare the exported graph with PyTorch's `reference` output; log the difference and both latencies."""
+def check_parity(
+    prefix: str, model: ExportModel, backend: ExportedDetector, images: Tensor, reference: Tensor, half: bool
+) -> float:
+    """Compare output0 of the written file, run by its inference `backend`, with PyTorch's `reference` [B, ...].
+
+    Logs the largest difference and both latencies; raises when the difference exceeds the tolerance.
+    """
     reference = reference.float().cpu()
-    output = runner(images).float().cpu()
+    output = backend.run(images).float().cpu()
     if output.shape != reference.shape:
         raise RuntimeError(f"{prefix} output shape {tuple(output.shape)} != PyTorch {tuple(reference.shape)}")
     diff = (output - reference).abs().max().item() if output.numel() else 0.0
     tolerance = HALF_PARITY_TOL * max(1.0, reference.abs().max().item()) if half else PARITY_TOL
     with torch.no_grad():
-        ours, torch_ms = median_ms(runner, images), median_ms(model, images)
+        ours, torch_ms = median_ms(backend.run, images), median_ms(model, images)
     LOGGER.info(f"{prefix} max abs diff {diff:.2e} vs PyTorch; {ours:.1f} ms vs PyTorch {torch_ms:.1f} ms "
                 f"per batch {tuple(images.shape)}")
     if diff > tolerance:
@@ -360,14 +252,14 @@ def export(detector: DenseDetector, args: Args, train_args: dict | None = None) 
     metadata = export_metadata(detector, settings, train_args)
     start = time.perf_counter()
     if settings["format"] == "onnx":
-        prefix, backend = colorstr("ONNX:"), "onnxruntime"
+        prefix, library = colorstr("ONNX:"), "onnxruntime"
         export_onnx(model, images, path, settings["opset"], settings, metadata)
-        runner = onnx_runner(path, device)
+        backend = OnnxDetector(path, device)
     else:
-        prefix, backend = colorstr("TorchScript:"), "torch.jit"
+        prefix, library = colorstr("TorchScript:"), "torch.jit"
         export_torchscript(model, images, path, metadata)
-        runner = torchscript_runner(path, device)
-    check_parity(f"{prefix} {backend}", model, runner, images, reference, settings["half"])
+        backend = TorchScriptDetector(path, device)
+    check_parity(f"{prefix} {library}", model, backend, images, reference, settings["half"])
     LOGGER.info(f"{prefix} export success ✅ {time.perf_counter() - start:.1f}s, saved as '{path}' "
                 f"({path.stat().st_size / 1e6:.1f} MB)")
     log_usage(path, settings, train_args.get("data"))

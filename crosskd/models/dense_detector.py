@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .heads import DenseHead, HeadOutputs, Priors
-from .postprocess import Detections, postprocess, scale_boxes
+from .postprocess import Decoded, Detections, decode_outputs, postprocess, scale_boxes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -55,6 +55,13 @@ class DenseDetector(nn.Module):
         targets = self.head.get_targets(priors, batch)
         return self.head.loss(outputs, priors, targets)
 
+    def decode(self, images: Tensor) -> Decoded:
+        """Boxes [B, N, 4] xyxy clamped to the input, scores [B, N, C] and priors per level for images [B, 3, H, W].
+
+        Trace-safe (the exported graphs start from it).
+        """
+        return decode_outputs(self.head, self(images), images.shape[-2:])
+
     @torch.no_grad()
     def predict(
         self,
@@ -65,14 +72,11 @@ class DenseDetector(nn.Module):
         nms_pre: int = 1000,
         ratios: Tensor | None = None,
     ) -> list[Detections]:
-        """Detections per image, in input pixels or, with `ratios` [B], in original-image pixels."""
-        outputs = self(images)
-        priors = self.priors_for(outputs)
-        flat = self.head.flatten_outputs(outputs)
-        boxes = self.head.decode_boxes(flat.reg, priors)  # [B, N, 4]
-        height, width = images.shape[-2:]
-        boxes = boxes.clamp(min=boxes.new_zeros(4), max=boxes.new_tensor([width, height, width, height]))
-        dets = postprocess(boxes, self.head.scores(flat), priors.num_per_level, conf, iou, max_det, nms_pre)
+        """Detections per image for 0..1 RGB images [B, 3, H, W] (score threshold, top-k per level, NMS, max_det).
+
+        Boxes [K, 4] xyxy are in input pixels or, with `ratios` [B], in original-image pixels.
+        """
+        dets = postprocess(*self.decode(images), conf, iou, max_det, nms_pre)
         if ratios is not None:
             dets = [d._replace(boxes=scale_boxes(d.boxes, r)) for d, r in zip(dets, ratios)]
         return dets

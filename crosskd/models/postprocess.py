@@ -1,35 +1,161 @@
-"""Turn decoded boxes and class scores into detections: threshold, top-k per level, batched class-aware NMS."""
+"""Inference post-processing: decode and clamp, top-k per level, score threshold, class-aware NMS, max_det.
+
+One path serves `DenseDetector.predict`, the exported graphs (`ExportModel`) and the exported-model backends. Every
+step is trace-safe: under torch.jit.trace and the ONNX exporter the batch, H and W stay graph inputs (sizes read from
+tensor shapes are traced 0-dim tensors there, plain ints in eager mode). `select_detections` is the core: it returns
+the zero-padded [B, max_det, 6] tensor an NMS-embedded graph outputs plus the count per image, and `postprocess`
+splits it into per-image `Detections`.
+"""
 
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
+from torchvision.ops import nms
+
+from crosskd.ops.boxes import clip_boxes
+
+from .heads import DenseHead, HeadOutputs, Priors
 
 
 class Detections(NamedTuple):
-    """Detections of one image."""
+    """Detections of one image, score-descending."""
 
     boxes: Tensor  # [K, 4] xyxy
     scores: Tensor  # [K]
     labels: Tensor  # [K] int64
 
 
-def _topk_per_level(boxes: Tensor, scores: Tensor, num_per_level: Sequence[int], conf: float, nms_pre: int):
-    """Best `nms_pre` (prior, class) pairs above `conf` per level: boxes [B, K, 4], scores [B, K], labels [B, K]."""
+class Decoded(NamedTuple):
+    """Dense predictions of a batch, priors ordered level-major."""
+
+    boxes: Tensor  # [B, N, 4] xyxy input pixels, clamped to the input
+    scores: Tensor  # [B, N, C] final class probabilities
+    num_per_level: list  # priors per level: ints, or 0-dim tensors while tracing
+
+
+def traceable_priors(head: DenseHead, feat_sizes: Sequence, device: torch.device | str) -> Priors:
+    """`head.priors` for feature-map sizes [(H, W), ...] that may be traced: each level's cell-(0, 0) priors shifted
+    over the grid.
+
+    Anchors and points are translation invariant (the cell at (x, y) adds (x*s, y*s)), so a traced graph keeps H and
+    W as inputs instead of baking the export size into constants. Boxes and strides equal `head.priors` bit for bit
+    (anchor centres up to float rounding); training and target assignment keep `head.priors`.
+    """
+    cell = head.priors([(1, 1)] * len(feat_sizes), device)  # the A priors of cell (0, 0) on every level
+    num_anchors = cell.num_per_level[0]
+    boxes, points, strides, counts = [], [], [], []
+    for level, ((height, width), stride) in enumerate(zip(feat_sizes, head.strides, strict=True)):
+        ys = torch.arange(height, device=device, dtype=torch.float32) * stride
+        xs = torch.arange(width, device=device, dtype=torch.float32) * stride
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # [H, W] each
+        shifts = torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=-1)  # [H*W, 2]
+        part = slice(level * num_anchors, (level + 1) * num_anchors)
+        level_points = (shifts[:, None] + cell.points[part][None]).reshape(-1, 2)  # [H*W*A, 2]
+        boxes.append((shifts.repeat(1, 2)[:, None] + cell.boxes[part][None]).reshape(-1, 4))  # [H*W*A, 4]
+        points.append(level_points)
+        strides.append(torch.full_like(level_points[:, 0], float(stride)))
+        counts.append(height * width * num_anchors)
+    return Priors(torch.cat(boxes), torch.cat(points), torch.cat(strides), counts)
+
+
+def decode_outputs(head: DenseHead, outputs: HeadOutputs, image_hw: Sequence) -> Decoded:
+    """Boxes [B, N, 4] xyxy clamped to an input of `image_hw` (H, W), scores [B, N, C] and priors per level.
+
+    `outputs` are the head's raw outputs for images [B, 3, H, W]; pass `images.shape[-2:]` so that a trace keeps
+    the sizes dynamic.
+    """
+    feat_sizes = [score.shape[-2:] for score in outputs.cls_scores]
+    priors = traceable_priors(head, feat_sizes, outputs.cls_scores[0].device)
+    flat = head.flatten_outputs(outputs)
+    boxes = clip_boxes(head.decode_boxes(flat.reg, priors), tuple(image_hw))  # [B, N, 4]
+    return Decoded(boxes, head.scores(flat), priors.num_per_level)
+
+
+def topk_per_level(scores: Tensor, num_per_level: Sequence, nms_pre: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The `nms_pre` best (prior, class) pairs of every level (all of them when `nms_pre` <= 0).
+
+    Args:
+        scores: [B, N, C] class probabilities, priors ordered level-major.
+        num_per_level: priors per level, summing to N.
+    Returns:
+        scores [B, K], prior index [B, K] into N, class [B, K]; K = Σ min(nms_pre, n·C) over levels.
+    """
     batch, _, num_classes = scores.shape
-    out_boxes, out_scores, out_labels = [], [], []
-    for level_boxes, level_scores in zip(boxes.split(num_per_level, 1), scores.split(num_per_level, 1)):
-        flat = level_scores.reshape(batch, -1)  # [B, n*C] index = prior * C + class
-        flat = flat.masked_fill(flat <= conf, -1.0)
-        k = flat.shape[1] if nms_pre <= 0 else min(nms_pre, flat.shape[1])
-        top_scores, top_idx = flat.topk(k, dim=1)  # [B, k]
-        prior_idx = top_idx // num_classes
-        out_boxes.append(level_boxes.gather(1, prior_idx[..., None].expand(-1, -1, 4)))  # [B, k, 4]
-        out_scores.append(top_scores)
-        out_labels.append(top_idx % num_classes)
-    return torch.cat(out_boxes, 1), torch.cat(out_scores, 1), torch.cat(out_labels, 1)
+    values, indices, start = [], [], 0
+    for count in num_per_level:
+        level = scores[:, start : start + count].reshape(batch, -1)  # [B, n*C], index = prior * C + class
+        k = count * num_classes  # an int, or a traced 0-dim tensor that keeps the graph's k dynamic
+        if nms_pre > 0:
+            k = k.clamp(max=nms_pre) if isinstance(k, Tensor) else min(k, nms_pre)
+        top, index = level.topk(k, dim=1)  # [B, k]
+        values.append(top)
+        indices.append(index + start * num_classes)
+        start = start + count
+    index = torch.cat(indices, dim=1)  # [B, K]
+    return torch.cat(values, dim=1), index // num_classes, index % num_classes
+
+
+def grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou: float) -> Tensor:
+    """NMS within groups: boxes [M, 4] xyxy, scores [M], groups [M] -> kept indices [K], score-descending.
+
+    Each group is moved by its own coordinate offset (torchvision's `batched_nms` trick) so that one `nms` call
+    never suppresses across groups; a zero joins the min/max so that empty input traces and runs.
+    """
+    coords = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)])
+    span = coords.max() - coords.min() + 1
+    return nms(boxes + (groups.to(boxes.dtype) * span)[:, None], scores, iou)
+
+
+def rank_in_image(image_index: Tensor, batch: int | Tensor) -> tuple[Tensor, Tensor]:
+    """Place of each row among its image's rows, keeping their order: image_index [M] -> rank [M], counts [B]."""
+    same_image = image_index[:, None] == torch.arange(batch, device=image_index.device)[None]  # [M, B]
+    rank = (same_image.long().cumsum(0) - 1).gather(1, image_index[:, None]).squeeze(1)  # [M]
+    return rank, same_image.sum(0)
+
+
+def select_detections(
+    boxes: Tensor,
+    scores: Tensor,
+    num_per_level: Sequence,
+    conf: float = 0.05,
+    iou: float = 0.6,
+    max_det: int = 100,
+    nms_pre: int = 1000,
+) -> tuple[Tensor, Tensor]:
+    """The batch's detections as one zero-padded tensor: the core of eager and exported post-processing.
+
+    Per level keep the `nms_pre` best (prior, class) pairs (MMDet), drop those scoring <= `conf`, run one
+    class-aware NMS over the whole batch (groups = image · C + class) and keep the `max_det` best per image.
+
+    Args:
+        boxes: [B, N, 4] xyxy.
+        scores: [B, N, C] class probabilities; priors ordered level-major, `num_per_level` of them per level.
+    Returns:
+        rows [B, max_det, 6] (x1, y1, x2, y2, score, class), score-descending, zero rows after the detections;
+        counts [B] int64, the number of detections per image.
+    """
+    batch, _, num_classes = scores.shape
+    cand_scores, prior_index, labels = topk_per_level(scores, num_per_level, nms_pre)  # [B, K] each
+    cand_boxes = boxes.gather(1, prior_index[..., None].expand(-1, -1, 4))  # [B, K, 4]
+    image_index = torch.arange(batch, device=boxes.device)[:, None].expand_as(labels)  # [B, K]
+    valid = cand_scores.reshape(-1) > conf  # [B*K]
+    cand_boxes, cand_scores = cand_boxes.reshape(-1, 4)[valid], cand_scores.reshape(-1)[valid]  # [P, 4], [P]
+    labels, image_index = labels.reshape(-1)[valid], image_index.reshape(-1)[valid]  # [P] each
+    keep = grouped_nms(cand_boxes, cand_scores, image_index * num_classes + labels, iou)  # [M] by score
+    image_index = image_index[keep]
+    rank, counts = rank_in_image(image_index, batch)  # [M], [B]
+    kept = rank < max_det
+    found = torch.cat([cand_boxes[keep], cand_scores[keep, None], labels[keep, None].to(boxes.dtype)], dim=1)
+    rows = boxes.new_zeros(batch, max_det, 6)
+    rows[image_index[kept], rank[kept]] = found[kept]
+    return rows, counts.clamp(max=max_det)
+
+
+def unpad(rows: Tensor, counts: Tensor) -> list[Detections]:
+    """Per-image `Detections` (views) from padded rows [B, max_det, 6] and counts [B]."""
+    return [Detections(r[:n, :4], r[:n, 4], r[:n, 5].long()) for r, n in zip(rows, counts.tolist(), strict=True)]
 
 
 def postprocess(
@@ -41,29 +167,8 @@ def postprocess(
     max_det: int = 100,
     nms_pre: int = 1000,
 ) -> list[Detections]:
-    """Detections per image from boxes [B, N, 4] xyxy and scores [B, N, C] (priors ordered level-major).
-
-    Per level keep the `nms_pre` best (prior, class) pairs scoring above `conf` (MMDet), then one class-aware
-    `batched_nms` over the whole batch (groups = image · C + class) and the `max_det` best per image.
-    """
-    batch, num_classes = scores.shape[0], scores.shape[2]
-    cand_boxes, cand_scores, cand_labels = _topk_per_level(boxes, scores, num_per_level, conf, nms_pre)
-    keep = cand_scores > conf  # [B, K]
-    image_idx = keep.nonzero(as_tuple=True)[0]  # [P]
-    cand_boxes, cand_scores, cand_labels = cand_boxes[keep], cand_scores[keep], cand_labels[keep]
-    kept = batched_nms(cand_boxes.float(), cand_scores.float(), image_idx * num_classes + cand_labels, iou)  # by score
-    kept = kept[torch.sort(image_idx[kept], stable=True).indices]  # grouped by image, score-descending inside
-    counts = torch.bincount(image_idx[kept], minlength=batch)  # [B]
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(kept.numel(), device=kept.device) - torch.repeat_interleave(starts, counts)
-    kept = kept[rank < max_det]
-    sizes = counts.clamp(max=max_det).tolist()
-    return [
-        Detections(b, s, lab)
-        for b, s, lab in zip(
-            cand_boxes[kept].split(sizes), cand_scores[kept].split(sizes), cand_labels[kept].split(sizes)
-        )
-    ]
+    """Detections per image from boxes [B, N, 4] xyxy and scores [B, N, C]: `select_detections`, split per image."""
+    return unpad(*select_detections(boxes, scores, num_per_level, conf, iou, max_det, nms_pre))
 
 
 def scale_boxes(boxes: Tensor, ratio: float | Tensor) -> Tensor:
