@@ -3,7 +3,7 @@ VENV = .venv
 PYTHON = $(VENV)/bin/python
 STAMP = $(VENV)/.crosskd-installed
 
-.PHONY: .venv demo test lint
+.PHONY: .venv demo test test-fast lint
 
 .venv: $(STAMP)
 
@@ -20,8 +20,13 @@ $(STAMP): pyproject.toml | $(PYTHON)
 demo: .venv
 	$(PYTHON) scripts/demo.py
 
+# Everything, the slow tests included (CI).
 test: .venv
 	$(PYTHON) -m pytest -q tests
+
+# Everything but the tests marked slow (overfit, torchrun, full-size models): under a minute on 2 cores.
+test-fast: .venv
+	$(PYTHON) -m pytest -q -m "not slow" tests
 
 lint: .venv
 	$(VENV)/bin/ruff check .
