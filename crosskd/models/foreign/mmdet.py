@@ -36,6 +36,7 @@ MMDET_HEADS = {"GFLHead": "gfl", "RetinaHead": "retinanet", "FCOSHead": "fcos", 
 CLS_PREDICTORS = {"gfl": "gfl_cls", "retinanet": "retina_cls", "fcos": "conv_cls", "atss": "atss_cls"}
 RESNET_DEPTHS = (18, 34, 50, 101)
 SWIN_T = {"embed_dims": 96, "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24], "window_size": 7}
+SWIN_PATCH_EMBED = {"0": "projection", "2": "norm"}  # torchvision features.0 = Conv2d, Permute, LayerNorm
 SWIN_MERGE_ORDER = [0, 2, 1, 3]  # unfold slot (kh, kw) of torchvision's x0, x1, x2, x3 (self-inverse)
 LOSS_WEIGHTS = {
     "loss_cls": "loss_cls_weight",
@@ -238,7 +239,8 @@ def _swin_name(backbone: SwinT, key: str) -> str:
     index, rest = key.split(".", 2)[1:]
     index = int(index)
     if index == 0:  # patch embedding: Conv2d, Permute, LayerNorm
-        return "patch_embed." + rest.replace("0.", "projection.", 1).replace("2.", "norm.", 1)
+        module, param = rest.split(".")
+        return f"patch_embed.{SWIN_PATCH_EMBED[module]}.{param}"
     if index % 2 == 0:  # PatchMerging after stage index/2 - 1
         return f"stages.{index // 2 - 1}.downsample.{rest}"
     block, rest = rest.split(".", 1)
