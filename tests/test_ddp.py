@@ -50,6 +50,7 @@ def losses(run_dir: Path) -> list[list[float]]:
         return [[float(row[k]) for k in LOSSES] for row in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(tmp_path):
     data, model = write_inputs(tmp_path)
     Trainer(get_args(settings(data, model, tmp_path, "single"), "train")).train()

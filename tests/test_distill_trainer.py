@@ -194,6 +194,7 @@ def test_cli_reports_a_missing_teacher_in_one_line(work):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_distil(work):
     teacher = teacher_pt(work, "gfl")
     words = [f"teacher={teacher}", f"model={model_yaml(work, 'gfl')}", f"data={work / 'data.yaml'}", "imgsz=64",

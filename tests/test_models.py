@@ -20,6 +20,8 @@ from crosskd.paths import CFG_DIR
 MODELS_DIR = CFG_DIR / "models"
 SHIPPED = sorted(p.stem for p in MODELS_DIR.glob("*.yaml"))
 SMALL = ["gfl_r18s", "gfl_r18t", "gfl_r34s", "retinanet_r18s", "fcos_r18s", "atss_r18s"]
+FULL_SIZE = ("_r50", "_r101", "_swin")  # name parts of the full-size models, whose tests are marked slow
+SHIPPED_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if any(k in n for k in FULL_SIZE) else n for n in SHIPPED]
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +46,7 @@ def test_every_required_model_is_shipped():
     assert required <= set(SHIPPED)
 
 
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", SHIPPED_PARAMS)
 def test_shipped_yaml_builds_and_runs_forward(name):
     detector = build_detector(name, nc=5).eval()
     assert detector.yaml["nc"] == 5 and detector.yaml["name"] == name
@@ -124,6 +126,7 @@ def test_pretrained_errors(tmp_path):
         ResNet(depth=18, pretrained=str(bad))
 
 
+@pytest.mark.slow
 def test_mobilenet_and_swin_outputs():
     mobile = MobileNetV2(width=1.0)
     assert mobile.out_channels == [32, 96, 320]

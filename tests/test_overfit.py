@@ -58,6 +58,7 @@ def coco_ap50(detector, dataset, batch) -> float:
     return float(evaluator.stats[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gfl_r18s", "retinanet_r18s", "fcos_r18s", "atss_r18s"])
 def test_small_detector_overfits_a_digits_batch(digits, name):
     dataset, batch = digits
