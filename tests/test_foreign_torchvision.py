@@ -158,6 +158,14 @@ def test_cached_file_is_read_without_network(offline_torch_home):
     assert torch.equal(loaded["head.classification_head.cls_logits.bias"], state[next(iter(state))])
 
 
+def test_unreadable_cached_file_is_one_line(offline_torch_home):
+    offline_torch_home.mkdir(parents=True)
+    (offline_torch_home / REAL_FILES["retinanet_resnet50_fpn"]).write_bytes(b"truncated download")
+    with pytest.raises(CheckpointError, match="cannot read cached .*retinanet_resnet50_fpn_coco-eeacb38b.pth") as error:
+        torchvision_state_dict("retinanet_resnet50_fpn")
+    assert "\n" not in str(error.value)
+
+
 def test_local_file_plain_or_reference_checkpoint(tmp_path):
     state = {"backbone.body.conv1.weight": torch.randn(64, 3, 7, 7, generator=torch.Generator().manual_seed(0))}
     torch.save(state, tmp_path / "plain.pth")

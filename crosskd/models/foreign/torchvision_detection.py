@@ -13,7 +13,6 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from torch import Tensor
@@ -29,6 +28,7 @@ from crosskd.utils import LOGGER
 
 from ..build import build_detector
 from ..dense_detector import DenseDetector
+from ..pretrained import cached_file
 from .mapping import load_mapped
 
 TORCHVISION_PREFIX = "torchvision:"
@@ -82,7 +82,7 @@ def torchvision_spec(name: str) -> TorchvisionDetector:
 
 def weights_file_name(name: str) -> str:
     """The file name torch hub caches `name`'s COCO weights under (the basename of the weights URL)."""
-    return Path(urlparse(torchvision_spec(name).weights.url).path).name
+    return cached_file(torchvision_spec(name).weights).name
 
 
 def torchvision_name(source: str | Path) -> str | None:
@@ -115,20 +115,20 @@ def cached_state_dict(weights: WeightsEnum) -> dict[str, Tensor]:
 
     Offline and not cached, one CheckpointError line names the exact file and the folder to put it in.
     """
-    folder = Path(torch.hub.get_dir()) / "checkpoints"
-    file = Path(urlparse(weights.url).path).name
+    file = cached_file(weights)
+    cached = file.is_file()
+    if not cached:
+        LOGGER.info(f"Downloading {weights.url} to {file}")
     try:
         return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
-    except OSError as e:  # URLError, HTTPError, socket errors: no network and nothing cached
-        reason = str(getattr(e, "reason", e)).splitlines()[0]
+    except Exception as e:  # no network (URLError), a failed hash check, or an unreadable file under the cached name
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if cached:
+            raise CheckpointError(f"cannot read cached '{file}' ({reason}); delete it to fetch it again") from None
         raise CheckpointError(
-            f"{file} is not cached and could not be downloaded ({reason}); put that file in {folder} "
-            "(set TORCH_HOME to use another cache) or pass a local state-dict file"
-        ) from e
-    except Exception as e:  # a truncated or foreign file under the cached name
-        raise CheckpointError(
-            f"cached {folder / file} is not a readable state dict ({type(e).__name__}); delete it and fetch it again"
-        ) from e
+            f"{file.name} is not cached and cannot be downloaded ({reason}): put that file (from {weights.url}) in "
+            f"{file.parent} (torch hub cache under TORCH_HOME), or pass a local state-dict file"
+        ) from None
 
 
 def torchvision_state_dict(name: str, weights_path: str | Path | None = None) -> dict[str, Tensor]:
