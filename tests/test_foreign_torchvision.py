@@ -27,6 +27,8 @@ from crosskd.models.foreign.torchvision_detection import (
     torchvision_state_dict,
     weights_file_name,
 )
+from crosskd.models.heads import FCOSHead, RetinaHead
+from crosskd.models.heads.base import FlatOutputs
 from crosskd.ops.boxes import delta_xywh_decode, make_anchors
 
 HEIGHT, WIDTH = 128, 256  # non-square, a multiple of the largest stride as crosskd pads inputs
@@ -209,6 +211,31 @@ def test_rounded_per_level_anchors_equal_torchvision_anchor_generator():
     ours = make_anchors([(8, 12), (4, 6)], [8, 16], [1.0, 1.0], sizes, [0.5, 1.0, 2.0], "cpu", round_corners=True)
     assert torch.equal(ours, expected)
     assert not torch.equal(make_anchors([(8, 12), (4, 6)], [8, 16], [1.0, 1.0], sizes, [0.5, 1.0, 2.0], "cpu"), ours)
+
+
+def test_torchvision_fcos_head_options():
+    options = {"norm_on_bbox": True, "conv_bias": True, "use_scale": False, "point_offset": 0.0, "sqrt_scores": True}
+    head = FCOSHead(
+        3, 8, 8, 1, num_groups=4, strides=(8, 16), regress_ranges=((0, 64),) * 2, **options
+    )
+    assert head.scales is None and head.cls_convs[0].conv.bias is not None
+    assert "scales.0.scale" not in head.state_dict()
+    priors = head.priors([(2, 2), (1, 1)], "cpu")
+    assert priors.points.tolist() == [[0, 0], [8, 0], [0, 8], [8, 8], [0, 0]]  # index × stride
+    flat = FlatOutputs(torch.tensor([[[0.0, 2.0, -1.0]]]), torch.zeros(1, 1, 4), torch.tensor([[1.0]]))
+    assert torch.allclose(head.scores(flat), (flat.cls.sigmoid() * torch.tensor(1.0).sigmoid()).sqrt())
+    outputs = head([torch.randn(1, 8, 2, 2), torch.randn(1, 8, 1, 1)])
+    assert (outputs.bbox_preds[0] >= 0).all()  # relu distances in stride units
+
+
+def test_explicit_anchor_sizes_set_the_anchors_per_location():
+    sizes = [[32, 40, 50], [64, 80, 101]]
+    head = RetinaHead(2, 8, feat_channels=8, stacked_convs=1, strides=(8, 16), anchor_sizes=sizes, round_anchors=True)
+    assert head.num_anchors == 9 and head.retina_cls.out_channels == 9 * 2
+    expected = make_anchors([(1, 1), (1, 1)], [8, 16], [1.0, 1.0], sizes, [0.5, 1.0, 2.0], "cpu", round_corners=True)
+    assert torch.equal(head.priors([(1, 1), (1, 1)], "cpu").boxes, expected)
+    with pytest.raises(ConfigError, match="head.anchor_sizes .* one equally long, non-empty list per stride"):
+        RetinaHead(2, 8, feat_channels=8, stacked_convs=1, strides=(8, 16), anchor_sizes=[[32, 40], [64]])
 
 
 def test_delta_decode_clamps_like_torchvision_box_coder():
