@@ -224,8 +224,9 @@ def render_cli_reference() -> str:
         "",
         f"`crosskd MODE key=value ...` where MODE is one of {', '.join(f'`{mode}`' for mode in MODES)}. "
         "Settings merge, lowest to highest: `cfg/default.yaml` ← the `cfg=` YAML ← command-line `key=value` "
-        "(or the overrides dict of a Python call). A bare bool key means `key=true`; `key=` or `key=none` empties "
-        "a key whose default is empty. Choices match case-insensitively; a range applies to every item of a list. "
+        "(or the overrides dict of a Python call). A bare bool key means `key=true`. `key=` (or `key=none`) is an "
+        "empty value, valid where the default is empty (for `kd` it means `none`). Choices match case-insensitively; "
+        "a range applies to every item of a list. "
         "`crosskd cfg` prints `cfg/default.yaml`; `crosskd help` lists the special commands.",
     ]
     for title, group in SECTIONS:

@@ -1,5 +1,6 @@
-"""The crosskd command: special commands, dispatch to engines, and user errors as one red line with exit code 2."""
+"""The crosskd command: shell words to overrides, special commands, dispatch, user errors as one red line (exit 2)."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -10,6 +11,8 @@ import pytest
 import torch
 
 from crosskd import __version__, cli
+from crosskd.cli import parse_cli_args, smart_value
+from crosskd.errors import ConfigError
 from crosskd.paths import DEFAULT_CFG_PATH
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +48,82 @@ def fake_engine(monkeypatch):
     for mode in cli.MODE_TARGETS:
         monkeypatch.setitem(cli.MODE_TARGETS, mode, ("fake_crosskd_engine", "run"))
     return types.SimpleNamespace(module=module, calls=calls)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("none", None), ("None", None), ("TRUE", True), ("false", False), ("3", 3), ("0.01", 0.01), ("1e2", 100.0),
+        ("[0,1]", [0, 1]), ("640,480", (640, 480)), ("'text'", "text"), ("gfl_r18.yaml", "gfl_r18.yaml"),
+        ("cuda:0", "cuda:0"), ("crosskd+pkd", "crosskd+pkd"), ("", None),
+    ],
+)
+def test_smart_value(text, expected):
+    value = smart_value(text)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [["epochs=3"], ["epochs", "=", "3"], ["epochs=", "3"], ["epochs", "=3"]],
+)
+def test_spaces_around_equals_are_rejoined(tokens):
+    assert parse_cli_args(tokens) == {"epochs": 3}
+
+
+def test_bracket_values_split_across_words_are_glued():
+    assert parse_cli_args(["imgsz=[640,", "480]", "classes", "=", "[0,", "2]"]) == {"imgsz": [640, 480],
+                                                                                   "classes": [0, 2]}
+
+
+@pytest.mark.parametrize("tokens", [["imgsz=[640,", "480"], ["imgsz=640]"]])
+def test_unmatched_bracket_is_an_error(tokens):
+    with pytest.raises(ConfigError, match="unmatched"):
+        parse_cli_args(tokens)
+
+
+def test_dashed_key_is_accepted_with_a_warning(capsys):
+    assert parse_cli_args(["--epochs=5", "--amp"]) == {"epochs": 5, "amp": True}
+    out = capsys.readouterr().out
+    assert "WARNING: '--epochs=5' does not need leading dashes; using 'epochs=5'" in out
+
+
+def test_trailing_comma_is_stripped_with_a_warning(capsys):
+    assert parse_cli_args(["classes=0,"]) == {"classes": 0}
+    assert "trailing comma" in capsys.readouterr().out
+
+
+def test_bare_bool_key_means_true():
+    assert parse_cli_args(["amp", "exist_ok", "dynamic"]) == {"amp": True, "exist_ok": True, "dynamic": True}
+
+
+def test_bare_non_bool_key_is_an_error():
+    with pytest.raises(ConfigError) as error:
+        parse_cli_args(["epochs"])
+    assert str(error.value) == "'epochs' is a valid crosskd argument but is missing '=' — try 'epochs=12'"
+
+
+def test_unknown_key_is_one_line_with_close_matches_and_defaults():
+    with pytest.raises(ConfigError) as error:
+        parse_cli_args(["epoch=3"])
+    message = str(error.value)
+    assert message.startswith("'epoch' is not a valid crosskd argument. Similar arguments: epochs=12")
+    assert "\n" not in message
+    with pytest.raises(ConfigError, match=r"Similar arguments: .*lr0=0\.01"):
+        parse_cli_args(["lr=0.1"])
+    with pytest.raises(ConfigError, match="Run 'crosskd cfg' to list all arguments"):
+        parse_cli_args(["zzzzzz=1"])
+
+
+def test_unknown_bare_key_is_reported_as_unknown():
+    with pytest.raises(ConfigError, match="'epoch' is not a valid crosskd argument"):
+        parse_cli_args(["epoch"])
+
+
+def test_name_and_project_stay_strings_and_empty_values_are_none():
+    assert parse_cli_args(["name=123", "project=1e2", "kd_idx=", "conf=none"]) == {
+        "name": "123", "project": "1e2", "kd_idx": None, "conf": None,
+    }
 
 
 def test_version_prints_the_bare_version(capsys):
@@ -199,3 +278,13 @@ def test_python_m_crosskd_reports_bad_input_without_traceback(tmp_path):
 def test_python_m_crosskd_version(tmp_path):
     result = run_module("version", cwd=tmp_path)
     assert (result.returncode, result.stdout) == (0, f"{__version__}\n")
+
+
+def test_starting_the_cli_imports_no_engine_models_or_distill():
+    """The kd= choices and every other setting come from the spec, so parsing a command line stays light."""
+    code = "import sys, crosskd.cli; print(sorted(m for m in sys.modules if m.startswith('crosskd.')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    loaded = set(ast.literal_eval(result.stdout))
+    assert {"crosskd.settings", "crosskd.config"} <= loaded
+    assert not any(name.split(".")[1] in ("engine", "models", "distill", "data") for name in loaded), loaded

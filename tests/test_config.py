@@ -1,93 +1,30 @@
-"""Run settings: command-line parsing rules, cfg= precedence, aliases, type/range/choice checks, YAML lookup."""
+"""Run settings: the spec and its generated files, cfg= precedence, aliases, type/range/choice checks -> Args."""
 
 import tomllib
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
-from crosskd.cli import parse_cli_args, smart_value
-from crosskd.config import Args, check_required, get_args, load_defaults
+from crosskd import settings
+from crosskd.cli import parse_cli_args
+from crosskd.config import COERCE, Args, check_required, check_value, get_args, imgsz_hw, load_defaults
+from crosskd.distill.kd_losses import KD_METHODS
 from crosskd.errors import ConfigError
-from crosskd.settings import format_value
+from crosskd.paths import DEFAULT_CFG_PATH
+from crosskd.settings import (
+    ALIASES,
+    KD_METHOD_NAMES,
+    KIND_NAMES,
+    SETTINGS,
+    Kind,
+    format_value,
+    render_cli_reference,
+    render_default_yaml,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("none", None), ("None", None), ("TRUE", True), ("false", False), ("3", 3), ("0.01", 0.01), ("1e2", 100.0),
-        ("[0,1]", [0, 1]), ("640,480", (640, 480)), ("'text'", "text"), ("gfl_r18.yaml", "gfl_r18.yaml"),
-        ("cuda:0", "cuda:0"), ("crosskd+pkd", "crosskd+pkd"), ("", None),
-    ],
-)
-def test_smart_value(text, expected):
-    value = smart_value(text)
-    assert value == expected and type(value) is type(expected)
-
-
-@pytest.mark.parametrize(
-    "tokens",
-    [["epochs=3"], ["epochs", "=", "3"], ["epochs=", "3"], ["epochs", "=3"]],
-)
-def test_spaces_around_equals_are_rejoined(tokens):
-    assert parse_cli_args(tokens) == {"epochs": 3}
-
-
-def test_bracket_values_split_across_words_are_glued():
-    assert parse_cli_args(["imgsz=[640,", "480]", "classes", "=", "[0,", "2]"]) == {"imgsz": [640, 480],
-                                                                                   "classes": [0, 2]}
-
-
-@pytest.mark.parametrize("tokens", [["imgsz=[640,", "480"], ["imgsz=640]"]])
-def test_unmatched_bracket_is_an_error(tokens):
-    with pytest.raises(ConfigError, match="unmatched"):
-        parse_cli_args(tokens)
-
-
-def test_dashed_key_is_accepted_with_a_warning(capsys):
-    assert parse_cli_args(["--epochs=5", "--amp"]) == {"epochs": 5, "amp": True}
-    out = capsys.readouterr().out
-    assert "WARNING: '--epochs=5' does not need leading dashes; using 'epochs=5'" in out
-
-
-def test_trailing_comma_is_stripped_with_a_warning(capsys):
-    assert parse_cli_args(["classes=0,"]) == {"classes": 0}
-    assert "trailing comma" in capsys.readouterr().out
-
-
-def test_bare_bool_key_means_true():
-    assert parse_cli_args(["amp", "exist_ok", "dynamic"]) == {"amp": True, "exist_ok": True, "dynamic": True}
-
-
-def test_bare_non_bool_key_is_an_error():
-    with pytest.raises(ConfigError) as error:
-        parse_cli_args(["epochs"])
-    assert str(error.value) == "'epochs' is a valid crosskd argument but is missing '=' — try 'epochs=12'"
-
-
-def test_unknown_key_is_one_line_with_close_matches_and_defaults():
-    with pytest.raises(ConfigError) as error:
-        parse_cli_args(["epoch=3"])
-    message = str(error.value)
-    assert message.startswith("'epoch' is not a valid crosskd argument. Similar arguments: epochs=12")
-    assert "\n" not in message
-    with pytest.raises(ConfigError, match=r"Similar arguments: .*lr0=0\.01"):
-        parse_cli_args(["lr=0.1"])
-    with pytest.raises(ConfigError, match="Run 'crosskd cfg' to list all arguments"):
-        parse_cli_args(["zzzzzz=1"])
-
-
-def test_unknown_bare_key_is_reported_as_unknown():
-    with pytest.raises(ConfigError, match="'epoch' is not a valid crosskd argument"):
-        parse_cli_args(["epoch"])
-
-
-def test_name_and_project_stay_strings_and_empty_values_are_none():
-    assert parse_cli_args(["name=123", "project=1e2", "kd_idx=", "conf=none"]) == {
-        "name": "123", "project": "1e2", "kd_idx": None, "conf": None,
-    }
 
 
 def test_defaults_come_back_typed():
@@ -254,3 +191,75 @@ def test_package_data_globs_cover_every_shipped_yaml():
     covered = {path for path in shipped if any(path.match(pattern) for pattern in globs)}
     assert shipped and covered == shipped
     assert pyproject["project"]["scripts"]["crosskd"] == "crosskd.cli:main"
+
+
+def test_default_yaml_is_the_rendering_of_the_spec():
+    assert DEFAULT_CFG_PATH.read_text() == render_default_yaml(), "run `python -m crosskd.settings` to regenerate"
+
+
+def test_cli_reference_is_the_rendering_of_the_spec():
+    assert (ROOT / "docs" / "cli.md").read_text() == render_cli_reference(), "run `python -m crosskd.settings`"
+
+
+def test_default_yaml_loads_back_to_the_spec_defaults_with_their_types():
+    loaded = yaml.safe_load(render_default_yaml())
+    defaults = load_defaults()
+    assert list(loaded) == list(SETTINGS) and loaded == defaults
+    assert {key: type(value) for key, value in loaded.items()} == {key: type(value) for key, value in defaults.items()}
+
+
+def test_generated_files_carry_every_key_help_choice_and_alias():
+    text, reference = render_default_yaml(), render_cli_reference()
+    assert "kd: crosskd  # distillation method: crosskd | pm | ld | pkd | crosskd+pkd | none" in text
+    assert "kd_weight: 1.0  # global multiplier of every distillation loss (alias dis)" in text
+    assert "lr_steps: [8, 11]  # step-decay epochs" in text
+    assert "| `lr0` | `0.01` | a number | between 0 and 1 |  | initial learning rate" in reference
+    assert "| `teacher` | empty | a string |  | `distill_model` |" in reference
+    assert all(f"| `{name}` |" in reference for name in SETTINGS)
+
+
+def test_regenerating_writes_both_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(settings, "DEFAULT_CFG_PATH", tmp_path / "cfg" / "default.yaml")
+    monkeypatch.setattr(settings, "CLI_REFERENCE_PATH", tmp_path / "docs" / "cli.md")
+    (tmp_path / "cfg").mkdir()
+    assert settings.write_generated_files() == [tmp_path / "cfg" / "default.yaml"]  # no docs/ outside a checkout
+    (tmp_path / "docs").mkdir()
+    assert len(settings.write_generated_files()) == 2
+    assert (tmp_path / "cfg" / "default.yaml").read_text() == render_default_yaml()
+    assert (tmp_path / "docs" / "cli.md").read_text() == render_cli_reference()
+
+
+def test_the_spec_is_self_consistent():
+    assert set(typing.get_args(Kind)) == set(KIND_NAMES) == set(COERCE)
+    assert not set(ALIASES) & set(SETTINGS)
+    for setting in SETTINGS.values():
+        assert check_value(setting.name, load_defaults()[setting.name]) == load_defaults()[setting.name], setting.name
+        assert not setting.choices or setting.kind == "str", setting.name
+        assert "|" not in setting.help, f"{setting.name}: '|' would split its docs/cli.md table row"
+
+
+def test_kd_choices_are_the_distillation_methods():
+    """The names live in the spec (the CLI must not import crosskd.distill); the recipes map exactly these names."""
+    assert SETTINGS["kd"].choices == KD_METHOD_NAMES == tuple(KD_METHODS)
+
+
+def out_of_range_values(name: str) -> list:
+    """Values just outside a numeric setting's range, in the setting's own kind."""
+    setting = SETTINGS[name]
+    step = 0.5 if setting.kind == "float" else 1
+    numbers = [bound for bound in (setting.low - step if setting.low is not None else None,
+                                   setting.high + step if setting.high is not None else None) if bound is not None]
+    return [[number] if setting.kind in ("int_list", "classes") else number for number in numbers]
+
+
+@pytest.mark.parametrize("name", [name for name, s in SETTINGS.items() if s.low is not None or s.high is not None])
+def test_every_range_in_the_spec_is_enforced(name):
+    for value in out_of_range_values(name):
+        with pytest.raises(ConfigError, match=f"is out of range: '{name}' must be {SETTINGS[name].range_text()}"):
+            check_value(name, value)
+
+
+@pytest.mark.parametrize(("imgsz", "hw"), [(640, (640, 640)), ([320], (320, 320)), ([480, 640], (480, 640)),
+                                           ((96, 128), (96, 128))])
+def test_imgsz_hw_gives_height_and_width(imgsz, hw):
+    assert imgsz_hw(imgsz) == hw
