@@ -22,7 +22,7 @@ from crosskd.losses.distill import kd_quality_focal_loss, kl_div_loss, pkd_loss
 if TYPE_CHECKING:
     from crosskd.models.heads.base import DenseHead, FlatOutputs, Priors, Targets
 
-KD_METHODS = {
+KD_METHODS = {  # kd= method -> components; the same names as crosskd.settings.KD_METHOD_NAMES (tested)
     "crosskd": frozenset({"crosskd"}),
     "pm": frozenset({"pm"}),
     "ld": frozenset({"ld"}),
