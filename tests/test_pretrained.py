@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,7 +28,11 @@ from torchvision.models import (
     swin_t,
 )
 
+from crosskd.cli import parse_cli_args
+from crosskd.config import get_args
 from crosskd.engine.checkpoint import make_checkpoint, save_checkpoint
+from crosskd.engine.distill_trainer import DistillTrainer
+from crosskd.engine.trainer import Trainer
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import build_detector
 from crosskd.models.backbones import MobileNetV2, ResNet, SwinT
@@ -157,6 +162,8 @@ def test_offline_and_not_cached_names_the_file_and_folder(offline):
 
 
 def test_pretrained_false_turns_the_yaml_default_off(offline):
+    words = ["pretrained=false", "pretrained=true", "pretrained=ResNet50_Weights.IMAGENET1K_V2"]
+    assert [get_args(parse_cli_args([w])).pretrained for w in words] == [False, True, words[2].split("=")[1]]
     detector = build_detector(tiny_full_width_yaml("imagenet"), nc=3)
     before = {k: v.clone() for k, v in detector.state_dict().items()}
     assert load_pretrained_weights(detector, False) == 0
@@ -205,6 +212,34 @@ def test_resnet50_imagenet1k_v2_by_name(offline):
     assert offline == []
 
 
+def save_crosskd_pt(detector: nn.Module, path: Path) -> Path:
+    names = {i: str(i) for i in range(detector.nc)}
+    save_checkpoint(make_checkpoint(detector, epoch=1, best_fitness=None, names=names, train_args={}), path)
+    return path
+
+
+def test_training_start_loads_the_student_backbone_and_never_the_teacher(offline, tmp_path):
+    state = cache(ResNet18_Weights.IMAGENET1K_V1, resnet18)
+    student_yaml = tmp_path / "student.yaml"
+    student_yaml.write_text(yaml.safe_dump(tiny_full_width_yaml("imagenet")))
+    torch.manual_seed(1)
+    teacher = build_detector(tiny_full_width_yaml("imagenet"), nc=3)  # its YAML says imagenet too
+    teacher_pt = save_crosskd_pt(teacher, tmp_path / "teacher.pt")
+
+    def build_model(trainer_class: type[Trainer], **overrides) -> Trainer:
+        trainer = trainer_class(get_args({"model": str(student_yaml), **overrides}, trainer_class.mode))
+        trainer.data_info, trainer.names = SimpleNamespace(nc=3), {0: "a", 1: "b", 2: "c"}
+        trainer.model = trainer.build_model()
+        return trainer
+
+    distill = build_model(DistillTrainer, teacher=str(teacher_pt))
+    assert assert_backbone_equals(distill.model.backbone, state) == len(distill.model.backbone.state_dict())
+    assert all(torch.equal(v, distill.teacher.state_dict()[k]) for k, v in teacher.state_dict().items())
+    scratch = build_model(Trainer, pretrained=False)
+    assert not torch.equal(scratch.model.backbone.conv1.weight, state["conv1.weight"])
+    assert offline == []
+
+
 # ----- local files --------------------------------------------------------------------------------------------
 def test_local_torchvision_and_mmdetection_pth(tmp_path):
     source = resnet18(weights=None).state_dict()
@@ -239,9 +274,7 @@ def test_crosskd_pt_backbone_spec_and_pretrained_key(tmp_path):
     cfg = yaml.safe_load((CFG_DIR / "models" / "gfl_r18t.yaml").read_text())
     torch.manual_seed(0)
     trained = build_detector(cfg, nc=3)
-    path = tmp_path / "trained.pt"
-    save_checkpoint(make_checkpoint(trained, epoch=1, best_fitness=None, names={0: "a", 1: "b", 2: "c"},
-                                    train_args={}), path)
+    path = save_crosskd_pt(trained, tmp_path / "trained.pt")
     torch.manual_seed(1)
     backbone_only = build_detector({**cfg, "backbone": {**cfg["backbone"], "pretrained": str(path)}}, nc=3)
     head_before = backbone_only.head.state_dict()["gfl_cls.weight"].clone()

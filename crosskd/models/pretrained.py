@@ -131,9 +131,7 @@ def cached_file(weights: WeightsEnum) -> Path:
 def _fetch(weights: WeightsEnum) -> dict[str, Tensor]:
     """The state_dict of named weights from torch hub's cache, downloaded first when missing and online."""
     file = cached_file(weights)
-    cached = file.is_file()
-    if not cached:
-        LOGGER.info(f"Downloading {weights.url} to {file}")
+    cached = file.is_file()  # else torch hub downloads it (and says so)
     try:
         return weights.get_state_dict(progress=True)
     except READ_ERRORS as e:
