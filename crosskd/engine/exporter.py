@@ -21,13 +21,14 @@ import torch
 from torch import Tensor, nn
 
 from crosskd import __version__
-from crosskd.config import Args, setting_or_model_default
+from crosskd.config import Args, imgsz_hw, setting_or_model_default
 from crosskd.engine.backend import TORCHSCRIPT_METADATA, ExportedDetector, OnnxDetector, TorchScriptDetector
-from crosskd.engine.checkpoint import load_detector, newest_best
+from crosskd.engine.checkpoint import load_detector
 from crosskd.errors import ConfigError
 from crosskd.models import DenseDetector
 from crosskd.models.postprocess import select_detections
 from crosskd.ops.boxes import box_centers, box_sizes
+from crosskd.paths import newest_best
 from crosskd.utils import LOGGER, colorstr, select_device
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript"}
@@ -69,7 +70,7 @@ class ExportModel(nn.Module):
 
 def export_imgsz(imgsz: int | list[int], stride: int) -> tuple[int, int]:
     """(h, w) of the export input, each rounded up to a multiple of the largest stride."""
-    height, width = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
+    height, width = imgsz_hw(imgsz)
     size = tuple(-(-side // stride) * stride for side in (height, width))
     if size != (height, width):
         LOGGER.warning(f"imgsz={imgsz} is not a multiple of the largest stride {stride}; "
