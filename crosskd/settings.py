@@ -2,7 +2,8 @@
 
 `SECTIONS` is the only key list. `crosskd.config` validates values against it; `render_default_yaml()` and
 `render_cli_reference()` write `cfg/default.yaml` and `docs/cli.md` (`python -m crosskd.settings` regenerates both;
-tests fail when either file drifts from the spec). This module imports nothing heavy, so the CLI can read it at start.
+tests fail when either file drifts from the spec). It imports no crosskd layer, so the CLI reads it at start without
+loading engine, models or distill.
 """
 
 from __future__ import annotations
@@ -53,10 +54,12 @@ class Setting:
     raw: bool = False
 
     def range_text(self) -> str:
-        """The allowed range in words: 'between 0 and 1', '>= 1' or '' (unbounded)."""
+        """The allowed range in words: 'between 0 and 1', '>= 1', '<= 9' or '' (unbounded)."""
         if self.low is not None and self.high is not None:
             return f"between {self.low:g} and {self.high:g}"
-        return f">= {self.low:g}" if self.low is not None else ""
+        if self.low is not None or self.high is not None:
+            return f">= {self.low:g}" if self.low is not None else f"<= {self.high:g}"
+        return ""
 
     def example_value(self) -> str:
         """A typical value for messages, as typed on the command line: the spec's example, else the default."""

@@ -19,6 +19,7 @@ from crosskd.settings import (
     KIND_NAMES,
     SETTINGS,
     Kind,
+    Setting,
     format_value,
     render_cli_reference,
     render_default_yaml,
@@ -263,3 +264,10 @@ def test_every_range_in_the_spec_is_enforced(name):
                                            ((96, 128), (96, 128))])
 def test_imgsz_hw_gives_height_and_width(imgsz, hw):
     assert imgsz_hw(imgsz) == hw
+
+
+def test_range_text_words_each_kind_of_bound():
+    def bounded(**bounds):
+        return Setting("x", "float", 0.5, "help", **bounds).range_text()
+
+    assert (bounded(low=0, high=1), bounded(low=1), bounded(high=9), bounded()) == ("between 0 and 1", ">= 1", "<= 9", "")
