@@ -270,4 +270,5 @@ def test_range_text_words_each_kind_of_bound():
     def bounded(**bounds):
         return Setting("x", "float", 0.5, "help", **bounds).range_text()
 
-    assert (bounded(low=0, high=1), bounded(low=1), bounded(high=9), bounded()) == ("between 0 and 1", ">= 1", "<= 9", "")
+    words = (bounded(low=0, high=1), bounded(low=1), bounded(high=9), bounded())
+    assert words == ("between 0 and 1", ">= 1", "<= 9", "")
