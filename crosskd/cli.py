@@ -30,12 +30,12 @@ from crosskd.settings import ALIASES, MODES, SETTINGS
 from crosskd.utils import LOGGER, console
 
 MODE_TARGETS = {  # mode -> (module, function taking Args); imported only when the mode runs
-    "train": ("crosskd.engine.trainer", "run"),
-    "distill": ("crosskd.engine.trainer", "run"),
+    "train": ("crosskd.engine.launch", "run"),
+    "distill": ("crosskd.engine.launch", "run"),
     "val": ("crosskd.engine.validator", "run"),
     "predict": ("crosskd.engine.predictor", "run"),
     "export": ("crosskd.engine.exporter", "run"),
-    "info": ("crosskd.models.info", "run"),
+    "info": ("crosskd.engine.info", "run"),
 }
 SPECIAL_WORDS = {  # spelling -> special command
     "help": "help", "h": "help", "-h": "help", "--help": "help", "-help": "help",

@@ -17,8 +17,8 @@ from crosskd.engine import ddp
 from crosskd.engine.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from crosskd.engine.distill_trainer import ADAPTER_KEY, DistillTrainer
 from crosskd.engine.exporter import run as export_run
+from crosskd.engine.launch import trainer_class
 from crosskd.engine.predictor import Predictor, read_image
-from crosskd.engine.trainer import trainer_class
 from crosskd.engine.validator import Validator
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import build_detector

@@ -14,7 +14,8 @@ from crosskd.data.digits import generate_digits
 from crosskd.engine import validator
 from crosskd.engine.callbacks import EVENTS
 from crosskd.engine.checkpoint import load_checkpoint
-from crosskd.engine.trainer import Trainer, trainer_class
+from crosskd.engine.launch import trainer_class
+from crosskd.engine.trainer import Trainer
 from crosskd.errors import CheckpointError
 
 NAMES = {i: str(i) for i in range(10)}

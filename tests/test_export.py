@@ -13,7 +13,7 @@ from torch import nn
 
 from crosskd.config import get_args
 from crosskd.engine import exporter
-from crosskd.engine.backend import OnnxDetector, TorchScriptDetector, load_model, traced_device
+from crosskd.engine.backend import OnnxDetector, TorchScriptDetector, load_runtime, traced_device
 from crosskd.engine.checkpoint import make_checkpoint, save_checkpoint
 from crosskd.engine.exporter import ExportModel
 from crosskd.errors import CheckpointError, ConfigError
@@ -96,7 +96,7 @@ def test_onnx_metadata_is_embedded_and_read_back(tmp_path, capsys):
     assert eval(meta["strides"]) == [8, 16, 32, 64, 128] and meta["num_anchors"] == "9"
     assert json.loads(meta["model_yaml"])["head"]["type"] == "retinanet"
     assert json.loads(meta["train_args"])["data"] == "digits.yaml"
-    model = load_model(path)
+    model = load_runtime(path).model
     assert isinstance(model, OnnxDetector)
     assert model.names == NAMES and model.imgsz == (128, 256) and model.batch == 2 and not model.nms
     assert model.input_shape == (2, 3, 128, 256) and not model.dynamic_size
@@ -222,7 +222,7 @@ def test_torchscript_export_parity_at_two_sizes(tmp_path):
     weights = write_checkpoint(tmp_path / "best.pt", "retinanet")
     path = exporter.run(export_args(weights, format="torchscript", dynamic=True))
     assert path == tmp_path / "best.torchscript"
-    backend = load_model(path)
+    backend = load_runtime(path).model
     assert isinstance(backend, TorchScriptDetector) and backend.names == NAMES and backend.imgsz == (128, 128)
     assert backend.dynamic_size
     for shape in [(1, 3, 128, 128), (2, 3, 128, 256)]:
@@ -248,8 +248,8 @@ def test_user_errors(tmp_path):
         exporter.run(export_args(weights, half=True))
     with pytest.raises(ConfigError, match="opset=9"):
         exporter.run(export_args(weights, opset=9))
-    with pytest.raises(ConfigError, match="trained crosskd .pt"):
-        exporter.run(export_args(tmp_path / "gfl.yaml"))
+    with pytest.raises(ConfigError, match="needs trained weights"):
+        exporter.run(export_args("gfl_r18t.yaml"))
 
 
 def test_unreadable_exports_and_trace_devices(tmp_path):
@@ -257,11 +257,11 @@ def test_unreadable_exports_and_trace_devices(tmp_path):
     bad_onnx.write_bytes(b"not onnx")
     bad_script.write_bytes(b"not a zip")
     with pytest.raises(CheckpointError, match="corrupt or not ONNX"):
-        load_model(bad_onnx)
+        load_runtime(bad_onnx)
     with pytest.raises(CheckpointError, match="as TorchScript"):
-        load_model(bad_script)
+        load_runtime(bad_script)
     with pytest.raises(CheckpointError, match="expected one of"):
-        load_model(tmp_path / "model.h5")
+        load_runtime(tmp_path / "model.h5")
     on_gpu = {"args": str({"device": "cuda:0"})}
     with pytest.raises(CheckpointError, match="traced on cuda:0"):
         traced_device(bad_script, on_gpu, torch.device("cpu"))

@@ -1,6 +1,5 @@
 """Backbones, FPN, the YAML builder, the DenseDetector, post-processing and model info."""
 
-import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,10 +9,11 @@ import torch.nn.functional as F
 import yaml
 from torchvision.models import resnet18
 
+from crosskd.engine.checkpoint import make_checkpoint, save_checkpoint
+from crosskd.engine.info import gflops, model_info, run
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import Detections, build_detector, postprocess, scale_boxes
-from crosskd.models.backbones import MobileNetV2, ResNet, SwinT, load_pretrained
-from crosskd.models.info import gflops, model_info, run
+from crosskd.models.backbones import MobileNetV2, ResNet, SwinT
 from crosskd.models.neck import FPN
 from crosskd.paths import CFG_DIR
 
@@ -102,30 +102,6 @@ def test_resnet_frozen_stages_and_norm_eval():
     assert all(p.requires_grad for p in free.parameters()) and free.bn1.training
 
 
-def test_pretrained_torchvision_pth_loads(tmp_path, caplog):
-    source = resnet18(weights=None)
-    path = tmp_path / "resnet18.pth"
-    torch.save(source.state_dict(), path)
-    with caplog.at_level(logging.INFO, logger="crosskd"):
-        net = ResNet(depth=18, pretrained=str(path))
-    assert torch.equal(net.layer3[1].conv2.weight, source.layer3[1].conv2.weight)
-    assert torch.equal(net.bn1.running_mean, source.bn1.running_mean)
-    assert f"Transferred {len(net.state_dict())}/{len(net.state_dict())}" in caplog.text
-    wrapped = tmp_path / "wrapped.pth"
-    torch.save({"state_dict": {f"backbone.{k}": v for k, v in source.state_dict().items()}}, wrapped)
-    assert load_pretrained(ResNet(depth=18), wrapped) == len(net.state_dict())
-    assert load_pretrained(ResNet(depth=18, width=0.5), path) < len(net.state_dict())  # shape-checked, partial
-
-
-def test_pretrained_errors(tmp_path):
-    with pytest.raises(ConfigError, match="not found"):
-        ResNet(depth=18, pretrained=str(tmp_path / "missing.pth"))
-    bad = tmp_path / "bad.pth"
-    bad.write_text("not a checkpoint")
-    with pytest.raises(ConfigError, match="not a readable"):
-        ResNet(depth=18, pretrained=str(bad))
-
-
 @pytest.mark.slow
 def test_mobilenet_and_swin_outputs():
     mobile = MobileNetV2(width=1.0)
@@ -135,19 +111,6 @@ def test_mobilenet_and_swin_outputs():
     assert swin.out_channels == [192, 384, 768]
     feats = swin(torch.rand(1, 3, 64, 64))
     assert [tuple(f.shape[1:]) for f in feats] == [(192, 8, 8), (384, 4, 4), (768, 2, 2)]
-
-
-def test_swin_final_norm_maps_from_torchvision(tmp_path):
-    swin = SwinT(drop_path_rate=0.0)
-    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in swin.state_dict().items()}
-    state = {k: v for k, v in state.items() if not k.startswith("norms.")}
-    state["norm.weight"] = torch.full((768,), 3.0)
-    state["norm.bias"] = torch.zeros(768)
-    path = tmp_path / "swin.pth"
-    torch.save(state, path)
-    loaded = SwinT(drop_path_rate=0.0, pretrained=str(path))
-    assert torch.equal(loaded.norms[2].weight, state["norm.weight"])
-    assert torch.equal(loaded.features[0][0].weight, state["features.0.0.weight"])
 
 
 # ----- neck ----------------------------------------------------------------------------------------------------------
@@ -278,11 +241,11 @@ def test_info_run_prints_table_and_reads_checkpoints(tmp_path, capsys):
     assert "gfl_r18t summary:" in summary and "head.gfl_cls" in capsys.readouterr().out
     detector = build_detector("gfl_r18t", nc=7)
     ckpt = tmp_path / "m.pt"
-    torch.save({"model_yaml": detector.yaml, "model": detector.state_dict()}, ckpt)
+    save_checkpoint(make_checkpoint(detector, epoch=-1, best_fitness=None, names={}, train_args={}), ckpt)
     params = sum(p.numel() for p in detector.parameters())
     assert f"{params:,} parameters" in run(SimpleNamespace(model=str(ckpt), imgsz=64, data=None))
-    torch.save({"model": {}}, ckpt)
-    with pytest.raises(CheckpointError, match="no 'model_yaml'"):
+    torch.save({"model_yaml": detector.yaml, "model": detector.state_dict()}, ckpt)  # what val would reject too
+    with pytest.raises(CheckpointError, match="not a crosskd checkpoint"):
         run(SimpleNamespace(model=str(ckpt), imgsz=64, data=None))
     data = write_yaml(tmp_path, "three.yaml", {"path": "nowhere", "train": "t", "val": "v", "names": ["a", "b", "c"]})
     three = sum(p.numel() for p in build_detector("gfl_r18t", nc=3).parameters())

@@ -7,18 +7,23 @@ import json
 import math
 import warnings
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from crosskd.engine.checkpoint import load_detector
-from crosskd.errors import CheckpointError
-from crosskd.models import DenseDetector
+from crosskd.config import imgsz_hw
+from crosskd.engine.checkpoint import check_checkpoint, detector_from_checkpoint, load_checkpoint, read_torch_file
+from crosskd.errors import CheckpointError, ConfigError
+from crosskd.models import DenseDetector, build_detector
+from crosskd.models.foreign.mapping import load_mapped
 from crosskd.models.postprocess import Detections, postprocess, unpad
+from crosskd.paths import resolve_cfg_file
 from crosskd.utils import LOGGER
 
-MODEL_SUFFIXES = (".pt", ".onnx", ".torchscript")
+YAML_SUFFIXES = (".yaml", ".yml")
+CHECKPOINT_SUFFIXES = (".pt", ".pth")
 REQUIRED_METADATA = ("names", "stride", "strides", "imgsz", "batch", "num_anchors", "args")
 TORCHSCRIPT_METADATA = "config.txt"
 
@@ -228,15 +233,109 @@ def traced_device(path: Path, metadata: dict[str, str], requested: torch.device)
                           f"re-export it with device={requested.type}")
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> DenseDetector | ExportedDetector:
-    """Load a crosskd .pt (as an eval DenseDetector with `names`), an exported .onnx or a .torchscript, by suffix."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in MODEL_SUFFIXES:
-        raise CheckpointError(f"cannot load model '{path}': expected one of {', '.join(MODEL_SUFFIXES)}")
-    if suffix == ".onnx":
-        return OnnxDetector(path, device)
-    if suffix == ".torchscript":
-        return TorchScriptDetector(path, device)
-    detector, _ = load_detector(path, device=device)
-    return detector.eval()
+EXPORTED_BACKENDS: dict[str, type[ExportedDetector]] = {".onnx": OnnxDetector, ".torchscript": TorchScriptDetector}
+
+
+def is_yaml(source: str | Path) -> bool:
+    """A model YAML, given as a path or as a shipped model's bare name (gfl_r18t)."""
+    return Path(source).suffix.lower() in (*YAML_SUFFIXES, "")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A model ready to run, whatever it was loaded from, with what every mode needs to know about it."""
+
+    model: DenseDetector | ExportedDetector  # eval mode, on the requested device
+    source: str  # the resolved file the model came from
+    kind: str  # "checkpoint", "yaml", "onnx" or "torchscript"
+    names: dict[int, str]
+    imgsz: tuple[int, int] | None  # the model's own input size (h, w): training or export size; None for a YAML
+    checkpoint: dict = field(default_factory=dict)  # the crosskd checkpoint dict, empty for other kinds
+
+    @property
+    def nc(self) -> int:
+        return len(self.names)
+
+    @property
+    def strides(self) -> list[int]:
+        return list(self.model.strides)
+
+    @property
+    def stride(self) -> int:
+        """The largest stride: inputs are padded to a multiple of it."""
+        return max(self.model.strides)
+
+    @property
+    def train_args(self) -> dict:
+        return self.checkpoint.get("train_args") or {}
+
+    def detector(self, purpose: str) -> DenseDetector:
+        """The PyTorch model, or a one-line error saying `purpose` needs one (e.g. purpose='export')."""
+        if not isinstance(self.model, DenseDetector):
+            raise CheckpointError(
+                f"{purpose} needs a PyTorch model, not the exported {self.kind} file '{self.source}'; "
+                "pass the crosskd .pt it was exported from"
+            )
+        return self.model
+
+
+def load_runtime(
+    source: str | Path,
+    *,
+    nc: int | None = None,
+    weights: str | Path | None = None,
+    adapt_nc: bool = False,
+    device: str | torch.device = "cpu",
+    role: str = "model",
+) -> Runtime:
+    """The one model loader: a crosskd .pt, an exported .onnx / .torchscript, or a model YAML (+ `weights`).
+
+    `nc` is the class count for a model built from a YAML without weights; with `adapt_nc` a checkpoint whose class
+    count differs is given a new head for `nc` (fine-tuning), otherwise its own classes are kept. `weights` (a crosskd
+    .pt of that architecture) only go with a YAML. Every unusable source ends in one ConfigError/CheckpointError line
+    that names the setting it came from (`role`, e.g. teacher).
+    """
+    suffix = Path(source).suffix.lower()
+    if weights is not None and not is_yaml(source):
+        raise ConfigError(f"weights are only for a model YAML, and '{source}' already holds weights; drop them")
+    if is_yaml(source):
+        runtime = _from_yaml(source, nc, weights)
+    elif suffix in EXPORTED_BACKENDS:
+        model = EXPORTED_BACKENDS[suffix](source, device)
+        return Runtime(model, str(Path(source).resolve()), suffix[1:], dict(model.names), tuple(model.imgsz))
+    elif suffix in CHECKPOINT_SUFFIXES:
+        if not Path(source).is_file():
+            raise CheckpointError(f"{role} '{source}' not found: pass {role}=path/to/best.pt (a crosskd checkpoint)")
+        runtime = _from_checkpoint(Path(source), nc if adapt_nc else None)
+    else:
+        expected = ", ".join((*YAML_SUFFIXES[:1], *CHECKPOINT_SUFFIXES, *EXPORTED_BACKENDS))
+        raise CheckpointError(f"cannot load model '{source}': expected one of {expected}")
+    runtime.model.to(device).eval()
+    return runtime
+
+
+def _from_checkpoint(path: Path, nc: int | None) -> Runtime:
+    ckpt = check_checkpoint(read_torch_file(path), path)
+    detector = detector_from_checkpoint(ckpt, nc, path)
+    imgsz = (ckpt.get("train_args") or {}).get("imgsz")
+    return Runtime(detector, str(path.resolve()), "checkpoint", detector.names, _hw_or_none(imgsz), ckpt)
+
+
+def _from_yaml(source: str | Path, nc: int | None, weights: str | Path | None) -> Runtime:
+    path = resolve_cfg_file(source, "models")
+    if weights is None:
+        if nc is None:
+            raise ConfigError(f"building '{source}' needs the number of classes; pass data= with the dataset")
+        detector = build_detector(path, nc)
+        detector.names = {i: str(i) for i in range(nc)}
+        return Runtime(detector, str(path.resolve()), "yaml", detector.names, None)
+    ckpt = load_checkpoint(weights)
+    detector = build_detector(path, int(ckpt["nc"]))
+    load_mapped(detector, ckpt["model"], {name: name for name in ckpt["model"]}, str(weights))
+    detector.names = detector_from_checkpoint(ckpt, source=weights).names
+    imgsz = _hw_or_none((ckpt.get("train_args") or {}).get("imgsz"))
+    return Runtime(detector, str(path.resolve()), "yaml", detector.names, imgsz, ckpt)
+
+
+def _hw_or_none(imgsz: int | list[int] | None) -> tuple[int, int] | None:
+    return None if imgsz is None else imgsz_hw(imgsz)

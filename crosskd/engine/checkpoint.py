@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from crosskd import __version__
-from crosskd.errors import CheckpointError, ConfigError
+from crosskd.errors import CheckpointError
 from crosskd.models import DenseDetector, build_detector
 from crosskd.utils import LOGGER, atomic_save
 
@@ -26,27 +26,40 @@ def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
     return atomic_save(ckpt, path)
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a crosskd checkpoint on the CPU with weights_only=True; any problem is a one-line CheckpointError."""
+def read_torch_file(path: str | Path) -> Any:
+    """`torch.load` a file on the CPU with weights_only=True (no code can run); any problem is a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: '{path}'; pass an existing crosskd .pt file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot read checkpoint '{path}' (corrupt or not a crosskd .pt): {reason}") from None
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+
+
+def is_crosskd_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, dict) and all(key in obj for key in REQUIRED_KEYS)
+
+
+def check_checkpoint(obj: Any, path: str | Path) -> dict:
+    """`obj` as a crosskd checkpoint dict, or a one-line CheckpointError saying what it is not."""
+    if not is_crosskd_checkpoint(obj):
         raise CheckpointError(
             f"'{path}' is not a crosskd checkpoint (needs keys {list(REQUIRED_KEYS)}); "
             "use a .pt written by crosskd train/distill"
         )
-    if ckpt["format_version"] > FORMAT_VERSION:
+    if obj["format_version"] > FORMAT_VERSION:
         raise CheckpointError(
-            f"'{path}' has checkpoint format {ckpt['format_version']}, newer than this crosskd supports "
+            f"'{path}' has checkpoint format {obj['format_version']}, newer than this crosskd supports "
             f"({FORMAT_VERSION}); upgrade crosskd"
         )
-    return ckpt
+    return obj
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load and check a crosskd checkpoint (CPU, weights_only=True); any problem is a one-line CheckpointError."""
+    return check_checkpoint(read_torch_file(path), path)
 
 
 def _float_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -60,10 +73,6 @@ def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[
     matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(_float_state(matching), strict=False)
     return len(matching), len(own)
-
-
-def is_yaml(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in (".yaml", ".yml")
 
 
 def detector_from_checkpoint(ckpt: dict, nc: int | None = None, source: str | Path = "checkpoint") -> DenseDetector:
@@ -84,23 +93,6 @@ def detector_from_checkpoint(ckpt: dict, nc: int | None = None, source: str | Pa
         names = {i: str(i) for i in range(nc)}
     detector.names = names
     return detector
-
-
-def load_detector(
-    path_or_yaml: str | Path | dict, nc: int | None = None, device: str | torch.device = "cpu"
-) -> tuple[DenseDetector, dict]:
-    """Build a DenseDetector from a model YAML (fresh; nc required) or a crosskd .pt (weights loaded, float32).
-
-    Returns the detector (on `device`, with `names`) and the checkpoint dict (empty for a YAML).
-    """
-    if isinstance(path_or_yaml, dict) or is_yaml(path_or_yaml):
-        if nc is None:
-            raise ConfigError(f"building '{path_or_yaml}' needs the number of classes; pass data= with the dataset")
-        detector = build_detector(path_or_yaml, nc)
-        detector.names = {i: str(i) for i in range(detector.nc)}
-        return detector.to(device), {}
-    ckpt = load_checkpoint(path_or_yaml)
-    return detector_from_checkpoint(ckpt, nc, path_or_yaml).to(device), ckpt
 
 
 def cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:

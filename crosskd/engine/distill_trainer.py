@@ -9,46 +9,28 @@ from torch import nn
 
 from crosskd.dist import is_main_process
 from crosskd.distill import Distiller
-from crosskd.engine.checkpoint import is_yaml, load_checkpoint, load_detector, save_checkpoint
+from crosskd.engine.backend import Runtime, is_yaml, load_runtime
+from crosskd.engine.checkpoint import load_checkpoint, save_checkpoint
 from crosskd.engine.trainer import Trainer
-from crosskd.errors import CheckpointError, ConfigError
+from crosskd.errors import ConfigError
 from crosskd.models import DenseDetector
-from crosskd.paths import resolve_cfg_file
 from crosskd.utils import LOGGER, colorstr
 
 ADAPTER_KEY = "kd_adapter"  # last.pt only: the learned width adapter, needed to resume
 
 
-def resolve_teacher_path(teacher: str) -> str:
-    """An absolute path for a teacher .pt or YAML file (shipped model YAMLs are found by name)."""
-    path = Path(teacher)
-    if is_yaml(path):
-        path = resolve_cfg_file(path, "models")
-    elif not path.is_file():
-        raise CheckpointError(f"teacher '{teacher}' not found: pass teacher=path/to/teacher.pt (a crosskd checkpoint)")
-    return str(path.resolve())
-
-
-def load_teacher(teacher: str, teacher_weights: str | None) -> DenseDetector:
-    """A trained teacher: a crosskd .pt, or a model YAML with `teacher_weights=` (a crosskd .pt of that model)."""
-    if not is_yaml(teacher):
-        if teacher_weights:
-            raise ConfigError(f"teacher_weights= is only for a YAML teacher; teacher={teacher} already holds weights")
-        return load_detector(teacher)[0]
-    if not teacher_weights:
+def load_teacher(teacher: str, teacher_weights: str | None) -> Runtime:
+    """The trained teacher: a crosskd .pt, or a model YAML with `teacher_weights=` (a crosskd .pt of that model)."""
+    if is_yaml(teacher) and not teacher_weights:
         raise ConfigError(
             f"teacher={teacher} is a model YAML without weights: add teacher_weights=path/to/teacher.pt "
             "or pass the trained checkpoint as teacher="
         )
-    ckpt = load_checkpoint(teacher_weights)
-    model = load_detector(teacher, nc=int(ckpt["nc"]))[0]
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()}, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"teacher_weights={teacher_weights} do not fit teacher={teacher} ({len(missing)} missing, "
-            f"{len(unexpected)} unexpected keys): pass the model YAML they were trained with, or just teacher=the .pt"
-        )
-    return model
+    if not is_yaml(teacher) and teacher_weights:
+        raise ConfigError(f"teacher_weights= is only for a YAML teacher; teacher={teacher} already holds weights")
+    runtime = load_runtime(teacher, weights=teacher_weights, role="teacher")
+    runtime.detector("the distillation teacher")
+    return runtime
 
 
 class DistillTrainer(Trainer):
@@ -81,14 +63,15 @@ class DistillTrainer(Trainer):
             saved = self.resume_ckpt.get("kd_args") or self.resume_ckpt.get("teacher_args") or {}  # older checkpoints
             teacher, weights = self.resume_ckpt["teacher"], saved.get("teacher_weights")
         elif self.args.teacher:
-            teacher = resolve_teacher_path(self.args.teacher)
+            teacher = self.args.teacher
             weights = str(Path(self.args.teacher_weights).resolve()) if self.args.teacher_weights else None
         else:
             raise ConfigError("distill needs teacher=: a trained crosskd .pt, e.g. teacher=path/to/best.pt")
-        model = load_teacher(teacher, weights)
-        self.teacher_path, self.teacher_weights = teacher, weights
-        LOGGER.info(f"{colorstr('teacher:')} {model.head_type} from {teacher}" + (f" + {weights}" if weights else ""))
-        return model
+        runtime = load_teacher(teacher, weights)
+        self.teacher_path, self.teacher_weights = runtime.source, weights
+        LOGGER.info(f"{colorstr('teacher:')} {runtime.model.head_type} from {runtime.source}"
+                    + (f" + {weights}" if weights else ""))
+        return runtime.model
 
     def build_loss_module(self) -> nn.Module:
         return Distiller.from_args(self.model, self.teacher, self.args)

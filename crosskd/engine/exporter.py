@@ -22,8 +22,14 @@ from torch import Tensor, nn
 
 from crosskd import __version__
 from crosskd.config import Args, imgsz_hw, setting_or_model_default
-from crosskd.engine.backend import TORCHSCRIPT_METADATA, ExportedDetector, OnnxDetector, TorchScriptDetector
-from crosskd.engine.checkpoint import load_detector
+from crosskd.engine.backend import (
+    TORCHSCRIPT_METADATA,
+    ExportedDetector,
+    OnnxDetector,
+    TorchScriptDetector,
+    is_yaml,
+    load_runtime,
+)
 from crosskd.errors import ConfigError
 from crosskd.models import DenseDetector
 from crosskd.models.postprocess import select_detections
@@ -276,17 +282,10 @@ def log_usage(path: Path, settings: dict, data: str | None) -> None:
     LOGGER.info(f"Validate: crosskd val model={path} imgsz={imgsz}" + (f" data={data}" if data else ""))
 
 
-def resolve_weights(model: str | None) -> Path:
-    """The .pt to export: `model=`, or the newest best.pt under runs/ (logged)."""
-    if model is None:
-        return newest_best("exporting")
-    if Path(model).suffix != ".pt":
-        raise ConfigError(f"export needs a trained crosskd .pt checkpoint, not model={model}; e.g. model=best.pt")
-    return Path(model)
-
-
 def run(args: Args) -> Path:
     """`crosskd export`: load the student from `model=` (or the newest best.pt) and export it."""
-    weights = resolve_weights(args.model)
-    detector, ckpt = load_detector(weights)
-    return export(detector, Args(**{**vars(args), "model": str(weights)}), ckpt.get("train_args") or {})
+    source = args.model or newest_best("exporting")
+    if is_yaml(source):
+        raise ConfigError(f"export needs trained weights, not the bare model YAML model={source}; e.g. model=best.pt")
+    runtime = load_runtime(source)
+    return export(runtime.detector("export"), Args(**{**vars(args), "model": str(source)}), runtime.train_args)

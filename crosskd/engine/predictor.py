@@ -17,11 +17,9 @@ import torch
 
 from crosskd.config import Args, imgsz_hw, load_defaults, setting_or_model_default
 from crosskd.data.transforms import load_image, resize_long_side
-from crosskd.engine.backend import ExportedDetector, load_model
-from crosskd.engine.checkpoint import load_detector
+from crosskd.engine.backend import ExportedDetector, load_runtime
 from crosskd.engine.plotting import class_color
 from crosskd.errors import DataError, UserError
-from crosskd.models import DenseDetector
 from crosskd.paths import make_save_dir, newest_best
 from crosskd.utils import LOGGER, colorstr, select_device
 
@@ -199,15 +197,6 @@ def batched(frames: Iterator[Frame], size: int) -> Iterator[list[Frame]]:
 # Model, preprocessing and prediction ---------------------------------------------------------------------------------
 
 
-def load_predict_model(path: str | Path, device: torch.device) -> tuple[DenseDetector | ExportedDetector, Any]:
-    """The model for `path` and its own input size (training imgsz of a .pt, export imgsz of an exported file)."""
-    if Path(path).suffix.lower() == ".pt":
-        detector, ckpt = load_detector(path, device=device)
-        return detector.eval(), (ckpt.get("train_args") or {}).get("imgsz")
-    model = load_model(path, device)
-    return model, list(model.imgsz)
-
-
 def resize_to_fit(image: np.ndarray, imgsz: tuple[int, int]) -> tuple[np.ndarray, float]:
     """Keep-ratio resize into h x w: the validation resize (long side = imgsz) when square."""
     height, width = imgsz
@@ -252,17 +241,18 @@ class Predictor:
     def __init__(self, args: Args) -> None:
         self.args = args
         self.device = select_device(args.device)
-        self.model, model_imgsz = load_predict_model(args.model or newest_best("predicting with"), self.device)
-        self.names: dict[int, str] = dict(self.model.names)
-        self.stride = max(self.model.strides)
-        self.imgsz = self.resolve_imgsz(model_imgsz)
+        self.runtime = load_runtime(args.model or newest_best("predicting with"), device=self.device)
+        self.model = self.runtime.model
+        self.names: dict[int, str] = dict(self.runtime.names)
+        self.stride = self.runtime.stride
+        self.imgsz = self.resolve_imgsz(self.runtime.imgsz)
         self.conf = PREDICT_CONF if args.conf is None else args.conf
         self.batch = setting_or_model_default(args, "batch", 1)
         self.save_dir: Path | None = None
         self.speed = Counter()  # total ms per stage
         self.shape: tuple[int, ...] | None = None  # input shape of the latest batch
 
-    def resolve_imgsz(self, model_imgsz: Any) -> tuple[int, int]:
+    def resolve_imgsz(self, model_imgsz: tuple[int, int] | None) -> tuple[int, int]:
         """A static exported graph forces its size; otherwise imgsz=, defaulting to the model's own size."""
         if isinstance(self.model, ExportedDetector) and not self.model.dynamic_size:
             if imgsz_hw(self.args.imgsz) != self.model.imgsz and self.args.imgsz != load_defaults()["imgsz"]:

@@ -1,4 +1,4 @@
-"""Training engine: `Trainer(args).train()` with a visible lifecycle setup -> epochs -> finish, and `run(args)`."""
+"""Training engine: `Trainer(args).train()` with a visible lifecycle setup -> epochs -> finish."""
 
 from __future__ import annotations
 
@@ -17,16 +17,14 @@ from crosskd.config import get_args, imgsz_hw
 from crosskd.data import DetectionDataset, build_dataloader, load_data_yaml
 from crosskd.dist import barrier, get_rank, get_world_size, is_dist, is_main_process, reduce_mean
 from crosskd.engine import ddp
+from crosskd.engine.backend import load_runtime
 from crosskd.engine.callbacks import Callback, Callbacks, default_callbacks
 from crosskd.engine.checkpoint import (
-    detector_from_checkpoint,
     is_resumable,
     load_checkpoint,
-    load_detector,
     make_checkpoint,
     save_checkpoint,
     strip_checkpoint,
-    transfer_weights,
 )
 from crosskd.engine.metrics import fitness
 from crosskd.engine.optim import ModelEMA, build_optimizer, build_schedule, set_lr
@@ -34,7 +32,7 @@ from crosskd.engine.progress import EpochProgress, epoch_header
 from crosskd.engine.validator import Validator
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import DenseDetector
-from crosskd.models.backbones import load_pretrained
+from crosskd.models.pretrained import load_pretrained_weights
 from crosskd.paths import make_save_dir, newest_file, runs_dir
 from crosskd.utils import LOGGER, colorstr, console, init_seeds, select_device
 
@@ -135,25 +133,18 @@ class Trainer:
         """The DenseDetector to train: from the resumed checkpoint, a model YAML, or a .pt (nc from the dataset)."""
         nc = self.data_info.nc
         if self.resume_path is not None:
-            model = detector_from_checkpoint(load_checkpoint(self.resume_path), source=self.resume_path)
+            model = load_runtime(self.resume_path).detector("resume")
         elif self.args.model is None:
             raise ConfigError("train needs model=: a model YAML (e.g. model=gfl_r18s.yaml) or a crosskd .pt")
         else:
-            model, ckpt = load_detector(self.args.model, nc=nc)
-            if ckpt:
+            runtime = load_runtime(self.args.model, nc=nc, adapt_nc=True)
+            model = runtime.detector("training")
+            if runtime.checkpoint:
                 LOGGER.info(f"Loaded weights from {self.args.model}")
-            if self.args.pretrained:
-                self.load_pretrained(model, self.args.pretrained)
+            if not runtime.checkpoint or self.args.pretrained is not None:  # YAML backbone.pretrained, or pretrained=
+                load_pretrained_weights(model, self.args.pretrained)
         model.names = self.names
         return model
-
-    def load_pretrained(self, model: DenseDetector, path: str) -> None:
-        """pretrained=: a crosskd .pt (all matching weights) or a torchvision .pth (backbone)."""
-        if Path(path).suffix == ".pt":
-            done, total = transfer_weights(model, load_checkpoint(path)["model"])
-            LOGGER.info(f"Transferred {done}/{total} items from pretrained weights {path}")
-        else:
-            load_pretrained(model.backbone, path)
 
     def build_loss_module(self) -> nn.Module:
         return DetectorLoss(self.model)
@@ -378,8 +369,8 @@ class Trainer:
         barrier()
         if best.exists():
             LOGGER.info(f"Validating {best}...")
-            model, _ = load_detector(best, device=self.device)
-            self.final_metrics = self.validator.run(model.eval(), plots=self.args.plots)
+            model = load_runtime(best, device=self.device).model
+            self.final_metrics = self.validator.run(model, plots=self.args.plots)
         self.callbacks.run("on_train_end", self)
         LOGGER.info(f"Results saved to {colorstr('bold', str(self.save_dir))}")
         ddp.cleanup_distributed()
@@ -413,30 +404,3 @@ def resume_path(resume: bool | str) -> Path:
     if path is None:
         raise CheckpointError(f"resume=True but there is no last.pt under {runs_dir()}; pass resume=path/to/last.pt")
     return path
-
-
-def trainer_class(args: Any, resumed_args: dict | None = None) -> type[Trainer]:
-    """DistillTrainer when a teacher is given (or recorded in the resumed run) or the mode is distill, else Trainer.
-
-    DistillTrainer is imported only then.
-    """
-    if args.teacher or (resumed_args or {}).get("teacher") or args.mode == "distill":
-        from crosskd.engine.distill_trainer import DistillTrainer
-
-        return DistillTrainer
-    return Trainer
-
-
-def run(args: Any) -> dict[str, float]:
-    """Entry for `crosskd train` / `crosskd distill`: relaunch under torchrun for several devices, else train.
-
-    On resume the checkpoint's args decide the trainer class, and its device unless device= is given.
-    """
-    resumed_args = load_checkpoint(resume_path(args.resume))["train_args"] if args.resume else {}
-    if args.device is None and resumed_args.get("device") is not None:
-        args = get_args({**args.to_dict(), "device": resumed_args["device"]}, args.mode)
-    cls = trainer_class(args, resumed_args)
-    if ddp.needs_launch(args):
-        ddp.launch(args, cls.mode)
-        return {}
-    return cls(args).train()

@@ -14,7 +14,7 @@ from torch import nn
 from crosskd.config import imgsz_hw, setting_or_model_default
 from crosskd.data import DetectionDataset, build_dataloader, load_data_yaml
 from crosskd.dist import get_rank, get_world_size, is_dist, is_main_process
-from crosskd.engine.checkpoint import is_yaml, load_detector
+from crosskd.engine.backend import load_runtime
 from crosskd.engine.metrics import COCOResult, coco_evaluate, detections_to_coco, format_class_table, format_summary
 from crosskd.engine.plotting import plot_images
 from crosskd.errors import DataError
@@ -22,18 +22,6 @@ from crosskd.paths import make_save_dir, newest_best
 from crosskd.utils import LOGGER, colorstr, select_device
 
 VAL_CONF = 0.05  # score threshold when conf is empty (COCO-style evaluation keeps low-score boxes)
-EXPORTED_SUFFIXES = (".onnx", ".torchscript")
-
-
-def load_val_model(model: str | Path, nc: int, device: torch.device) -> Any:
-    """A DenseDetector from a .pt or model YAML, or an exported-model backend (lazy import) for .onnx/.torchscript."""
-    if Path(model).suffix.lower() in EXPORTED_SUFFIXES:
-        from crosskd.engine.backend import load_model
-
-        return load_model(model, device)
-    detector, ckpt = load_detector(model, nc=nc if is_yaml(model) else None, device=device)
-    detector.imgsz = (ckpt.get("train_args") or {}).get("imgsz")  # the training size, used unless imgsz= is given
-    return detector.eval()
 
 
 def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -57,6 +45,7 @@ class Validator:
         self.conf = VAL_CONF if args.conf is None else args.conf
         self.device = torch.device("cpu")
         self.result: COCOResult | None = None
+        self.model_imgsz: tuple[int, int] | None = None  # the loaded model's own size, used unless imgsz= is given
 
     def setup(self) -> None:
         """Standalone use: device, model, dataset, dataloader and save dir from args."""
@@ -64,7 +53,8 @@ class Validator:
         info = load_data_yaml(self.args.data, self.args.datasets_dir)
         if self.model is None or isinstance(self.model, str | Path):
             source = self.model or self.args.model or newest_best("validating")
-            self.model = load_val_model(source, info.nc, self.device)
+            runtime = load_runtime(source, nc=info.nc, device=self.device)
+            self.model, self.model_imgsz = runtime.model, runtime.imgsz
         if len(self.model.names) != info.nc:
             raise DataError(
                 f"the model has {len(self.model.names)} classes but data={self.args.data} has {info.nc}; "
@@ -76,7 +66,7 @@ class Validator:
             self.save_dir = make_save_dir(self.args, "val")
 
     def build_dataloader(self, info: Any):
-        imgsz = max(imgsz_hw(setting_or_model_default(self.args, "imgsz", getattr(self.model, "imgsz", None))))
+        imgsz = max(imgsz_hw(setting_or_model_default(self.args, "imgsz", self.model_imgsz)))  # the long side
         static = getattr(self.model, "dynamic_size", True) is False
         if static:
             imgsz = max(self.model.imgsz)

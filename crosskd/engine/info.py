@@ -1,6 +1,7 @@
 """Model summaries: layer and parameter counts, GFLOPs, and the `crosskd info` mode."""
 
-from pathlib import Path
+from __future__ import annotations
+
 from typing import Any
 
 import torch
@@ -9,19 +10,14 @@ from rich.table import Table
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from crosskd.errors import CheckpointError, ConfigError, DataError
+from crosskd.config import imgsz_hw
+from crosskd.engine.backend import load_runtime
+from crosskd.errors import ConfigError, DataError
+from crosskd.models import DenseDetector
 from crosskd.paths import resolve_cfg_file
 from crosskd.utils import console
 
-from .build import build_detector, load_model_yaml
-from .dense_detector import DenseDetector
-
 DEFAULT_NC = 80
-
-
-def _hw(imgsz: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    """(h, w) from an int or an (h, w) pair."""
-    return (imgsz, imgsz) if isinstance(imgsz, int) else (int(imgsz[0]), int(imgsz[-1]))
 
 
 def count_layers(model: nn.Module) -> int:
@@ -36,7 +32,7 @@ def count_params(model: nn.Module) -> int:
 def gflops(model: nn.Module, imgsz: int | tuple[int, int] = 640) -> float:
     """Forward GFLOPs (2 per multiply-add) of one image at `imgsz`, counted with torch's FlopCounterMode."""
     param = next(model.parameters())
-    images = torch.zeros(1, 3, *_hw(imgsz), device=param.device, dtype=param.dtype)
+    images = torch.zeros(1, 3, *imgsz_hw(imgsz), device=param.device, dtype=param.dtype)
     was_training = model.training
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -47,7 +43,7 @@ def gflops(model: nn.Module, imgsz: int | tuple[int, int] = 640) -> float:
 
 def model_info(detector: DenseDetector, imgsz: int | tuple[int, int] = 640) -> str:
     """One summary line: `name summary: N layers, P parameters, G GFLOPs at WxH`."""
-    height, width = _hw(imgsz)
+    height, width = imgsz_hw(imgsz)
     name = detector.yaml.get("name", detector.head_type)
     flops = gflops(detector, (height, width))
     layers, params = count_layers(detector), count_params(detector)
@@ -79,46 +75,15 @@ def _num_classes(args: Any) -> int:
     return len(names)
 
 
-def _checkpoint_yaml(path: Path) -> dict:
-    """The model dict (with `nc`) stored in a crosskd .pt checkpoint."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"model={path} is not a readable crosskd checkpoint ({type(e).__name__})") from e
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_yaml"), dict):
-        raise CheckpointError(f"model={path} has no 'model_yaml'; give a crosskd .pt or a model YAML")
-    return ckpt["model_yaml"]
-
-
 def run(args: Any) -> str:
-    """`crosskd info model=cfg/models/gfl_r50.yaml imgsz=640 [data=...]`: print the module table and summary.
+    """`crosskd info model=gfl_r50.yaml imgsz=640 [data=...]`: print the module table and the summary line.
 
-    A crosskd .pt checkpoint works too (its stored model YAML and class count are used).
+    Any PyTorch model source works (a crosskd .pt uses its own classes; a YAML takes them from data=, else 80).
     """
     if not getattr(args, "model", None):
         raise ConfigError("info needs model=: a model YAML (e.g. model=gfl_r50.yaml) or a crosskd .pt checkpoint")
-    path = Path(str(args.model))
-    if path.suffix == ".pt":
-        cfg = _checkpoint_yaml(path)
-        detector = build_detector(cfg, int(cfg["nc"]))
-    else:
-        cfg, _ = load_model_yaml(path)
-        detector = build_detector(cfg, _num_classes(args))
+    detector = load_runtime(args.model, nc=_num_classes(args)).detector("info")
     summary = model_info(detector, args.imgsz)
     console.print(module_table(detector))
     console.print(summary)
     return summary
-
-
-def markdown_table(names: list[str], imgsz: int = 640, nc: int = DEFAULT_NC) -> str:
-    """A markdown table (model, head, backbone, parameters, GFLOPs) of shipped model YAMLs for docs/models.md."""
-    rows = ["| model | head | backbone | parameters | GFLOPs |", "|---|---|---|---:|---:|"]
-    for name in names:
-        detector = build_detector(name, nc)
-        backbone = detector.yaml["backbone"]
-        depth = f"-{backbone['depth']}" if "depth" in backbone else ""
-        width = f" ×{backbone['width']}" if backbone.get("width", 1.0) != 1.0 else ""
-        cells = [name, detector.head_type, f"{backbone['type']}{depth}{width}"]
-        cells += [f"{count_params(detector) / 1e6:.1f} M", f"{gflops(detector, imgsz):.1f}"]
-        rows.append(f"| {' | '.join(cells)} |")
-    return "\n".join(rows)

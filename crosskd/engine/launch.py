@@ -1,0 +1,33 @@
+"""Entry for `crosskd train` and `crosskd distill`: pick the trainer class, relaunch under torchrun or train here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from crosskd.config import get_args
+from crosskd.engine import ddp
+from crosskd.engine.checkpoint import load_checkpoint
+from crosskd.engine.distill_trainer import DistillTrainer
+from crosskd.engine.trainer import Trainer, resume_path
+
+
+def trainer_class(args: Any, resumed_args: dict | None = None) -> type[Trainer]:
+    """DistillTrainer when a teacher is given (or recorded in the resumed run) or the mode is distill, else Trainer."""
+    if args.teacher or (resumed_args or {}).get("teacher") or args.mode == "distill":
+        return DistillTrainer
+    return Trainer
+
+
+def run(args: Any) -> dict[str, float]:
+    """Relaunch under torchrun for several devices, else train in this process; returns the final metrics.
+
+    On resume the checkpoint's args decide the trainer class, and its device unless device= is given.
+    """
+    resumed_args = load_checkpoint(resume_path(args.resume))["train_args"] if args.resume else {}
+    if args.device is None and resumed_args.get("device") is not None:
+        args = get_args({**args.to_dict(), "device": resumed_args["device"]}, args.mode)
+    cls = trainer_class(args, resumed_args)
+    if ddp.needs_launch(args):
+        ddp.launch(args, cls.mode)
+        return {}
+    return cls(args).train()
