@@ -275,6 +275,7 @@ def test_python_m_crosskd_reports_bad_input_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr + result.stdout
 
 
+@pytest.mark.slow
 def test_python_m_crosskd_version(tmp_path):
     result = run_module("version", cwd=tmp_path)
     assert (result.returncode, result.stdout) == (0, f"{__version__}\n")

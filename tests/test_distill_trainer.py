@@ -112,7 +112,9 @@ def test_each_detector_distils_and_best_pt_is_student_only(work, distilled, head
     assert "AP" in Validator(val_args, model=str(best)).run()
 
 
-@pytest.mark.parametrize("head_type", list(KD_COLUMNS))
+@pytest.mark.parametrize(  # the other heads' best.pt: slow
+    "head_type", [t if t == "gfl" else pytest.param(t, marks=pytest.mark.slow) for t in KD_COLUMNS]
+)
 def test_best_pt_predicts_and_exports_without_teacher(work, distilled, head_type):
     best = distilled(head_type).weights_dir / "best.pt"
     Path(load_checkpoint(best)["teacher"]).unlink()  # nothing of the teacher is needed any more
@@ -183,6 +185,7 @@ def test_train_with_teacher_uses_distill_trainer():
     assert args.teacher == "teacher.pt" and args.kd_weight == 2.0
 
 
+@pytest.mark.slow
 def test_cli_reports_a_missing_teacher_in_one_line(work):
     result = subprocess.run(
         [sys.executable, "-m", "crosskd", "distill", f"teacher={work / 'absent.pt'}", "model=gfl_r18t.yaml",

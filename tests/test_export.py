@@ -155,7 +155,7 @@ def test_dynamic_onnx_runs_at_two_sizes(tmp_path):
         assert torch.equal(ours.labels, theirs.labels)
 
 
-@pytest.mark.parametrize("head_type", ["gfl", "fcos"])
+@pytest.mark.parametrize("head_type", ["gfl", pytest.param("fcos", marks=pytest.mark.slow)])
 def test_nms_export_matches_pytorch_postprocess(tmp_path, head_type):
     weights = write_checkpoint(tmp_path / "nms.pt", head_type)
     conf, iou, max_det = 0.3, 0.5, 20
@@ -185,7 +185,7 @@ def test_nms_export_without_detections_is_all_zero(tmp_path):
     assert [len(d.boxes) for d in OnnxDetector(path).predict(torch.rand(1, 3, 128, 128), 0.25, 0.6, 100, 1000)] == [0]
 
 
-@pytest.mark.parametrize("head_type", ["gfl", "retinanet"])
+@pytest.mark.parametrize("head_type", ["gfl", pytest.param("retinanet", marks=pytest.mark.slow)])
 def test_eager_onnx_and_torchscript_give_the_same_detections(tmp_path, head_type):
     """One post-processing path: DenseDetector.predict, ONNX and TorchScript, each with raw output0 and with NMS in
     the graph, give the same detections for the same batch."""
@@ -218,6 +218,7 @@ def test_static_batch_is_split_and_padded(tmp_path):
         torch.testing.assert_close(ours.scores, theirs.scores, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_torchscript_export_parity_at_two_sizes(tmp_path):
     weights = write_checkpoint(tmp_path / "best.pt", "retinanet")
     path = exporter.run(export_args(weights, format="torchscript", dynamic=True))
