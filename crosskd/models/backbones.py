@@ -53,7 +53,11 @@ def _freeze(module: nn.Module) -> None:
 
 
 class Backbone(nn.Module):
-    """A backbone whose first `frozen_stages` stay frozen in eval mode (and all BatchNorm when `norm_eval`)."""
+    """A backbone whose first `frozen_stages` stay frozen in eval mode (and all BatchNorm when `norm_eval`).
+
+    `forward` takes normalised images [B, 3, H, W] and returns one map [B, out_channels[k], H/s, W/s] per entry k
+    of `out_indices`, where stage i has stride s = 4·2^i (stages 1, 2, 3 → strides 8, 16, 32).
+    """
 
     norm_eval = False
     pretrained: bool | str | None = None  # weights spec loaded at training start (see models/pretrained.py)
@@ -165,6 +169,7 @@ class ResNet(Backbone):
             _freeze(stage)
 
     def forward(self, x: Tensor) -> list[Tensor]:
+        """[B, 3, H, W] → one [B, out_channels[k], H/s, W/s] map per out index (see Backbone)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         outs = []
         for i, stage in enumerate(self._stages()):
@@ -200,6 +205,7 @@ class MobileNetV2(StagedFeatures):
         self._freeze_stages()
 
     def forward(self, x: Tensor) -> list[Tensor]:
+        """[B, 3, H, W] → one [B, out_channels[k], H/s, W/s] map per out index (see Backbone)."""
         return [out for _, out in self._stage_outputs(x)]
 
 
@@ -227,6 +233,7 @@ class SwinT(StagedFeatures):
         self._freeze_stages()
 
     def forward(self, x: Tensor) -> list[Tensor]:
+        """[B, 3, H, W] → one normed [B, out_channels[k], H/s, W/s] map per out index (see Backbone)."""
         outs = []
         for i, out in self._stage_outputs(x):  # out: [B, H, W, C]
             norm = self.norms[self.out_indices.index(i)]
