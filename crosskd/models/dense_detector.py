@@ -13,7 +13,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DenseDetector(nn.Module):
-    """A single-stage dense detector taking 0..1 RGB images [B, 3, H, W]."""
+    """A single-stage dense detector taking 0..1 RGB images [B, 3, H, W].
+
+    Args:
+        backbone (nn.Module): normalised images [B, 3, H, W] → maps at strides 8, 16, 32 (`out_channels`).
+        neck (nn.Module): those maps → FPN outputs [B, C, H/s, W/s] for every stride s of the head.
+        head (DenseHead): FPN outputs → HeadOutputs; owns priors, targets, losses and box decoding.
+        yaml (dict | None): the model YAML it was built from (saved in checkpoints).
+    """
 
     def __init__(
         self, backbone: nn.Module, neck: nn.Module, head: DenseHead, yaml: dict[str, Any] | None = None
@@ -26,21 +33,25 @@ class DenseDetector(nn.Module):
 
     @property
     def strides(self) -> list[int]:
+        """FPN strides in pixels, e.g. [8, 16, 32, 64, 128]."""
         return self.head.strides
 
     @property
     def head_type(self) -> str:
+        """'gfl', 'retinanet', 'fcos' or 'atss'."""
         return self.head.head_type
 
     @property
     def nc(self) -> int:
+        """Number of classes."""
         return self.head.num_classes
 
     def extract_features(self, images: Tensor) -> list[Tensor]:
-        """FPN outputs P3..P7 for 0..1 RGB images."""
+        """FPN outputs P3..P7, each [B, C, H/s, W/s], for 0..1 RGB images [B, 3, H, W]."""
         return self.neck(self.backbone((images - self.mean) / self.std))
 
     def forward(self, images: Tensor) -> HeadOutputs:
+        """Raw per-level head outputs (cls_scores [B, A*C, H/s, W/s], ...) for 0..1 RGB images [B, 3, H, W]."""
         return self.head(self.extract_features(images))
 
     def priors_for(self, outputs: HeadOutputs) -> Priors:
@@ -49,7 +60,7 @@ class DenseDetector(nn.Module):
         return self.head.priors(feat_sizes, outputs.cls_scores[0].device)
 
     def loss(self, batch: Any) -> dict[str, Tensor]:
-        """Detection losses of a `Batch` (images, gt_boxes, gt_labels)."""
+        """Detection losses (scalars) of a `Batch`: images [B, 3, H, W], gt_boxes [B, M, 4] xyxy, gt_labels [B, M]."""
         outputs = self(batch.images)
         priors = self.priors_for(outputs)
         targets = self.head.get_targets(priors, batch)
