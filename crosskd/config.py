@@ -25,6 +25,7 @@ REQUIRED_INPUTS = {  # mode -> (keys it needs, a command line that gives them); 
     "distill": (("teacher", "model"), "crosskd distill teacher=gfl_r50.pt student=gfl_r18.yaml data=digits.yaml"),
     "predict": (("source",), "crosskd predict model=best.pt source=images/"),
     "info": (("model",), "crosskd info model=gfl_r18.yaml"),
+    "convert": (("model",), "crosskd convert model=torchvision:retinanet_resnet50_fpn_v2"),
 }
 
 

@@ -28,7 +28,7 @@ KIND_NAMES: dict[str, str] = {  # how error messages and docs/cli.md describe ea
     "resume": "true, false or a checkpoint path",
     "weights": "true/imagenet, false, a torchvision weights name or a .pth/.pt path",
 }
-MODES = ("train", "distill", "val", "predict", "export", "info")
+MODES = ("train", "distill", "val", "predict", "export", "info", "convert")
 KD_METHOD_NAMES = ("crosskd", "pm", "ld", "pkd", "crosskd+pkd", "none")  # = crosskd.distill KD_METHODS (tested)
 CLI_REFERENCE_PATH = Path(__file__).resolve().parents[1] / "docs" / "cli.md"  # exists in a source checkout
 
@@ -78,11 +78,16 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("pretrained", "weights", None, "overrides the model YAML's backbone.pretrained: imagenet, a "
                 "torchvision weights name, a backbone .pth, a crosskd .pt (all matching tensors) or false",
                 example="imagenet"),
+        Setting("model_cfg", "str", None, "model YAML that a foreign checkpoint given as model= or pretrained= maps "
+                "onto (MMDetection .pth, torchvision state dict); empty = inferred from the checkpoint",
+                example="gfl_r101.yaml"),
     )),
     ("Distillation", (
         Setting("teacher", "str", None, "teacher: crosskd .pt checkpoint, or model YAML together with "
                 "teacher_weights=", aliases=("distill_model",), example="gfl_r50.pt"),
         Setting("teacher_weights", "str", None, "weights for a YAML teacher (.pt from crosskd)", example="gfl_r50.pt"),
+        Setting("teacher_cfg", "str", None, "model YAML that a foreign teacher checkpoint maps onto (MMDetection "
+                ".pth, torchvision state dict); empty = inferred from the checkpoint", example="gfl_r101.yaml"),
         Setting("kd", "str", "crosskd", "distillation method", choices=KD_METHOD_NAMES),
         Setting("kd_idx", "int", None, "CrossKD hold point (head conv index 0..stacked_convs); empty = detector "
                 "default (3, FCOS 2)", low=0, example="2"),
@@ -105,6 +110,8 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("workers", "int", 4, "dataloader worker processes per rank", low=0),
         Setting("project", "str", None, "project directory under runs/", example="coco", raw=True),
         Setting("name", "str", None, "run name; empty = the mode name", example="exp", raw=True),
+        Setting("save_dir", "str", None, "convert: folder for the converted .pt; empty = next to the source",
+                example="weights"),
         Setting("exist_ok", "bool", False, "reuse an existing run directory instead of incrementing its name"),
         Setting("optimizer", "str", "SGD", "optimizer", choices=("SGD", "AdamW")),
         Setting("lr0", "float", 0.01, "initial learning rate for batch 16 (scaled linearly with batch)", low=0, high=1),

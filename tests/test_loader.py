@@ -135,5 +135,5 @@ def test_bad_sources_fail_in_one_place(tmp_path):
         load_runtime(tmp_path / "missing.pt")
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(1)}, foreign)
-    with pytest.raises(CheckpointError, match="not a crosskd checkpoint"):
-        load_runtime(foreign)
+    with pytest.raises(CheckpointError, match="neither a crosskd checkpoint nor an MMDetection one; .* teacher_cfg="):
+        load_runtime(foreign, role="teacher")

@@ -245,7 +245,7 @@ def test_info_run_prints_table_and_reads_checkpoints(tmp_path, capsys):
     params = sum(p.numel() for p in detector.parameters())
     assert f"{params:,} parameters" in run(SimpleNamespace(model=str(ckpt), imgsz=64, data=None))
     torch.save({"model_yaml": detector.yaml, "model": detector.state_dict()}, ckpt)  # what val would reject too
-    with pytest.raises(CheckpointError, match="not a crosskd checkpoint"):
+    with pytest.raises(CheckpointError, match="neither a crosskd checkpoint"):
         run(SimpleNamespace(model=str(ckpt), imgsz=64, data=None))
     data = write_yaml(tmp_path, "three.yaml", {"path": "nowhere", "train": "t", "val": "v", "names": ["a", "b", "c"]})
     three = sum(p.numel() for p in build_detector("gfl_r18t", nc=3).parameters())

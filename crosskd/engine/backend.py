@@ -7,18 +7,32 @@ import json
 import math
 import warnings
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from crosskd.config import imgsz_hw
-from crosskd.engine.checkpoint import check_checkpoint, detector_from_checkpoint, load_checkpoint, read_torch_file
+from crosskd.engine.checkpoint import (
+    check_checkpoint,
+    detector_from_checkpoint,
+    is_crosskd_checkpoint,
+    load_checkpoint,
+    read_torch_file,
+)
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import DenseDetector, build_detector
 from crosskd.models.foreign.mapping import load_mapped
+from crosskd.models.foreign.mmdet import is_mmdet_checkpoint, load_mmdet
+from crosskd.models.foreign.torchvision_detection import (
+    TORCHVISION_DETECTORS,
+    TORCHVISION_PREFIX,
+    load_torchvision_detector,
+    torchvision_name,
+)
 from crosskd.models.postprocess import Detections, postprocess, unpad
+from crosskd.models.pretrained import transfer_matching
 from crosskd.paths import resolve_cfg_file
 from crosskd.utils import LOGGER
 
@@ -238,7 +252,8 @@ EXPORTED_BACKENDS: dict[str, type[ExportedDetector]] = {".onnx": OnnxDetector, "
 
 def is_yaml(source: str | Path) -> bool:
     """A model YAML, given as a path or as a shipped model's bare name (gfl_r18t)."""
-    return Path(source).suffix.lower() in (*YAML_SUFFIXES, "")
+    text = str(source)
+    return Path(text).suffix.lower() in (*YAML_SUFFIXES, "") and not text.startswith(TORCHVISION_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -247,7 +262,7 @@ class Runtime:
 
     model: DenseDetector | ExportedDetector  # eval mode, on the requested device
     source: str  # the resolved file the model came from
-    kind: str  # "checkpoint", "yaml", "onnx" or "torchscript"
+    kind: str  # "checkpoint", "yaml", "mmdetection", "torchvision", "onnx" or "torchscript"
     names: dict[int, str]
     imgsz: tuple[int, int] | None  # the model's own input size (h, w): training or export size; None for a YAML
     checkpoint: dict = field(default_factory=dict)  # the crosskd checkpoint dict, empty for other kinds
@@ -284,21 +299,26 @@ def load_runtime(
     *,
     nc: int | None = None,
     weights: str | Path | None = None,
+    model_cfg: str | Path | None = None,
     adapt_nc: bool = False,
     device: str | torch.device = "cpu",
     role: str = "model",
 ) -> Runtime:
-    """The one model loader: a crosskd .pt, an exported .onnx / .torchscript, or a model YAML (+ `weights`).
+    """The one model loader: every model source crosskd accepts, as a ready Runtime.
 
-    `nc` is the class count for a model built from a YAML without weights; with `adapt_nc` a checkpoint whose class
-    count differs is given a new head for `nc` (fine-tuning), otherwise its own classes are kept. `weights` (a crosskd
-    .pt of that architecture) only go with a YAML. Every unusable source ends in one ConfigError/CheckpointError line
-    that names the setting it came from (`role`, e.g. teacher).
+    Sources: a crosskd .pt; an MMDetection .pth (2.x/3.x); a torchvision detector (`torchvision:NAME`, or its state
+    dict file with `model_cfg` naming the matching *_tv.yaml); an exported .onnx / .torchscript; a model YAML (+
+    `weights`, a crosskd .pt of that architecture). `model_cfg` is the YAML a foreign checkpoint maps onto (inferred
+    from an MMDetection checkpoint's embedded config when absent). `nc` is the class count of a YAML built without
+    weights; with `adapt_nc` a model with other classes gets a new head for `nc` (fine-tuning). Every unusable source
+    ends in one ConfigError/CheckpointError line naming the setting it came from (`role`, e.g. teacher).
     """
-    suffix = Path(source).suffix.lower()
+    text, suffix = str(source), Path(source).suffix.lower()
     if weights is not None and not is_yaml(source):
         raise ConfigError(f"weights are only for a model YAML, and '{source}' already holds weights; drop them")
-    if is_yaml(source):
+    if text.startswith(TORCHVISION_PREFIX):
+        runtime = _foreign_runtime(load_torchvision_detector(torchvision_name(text)), text, "torchvision")
+    elif is_yaml(source):
         runtime = _from_yaml(source, nc, weights)
     elif suffix in EXPORTED_BACKENDS:
         model = EXPORTED_BACKENDS[suffix](source, device)
@@ -306,19 +326,53 @@ def load_runtime(
     elif suffix in CHECKPOINT_SUFFIXES:
         if not Path(source).is_file():
             raise CheckpointError(f"{role} '{source}' not found: pass {role}=path/to/best.pt (a crosskd checkpoint)")
-        runtime = _from_checkpoint(Path(source), nc if adapt_nc else None)
+        runtime = _from_torch_file(Path(source), model_cfg, role)
     else:
-        expected = ", ".join((*YAML_SUFFIXES[:1], *CHECKPOINT_SUFFIXES, *EXPORTED_BACKENDS))
-        raise CheckpointError(f"cannot load model '{source}': expected one of {expected}")
+        expected = ", ".join((".yaml", *CHECKPOINT_SUFFIXES, *EXPORTED_BACKENDS, f"{TORCHVISION_PREFIX}NAME"))
+        raise CheckpointError(f"cannot load {role} '{source}': expected one of {expected}")
+    if adapt_nc and nc is not None and nc != runtime.nc:
+        detector = with_classes(runtime.detector("fine-tuning"), nc, text)
+        runtime = replace(runtime, model=detector, names=detector.names)
     runtime.model.to(device).eval()
     return runtime
 
 
-def _from_checkpoint(path: Path, nc: int | None) -> Runtime:
-    ckpt = check_checkpoint(read_torch_file(path), path)
-    detector = detector_from_checkpoint(ckpt, nc, path)
-    imgsz = (ckpt.get("train_args") or {}).get("imgsz")
-    return Runtime(detector, str(path.resolve()), "checkpoint", detector.names, _hw_or_none(imgsz), ckpt)
+def with_classes(detector: DenseDetector, nc: int, source: str) -> DenseDetector:
+    """`detector` rebuilt with a head for `nc` classes, every tensor of matching name and shape transferred."""
+    rebuilt = build_detector(detector.yaml, nc)
+    done, total = transfer_matching(rebuilt, detector.state_dict())
+    LOGGER.info(f"Rebuilt the head of '{source}' for nc={nc} (was {detector.nc}); transferred {done}/{total} weights")
+    rebuilt.names = {i: str(i) for i in range(nc)}
+    return rebuilt
+
+
+def _from_torch_file(path: Path, model_cfg: str | Path | None, role: str) -> Runtime:
+    """A crosskd checkpoint, an MMDetection checkpoint or a torchvision detector state dict, told apart by content."""
+    obj = read_torch_file(path)
+    if is_crosskd_checkpoint(obj):
+        ckpt = check_checkpoint(obj, path)
+        detector = detector_from_checkpoint(ckpt)
+        imgsz = (ckpt.get("train_args") or {}).get("imgsz")
+        return Runtime(detector, str(path.resolve()), "checkpoint", detector.names, _hw_or_none(imgsz), ckpt)
+    if is_mmdet_checkpoint(obj):
+        return _foreign_runtime(load_mmdet(obj, model_cfg, str(path)), str(path.resolve()), "mmdetection")
+    name = torchvision_name(path) or _torchvision_name_of_yaml(model_cfg)
+    if name is not None:
+        return _foreign_runtime(load_torchvision_detector(name, path), str(path.resolve()), "torchvision")
+    raise CheckpointError(
+        f"'{path}' is neither a crosskd checkpoint nor an MMDetection one; for a torchvision detector state dict pass "
+        f"{role}_cfg= with its YAML ({', '.join(spec.yaml for spec in TORCHVISION_DETECTORS.values())})"
+    )
+
+
+def _torchvision_name_of_yaml(model_cfg: str | Path | None) -> str | None:
+    """The torchvision detector whose shipped YAML is `model_cfg`, if any."""
+    stem = Path(str(model_cfg)).stem if model_cfg else None
+    return next((name for name, spec in TORCHVISION_DETECTORS.items() if Path(spec.yaml).stem == stem), None)
+
+
+def _foreign_runtime(detector: DenseDetector, source: str, kind: str) -> Runtime:
+    return Runtime(detector, source, kind, dict(detector.names), None)
 
 
 def _from_yaml(source: str | Path, nc: int | None, weights: str | Path | None) -> Runtime:
@@ -332,7 +386,7 @@ def _from_yaml(source: str | Path, nc: int | None, weights: str | Path | None) -
     ckpt = load_checkpoint(weights)
     detector = build_detector(path, int(ckpt["nc"]))
     load_mapped(detector, ckpt["model"], {name: name for name in ckpt["model"]}, str(weights))
-    detector.names = detector_from_checkpoint(ckpt, source=weights).names
+    detector.names = detector_from_checkpoint(ckpt).names
     imgsz = _hw_or_none((ckpt.get("train_args") or {}).get("imgsz"))
     return Runtime(detector, str(path.resolve()), "yaml", detector.names, imgsz, ckpt)
 

@@ -67,31 +67,12 @@ def _float_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
-def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """Copy every entry of `state` whose name and shape match `model`; returns (transferred, total in model)."""
-    own = model.state_dict()
-    matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(_float_state(matching), strict=False)
-    return len(matching), len(own)
-
-
-def detector_from_checkpoint(ckpt: dict, nc: int | None = None, source: str | Path = "checkpoint") -> DenseDetector:
-    """Rebuild the DenseDetector of a loaded checkpoint (float32 weights, `names` set).
-
-    With an `nc` that differs from the checkpoint's, the head is rebuilt for `nc` and every weight of matching
-    shape is transferred (logged).
-    """
-    ckpt_nc = int(ckpt["nc"])
-    names = {int(k): str(v) for k, v in (ckpt.get("names") or {}).items()} or {i: str(i) for i in range(ckpt_nc)}
-    if nc is None or nc == ckpt_nc:
-        detector = build_detector(ckpt["model_yaml"], ckpt_nc)
-        detector.load_state_dict(_float_state(ckpt["model"]))
-    else:
-        detector = build_detector(ckpt["model_yaml"], nc)
-        done, total = transfer_weights(detector, ckpt["model"])
-        LOGGER.info(f"Rebuilt the head of '{source}' for nc={nc} (was {ckpt_nc}); transferred {done}/{total} weights")
-        names = {i: str(i) for i in range(nc)}
-    detector.names = names
+def detector_from_checkpoint(ckpt: dict) -> DenseDetector:
+    """Rebuild the DenseDetector of a loaded crosskd checkpoint (float32 weights, `names` set)."""
+    nc = int(ckpt["nc"])
+    detector = build_detector(ckpt["model_yaml"], nc)
+    detector.load_state_dict(_float_state(ckpt["model"]))
+    detector.names = {int(k): str(v) for k, v in (ckpt.get("names") or {}).items()} or {i: str(i) for i in range(nc)}
     return detector
 
 
