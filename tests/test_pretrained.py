@@ -32,7 +32,7 @@ from crosskd.cli import parse_cli_args
 from crosskd.config import get_args
 from crosskd.engine.checkpoint import make_checkpoint, save_checkpoint
 from crosskd.engine.distill_trainer import DistillTrainer
-from crosskd.engine.trainer import Trainer
+from crosskd.engine.trainer import Trainer, load_pretrained
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import build_detector
 from crosskd.models.backbones import MobileNetV2, ResNet, SwinT
@@ -284,7 +284,7 @@ def test_crosskd_pt_backbone_spec_and_pretrained_key(tmp_path):
     assert torch.equal(backbone_only.head.state_dict()["gfl_cls.weight"], head_before)
     torch.manual_seed(2)
     whole = build_detector(cfg, nc=3)
-    load_pretrained_weights(whole, str(path))  # pretrained= key: every matching detector tensor
+    load_pretrained(whole, str(path))  # pretrained= key: every matching detector tensor
     assert all(torch.equal(v, whole.state_dict()[k]) for k, v in trained.state_dict().items())
 
 

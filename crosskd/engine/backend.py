@@ -365,6 +365,18 @@ def _from_torch_file(path: Path, model_cfg: str | Path | None, role: str) -> Run
     )
 
 
+def is_detector_checkpoint(source: str | Path) -> bool:
+    """A whole detector's weights (crosskd, MMDetection with a head, torchvision), not just a backbone's."""
+    if str(source).startswith(TORCHVISION_PREFIX) or torchvision_name(source) is not None:
+        return True
+    if Path(source).suffix.lower() not in CHECKPOINT_SUFFIXES or not Path(source).is_file():
+        return False
+    obj = read_torch_file(source)
+    return is_crosskd_checkpoint(obj) or (
+        is_mmdet_checkpoint(obj) and any(key.startswith("bbox_head.") for key in obj["state_dict"])
+    )
+
+
 def _torchvision_name_of_yaml(model_cfg: str | Path | None) -> str | None:
     """The torchvision detector whose shipped YAML is `model_cfg`, if any."""
     stem = Path(str(model_cfg)).stem if model_cfg else None

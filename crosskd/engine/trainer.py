@@ -17,7 +17,7 @@ from crosskd.config import get_args, imgsz_hw
 from crosskd.data import DetectionDataset, build_dataloader, load_data_yaml
 from crosskd.dist import barrier, get_rank, get_world_size, is_dist, is_main_process, reduce_mean
 from crosskd.engine import ddp
-from crosskd.engine.backend import load_runtime
+from crosskd.engine.backend import is_detector_checkpoint, load_runtime
 from crosskd.engine.callbacks import Callback, Callbacks, default_callbacks
 from crosskd.engine.checkpoint import (
     is_resumable,
@@ -32,7 +32,7 @@ from crosskd.engine.progress import EpochProgress, epoch_header
 from crosskd.engine.validator import Validator
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import DenseDetector
-from crosskd.models.pretrained import load_pretrained_weights
+from crosskd.models.pretrained import load_pretrained_weights, transfer_matching
 from crosskd.paths import make_save_dir, newest_file, runs_dir
 from crosskd.utils import LOGGER, colorstr, console, init_seeds, select_device
 
@@ -137,12 +137,12 @@ class Trainer:
         elif self.args.model is None:
             raise ConfigError("train needs model=: a model YAML (e.g. model=gfl_r18s.yaml) or a crosskd .pt")
         else:
-            runtime = load_runtime(self.args.model, nc=nc, adapt_nc=True)
+            runtime = load_runtime(self.args.model, nc=nc, model_cfg=self.args.model_cfg, adapt_nc=True)
             model = runtime.detector("training")
-            if runtime.checkpoint:
+            if runtime.kind != "yaml":
                 LOGGER.info(f"Loaded weights from {self.args.model}")
-            if not runtime.checkpoint or self.args.pretrained is not None:  # YAML backbone.pretrained, or pretrained=
-                load_pretrained_weights(model, self.args.pretrained)
+            if runtime.kind == "yaml" or self.args.pretrained is not None:  # YAML backbone.pretrained, or pretrained=
+                load_pretrained(model, self.args.pretrained, self.args.model_cfg)
         model.names = self.names
         return model
 
@@ -396,6 +396,18 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and state.get("cuda"):
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_pretrained(model: DenseDetector, pretrained: bool | str | None, model_cfg: str | None = None) -> None:
+    """The weights training starts from: a detector checkpoint (crosskd, MMDetection, torchvision) given as
+    pretrained= transfers every tensor of matching name and shape; anything else (the YAML's backbone.pretrained when
+    None, imagenet, a weights name, a backbone .pth, false) goes to the backbone."""
+    if isinstance(pretrained, str) and is_detector_checkpoint(pretrained):
+        source = load_runtime(pretrained, model_cfg=model_cfg, role="pretrained").detector("pretrained=")
+        done, total = transfer_matching(model, source.state_dict())
+        LOGGER.info(f"Transferred {done}/{total} items from pretrained weights {pretrained}")
+    else:
+        load_pretrained_weights(model, pretrained)
 
 
 def resume_path(resume: bool | str) -> Path:

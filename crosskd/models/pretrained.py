@@ -235,16 +235,9 @@ def transfer_matching(model: nn.Module, state: dict[str, Tensor]) -> tuple[int, 
 
 
 def load_pretrained_weights(detector: nn.Module, pretrained: bool | str | Path | None = None) -> int:
-    """Load the weights a training run starts from into `detector` (a DenseDetector); returns tensors copied.
+    """Load the backbone weights a training run starts from into `detector` (a DenseDetector); returns tensors copied.
 
-    `pretrained` is the run's `pretrained=` key: None keeps the model YAML's `backbone.pretrained`; a crosskd .pt
-    transfers every detector tensor of matching name and shape; `false` loads nothing; anything else is a backbone
-    spec (true/imagenet, a weights name, a .pth). The distillation teacher never goes through here.
+    `pretrained` is a backbone spec (true/imagenet, a weights name, a .pth, a crosskd .pt's backbone, false); None
+    keeps the model YAML's `backbone.pretrained`. Whole detectors go through engine's `load_pretrained`.
     """
-    if isinstance(pretrained, str | Path) and Path(pretrained).suffix.lower() == ".pt":
-        ckpt = read_weights_file(pretrained)
-        if _is_crosskd_checkpoint(ckpt):
-            done, total = transfer_matching(detector, ckpt["model"])
-            LOGGER.info(f"Transferred {done}/{total} items from pretrained weights {pretrained}")
-            return done
     return load_backbone_weights(detector.backbone, detector.backbone.pretrained if pretrained is None else pretrained)
