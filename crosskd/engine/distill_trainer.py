@@ -19,8 +19,9 @@ from crosskd.utils import LOGGER, colorstr
 ADAPTER_KEY = "kd_adapter"  # last.pt only: the learned width adapter, needed to resume
 
 
-def load_teacher(teacher: str, teacher_weights: str | None) -> Runtime:
-    """The trained teacher: a crosskd .pt, or a model YAML with `teacher_weights=` (a crosskd .pt of that model)."""
+def load_teacher(teacher: str, teacher_weights: str | None, teacher_cfg: str | None = None) -> Runtime:
+    """The trained teacher: any PyTorch model source of the loader (a crosskd .pt, an MMDetection .pth or a torchvision
+    detector, mapped onto `teacher_cfg` when given), or a model YAML with `teacher_weights=` (a crosskd .pt of it)."""
     if is_yaml(teacher) and not teacher_weights:
         raise ConfigError(
             f"teacher={teacher} is a model YAML without weights: add teacher_weights=path/to/teacher.pt "
@@ -28,7 +29,7 @@ def load_teacher(teacher: str, teacher_weights: str | None) -> Runtime:
         )
     if not is_yaml(teacher) and teacher_weights:
         raise ConfigError(f"teacher_weights= is only for a YAML teacher; teacher={teacher} already holds weights")
-    runtime = load_runtime(teacher, weights=teacher_weights, role="teacher")
+    runtime = load_runtime(teacher, weights=teacher_weights, model_cfg=teacher_cfg, role="teacher")
     runtime.detector("the distillation teacher")
     return runtime
 
@@ -62,13 +63,15 @@ class DistillTrainer(Trainer):
         if self.resume_ckpt is not None and self.resume_ckpt.get("teacher"):
             saved = self.resume_ckpt.get("kd_args") or self.resume_ckpt.get("teacher_args") or {}  # older checkpoints
             teacher, weights = self.resume_ckpt["teacher"], saved.get("teacher_weights")
+            teacher_cfg = saved.get("teacher_cfg")
         elif self.args.teacher:
             teacher = self.args.teacher
             weights = str(Path(self.args.teacher_weights).resolve()) if self.args.teacher_weights else None
+            teacher_cfg = self.args.teacher_cfg
         else:
             raise ConfigError("distill needs teacher=: a trained crosskd .pt, e.g. teacher=path/to/best.pt")
-        runtime = load_teacher(teacher, weights)
-        self.teacher_path, self.teacher_weights = runtime.source, weights
+        runtime = load_teacher(teacher, weights, teacher_cfg)
+        self.teacher_path, self.teacher_weights, self.teacher_cfg = runtime.source, weights, teacher_cfg
         LOGGER.info(f"{colorstr('teacher:')} {runtime.model.head_type} from {runtime.source}"
                     + (f" + {weights}" if weights else ""))
         return runtime.model
@@ -82,6 +85,7 @@ class DistillTrainer(Trainer):
         w = distiller.weights
         kd_args = {
             "teacher_weights": self.teacher_weights,
+            "teacher_cfg": self.teacher_cfg,
             "kd": distiller.kd,
             "kd_idx": distiller.kd_idx,
             "kd_align": distiller.kd_align,

@@ -287,5 +287,5 @@ def run(args: Args) -> Path:
     source = args.model or newest_best("exporting")
     if is_yaml(source):
         raise ConfigError(f"export needs trained weights, not the bare model YAML model={source}; e.g. model=best.pt")
-    runtime = load_runtime(source)
+    runtime = load_runtime(source, model_cfg=args.model_cfg)
     return export(runtime.detector("export"), Args(**{**vars(args), "model": str(source)}), runtime.train_args)

@@ -82,7 +82,8 @@ def run(args: Any) -> str:
     """
     if not getattr(args, "model", None):
         raise ConfigError("info needs model=: a model YAML (e.g. model=gfl_r50.yaml) or a crosskd .pt checkpoint")
-    detector = load_runtime(args.model, nc=_num_classes(args)).detector("info")
+    model_cfg = getattr(args, "model_cfg", None)
+    detector = load_runtime(args.model, nc=_num_classes(args), model_cfg=model_cfg).detector("info")
     summary = model_info(detector, args.imgsz)
     console.print(module_table(detector))
     console.print(summary)

@@ -241,7 +241,9 @@ class Predictor:
     def __init__(self, args: Args) -> None:
         self.args = args
         self.device = select_device(args.device)
-        self.runtime = load_runtime(args.model or newest_best("predicting with"), device=self.device)
+        self.runtime = load_runtime(
+            args.model or newest_best("predicting with"), model_cfg=args.model_cfg, device=self.device
+        )
         self.model = self.runtime.model
         self.names: dict[int, str] = dict(self.runtime.names)
         self.stride = self.runtime.stride

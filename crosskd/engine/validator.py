@@ -53,7 +53,7 @@ class Validator:
         info = load_data_yaml(self.args.data, self.args.datasets_dir)
         if self.model is None or isinstance(self.model, str | Path):
             source = self.model or self.args.model or newest_best("validating")
-            runtime = load_runtime(source, nc=info.nc, device=self.device)
+            runtime = load_runtime(source, nc=info.nc, model_cfg=self.args.model_cfg, device=self.device)
             self.model, self.model_imgsz = runtime.model, runtime.imgsz
         if len(self.model.names) != info.nc:
             raise DataError(
