@@ -36,6 +36,7 @@ MODE_TARGETS = {  # mode -> (module, function taking Args); imported only when t
     "predict": ("crosskd.engine.predictor", "run"),
     "export": ("crosskd.engine.exporter", "run"),
     "info": ("crosskd.engine.info", "run"),
+    "convert": ("crosskd.engine.converter", "run"),
 }
 SPECIAL_WORDS = {  # spelling -> special command
     "help": "help", "h": "help", "-h": "help", "--help": "help", "-help": "help",
@@ -61,6 +62,9 @@ Examples:
        crosskd predict model=best.pt source=images/ conf=0.25
   5. Export to ONNX:
        crosskd export model=best.pt format=onnx imgsz=640
+  6. Distil from an MMDetection or torchvision teacher, or convert one to a crosskd .pt:
+       crosskd distill teacher=gfl_r101_fpn_mstrain_2x_coco.pth student=gfl_r50.yaml data=coco.yaml
+       crosskd convert model=torchvision:retinanet_resnet50_fpn_v2
 
 Special commands:
   crosskd help        this text (also -h, --help)

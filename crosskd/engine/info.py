@@ -62,17 +62,20 @@ def module_table(detector: DenseDetector) -> Table:
     return table
 
 
-def _num_classes(args: Any) -> int:
-    """Classes named in the `data=` dataset YAML when given (read only, nothing generated), else 80 (COCO)."""
-    if not getattr(args, "data", None):
-        return DEFAULT_NC
-    path = resolve_cfg_file(args.data, "datasets")
+def dataset_names(data: str) -> dict[int, str]:
+    """The class names of a dataset YAML, read only (no data is generated or checked)."""
+    path = resolve_cfg_file(data, "datasets")
     names = (yaml.safe_load(path.read_text()) or {}).get("names")
     if not isinstance(names, (list, dict)) or not names:
         raise DataError(
             f"{path.name}: 'names:' is missing; list the class names (cfg/datasets/coco.yaml is an example)"
         )
-    return len(names)
+    return {int(k): str(v) for k, v in (names.items() if isinstance(names, dict) else enumerate(names))}
+
+
+def _num_classes(args: Any) -> int:
+    """Classes named in the `data=` dataset YAML when given, else 80 (COCO)."""
+    return len(dataset_names(args.data)) if getattr(args, "data", None) else DEFAULT_NC
 
 
 def run(args: Any) -> str:
