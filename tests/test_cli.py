@@ -1,6 +1,7 @@
 """The crosskd command: shell words to overrides, special commands, dispatch, user errors as one red line (exit 2)."""
 
 import ast
+import importlib
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from crosskd import __version__, cli
 from crosskd.cli import parse_cli_args, smart_value
 from crosskd.errors import ConfigError
 from crosskd.paths import DEFAULT_CFG_PATH
+from crosskd.settings import MODES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -259,7 +261,9 @@ def test_engine_user_errors_are_caught_too(capsys, fake_engine):
 
 
 def test_every_mode_has_an_engine_entry():
-    assert set(cli.MODE_TARGETS) == {"train", "distill", "val", "predict", "export", "info"}
+    assert set(cli.MODE_TARGETS) == set(MODES) >= {"train", "distill", "val", "predict", "export", "info", "convert"}
+    for module, function in cli.MODE_TARGETS.values():
+        assert callable(getattr(importlib.import_module(module), function))
 
 
 def run_module(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
