@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import secrets
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import torch
 from rich.console import Console
 
 from crosskd.dist import get_rank, is_dist
-from crosskd.errors import UserError
+from crosskd.errors import CheckpointError, UserError
 
 console = Console()
 
@@ -83,6 +85,22 @@ def colorstr(*parts: str) -> str:
         return text
     styles = styles or ["blue", "bold"]
     return "".join(ANSI[style] for style in styles) + text + ANSI["end"]
+
+
+TORCH_READ_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError)
+
+
+def read_torch_file(path: str | Path, what: str = "checkpoint") -> Any:
+    """`torch.load` a file on the CPU with weights_only=True (no code can run); any problem is one CheckpointError line
+    naming `what` the file was meant to be."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} '{path}' not found; pass an existing .pt/.pth file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except TORCH_READ_ERRORS as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read {what} '{path}' (corrupt, or not a file of tensors): {reason}") from None
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:

@@ -19,7 +19,6 @@ from crosskd.engine.checkpoint import (
     detector_from_checkpoint,
     is_crosskd_checkpoint,
     load_checkpoint,
-    read_torch_file,
 )
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import DenseDetector, build_detector
@@ -34,7 +33,7 @@ from crosskd.models.foreign.torchvision_detection import (
 from crosskd.models.postprocess import Detections, postprocess, unpad
 from crosskd.models.pretrained import transfer_matching
 from crosskd.paths import resolve_cfg_file
-from crosskd.utils import LOGGER
+from crosskd.utils import LOGGER, read_torch_file
 
 YAML_SUFFIXES = (".yaml", ".yml")
 CHECKPOINT_SUFFIXES = (".pt", ".pth")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -14,7 +12,7 @@ from torch import nn
 from crosskd import __version__
 from crosskd.errors import CheckpointError
 from crosskd.models import DenseDetector, build_detector
-from crosskd.utils import LOGGER, atomic_save
+from crosskd.utils import LOGGER, atomic_save, read_torch_file
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("model", "model_yaml", "nc", "format_version")
@@ -24,18 +22,6 @@ TRAINING_STATE_KEYS = ("optimizer", "scaler", "ema", "scheduler")
 def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
     """Write `ckpt` to `path` atomically (temporary file in the same directory, then os.replace)."""
     return atomic_save(ckpt, path)
-
-
-def read_torch_file(path: str | Path) -> Any:
-    """`torch.load` a file on the CPU with weights_only=True (no code can run); any problem is a one-line error."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: '{path}'; pass an existing crosskd .pt file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint '{path}' (corrupt or not a crosskd .pt): {reason}") from None
 
 
 def is_crosskd_checkpoint(obj: Any) -> bool:

@@ -13,8 +13,6 @@ fetched once when online. Building a model never loads weights: the trainer call
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,7 @@ from torchvision.models import (
 )
 
 from crosskd.errors import CheckpointError, ConfigError
-from crosskd.utils import LOGGER
+from crosskd.utils import LOGGER, TORCH_READ_ERRORS, read_torch_file
 
 from .backbones import MOBILENET_STAGE_ENDS, MobileNetV2, ResNet, SwinT
 from .foreign.mapping import load_mapped
@@ -48,7 +46,6 @@ RESNET_WEIGHTS: dict[int, type[WeightsEnum]] = {
 }
 OFF = ("", "false", "none")
 ON = ("true", "imagenet")
-READ_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError)
 
 
 @dataclass(frozen=True)
@@ -128,31 +125,23 @@ def cached_file(weights: WeightsEnum) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
 
 
-def _fetch(weights: WeightsEnum) -> dict[str, Tensor]:
-    """The state_dict of named weights from torch hub's cache, downloaded first when missing and online."""
+def fetch_named_weights(weights: WeightsEnum, alternative: str) -> dict[str, Tensor]:
+    """The state_dict of named torchvision weights from torch hub's cache, downloaded (hash-checked) when missing.
+
+    Offline and not cached, one CheckpointError line names the exact file, the folder to put it in and `alternative`.
+    """
     file = cached_file(weights)
     cached = file.is_file()  # else torch hub downloads it (and says so)
     try:
-        return weights.get_state_dict(progress=True)
-    except READ_ERRORS as e:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except (*TORCH_READ_ERRORS, IndexError) as e:  # IndexError: torch.load on some garbage files
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if cached:
             raise CheckpointError(f"cannot read cached '{file}' ({reason}); delete it to fetch it again") from None
         raise CheckpointError(
             f"{weights} is not cached and cannot be downloaded ({reason}): put '{file.name}' (from {weights.url}) "
-            f"in {file.parent} (torch hub cache under TORCH_HOME), or set pretrained=false"
+            f"in {file.parent} (torch hub cache under TORCH_HOME), or {alternative}"
         ) from None
-
-
-def read_weights_file(path: str | Path) -> Any:
-    """`torch.load` a local weights file (CPU, weights_only=True); a missing or unreadable file is one line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"pretrained '{path}' not found; give an existing .pth/.pt file or a weights name")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except READ_ERRORS as e:
-        raise CheckpointError(f"pretrained '{path}' is not a readable torch file ({type(e).__name__})") from None
 
 
 def _is_crosskd_checkpoint(obj: Any) -> bool:
@@ -204,8 +193,8 @@ def _may_stay(name: str) -> bool:
 
 def _source_state(source: WeightsSource) -> dict[str, Tensor]:
     if source.weights is not None:
-        return _fetch(source.weights)
-    return backbone_state(read_weights_file(source.path), str(source.path))
+        return fetch_named_weights(source.weights, "set pretrained=false")
+    return backbone_state(read_torch_file(source.path, "pretrained"), str(source.path))
 
 
 def load_backbone_weights(backbone: nn.Module, spec: bool | str | Path | None) -> int:

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import Tensor
 from torchvision.models import WeightsEnum
 from torchvision.models.detection import (
@@ -24,11 +23,11 @@ from torchvision.models.detection import (
 )
 
 from crosskd.errors import CheckpointError, ConfigError
-from crosskd.utils import LOGGER
+from crosskd.models.pretrained import cached_file, fetch_named_weights
+from crosskd.utils import LOGGER, read_torch_file
 
 from ..build import build_detector
 from ..dense_detector import DenseDetector
-from ..pretrained import cached_file
 from .mapping import load_mapped
 
 TORCHVISION_PREFIX = "torchvision:"
@@ -97,12 +96,7 @@ def torchvision_name(source: str | Path) -> str | None:
 
 def _read_local(path: Path) -> dict[str, Tensor]:
     """A torchvision state dict from a local file (a bare state dict, or a reference-script checkpoint's `model`)."""
-    if not path.is_file():
-        raise CheckpointError(f"torchvision weights file '{path}' not found; pass an existing .pth state-dict file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"'{path}' is not a readable torch state dict ({type(e).__name__}); re-save it") from e
+    state = read_torch_file(path, "torchvision weights file")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
@@ -110,31 +104,12 @@ def _read_local(path: Path) -> dict[str, Tensor]:
     return state
 
 
-def cached_state_dict(weights: WeightsEnum) -> dict[str, Tensor]:
-    """Named torchvision weights through torch hub's cache: read when cached, else fetched once (hash-checked).
-
-    Offline and not cached, one CheckpointError line names the exact file and the folder to put it in.
-    """
-    file = cached_file(weights)
-    cached = file.is_file()
-    if not cached:
-        LOGGER.info(f"Downloading {weights.url} to {file}")
-    try:
-        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
-    except Exception as e:  # no network (URLError), a failed hash check, or an unreadable file under the cached name
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if cached:
-            raise CheckpointError(f"cannot read cached '{file}' ({reason}); delete it to fetch it again") from None
-        raise CheckpointError(
-            f"{file.name} is not cached and cannot be downloaded ({reason}): put that file (from {weights.url}) in "
-            f"{file.parent} (torch hub cache under TORCH_HOME), or pass a local state-dict file"
-        ) from None
-
-
 def torchvision_state_dict(name: str, weights_path: str | Path | None = None) -> dict[str, Tensor]:
     """torchvision's state dict for detector `name`: from `weights_path` when given, else its COCO weights (cached)."""
     spec = torchvision_spec(name)
-    return _read_local(Path(weights_path)) if weights_path is not None else cached_state_dict(spec.weights)
+    if weights_path is not None:
+        return _read_local(Path(weights_path))
+    return fetch_named_weights(spec.weights, "pass a local state-dict file")
 
 
 def _tower_sources(branch: str, step: int, part: str, param: str, layout: str) -> list[str]:
