@@ -6,11 +6,19 @@ lateral_convs/fpn_convs, the four dense heads), never by inverting crosskd's key
 
 import re
 
+import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from crosskd.errors import CheckpointError
+from crosskd.config import get_args
+from crosskd.engine import exporter
+from crosskd.engine.checkpoint import make_checkpoint, save_checkpoint
+from crosskd.engine.exporter import ExportModel
+from crosskd.errors import CheckpointError, ConfigError
+from crosskd.models import build_detector
+from crosskd.models.backbones import ResNet
 from crosskd.models.foreign.mmdet import (
     is_mmdet_checkpoint,
     load_mmdet,
@@ -57,7 +65,7 @@ def linear(name: str, out: int, inp: int, bias: bool = True) -> Shapes:
 
 
 def mmdet_resnet(depth: int, base: int = 64) -> tuple[Shapes, list[int]]:
-    """mmdet.models.backbones.ResNet (style='pytorch', base_channels=base): keys and the 4 stage widths."""
+    """mmdet.models.backbones.ResNet (base_channels=base; style 'pytorch' and 'caffe' alike): keys, 4 stage widths."""
     bottleneck, expansion = depth >= 50, 4 if depth >= 50 else 1
     keys = {**conv("backbone.conv1", base, 3, 7, bias=False), **bn("backbone.bn1", base)}
     inplanes, widths = base, []
@@ -372,14 +380,15 @@ def test_small_gfl_loads_from_its_embedded_config_alone():
     assert check_every_tensor_lands(detector, source) == len(source) - 1
 
 
-def test_without_config_or_yaml_and_caffe_style_are_one_line():
+def test_without_config_or_yaml_and_a_yaml_of_the_other_resnet_style_are_one_line():
     source = make_source(mmdet_detector("fcos", "r18", nc=3, **SMALL))
     with pytest.raises(CheckpointError, match="model_cfg= .teacher_cfg= for teacher=") as error:
         load_mmdet(mmdet_ckpt(source), None, "fcos.pth")
     assert "\n" not in str(error.value)
     caffe = GFL_R101_CONFIG.replace("style='pytorch'", "style='caffe'")
-    with pytest.raises(CheckpointError, match="style='caffe'"):
+    with pytest.raises(CheckpointError, match="caffe-style ResNet .* set backbone.style: caffe") as error:
         load_mmdet(mmdet_ckpt(source, {"config": caffe}), "fcos_r18s.yaml", "fcos_caffe.pth")
+    assert "\n" not in str(error.value)
 
 
 # ----- full-size shipped models ---------------------------------------------------------------------------------
@@ -452,3 +461,202 @@ def test_fcos_tricks_config_keeps_tower_conv_biases():
     detector = load_mmdet(mmdet_ckpt(source, {"cfg": FCOS_TRICKS_CONFIG}), None, "fcos_tricks.pth")
     assert detector.head.cls_convs[0].conv.bias is not None
     assert check_every_tensor_lands(detector, source) == len(source) == len(detector.state_dict())
+
+
+# ----- caffe-style ResNet (MMDetection's plain FCOS zoo files) ----------------------------------------------------
+def mmdet_caffe_bottleneck(block: nn.Module, x: Tensor, stride: int) -> Tensor:
+    """MMDet Bottleneck(style='caffe') by hand: the stride on the 1x1 conv1, the 3x3 conv2 at stride 1."""
+    out = F.relu(block.bn1(F.conv2d(x, block.conv1.weight, stride=stride)))
+    out = F.relu(block.bn2(F.conv2d(out, block.conv2.weight, padding=1)))
+    return F.relu(block.bn3(F.conv2d(out, block.conv3.weight)) + block.downsample(x))
+
+
+def test_caffe_style_puts_the_stride_on_the_1x1_conv():
+    torch.manual_seed(0)
+    caffe, pytorch = ResNet(depth=50, width=0.25, style="caffe").eval(), ResNet(depth=50, width=0.25).eval()
+    for stage in (caffe.layer2, caffe.layer3, caffe.layer4):
+        assert (stage[0].conv1.stride, stage[0].conv2.stride) == ((2, 2), (1, 1))
+        assert all(block.conv1.stride == block.conv2.stride == (1, 1) for block in stage[1:])
+    assert caffe.layer1[0].conv1.stride == caffe.layer1[0].conv2.stride == (1, 1)
+    assert pytorch.layer2[0].conv2.stride == (2, 2)
+    pytorch.load_state_dict(caffe.state_dict())  # same names and shapes
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        outs_caffe, outs_pytorch = caffe(x), pytorch(x)
+        stage1 = caffe.layer1(caffe.maxpool(caffe.relu(caffe.bn1(caffe.conv1(x)))))  # [2, 64, 16, 16]
+        torch.testing.assert_close(caffe.layer2[0](stage1), mmdet_caffe_bottleneck(caffe.layer2[0], stage1, 2))
+    assert [tuple(o.shape) for o in outs_caffe] == [(2, 128, 8, 8), (2, 256, 4, 4), (2, 512, 2, 2)]
+    assert [o.shape for o in outs_pytorch] == [o.shape for o in outs_caffe]
+    assert not torch.allclose(outs_caffe[0], outs_pytorch[0])
+    basic = ResNet(depth=18, width=0.25, style="caffe")  # BasicBlock: stride on the 3x3 conv1 in both styles
+    assert basic.layer2[0].conv1.stride == (2, 2) and basic.layer2[0].conv1.kernel_size == (3, 3)
+    with pytest.raises(ConfigError, match="^backbone.style 'coffee' is not one of pytorch, caffe$"):
+        ResNet(depth=50, style="coffee")
+
+
+# fcos_r50_caffe_fpn_gn-head_1x_coco as MMDetection 2.x stores it in meta['config'] (Config.pretty_text), with the
+# top-level img_norm_cfg of its pipeline; narrowed to base_channels 16, FPN/head 32, 2 head convs, GN 8 groups
+FCOS_CAFFE_CONFIG = """
+model = dict(
+    type='FCOS',
+    backbone=dict(
+        type='ResNet',
+        depth=50,
+        base_channels=16,
+        num_stages=4,
+        out_indices=(0, 1, 2, 3),
+        frozen_stages=1,
+        norm_cfg=dict(type='BN', requires_grad=False),
+        norm_eval=True,
+        style='caffe',
+        init_cfg=dict(
+            type='Pretrained',
+            checkpoint='open-mmlab://detectron/resnet50_caffe')),
+    neck=dict(
+        type='FPN',
+        in_channels=[64, 128, 256, 512],
+        out_channels=32,
+        start_level=1,
+        add_extra_convs='on_output',
+        num_outs=5,
+        relu_before_extra_convs=True),
+    bbox_head=dict(
+        type='FCOSHead',
+        num_classes=80,
+        in_channels=32,
+        stacked_convs=2,
+        feat_channels=32,
+        norm_cfg=dict(type='GN', num_groups=8, requires_grad=True),
+        strides=[8, 16, 32, 64, 128],
+        loss_cls=dict(
+            type='FocalLoss',
+            use_sigmoid=True,
+            gamma=2.0,
+            alpha=0.25,
+            loss_weight=1.0),
+        loss_bbox=dict(type='IoULoss', loss_weight=1.0),
+        loss_centerness=dict(
+            type='CrossEntropyLoss', use_sigmoid=True, loss_weight=1.0)),
+    train_cfg=dict(
+        assigner=dict(
+            type='MaxIoUAssigner',
+            pos_iou_thr=0.5,
+            neg_iou_thr=0.4,
+            min_pos_iou=0,
+            ignore_iof_thr=-1),
+        allowed_border=-1,
+        pos_weight=-1,
+        debug=False),
+    test_cfg=dict(
+        nms_pre=1000,
+        min_bbox_size=0,
+        score_thr=0.05,
+        nms=dict(type='nms', iou_threshold=0.5),
+        max_per_img=100))
+dataset_type = 'CocoDataset'
+img_norm_cfg = dict(
+    mean=[102.9801, 115.9465, 122.7717], std=[1.0, 1.0, 1.0], to_rgb=False)
+"""
+DETECTRON_MEAN = [102.9801, 115.9465, 122.7717]  # BGR means of open-mmlab://detectron/ caffe weights
+DETECTRON2_MEAN = [103.53, 116.28, 123.675]  # ... and of open-mmlab://detectron2/ ones
+
+
+def test_small_fcos_caffe_checkpoint_loads_from_its_embedded_config():
+    source = make_source(mmdet_detector("fcos", "r50", nc=3, base=16, out=32, feat=32, stacked=2))
+    meta = {"mmdet_version": "2.25.0", "config": FCOS_CAFFE_CONFIG, "CLASSES": COCO_FIRST}
+    detector = load_mmdet(mmdet_ckpt(source, meta), None, "fcos_caffe_small.pth")
+    assert detector.yaml["name"] == "fcos_r50_caffe" and detector.yaml["backbone"]["style"] == "caffe"
+    assert detector.yaml["input"] == {"mean": DETECTRON_MEAN, "std": [1.0, 1.0, 1.0], "bgr": True}
+    assert detector.bgr and torch.allclose(detector.mean.flatten() * 255, torch.tensor(DETECTRON_MEAN))
+    assert detector.backbone.layer3[0].conv1.stride == (2, 2) and detector.backbone.layer3[0].conv2.stride == (1, 1)
+    assert detector.names == {0: "person", 1: "bicycle", 2: "car"}
+    assert check_every_tensor_lands(detector, source) == len(source) == len(detector.state_dict())
+    again = build_detector(detector.yaml, nc=3)  # the YAML a checkpoint stores rebuilds the same normalisation
+    assert again.bgr and again.backbone.style == "caffe" and torch.equal(again.std, detector.std)
+
+
+def test_caffe_normalisation_from_3x_data_preprocessor_or_the_init_weights():
+    v3 = FCOS_CAFFE_CONFIG.replace(
+        "type='FCOS',",
+        "type='FCOS', data_preprocessor=dict(type='DetDataPreprocessor', mean=[103.53, 116.28, 123.675], "
+        "std=[1.0, 1.0, 1.0], bgr_to_rgb=False, pad_size_divisor=32),",
+    ).split("dataset_type")[0]
+    cfg = mmdet_model_cfg({"state_dict": {}, "meta": {"cfg": v3}})
+    assert cfg["input"] == {"mean": DETECTRON2_MEAN, "std": [1.0, 1.0, 1.0], "bgr": True}
+    bare = FCOS_CAFFE_CONFIG.split("dataset_type")[0]  # no normalisation named: that of the caffe weights
+    assert mmdet_model_cfg({"state_dict": {}, "meta": {"cfg": bare}})["input"]["mean"] == DETECTRON_MEAN
+    detectron2 = bare.replace("detectron/resnet50_caffe", "detectron2/resnet50_caffe")
+    assert mmdet_model_cfg({"state_dict": {}, "meta": {"cfg": detectron2}})["input"]["mean"] == DETECTRON2_MEAN
+    pytorch = GFL_R101_CONFIG + "img_norm_cfg = dict(mean=[1, 2, 3], std=[4, 5, 6], to_rgb=True)"
+    cfg = mmdet_model_cfg({"state_dict": {}, "meta": {"config": pytorch}})
+    assert cfg["input"] == {"mean": [1.0, 2.0, 3.0], "std": [4.0, 5.0, 6.0], "bgr": False}
+    assert "style" not in cfg["backbone"] and cfg["name"] == "gfl_r101"
+
+
+def caffe_tiny_cfg() -> dict:
+    """Quarter-width caffe-style ResNet-50 FCOS with MMDetection's caffe input normalisation."""
+    return {
+        "backbone": {"type": "resnet", "depth": 50, "width": 0.25, "style": "caffe"},
+        "input": {"mean": DETECTRON_MEAN, "std": [1.0, 1.0, 1.0], "bgr": True},
+        "neck": {"type": "fpn", "out_channels": 16, "num_outs": 5, "add_extra_convs": "on_output"},
+        "head": {"type": "fcos", "stacked_convs": 1, "feat_channels": 16, "num_groups": 4},
+    }
+
+
+def test_caffe_input_is_bgr_255_minus_mean_over_std_and_exports(tmp_path):
+    torch.manual_seed(0)
+    detector = build_detector(caffe_tiny_cfg(), nc=3).eval()
+    seen = []
+    detector.backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))  # 0..1 RGB
+    detector(images)
+    mean = torch.tensor(DETECTRON_MEAN).view(1, 3, 1, 1)
+    torch.testing.assert_close(seen[0], images.flip(1) * 255 - mean)  # BGR 0..255 minus the mean, std 1
+    assert torch.equal(seen[0][:, 0], detector.normalise(images)[:, 0])
+    imagenet = build_detector({**caffe_tiny_cfg(), "input": None}, nc=3)  # the default: ImageNet RGB
+    imagenet_mean, imagenet_std = torch.tensor([123.675, 116.28, 103.53]), torch.tensor([58.395, 57.12, 57.375])
+    expected = (images * 255 - imagenet_mean.view(1, 3, 1, 1)) / imagenet_std.view(1, 3, 1, 1)
+    torch.testing.assert_close(imagenet.normalise(images), expected)
+
+    ckpt = make_checkpoint(detector, epoch=-1, best_fitness=None, names={0: "a", 1: "b", 2: "c"}, train_args={})
+    weights = save_checkpoint(ckpt, tmp_path / "caffe.pt")
+    path = exporter.run(get_args({"model": str(weights), "device": "cpu", "imgsz": 128}, "export"))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    output = torch.from_numpy(session.run(None, {"images": images[:1].numpy()})[0])
+    with torch.no_grad():
+        reference = ExportModel(detector).eval()(images[:1])
+    assert (output - reference).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"mean": [1.0, 2.0]}, r"input.mean \[1.0, 2.0\] must be 3 numbers in 0..255 units"),
+        ({"std": [1.0, 0.0, 1.0]}, r"input.std \[1.0, 0.0, 1.0\] must be 3 numbers > 0"),
+        ({"bgr": "yes"}, r"input.bgr 'yes' must be true or false"),
+        ({"brg": True}, r"input.brg is not a setting of input; did you mean 'bgr'\?"),
+        ([1, 2, 3], r"input must be a mapping of mean, std, bgr"),
+    ],
+)
+def test_bad_input_section_is_one_line(value, message):
+    with pytest.raises(ConfigError, match=rf"^model: {message}") as error:
+        build_detector({**caffe_tiny_cfg(), "input": value}, nc=3)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("yaml_name", "depth"), [("fcos_r50_caffe", 50), ("fcos_r101_caffe", 101)])
+def test_full_size_fcos_caffe_every_tensor_lands(yaml_name, depth):
+    source = make_source(mmdet_detector("fcos", f"r{depth}"))
+    text = FCOS_CAFFE_CONFIG.replace("depth=50,\n        base_channels=16,", f"depth={depth},")
+    text = text.replace("[64, 128, 256, 512]", "[256, 512, 1024, 2048]").replace("=32,", "=256,")
+    text = text.replace("stacked_convs=2,", "stacked_convs=4,").replace("num_groups=8", "num_groups=32")
+    detector = load_mmdet(mmdet_ckpt(source, {"config": text}), None, f"{yaml_name}.pth")
+    assert detector.yaml["name"] == yaml_name and detector.nc == 80
+    shipped = build_detector(yaml_name, nc=80)
+    assert {k: v.shape for k, v in shipped.state_dict().items()} == {
+        k: v.shape for k, v in detector.state_dict().items()
+    }
+    assert check_every_tensor_lands(detector, source) == len(source) == len(detector.state_dict())
+    again = load_mmdet(mmdet_ckpt(source), f"{yaml_name}.yaml", f"{yaml_name}.pth")  # the shipped YAML, no config
+    assert again.bgr and again.backbone.layer2[0].conv1.stride == (2, 2)

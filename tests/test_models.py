@@ -144,6 +144,7 @@ def test_bad_head_type_names_the_field(tmp_path):
         ("head", "num_groups", 5, r"head.num_groups 5 must divide head.feat_channels 32"),
         ("backbone", "depth", 19, r"backbone.depth 19 is not one of 18, 34, 50, 101"),
         ("backbone", "norm_eval", "yes", r"backbone.norm_eval 'yes' must be bool"),
+        ("backbone", "style", "coffee", r"backbone.style 'coffee' is not one of pytorch, caffe"),
         ("neck", "add_extra_convs", "on_top", r"neck.add_extra_convs 'on_top' is not one of on_input, on_output"),
         ("head", "strides", [8, 16, 32, 64, 256], r"head.strides \[8, 16, 32, 64, 256\] must be"),
     ],

@@ -19,6 +19,7 @@ RESNET_SPECS: dict[int, tuple[type[BasicBlock | Bottleneck], tuple[int, int, int
     50: (Bottleneck, (3, 4, 6, 3)),
     101: (Bottleneck, (3, 4, 23, 3)),
 }
+RESNET_STYLES = ("pytorch", "caffe")  # MMDet: stride on the 3x3 conv2 (pytorch) or the 1x1 conv1 (caffe)
 MOBILENET_STAGE_ENDS = (4, 7, 14, 18)  # torchvision features[:end] gives strides 4, 8, 16, 32
 SWIN_STAGE_ENDS = (2, 4, 6, 8)  # torchvision swin_t features[:end] gives strides 4, 8, 16, 32
 
@@ -98,7 +99,12 @@ class StagedFeatures(Backbone):
 
 
 class ResNet(Backbone):
-    """ResNet-18/34/50/101 (MMDet 'pytorch' style) with a width multiplier; stage i has 64·width·2^i base planes."""
+    """ResNet-18/34/50/101 (MMDet 'pytorch' or 'caffe' style) with a width multiplier; stage i has 64·width·2^i planes.
+
+    `style='caffe'` puts each downsampling Bottleneck's stride on its 1×1 conv1 instead of its 3×3 conv2 (MMDet's
+    conv1_stride/conv2_stride); BasicBlock depths (18, 34) have their stride on a 3×3 conv either way, so style
+    changes nothing there. Parameter names and shapes are the same in both styles.
+    """
 
     def __init__(
         self,
@@ -109,11 +115,14 @@ class ResNet(Backbone):
         norm_eval: bool = False,
         pretrained: bool | str | None = None,
         norm_eps: float = 1e-5,
+        style: str = "pytorch",
     ) -> None:
         """`norm_eps` is every BatchNorm's eps (torchvision's COCO RetinaNet v1 weights expect 0)."""
         super().__init__()
         if depth not in RESNET_SPECS:
             raise ConfigError(f"backbone.depth {depth} is not one of {', '.join(map(str, RESNET_SPECS))}")
+        if style not in RESNET_STYLES:
+            raise ConfigError(f"backbone.style {style!r} is not one of {', '.join(RESNET_STYLES)}")
         if width <= 0:
             raise ConfigError(f"backbone.width {width} must be > 0")
         block, layers = RESNET_SPECS[depth]
@@ -130,6 +139,9 @@ class ResNet(Backbone):
         self.layer2 = self._make_layer(block, planes[1], layers[1], stride=2)
         self.layer3 = self._make_layer(block, planes[2], layers[2], stride=2)
         self.layer4 = self._make_layer(block, planes[3], layers[3], stride=2)
+        self.style = style
+        if style == "caffe":
+            self._move_strides_to_1x1()
         self.out_channels = [planes[i] * block.expansion for i in self.out_indices]
         self._init_weights()
         for m in self.modules():
@@ -149,6 +161,12 @@ class ResNet(Backbone):
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
+
+    def _move_strides_to_1x1(self) -> None:
+        """Caffe style: every Bottleneck whose 3×3 conv2 has a stride takes it on its 1×1 conv1 instead."""
+        for block in self.modules():
+            if isinstance(block, Bottleneck) and block.conv2.stride != (1, 1):
+                block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
 
     def _init_weights(self) -> None:
         for m in self.modules():

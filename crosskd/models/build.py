@@ -12,7 +12,7 @@ from crosskd.errors import ConfigError
 from crosskd.paths import resolve_cfg_file
 
 from .backbones import MobileNetV2, ResNet, SwinT
-from .dense_detector import DenseDetector
+from .dense_detector import IMAGENET_MEAN, IMAGENET_STD, DenseDetector
 from .heads import ATSSHead, FCOSHead, GFLHead, RetinaHead
 from .neck import FPN
 
@@ -21,7 +21,8 @@ NECKS = {"fpn": FPN}
 HEADS = {"gfl": GFLHead, "retinanet": RetinaHead, "fcos": FCOSHead, "atss": ATSSHead}
 SECTIONS: dict[str, dict[str, type[nn.Module]]] = {"backbone": BACKBONES, "neck": NECKS, "head": HEADS}
 AUTO_ARGS = {"backbone": set(), "neck": {"in_channels"}, "head": {"num_classes", "in_channels"}}
-TOP_KEYS = (*SECTIONS, "nc", "name")
+INPUT_KEYS = ("mean", "std", "bgr")  # the optional `input` section: DenseDetector's normalisation arguments
+TOP_KEYS = (*SECTIONS, "input", "nc", "name")
 
 
 def load_model_yaml(model_cfg: dict | str | Path) -> tuple[dict[str, Any], str]:
@@ -78,6 +79,32 @@ def _section_kwargs(cfg: dict, section: str, source: str) -> tuple[type[nn.Modul
     return cls, kwargs
 
 
+def _is_three_numbers(value: Any) -> bool:
+    numbers = isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value)
+    return numbers and len(value) == 3 and not any(isinstance(v, bool) for v in value)
+
+
+def _input_kwargs(cfg: dict, source: str) -> dict[str, Any]:
+    """DenseDetector's normalisation arguments from the optional `input:` section (mean/std in 0..255 units)."""
+    spec = {} if cfg.get("input") is None else cfg["input"]
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{source}: input must be a mapping of {', '.join(INPUT_KEYS)}")
+    unknown = [k for k in spec if k not in INPUT_KEYS]
+    if unknown:
+        hint = _suggest(unknown[0], list(INPUT_KEYS))
+        raise ConfigError(f"{source}: input.{unknown[0]} is not a setting of input{hint}")
+    for key, example in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
+        value = spec.get(key, example)
+        if not _is_three_numbers(value) or (key == "std" and min(value) <= 0):
+            positive = " > 0" if key == "std" else ""
+            raise ConfigError(
+                f"{source}: input.{key} {value!r} must be 3 numbers{positive} in 0..255 units, e.g. {list(example)}"
+            )
+    if not isinstance(spec.get("bgr", False), bool):
+        raise ConfigError(f"{source}: input.bgr {spec['bgr']!r} must be true or false")
+    return dict(spec)
+
+
 def _construct(cls: type[nn.Module], source: str, **kwargs: Any) -> nn.Module:
     try:
         return cls(**kwargs)
@@ -101,8 +128,9 @@ def build_detector(model_cfg: dict | str | Path, nc: int) -> DenseDetector:
     if not isinstance(nc, int) or nc < 1:
         raise ConfigError(f"{source}: number of classes {nc!r} must be a positive int")
     parts = {section: _section_kwargs(cfg, section, source) for section in SECTIONS}
+    normalisation = _input_kwargs(cfg, source)
     backbone = _construct(parts["backbone"][0], source, **parts["backbone"][1])
     neck = _construct(parts["neck"][0], source, in_channels=backbone.out_channels, **parts["neck"][1])
     head = _construct(parts["head"][0], source, num_classes=nc, in_channels=neck.out_channels, **parts["head"][1])
     _check_strides(source, backbone, neck, head)
-    return DenseDetector(backbone, neck, head, yaml={**cfg, "nc": nc})
+    return DenseDetector(backbone, neck, head, yaml={**cfg, "nc": nc}, **normalisation)

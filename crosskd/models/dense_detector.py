@@ -1,5 +1,6 @@
 """DenseDetector: normalise → backbone → FPN → dense head, with thin loss and predict compositions."""
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -8,8 +9,8 @@ from torch import Tensor, nn
 from .heads import DenseHead, HeadOutputs, Priors
 from .postprocess import Decoded, Detections, decode_outputs, postprocess, scale_boxes
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, 0..255 units (MMDetection's img_norm_cfg / data_preprocessor)
+IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
 class DenseDetector(nn.Module):
@@ -20,15 +21,27 @@ class DenseDetector(nn.Module):
         neck (nn.Module): those maps → FPN outputs [B, C, H/s, W/s] for every stride s of the head.
         head (DenseHead): FPN outputs → HeadOutputs; owns priors, targets, losses and box decoding.
         yaml (dict | None): the model YAML it was built from (saved in checkpoints).
+        mean, std (3 floats): per-channel normalisation in 0..255 units, in the backbone's channel order
+            (ImageNet RGB by default; MMDetection caffe-style weights: BGR means, std 1).
+        bgr (bool): reverse the channels to BGR before normalising (MMDetection caffe-style weights).
     """
 
     def __init__(
-        self, backbone: nn.Module, neck: nn.Module, head: DenseHead, yaml: dict[str, Any] | None = None
+        self,
+        backbone: nn.Module,
+        neck: nn.Module,
+        head: DenseHead,
+        yaml: dict[str, Any] | None = None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        bgr: bool = False,
     ) -> None:
         super().__init__()
         self.backbone, self.neck, self.head = backbone, neck, head
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.bgr = bgr
+        # (x·255 − mean) / std as (x − mean/255) / (std/255): ImageNet's is exactly (x − 0.485) / 0.229 ...
+        self.register_buffer("mean", torch.tensor([m / 255 for m in mean]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([s / 255 for s in std]).view(1, 3, 1, 1), persistent=False)
         self.yaml = dict(yaml or {})
 
     @property
@@ -46,9 +59,15 @@ class DenseDetector(nn.Module):
         """Number of classes."""
         return self.head.num_classes
 
+    def normalise(self, images: Tensor) -> Tensor:
+        """Backbone input [B, 3, H, W] for 0..1 RGB images: (x·255 − mean) / std, channels reversed first if `bgr`."""
+        if self.bgr:
+            images = images.flip(1)  # RGB -> BGR
+        return (images - self.mean) / self.std
+
     def extract_features(self, images: Tensor) -> list[Tensor]:
         """FPN outputs P3..P7, each [B, C, H/s, W/s], for 0..1 RGB images [B, 3, H, W]."""
-        return self.neck(self.backbone((images - self.mean) / self.std))
+        return self.neck(self.backbone(self.normalise(images)))
 
     def forward(self, images: Tensor) -> HeadOutputs:
         """Raw per-level head outputs (cls_scores [B, A*C, H/s, W/s], ...) for 0..1 RGB images [B, 3, H, W]."""

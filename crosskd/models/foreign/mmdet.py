@@ -4,7 +4,9 @@ An MMDetection checkpoint is `{'state_dict': ..., 'meta': ...}`. 2.x `meta` hold
 `config` (the merged python config as text); 3.x (mmengine) `meta` holds `dataset_meta['classes']`,
 `mmengine_version` and `cfg` (the same text). The model section of that text is read with `ast` (never executed)
 to pick and adjust a shipped model YAML. Tensors move through one explicit key map (`mmdet_key_map`) and
-`load_mapped`, so every source tensor is accounted for.
+`load_mapped`, so every source tensor is accounted for. A caffe-style ResNet (`style='caffe'`, MMDetection's plain
+FCOS zoo files) has the same keys as a pytorch-style one; it maps onto `backbone.style: caffe` and an `input:`
+section with the config's normalisation (BGR, 0..255, std 1), as in the shipped `fcos_r{50,101}_caffe.yaml`.
 
 Source keys dropped on purpose: `bbox_head.integral.project` (GFL's constant 0..reg_max projection buffer; the
 shape of `gfl_reg` already fixes reg_max) and mmcv 2.x EMAHook's `ema_*` copies (mmcv swaps the averaged weights
@@ -35,6 +37,11 @@ DERIVED_KEYS = ("bbox_head.integral.project",)
 MMDET_HEADS = {"GFLHead": "gfl", "RetinaHead": "retinanet", "FCOSHead": "fcos", "ATSSHead": "atss"}
 CLS_PREDICTORS = {"gfl": "gfl_cls", "retinanet": "retina_cls", "fcos": "conv_cls", "atss": "atss_cls"}
 RESNET_DEPTHS = (18, 34, 50, 101)
+RESNET_STYLES = ("pytorch", "caffe")
+CAFFE_MEANS = {  # BGR pixel means (std 1) of MMDet's caffe-style ImageNet weights, by their init checkpoint
+    "detectron2": [103.530, 116.280, 123.675],  # open-mmlab://detectron2/resnet50_caffe
+    "detectron": [102.9801, 115.9465, 122.7717],  # open-mmlab://detectron/resnet50_caffe (the FCOS configs)
+}
 SWIN_T = {"embed_dims": 96, "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24], "window_size": 7}
 SWIN_PATCH_EMBED = {"0": "projection", "2": "norm"}  # torchvision features.0 = Conv2d, Permute, LayerNorm
 SWIN_MERGE_ORDER = [0, 2, 1, 3]  # unfold slot (kh, kw) of torchvision's x0, x1, x2, x3 (self-inverse)
@@ -93,28 +100,33 @@ def _literal(node: ast.AST) -> Any:
         return None
 
 
-def mmdet_config_model(ckpt: Mapping) -> dict | None:
-    """The `model = dict(...)` section of the config text in `meta['config']` / `meta['cfg']`, parsed, not run."""
+def _config_values(ckpt: Mapping) -> dict[str, Any]:
+    """Top-level `name = ...` values of the config text in `meta['config']` / `meta['cfg']`, parsed, not run."""
     meta = _meta(ckpt)
     text = next((meta[k] for k in ("config", "cfg") if isinstance(meta.get(k), str)), None)
-    if text is None:
-        return None
     try:
-        tree = ast.parse(text)
+        tree = ast.parse(text or "")
     except SyntaxError:
-        return None
-    models = [
-        _literal(stmt.value)
+        return {}
+    return {
+        target.id: _literal(stmt.value)
         for stmt in tree.body
-        if isinstance(stmt, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "model" for t in stmt.targets)
-    ]
-    return models[-1] if models and isinstance(models[-1], dict) else None
+        if isinstance(stmt, ast.Assign)
+        for target in stmt.targets
+        if isinstance(target, ast.Name)
+    }
+
+
+def mmdet_config_model(ckpt: Mapping) -> dict | None:
+    """The `model = dict(...)` section of the checkpoint's embedded config, or None."""
+    model = _config_values(ckpt).get("model")
+    return model if isinstance(model, dict) else None
 
 
 def _unsupported(what: str) -> CheckpointError:
     return CheckpointError(
-        f"MMDetection {what} has no crosskd equivalent; supported: GFL/RetinaNet/FCOS/ATSS heads on pytorch-style "
-        f"ResNet-{'/'.join(map(str, RESNET_DEPTHS))} or Swin-T with an FPN"
+        f"MMDetection {what} has no crosskd equivalent; supported: GFL/RetinaNet/FCOS/ATSS heads on pytorch- or "
+        f"caffe-style ResNet-{'/'.join(map(str, RESNET_DEPTHS))} or Swin-T with an FPN"
     )
 
 
@@ -125,12 +137,14 @@ def _backbone_section(backbone: dict, neck: dict) -> dict:
     used = outs[start:] if end in (-1, len(outs) - 1) else outs[start : end + 1]
     kind = backbone.get("type")
     if kind == "ResNet":
-        if backbone.get("depth") not in RESNET_DEPTHS or backbone.get("style", "pytorch") != "pytorch":
-            raise _unsupported(f"ResNet depth={backbone.get('depth')} style='{backbone.get('style', 'pytorch')}'")
+        style = backbone.get("style", "pytorch")
+        if backbone.get("depth") not in RESNET_DEPTHS or style not in RESNET_STYLES:
+            raise _unsupported(f"ResNet depth={backbone.get('depth')} style='{style}'")
         return {
             "type": "resnet",
             "depth": backbone["depth"],
             "width": backbone.get("base_channels", 64) / 64,
+            **({"style": "caffe"} if style == "caffe" else {}),
             "out_indices": used,
             "frozen_stages": backbone.get("frozen_stages", -1),
             "norm_eval": backbone.get("norm_eval", True),
@@ -196,35 +210,68 @@ def _head_overrides(head: dict, train_cfg: dict) -> dict:
     return {k: v for k, v in found.items() if v is not None or k == "conv_bias"}
 
 
+def _input_section(model: dict, img_norm_cfg: Any) -> dict | None:
+    """Our `input:` section from 3.x `model.data_preprocessor` (3.0rc `preprocess_cfg`) or 2.x `img_norm_cfg`.
+
+    MMDetection reads images as BGR and turns them to RGB only with `bgr_to_rgb` (3.x, default False) / `to_rgb`
+    (2.x, default True). A caffe-style ResNet whose config has neither gets BGR, std 1 and the pixel mean of the
+    caffe weights it started from (CAFFE_MEANS); otherwise None keeps the base YAML's normalisation.
+    """
+    sources = ((model.get("data_preprocessor"), False), (model.get("preprocess_cfg"), False), (img_norm_cfg, True))
+    for norm, rgb_default in sources:
+        if isinstance(norm, dict) and norm.get("mean") is not None and norm.get("std") is not None:
+            rgb = norm.get("bgr_to_rgb", norm.get("to_rgb", rgb_default))
+            return {"mean": [float(v) for v in norm["mean"]], "std": [float(v) for v in norm["std"]], "bgr": not rgb}
+    backbone = model.get("backbone") or {}
+    if backbone.get("style") != "caffe":
+        return None
+    init = backbone.get("init_cfg")
+    weights = str(init.get("checkpoint") if isinstance(init, dict) else model.get("pretrained"))
+    mean = CAFFE_MEANS["detectron2" if "detectron2" in weights else "detectron"]
+    return {"mean": mean, "std": [1.0, 1.0, 1.0], "bgr": True}
+
+
+def _base_yaml(head_type: str, suffix: str) -> dict:
+    """The shipped `<head>_<suffix>.yaml`, else the same without `_caffe`, else the head's R50 YAML."""
+    for name in (f"{head_type}_{suffix}", f"{head_type}_{suffix.removesuffix('_caffe')}"):
+        try:
+            return load_model_yaml(f"{name}.yaml")[0]
+        except ConfigError:  # not shipped: try the next one
+            continue
+    return load_model_yaml(f"{head_type}_r50.yaml")[0]
+
+
 def mmdet_model_cfg(ckpt: Mapping) -> dict | None:
     """Our model YAML dict for the checkpoint's embedded config, or None when it carries none.
 
-    The shipped `<head>_<backbone>.yaml` (e.g. gfl_r101.yaml; the head's r50 YAML when none is shipped) gives the
-    defaults; backbone, neck and the head settings found in the config text override them. Raises CheckpointError
-    for architectures crosskd cannot express (caffe-style ResNet, other heads, other Swin sizes).
+    The shipped `<head>_<backbone>.yaml` (e.g. gfl_r101.yaml, fcos_r101_caffe.yaml; the head's r50 YAML when none
+    is shipped) gives the defaults; backbone, neck, input normalisation and the head settings found in the config
+    text override them. Raises CheckpointError for architectures crosskd cannot express (other heads, other Swin
+    sizes, FPNs without extra convs).
     """
-    model = mmdet_config_model(ckpt)
-    return None if model is None else _model_yaml(model)
+    values = _config_values(ckpt)
+    model = values.get("model")
+    return _model_yaml(model, values.get("img_norm_cfg")) if isinstance(model, dict) else None
 
 
-def _model_yaml(model: dict) -> dict:
-    """Our model YAML dict for MMDet's parsed `model` dict."""
+def _model_yaml(model: dict, img_norm_cfg: Any = None) -> dict:
+    """Our model YAML dict for MMDet's parsed `model` dict (and 2.x's top-level `img_norm_cfg`)."""
     head, neck = model.get("bbox_head") or {}, model.get("neck") or {}
     head_type = MMDET_HEADS.get(head.get("type"))
     if head_type is None:
         raise _unsupported(f"head '{head.get('type')}' (detector '{model.get('type')}')")
     backbone = _backbone_section(model.get("backbone") or {}, neck)
     suffix = "swint" if backbone["type"] == "swin_t" else f"r{backbone['depth']}"
-    try:
-        base, _ = load_model_yaml(f"{head_type}_{suffix}.yaml")
-    except ConfigError:  # no shipped YAML for this pair: the head's R50 YAML gives the defaults
-        base, _ = load_model_yaml(f"{head_type}_r50.yaml")
+    suffix += "_caffe" if backbone.get("style") == "caffe" else ""
+    base = _base_yaml(head_type, suffix)
     accepted = inspect.signature(HEADS[head_type]).parameters
     overrides = {k: v for k, v in _head_overrides(head, model.get("train_cfg") or {}).items() if k in accepted}
+    normalisation = _input_section(model, img_norm_cfg)
     return {
         **base,
         "name": f"{head_type}_{suffix}",
         "backbone": backbone,
+        **({"input": normalisation} if normalisation else {}),
         "neck": _neck_section(neck),
         "head": {**base["head"], **overrides},
     }
@@ -251,7 +298,7 @@ def _swin_name(backbone: SwinT, key: str) -> str:
 
 def _backbone_name(backbone: Any, key: str) -> str:
     if isinstance(backbone, ResNet):
-        return key  # MMDet ResNet (pytorch style) uses torchvision's names
+        return key  # MMDet ResNet (pytorch and caffe style) uses torchvision's names
     if isinstance(backbone, SwinT):
         return _swin_name(backbone, key)
     raise CheckpointError(f"MMDetection checkpoints map onto ResNet or Swin-T backbones, not {type(backbone).__name__}")
@@ -338,6 +385,20 @@ def _num_classes(state: Mapping[str, Tensor], cfg: dict, source_name: str) -> in
     return state[key].shape[0] // anchors
 
 
+def _check_resnet_style(cfg: dict, inferred: dict | None, source_name: str) -> None:
+    """A given model YAML must build the ResNet style the checkpoint's config names (the keys cannot tell)."""
+    their_backbone, our_backbone = (inferred or {}).get("backbone") or {}, cfg.get("backbone") or {}
+    if their_backbone.get("type") != "resnet" or our_backbone.get("type") != "resnet":
+        return
+    theirs, ours = their_backbone.get("style", "pytorch"), our_backbone.get("style", "pytorch")
+    if theirs != ours:
+        raise CheckpointError(
+            f"'{source_name}' holds a {theirs}-style ResNet (style='{theirs}') but the model YAML builds a {ours}-"
+            f"style one; set backbone.style: {theirs} (and its input: normalisation) or leave model_cfg= out to use "
+            "the checkpoint's own config"
+        )
+
+
 def load_mmdet(ckpt: Mapping, model_cfg: dict | str | Path | None, source_name: str) -> DenseDetector:
     """Build the detector of an MMDetection checkpoint and copy every tensor onto it.
 
@@ -345,9 +406,10 @@ def load_mmdet(ckpt: Mapping, model_cfg: dict | str | Path | None, source_name: 
     embedded config. nc is read from the classifier; `detector.names` from the meta classes (else '0'..'nc-1').
     The backbone's `pretrained` spec is cleared: its weights come from the checkpoint.
     """
-    inferred = mmdet_model_cfg(ckpt)  # also rejects what a given YAML would silently mis-load (caffe ResNet)
+    inferred = mmdet_model_cfg(ckpt)  # also rejects what a given YAML would silently mis-load
     if model_cfg is not None:
         cfg, _ = load_model_yaml(model_cfg)
+        _check_resnet_style(cfg, inferred, source_name)
     elif inferred is not None:
         cfg = inferred
     else:
