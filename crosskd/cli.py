@@ -37,6 +37,7 @@ MODE_TARGETS = {  # mode -> (module, function taking Args); imported only when t
     "export": ("crosskd.engine.exporter", "run"),
     "info": ("crosskd.engine.info", "run"),
     "convert": ("crosskd.engine.converter", "run"),
+    "analyze": ("crosskd.engine.analyzer", "run"),
 }
 SPECIAL_WORDS = {  # spelling -> special command
     "help": "help", "h": "help", "-h": "help", "--help": "help", "-help": "help",
@@ -65,6 +66,8 @@ Examples:
   6. Distil from an MMDetection or torchvision teacher, or convert one to a crosskd .pt:
        crosskd distill teacher=gfl_r101_fpn_mstrain_2x_coco.pth student=gfl_r50.yaml data=coco.yaml
        crosskd convert model=torchvision:retinanet_resnet50_fpn_v2
+  7. Measure the target conflict of a teacher-student pair (paper Fig. 3), per FPN level:
+       crosskd analyze teacher=gfl_r101.pt student=best.pt data=coco.yaml
 
 Special commands:
   crosskd help        this text (also -h, --help)

@@ -26,6 +26,7 @@ REQUIRED_INPUTS = {  # mode -> (keys it needs, a command line that gives them); 
     "predict": (("source",), "crosskd predict model=best.pt source=images/"),
     "info": (("model",), "crosskd info model=gfl_r18.yaml"),
     "convert": (("model",), "crosskd convert model=torchvision:retinanet_resnet50_fpn_v2"),
+    "analyze": (("teacher", "model"), "crosskd analyze teacher=gfl_r50.pt student=best.pt data=digits.yaml"),
 }
 
 

@@ -28,7 +28,7 @@ KIND_NAMES: dict[str, str] = {  # how error messages and docs/cli.md describe ea
     "resume": "true, false or a checkpoint path",
     "weights": "true/imagenet, false, a torchvision weights name or a .pth/.pt path",
 }
-MODES = ("train", "distill", "val", "predict", "export", "info", "convert")
+MODES = ("train", "distill", "val", "predict", "export", "info", "convert", "analyze")
 KD_METHOD_NAMES = ("crosskd", "pm", "ld", "pkd", "crosskd+pkd", "none")  # = crosskd.distill KD_METHODS (tested)
 CLI_REFERENCE_PATH = Path(__file__).resolve().parents[1] / "docs" / "cli.md"  # exists in a source checkout
 
@@ -135,11 +135,12 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("plots", "bool", True, "save plots and validation images"),
         Setting("sync_bn", "bool", False, "convert BatchNorm to SyncBatchNorm under DDP"),
         Setting("fliplr", "float", 0.5, "horizontal flip probability (a dataset YAML may override it)", low=0, high=1),
-        Setting("fraction", "float", 1.0, "fraction of the training set to use", low=0, high=1),
+        Setting("fraction", "float", 1.0, "fraction of the training set to use (analyze: of the split= images)", low=0,
+                high=1),
         Setting("verbose", "bool", True, "print detailed output"),
     )),
     ("Validation and prediction", (
-        Setting("split", "str", "val", "dataset split for validation", choices=("train", "val", "test")),
+        Setting("split", "str", "val", "dataset split for validation and analyze", choices=("train", "val", "test")),
         Setting("save_json", "bool", False, "write predictions in COCO results format"),
         Setting("conf", "float", None, "score threshold; empty = 0.05 for val, 0.25 for predict", low=0, high=1,
                 example="0.25"),
