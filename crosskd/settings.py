@@ -29,7 +29,9 @@ KIND_NAMES: dict[str, str] = {  # how error messages and docs/cli.md describe ea
     "weights": "true/imagenet, false, a torchvision weights name or a .pth/.pt path",
 }
 MODES = ("train", "distill", "val", "predict", "export", "info", "convert", "analyze")
-KD_METHOD_NAMES = ("crosskd", "pm", "ld", "pkd", "crosskd+pkd", "none")  # = crosskd.distill KD_METHODS (tested)
+KD_METHOD_NAMES = (  # = crosskd.distill KD_METHODS (tested)
+    "crosskd", "pm", "ld", "pkd", "crosskd+pkd", "crosskd+pm", "crosskd+ld", "none",
+)
 CLI_REFERENCE_PATH = Path(__file__).resolve().parents[1] / "docs" / "cli.md"  # exists in a source checkout
 
 
@@ -98,8 +100,20 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("kd_reg_weight", "float", None, "regression KD weight; empty = the teacher head type's default",
                 low=0, example="1.0"),
         Setting("kd_ctr_weight", "float", None, "centerness KD weight (ATSS); empty = default", low=0, example="1.0"),
-        Setting("kd_feat_weight", "float", None, "PKD feature KD weight; empty = default per head type", low=0,
-                example="6.0"),
+        Setting("kd_feat_weight", "float", None, "PKD feature KD weight; empty = default per head type (CrossKD+PKD) "
+                "or MMRazor's 10 (kd=pkd alone, first 4 FPN levels)", low=0, example="6.0"),
+        Setting("kd_branch", "str", "both", "which branch's prediction-KD terms are kept (paper Table 3): cls = "
+                "kd_cls only, reg = kd_reg and kd_ctr", choices=("both", "cls", "reg")),
+        Setting("kd_cls_loss", "str", "qfl", "classification KD loss (paper Table 9): qfl = quality focal loss "
+                "(beta 1), bce = plain soft-target BCE (beta 0)", choices=("qfl", "bce")),
+        Setting("kd_region", "str", "all", "priors the prediction KD applies to (paper Table 9): all valid ones, "
+                "the assigner's positives or its negatives", choices=("all", "pos", "neg")),
+        Setting("pkd_on", "str", "neck", "where PKD imitates features (paper Table 2): the FPN outputs, or the "
+                "head's cls / reg tower features at kd_idx", choices=("neck", "cls", "reg")),
+        Setting("kd_strategy", "str", "a", "cross-head strategy (paper Table 12, Fig. 7): a = CrossKD, b = student "
+                "predictions vs teacher features through the student head, c = student predictions vs the (a) "
+                "cross-head, d = the (b) cross-head vs teacher predictions; see docs/distillation.md",
+                choices=("a", "b", "c", "d")),
     )),
     ("Training", (
         Setting("epochs", "int", 12, "number of epochs (paper 1x schedule)", low=1),

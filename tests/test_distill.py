@@ -43,6 +43,14 @@ def tiny_batch(batch: int = 2, seed: int = 0) -> SimpleNamespace:
     return SimpleNamespace(images=images, gt_boxes=gt_boxes, gt_labels=gt_labels)
 
 
+def kd_args(**overrides) -> SimpleNamespace:
+    """The distillation run settings at their defaults, with `overrides`."""
+    settings = dict(kd="crosskd", kd_idx=None, kd_align=True, kd_weight=1.0, kd_cls_weight=None, kd_reg_weight=None,
+                    kd_ctr_weight=None, kd_feat_weight=None, kd_branch="both", kd_cls_loss="qfl", kd_region="all",
+                    pkd_on="neck", kd_strategy="a")
+    return SimpleNamespace(**{**settings, **overrides})
+
+
 def kd_total(losses: dict) -> torch.Tensor:
     return sum(v for k, v in losses.items() if k.startswith("kd_"))
 
@@ -134,8 +142,7 @@ def test_kd_weight_scales_every_kd_term():
 
 
 def test_from_args_uses_teacher_type_defaults_and_overrides():
-    args = SimpleNamespace(kd="crosskd", kd_idx=None, kd_align=True, kd_weight=2.0, kd_cls_weight=None,
-                           kd_reg_weight=0.5, kd_ctr_weight=None, kd_feat_weight=None)
+    args = kd_args(kd_weight=2.0, kd_reg_weight=0.5)
     distiller = Distiller.from_args(tiny_detector("gfl", seed=1), tiny_detector("fcos", seed=2), args)
     assert distiller.weights == KDWeights(cls=0.8, reg=1.0, feat=4.0)
     assert distiller.kd_idx == 0  # FCOS default is stacked_convs - 2 = 0 for 2-conv heads

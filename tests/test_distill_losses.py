@@ -145,7 +145,7 @@ def test_gfl_recipe_matches_hand_values():
 
 
 def test_atss_recipe_matches_hand_values():
-    label_weights = [1.0, 1.0, 0.0]
+    label_weights = [1.0, 0.0, 1.0]  # the middle anchor lies in another image's padding
     pos = [True, False, True]
     p_ctr, t_ctr = [0.3, -1.0, 1.2], [1.0, 0.5, -0.4]
     targets = make_targets(pos, label_weights, num_pos=2.5)
@@ -159,11 +159,12 @@ def test_atss_recipe_matches_hand_values():
 
 
 def test_fcos_recipe_matches_hand_values():
-    targets = make_targets([True, False, False], [0.0, 0.0, 0.0], num_pos=1.0, denorm=0.8)  # no mask in FCOS KD
+    valid = [1.0, 1.0, 0.0]  # FCOS has no ignore band: label weight 0 only for the point in another image's padding
+    targets = make_targets([True, False, False], valid, num_pos=1.0, denorm=0.8)
     out = fcos_kd(box_inputs(targets), AddDecoder(), KDWeights(cls=0.4, reg=0.75))
-    w = hand_w([1.0, 1.0, 1.0])
+    w = hand_w(valid)
     iou = [-math.log(box_iou_giou(decoded(i, P_BOX), decoded(i, T_BOX))[0]) for i in range(3)]
-    assert out["kd_cls"].item() == pytest.approx(0.4 * hand_cls([1.0, 1.0, 1.0]) / 0.8, abs=TOL)
+    assert out["kd_cls"].item() == pytest.approx(0.4 * hand_cls(valid) / 0.8, abs=TOL)
     assert out["kd_reg"].item() == pytest.approx(0.75 * sum(a * b for a, b in zip(w, iou)) / 0.8, abs=TOL)
 
 
@@ -181,7 +182,7 @@ def test_ld_matches_hand_values():
             sl = slice(side * bins, (side + 1) * bins)
             terms = kl(p_reg[0, i, sl].tolist(), t_reg[0, i, sl].tolist(), temp=10.0)
             total += w[i] * sum(terms) / bins * 100.0  # mean over bins × T²
-    assert out.item() == pytest.approx(0.25 * total / (4 * sum(w)), abs=TOL)
+    assert out.item() == pytest.approx(0.25 * total / 4, abs=TOL)  # avg_factor=4.0 only, not 4·Σw
 
 
 def test_pkd_sums_levels_of_standardised_mse():

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
+from crosskd.distill.kd_losses import KD_BRANCHES, KD_STRATEGIES, PKD_POSITIONS, check_choice
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.utils import LOGGER
 
@@ -14,7 +15,19 @@ if TYPE_CHECKING:
     from crosskd.models.heads.base import DenseHead
 
 
-def check_compatible(student: DenseDetector, teacher: DenseDetector, kd: frozenset[str]) -> None:
+def check_ablation(kd: frozenset[str], kd_branch: str, pkd_on: str, kd_strategy: str) -> None:
+    """One-line ConfigErrors for ablation settings that are unknown or that the `kd` components cannot honour."""
+    check_choice("kd_branch", kd_branch, KD_BRANCHES)
+    check_choice("pkd_on", pkd_on, PKD_POSITIONS)
+    check_choice("kd_strategy", kd_strategy, KD_STRATEGIES)
+    if kd_strategy != "a" and "crosskd" not in kd:
+        raise ConfigError(f"kd_strategy={kd_strategy} is a cross-head strategy: use it with kd=crosskd (or a "
+                          "crosskd+ method)")
+    if kd_branch == "cls" and kd == frozenset({"ld"}):
+        raise ConfigError("kd=ld has no classification term, so kd_branch=cls keeps nothing: use kd=pm kd_branch=cls")
+
+
+def check_compatible(student: DenseDetector, teacher: DenseDetector, kd: frozenset[str], pkd_on: str = "neck") -> None:
     """Raise a one-line CheckpointError when the teacher cannot distil this student with `kd`."""
     if teacher.nc != student.nc:
         raise CheckpointError(
@@ -28,26 +41,48 @@ def check_compatible(student: DenseDetector, teacher: DenseDetector, kd: frozens
             f"({len(s_strides)} levels): give both model YAMLs the same FPN levels"
         )
     if kd & {"pm", "ld"}:
-        check_same_head(student.head, teacher.head, "pm" if "pm" in kd else "ld")
-    if "pkd" in kd and feature_channels(teacher) != feature_channels(student):
+        check_same_head(student.head, teacher.head, "kd=pm" if "pm" in kd else "kd=ld")
+    if "pkd" in kd and pkd_on == "neck" and feature_channels(teacher) != feature_channels(student):
         raise CheckpointError(
             f"kd=pkd compares FPN features, but the teacher's have {feature_channels(teacher)} channels and the "
             f"student's {feature_channels(student)}: use the same FPN width or kd=crosskd"
         )
 
 
-def check_same_head(student_head: DenseHead, teacher_head: DenseHead, method: str) -> None:
-    """Prediction mimicking and LD compare raw outputs, so both heads must have the same type and layout."""
-    if method == "ld" and teacher_head.head_type != "gfl":
+def check_same_head(student_head: DenseHead, teacher_head: DenseHead, setting: str) -> None:
+    """Prediction mimicking, LD and strategies b-d compare raw outputs, so both heads need the same type and layout.
+
+    `setting` names what asks for it in the message, e.g. 'kd=pm' or 'kd_strategy=c'.
+    """
+    if setting == "kd=ld" and teacher_head.head_type != "gfl":
         raise CheckpointError(f"kd=ld distils GFL box distributions, but the teacher is {teacher_head.head_type}: "
                               "use a GFL teacher or kd=crosskd")
     s_layout = (student_head.head_type, student_head.num_anchors, getattr(student_head, "reg_max", None))
     t_layout = (teacher_head.head_type, teacher_head.num_anchors, getattr(teacher_head, "reg_max", None))
     if s_layout != t_layout:
         raise CheckpointError(
-            f"kd={method} needs the same head on both sides, but the teacher has (type, anchors, reg_max) {t_layout} "
+            f"{setting} needs the same head on both sides, but the teacher has (type, anchors, reg_max) {t_layout} "
             f"and the student {s_layout}: use kd=crosskd for different heads"
         )
+
+
+def check_hold_widths(student_head: DenseHead, teacher_head: DenseHead, idx: int, setting: str) -> None:
+    """A CheckpointError when the hold features at tower step `idx` differ in width (no adapter on this path)."""
+    s_channels, t_channels = hold_channels(student_head, idx), hold_channels(teacher_head, idx)
+    if s_channels != t_channels:
+        raise CheckpointError(
+            f"{setting} needs equal head widths at kd_idx={idx}, but the teacher's tower features have {t_channels} "
+            f"channels and the student's {s_channels}: use the same feat_channels or kd_strategy=a"
+        )
+
+
+def check_strategy(student_head: DenseHead, teacher_head: DenseHead, idx: int, kd_strategy: str) -> None:
+    """Strategies b-d compare predictions of one layout (same head); b and d feed teacher features to the student."""
+    if kd_strategy == "a":
+        return
+    check_same_head(student_head, teacher_head, f"kd_strategy={kd_strategy}")
+    if kd_strategy in ("b", "d"):
+        check_hold_widths(student_head, teacher_head, idx, f"kd_strategy={kd_strategy}")
 
 
 def feature_channels(detector: DenseDetector) -> int:

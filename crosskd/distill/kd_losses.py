@@ -3,18 +3,19 @@
 Every recipe compares predictions in the teacher head's layout (`pred`: cross-head outputs for CrossKD or the
 student's own outputs for prediction mimicking) with the teacher's outputs (`target`), and returns already
 weighted scalar terms keyed `kd_cls`, `kd_reg` and `kd_ctr`. Flat outputs are cls [B, N, C] logits, reg [B, N, R]
-and ctr [B, N] logits over the N priors of the teacher head.
+and ctr [B, N] logits over the N priors of the teacher head. `KDOptions` holds the ablation settings of the paper
+(Table 9: the classification KD loss and the region where KD applies); priors with label weight 0 (ignored, or in
+another image's batch padding) never contribute.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, replace
 from typing import TYPE_CHECKING, NamedTuple
 
 from torch import Tensor
 
-from crosskd.dist import reduce_mean
 from crosskd.errors import ConfigError
 from crosskd.losses.detection import bce_with_logits, giou_loss, iou_loss
 from crosskd.losses.distill import kd_quality_focal_loss, kl_div_loss, pkd_loss
@@ -28,9 +29,22 @@ KD_METHODS = {  # kd= method -> components; the same names as crosskd.settings.K
     "ld": frozenset({"ld"}),
     "pkd": frozenset({"pkd"}),
     "crosskd+pkd": frozenset({"crosskd", "pkd"}),
+    "crosskd+pm": frozenset({"crosskd", "pm"}),
+    "crosskd+ld": frozenset({"crosskd", "ld"}),
     "none": frozenset(),
 }
+KD_BRANCHES = ("both", "cls", "reg")  # paper Table 3
+KD_CLS_LOSSES = {"qfl": 1.0, "bce": 0.0}  # paper Table 9: the KD quality focal loss's beta (0 is plain soft BCE)
+KD_REGIONS = ("all", "pos", "neg")  # paper Table 9
+PKD_POSITIONS = ("neck", "cls", "reg")  # paper Table 2
+KD_STRATEGIES = ("a", "b", "c", "d")  # paper Table 12 / Fig. 7; (a) is CrossKD
+ABLATION_DEFAULTS = {  # the settings that reproduce CrossKD itself
+    "kd_branch": "both", "kd_cls_loss": "qfl", "kd_region": "all", "pkd_on": "neck", "kd_strategy": "a",
+}
 LD_TEMPERATURE = 10.0
+LD_AVG_FACTOR = 4.0  # LD divides its w-weighted sum over positive anchors' sides by 4 only (ld_head.py)
+PKD_ALONE_WEIGHT = 10.0  # MMRazor pkd_fpn_retina_x101_retina_r50_2x_coco.py (and its FCOS-teacher twin): loss_weight=10
+PKD_ALONE_LEVELS = 4  # MMRazor records FPN outputs 0..3 (loss_pkd_fpn0..3); CrossKD+PKD uses all 5 levels
 EPS = 1e-6
 
 
@@ -42,10 +56,11 @@ class KDWeights:
     reg: float = 0.0
     ctr: float = 0.0
     feat: float = 0.0
+    ld: float = 0.0  # LD's box-distribution term (kd=ld, crosskd+ld)
 
     def scaled(self, factor: float) -> KDWeights:
         """Every weight times `factor` (the global kd_weight)."""
-        return KDWeights(self.cls * factor, self.reg * factor, self.ctr * factor, self.feat * factor)
+        return KDWeights(*(value * factor for value in astuple(self)))
 
 
 DEFAULT_WEIGHTS = {
@@ -55,6 +70,36 @@ DEFAULT_WEIGHTS = {
     "fcos": KDWeights(cls=0.4, reg=0.75, feat=2.0),
 }
 LD_WEIGHTS = KDWeights(reg=0.25)
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise a one-line ConfigError when a KD setting is not one of its choices."""
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not valid; use one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class KDOptions:
+    """Ablation settings of the prediction-KD recipes (paper Table 9).
+
+    cls_loss: 'qfl' (KD quality focal loss, beta 1, the paper's choice) or 'bce' (plain soft-target BCE, beta 0).
+    region: 'all' valid priors, 'pos' the assigner's positives only, or 'neg' its (valid) negatives only.
+    """
+
+    cls_loss: str = "qfl"
+    region: str = "all"
+
+    def __post_init__(self) -> None:
+        check_choice("kd_cls_loss", self.cls_loss, tuple(KD_CLS_LOSSES))
+        check_choice("kd_region", self.region, KD_REGIONS)
+
+    @property
+    def cls_beta(self) -> float:
+        """The focusing exponent of the classification KD loss."""
+        return KD_CLS_LOSSES[self.cls_loss]
+
+
+DEFAULT_OPTIONS = KDOptions()
 
 
 class KDInputs(NamedTuple):
@@ -83,29 +128,44 @@ def resolve_kd_weights(
     feat: float | None = None,
     kd_weight: float = 1.0,
 ) -> KDWeights:
-    """Per-term weights: the teacher head type's defaults (LD's for kd=ld), overridden where given, × kd_weight."""
+    """Per-term weights: the teacher head type's defaults (LD's for kd=ld), overridden where given, × kd_weight.
+
+    PKD takes CrossKD+PKD's per-head weight when combined with CrossKD and MMRazor's (PKD_ALONE_WEIGHT) for kd=pkd.
+    LD's term weighs LD_WEIGHTS.reg (0.25); for kd=ld alone `reg` overrides it (its only term is a regression one).
+    """
     base = LD_WEIGHTS if kd == "ld" else DEFAULT_WEIGHTS[head_type]
+    default_feat = PKD_ALONE_WEIGHT if kd == "pkd" else DEFAULT_WEIGHTS[head_type].feat
     picked = KDWeights(
         cls=base.cls if cls is None else float(cls),
         reg=base.reg if reg is None else float(reg),
         ctr=base.ctr if ctr is None else float(ctr),
-        feat=DEFAULT_WEIGHTS[head_type].feat if feat is None else float(feat),
+        feat=default_feat if feat is None else float(feat),
     )
+    if "ld" in parse_kd(kd):
+        picked = replace(picked, ld=picked.reg if kd == "ld" else LD_WEIGHTS.reg)
     return picked.scaled(float(kd_weight))
 
 
-def teacher_box_weight(teacher_cls: Tensor, label_weights: Tensor | None = None) -> Tensor:
-    """w = sigmoid(max_c teacher logit) per prior, 0 where label_weights == 0 (when given). [B,N,C] -> [B,N]."""
-    weight = teacher_cls.detach().float().amax(dim=-1).sigmoid()
-    return weight if label_weights is None else weight * (label_weights > 0)
+def region_mask(targets: Targets, region: str = "all") -> Tensor:
+    """[B, N] float mask of the priors KD applies to: valid (label weight > 0) and, per `region`, positive/negative."""
+    valid = targets.label_weights > 0
+    if region == "pos":
+        valid = valid & targets.pos_mask
+    elif region == "neg":
+        valid = valid & ~targets.pos_mask
+    return valid.float()
 
 
-def kd_cls_sum(pred_cls: Tensor, teacher_cls: Tensor, weight: Tensor | None = None) -> Tensor:
-    """KD quality focal loss (beta 1) summed over priors and classes, each prior weighted by `weight` [B,N]."""
-    loss = kd_quality_focal_loss(pred_cls.float(), teacher_cls.detach().float(), beta=1.0)  # [B,N,C]
-    if weight is not None:
-        loss = loss * weight[..., None]
-    return loss.sum()
+def teacher_box_weight(teacher_cls: Tensor, mask: Tensor) -> Tensor:
+    """w = sigmoid(max_c teacher logit) per prior, times `mask` [B, N] (0 outside the KD region). [B,N,C] -> [B,N]."""
+    return teacher_cls.detach().float().amax(dim=-1).sigmoid() * mask
+
+
+def kd_cls_sum(pred_cls: Tensor, teacher_cls: Tensor, weight: Tensor, beta: float = 1.0) -> Tensor:
+    """KD quality focal loss (`beta` 0: soft BCE) summed over priors and classes, each prior weighted by `weight`
+    [B,N]."""
+    loss = kd_quality_focal_loss(pred_cls.float(), teacher_cls.detach().float(), beta=beta)  # [B,N,C]
+    return (loss * weight[..., None]).sum()
 
 
 def dfl_kl_sum(pred_reg: Tensor, teacher_reg: Tensor, weight: Tensor, temperature: float, reduction: str) -> Tensor:
@@ -124,51 +184,64 @@ def decoded_pair(head: DenseHead, inputs: KDInputs) -> tuple[Tensor, Tensor]:
     return pred_boxes, teacher_boxes
 
 
-def gfl_kd(inputs: KDInputs, head: DenseHead, weights: KDWeights) -> dict[str, Tensor]:
-    """GFL: KD-QFL on valid anchors / num_pos; DFL-KL (T 1, summed bins) w-weighted, / 4 / Σw."""
+def gfl_kd(
+    inputs: KDInputs, head: DenseHead, weights: KDWeights, options: KDOptions = DEFAULT_OPTIONS
+) -> dict[str, Tensor]:
+    """GFL: KD-QFL on the KD region / num_pos; DFL-KL (T 1, summed bins) w-weighted, / 4 / Σw."""
     targets = inputs.targets
-    label_weights = targets.label_weights.float()
-    kd_cls = kd_cls_sum(inputs.pred.cls, inputs.target.cls, label_weights) / targets.num_pos
-    w = teacher_box_weight(inputs.target.cls, label_weights)  # [B,N]
+    mask = region_mask(targets, options.region)  # [B,N]
+    kd_cls = kd_cls_sum(inputs.pred.cls, inputs.target.cls, mask, options.cls_beta) / targets.num_pos
+    w = teacher_box_weight(inputs.target.cls, mask)  # [B,N]
     kl = dfl_kl_sum(inputs.pred.reg, inputs.target.reg, w, temperature=1.0, reduction="sum")
     kd_reg = kl / 4.0 / w.sum().clamp(min=EPS)
     return {"kd_cls": kd_cls * weights.cls, "kd_reg": kd_reg * weights.reg}
 
 
-def retina_kd(inputs: KDInputs, head: DenseHead, weights: KDWeights) -> dict[str, Tensor]:
-    """RetinaNet: KD-QFL on valid anchors and w-weighted GIoU of decoded boxes, both / Σ_img max(num_pos_img, 1)."""
+def retina_kd(
+    inputs: KDInputs, head: DenseHead, weights: KDWeights, options: KDOptions = DEFAULT_OPTIONS
+) -> dict[str, Tensor]:
+    """RetinaNet: KD-QFL on the KD region and w-weighted GIoU of decoded boxes, both / Σ_img max(num_pos_img, 1)."""
     targets = inputs.targets
-    label_weights = targets.label_weights.float()
+    mask = region_mask(targets, options.region)  # [B,N]
     num_pos = targets.pos_mask.sum(dim=1).clamp(min=1).sum().float()  # per GPU, not averaged over ranks
-    kd_cls = kd_cls_sum(inputs.pred.cls, inputs.target.cls, label_weights) / num_pos
-    w = teacher_box_weight(inputs.target.cls, label_weights)  # [B,N]
+    kd_cls = kd_cls_sum(inputs.pred.cls, inputs.target.cls, mask, options.cls_beta) / num_pos
+    w = teacher_box_weight(inputs.target.cls, mask)  # [B,N]
     kd_reg = (giou_loss(*decoded_pair(head, inputs)) * w).sum() / num_pos
     return {"kd_cls": kd_cls * weights.cls, "kd_reg": kd_reg * weights.reg}
 
 
-def atss_kd(inputs: KDInputs, head: DenseHead, weights: KDWeights) -> dict[str, Tensor]:
-    """ATSS: KD-QFL, w-weighted GIoU and soft centerness BCE on positives, all / num_pos (averaged over ranks)."""
+def atss_kd(
+    inputs: KDInputs, head: DenseHead, weights: KDWeights, options: KDOptions = DEFAULT_OPTIONS
+) -> dict[str, Tensor]:
+    """ATSS: KD-QFL, w-weighted GIoU and soft centerness BCE on positives (of the region), all / num_pos."""
     targets = inputs.targets
-    label_weights = targets.label_weights.float()
-    kd_cls = kd_cls_sum(inputs.pred.cls, inputs.target.cls, label_weights) / targets.num_pos
-    w = teacher_box_weight(inputs.target.cls, label_weights)  # [B,N]
+    mask = region_mask(targets, options.region)  # [B,N]
+    kd_cls = kd_cls_sum(inputs.pred.cls, inputs.target.cls, mask, options.cls_beta) / targets.num_pos
+    w = teacher_box_weight(inputs.target.cls, mask)  # [B,N]
     kd_reg = (giou_loss(*decoded_pair(head, inputs)) * w).sum() / targets.num_pos
-    pos = targets.pos_mask  # [B,N]
+    pos = targets.pos_mask * mask  # [B,N]
     soft_ctr = inputs.target.ctr.detach().float().sigmoid()
     kd_ctr = (bce_with_logits(inputs.pred.ctr.float(), soft_ctr) * pos).sum() / targets.num_pos
     return {"kd_cls": kd_cls * weights.cls, "kd_reg": kd_reg * weights.reg, "kd_ctr": kd_ctr * weights.ctr}
 
 
-def fcos_kd(inputs: KDInputs, head: DenseHead, weights: KDWeights) -> dict[str, Tensor]:
-    """FCOS: KD-QFL and w-weighted −log IoU of decoded boxes over all points, both / centerness_denorm."""
+def fcos_kd(
+    inputs: KDInputs, head: DenseHead, weights: KDWeights, options: KDOptions = DEFAULT_OPTIONS
+) -> dict[str, Tensor]:
+    """FCOS: KD-QFL and w-weighted −log IoU of decoded boxes over every valid point, both / centerness_denorm.
+
+    The reference uses every point, padding included; here points in another image's padding are left out.
+    """
     denorm = inputs.targets.centerness_denorm
-    kd_cls = kd_cls_sum(inputs.pred.cls, inputs.target.cls) / denorm
-    w = teacher_box_weight(inputs.target.cls)  # [B,N], no mask: every point, padding included
+    mask = region_mask(inputs.targets, options.region)  # [B,N]
+    kd_cls = kd_cls_sum(inputs.pred.cls, inputs.target.cls, mask, options.cls_beta) / denorm
+    w = teacher_box_weight(inputs.target.cls, mask)  # [B,N]
     kd_reg = (iou_loss(*decoded_pair(head, inputs), mode="log", eps=EPS) * w).sum() / denorm
     return {"kd_cls": kd_cls * weights.cls, "kd_reg": kd_reg * weights.reg}
 
 
-RECIPES: dict[str, Callable[[KDInputs, DenseHead, KDWeights], dict[str, Tensor]]] = {
+Recipe = Callable[[KDInputs, "DenseHead", KDWeights, KDOptions], dict[str, Tensor]]
+RECIPES: dict[str, Recipe] = {
     "gfl": gfl_kd,
     "retinanet": retina_kd,
     "atss": atss_kd,
@@ -176,20 +249,43 @@ RECIPES: dict[str, Callable[[KDInputs, DenseHead, KDWeights], dict[str, Tensor]]
 }
 
 
-def prediction_kd(inputs: KDInputs, head: DenseHead, weights: KDWeights) -> dict[str, Tensor]:
-    """The KD terms of the teacher head's type (`head` is the teacher's head): scalar kd_cls, kd_reg (, kd_ctr)."""
-    return RECIPES[head.head_type](inputs, head, weights)
+def prediction_kd(
+    inputs: KDInputs, head: DenseHead, weights: KDWeights, options: KDOptions = DEFAULT_OPTIONS
+) -> dict[str, Tensor]:
+    """The KD terms of `head`'s type (the head whose layout the outputs have): scalar kd_cls, kd_reg (, kd_ctr)."""
+    return RECIPES[head.head_type](inputs, head, weights, options)
+
+
+def keep_branch(losses: dict[str, Tensor], branch: str) -> dict[str, Tensor]:
+    """Keep the KD terms of one branch (paper Table 3): cls → *_cls, reg → *_reg and *_ctr, both → all."""
+    if branch == "both":
+        return losses
+    suffixes = ("_cls",) if branch == "cls" else ("_reg", "_ctr")
+    return {k: v for k, v in losses.items() if k.endswith(suffixes)}
+
+
+def renamed(losses: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """kd_cls → {prefix}_cls etc., so a second method's terms do not overwrite CrossKD's."""
+    return {prefix + k.removeprefix("kd"): v for k, v in losses.items()}
 
 
 def ld_loss(student: FlatOutputs, teacher: FlatOutputs, targets: Targets, weight: float) -> Tensor:
-    """LD: KL (T 10, mean over bins × T²) on positive anchors' box distributions, weighted by the student's
-    detached max score, / (4 · Σ weights averaged over ranks). reg [B, N, 4*(reg_max+1)] on both sides; a scalar."""
-    pos = targets.pos_mask  # [B,N]
+    """LD: KL (T 10, mean over bins × T²) on positive anchors' box distributions, each side weighted by the student's
+    detached max score, summed and divided by LD_AVG_FACTOR (4) only, as the reference's avg_factor=4.0.
+    reg [B, N, 4*(reg_max+1)] on both sides; a scalar."""
+    pos = targets.pos_mask & (targets.label_weights > 0)  # [B,N]
     w = student.cls.detach().float().amax(dim=-1).sigmoid() * pos  # [B,N]
     kl = dfl_kl_sum(student.reg, teacher.reg, w, temperature=LD_TEMPERATURE, reduction="mean")
-    return kl / (4.0 * reduce_mean(w.sum()).clamp(min=EPS)) * weight
+    return kl / LD_AVG_FACTOR * weight
 
 
-def feature_kd(student_feats: list[Tensor], teacher_feats: list[Tensor], weight: float) -> Tensor:
-    """PKD over every FPN level (per-level losses summed) × weight: lists of [B, C, H_l, W_l] → a scalar."""
-    return sum(pkd_loss(s.float(), t.detach().float()) for s, t in zip(student_feats, teacher_feats)) * weight
+def feature_kd(
+    student_feats: list[Tensor], teacher_feats: list[Tensor], weight: float, masks: list[Tensor] | None = None
+) -> Tensor:
+    """PKD over the given levels (per-level losses summed) × weight: lists of [B, C, H_l, W_l] → a scalar.
+
+    `masks` (list of [B, H_l, W_l] bool, True inside each image) leave batch padding out of the statistics and mean.
+    """
+    masks = masks if masks is not None else [None] * len(student_feats)
+    pairs = zip(student_feats, teacher_feats, masks, strict=True)
+    return sum(pkd_loss(s.float(), t.detach().float(), m) for s, t, m in pairs) * weight

@@ -80,16 +80,13 @@ class DistillTrainer(Trainer):
         return Distiller.from_args(self.model, self.teacher, self.args)
 
     def checkpoint_extras(self) -> dict:
-        """teacher (path), kd_args (KD settings as resolved) and, with a width adapter, its weights."""
+        """teacher (path), kd_args (KD settings as resolved, ablation settings included) and, with a width adapter,
+        its weights."""
         distiller: Distiller = self.loss_module
-        w = distiller.weights
         kd_args = {
             "teacher_weights": self.teacher_weights,
             "teacher_cfg": self.teacher_cfg,
-            "kd": distiller.kd,
-            "kd_idx": distiller.kd_idx,
-            "kd_align": distiller.kd_align,
-            "kd_weights": {"cls": w.cls, "reg": w.reg, "ctr": w.ctr, "feat": w.feat},
+            **distiller.settings(),  # kd, kd_idx, kd_align, kd_weights and the ablation settings
             "head_type": self.teacher.head_type,
         }
         extras = {"teacher": self.teacher_path, "kd_args": kd_args}

@@ -25,15 +25,32 @@ def kl_div_loss(pred_logits: Tensor, teacher_logits: Tensor, T: float = 1.0, cla
     return kl * (T * T)
 
 
-def channel_standardize(feat: Tensor, eps: float = 1e-6) -> Tensor:
-    """Standardise `[B, C, H, W]` per channel over (B, H, W): (x − mean) / (unbiased std + eps)."""
-    mean = feat.mean(dim=(0, 2, 3), keepdim=True)  # [1, C, 1, 1]
-    std = feat.std(dim=(0, 2, 3), keepdim=True)  # [1, C, 1, 1]
-    return (feat - mean) / (std + eps)
+def channel_standardize(feat: Tensor, mask: Tensor | None = None, eps: float = 1e-6) -> Tensor:
+    """Standardise `[B, C, H, W]` per channel over (B, H, W): (x − mean) / (unbiased std + eps).
+
+    With `mask` ([B, H, W] bool) the mean and std are taken over the True positions only.
+    """
+    if mask is None:
+        mean = feat.mean(dim=(0, 2, 3), keepdim=True)  # [1, C, 1, 1]
+        std = feat.std(dim=(0, 2, 3), keepdim=True)  # [1, C, 1, 1]
+        return (feat - mean) / (std + eps)
+    weight = mask[:, None].to(feat.dtype)  # [B, 1, H, W]
+    count = weight.sum()
+    mean = (feat * weight).sum(dim=(0, 2, 3), keepdim=True) / count.clamp(min=1)  # [1, C, 1, 1]
+    var = ((feat - mean).pow(2) * weight).sum(dim=(0, 2, 3), keepdim=True) / (count - 1).clamp(min=1)
+    return (feat - mean) / (var.sqrt() + eps)
 
 
-def pkd_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
-    """PKD feature imitation (scalar): MSE / 2 of per-channel standardised maps `[B, C, H, W]`, mean over elements."""
-    student = channel_standardize(student_feat.float())
-    teacher = channel_standardize(teacher_feat.detach().float())
-    return F.mse_loss(student, teacher) / 2
+def pkd_loss(student_feat: Tensor, teacher_feat: Tensor, mask: Tensor | None = None) -> Tensor:
+    """PKD feature imitation (scalar): MSE / 2 of per-channel standardised maps `[B, C, H, W]`, mean over elements.
+
+    With `mask` ([B, H, W] bool, e.g. True inside each image's valid region) only the True positions count, in the
+    statistics and in the mean; without it every position counts (the reference).
+    """
+    student = channel_standardize(student_feat.float(), mask)
+    teacher = channel_standardize(teacher_feat.detach().float(), mask)
+    if mask is None:
+        return F.mse_loss(student, teacher) / 2
+    weight = mask[:, None].float()  # [B, 1, H, W]
+    squared = (student - teacher).pow(2) * weight
+    return squared.sum() / (weight.sum() * student.shape[1]).clamp(min=1) / 2

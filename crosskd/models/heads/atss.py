@@ -61,8 +61,8 @@ class ATSSHead(DenseHead):
         """Deltas [B, N, 4] applied to the anchors → [B, N, 4] xyxy."""
         return delta_xywh_decode(priors.boxes, reg, stds=self.box_stds)
 
-    def assign(self, priors: Priors, gt_boxes: Tensor, gt_labels: Tensor) -> AssignResult:
-        return atss_assign(priors.boxes, priors.num_per_level, gt_boxes, gt_labels, topk=self.topk)
+    def assign(self, priors: Priors, gt_boxes: Tensor, gt_labels: Tensor, valid: Tensor | None = None) -> AssignResult:
+        return atss_assign(priors.boxes, priors.num_per_level, gt_boxes, gt_labels, topk=self.topk, valid=valid)
 
     def loss(self, outputs: HeadOutputs, priors: Priors, targets: Targets) -> dict[str, Tensor]:
         flat = self.flatten_outputs(outputs)

@@ -116,6 +116,24 @@ def flatten_levels(maps: Sequence[Tensor], channels: int) -> Tensor:
     return torch.cat([m.permute(0, 2, 3, 1).reshape(m.shape[0], -1, channels) for m in maps], dim=1)
 
 
+def valid_prior_mask(priors: Priors, img_sizes: Tensor) -> Tensor:
+    """[B, N] True where a prior's grid cell starts inside its image's valid region (MMDet's valid flags).
+
+    A prior at grid index (i, j) of stride s is valid for an image of (h, w) when i·s < h and j·s < w, i.e. its
+    level keeps ceil(h / s) rows and ceil(w / s) columns; the rest lies in the batch padding of another image.
+
+    Args:
+        priors (Priors): points [N, 2] (x, y) at (index + offset)·stride with 0 ≤ offset < 1, strides [N].
+        img_sizes (Tensor[B, 2]): (h, w) of each image's unpadded region in input pixels.
+    """
+    strides = priors.strides[:, None]  # [N, 1]
+    cell_start = torch.div(priors.points, strides, rounding_mode="floor") * strides  # [N, 2] (x, y)
+    sizes = img_sizes.to(cell_start)  # [B, 2] (h, w)
+    inside_x = cell_start[None, :, 0] < sizes[:, None, 1]  # [B, N]
+    inside_y = cell_start[None, :, 1] < sizes[:, None, 0]  # [B, N]
+    return inside_x & inside_y
+
+
 def _check_anchor_sizes(anchor_sizes: Sequence[Sequence[float]] | None, strides: list[int]) -> list[list[float]] | None:
     """Explicit anchor sizes: one equally long list of pixel sizes per stride."""
     if anchor_sizes is None:
@@ -147,6 +165,7 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
     head_type = ""
     kd_offset = 1  # default CrossKD hold point = stacked_convs - kd_offset (3 of 4 convs; FCOS uses 2)
     with_centerness = False  # FCOS, ATSS: centerness targets of positives from prior centres
+    min_one_pos_per_image = True  # num_pos counts an image without positives as 1 (MMDet anchor heads; not FCOS)
     centerness_denorm_min = 1.0
 
     def __init__(
@@ -302,27 +321,47 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
 
     # ----- targets --------------------------------------------------------------------------------------
     @abstractmethod
-    def assign(self, priors: Priors, gt_boxes: Tensor, gt_labels: Tensor) -> AssignResult:
+    def assign(self, priors: Priors, gt_boxes: Tensor, gt_labels: Tensor, valid: Tensor | None = None) -> AssignResult:
         """Run the head's assigner on the padded batch.
 
         Args:
             priors (Priors): N priors of `self.priors`.
             gt_boxes (Tensor[B, M, 4]): xyxy input pixels, zero rows for padding.
             gt_labels (Tensor[B, M]): class ids, -1 for padding.
+            valid (Tensor[B, N] | None): False for priors outside their image (see `valid_prior_mask`).
 
         Returns:
             AssignResult: assigned_gt, labels and max_overlaps, each [B, N].
         """
 
+    def count_positives(self, pos_mask: Tensor) -> Tensor:
+        """num_pos of `pos_mask` [B, N]: Σ_img max(num_pos_img, 1) for anchor heads (MMDet's SamplingResult
+        counts an image without positives as 1) or the plain total (FCOS), averaged over ranks, at least 1."""
+        per_image = pos_mask.sum(dim=1).float()  # [B]
+        if self.min_one_pos_per_image:
+            per_image = per_image.clamp(min=1.0)
+        return reduce_mean(per_image.sum()).clamp(min=1.0)
+
     @torch.no_grad()
     def get_targets(self, priors: Priors, batch) -> Targets:
-        """Assign priors to the batch's `gt_boxes` [B, M, 4] / `gt_labels` [B, M] and gather their targets."""
+        """Assign priors to the batch's `gt_boxes` [B, M, 4] / `gt_labels` [B, M] and gather their targets.
+
+        Priors outside their own image (`batch.img_sizes` [B, 2] (h, w); a batch without it is all image) are
+        ignored: never positive, label weight 0, so no detection or KD loss sees them (the reference's valid flags).
+        """
         gt_boxes = batch.gt_boxes.float()
-        result = self.assign(priors, gt_boxes, batch.gt_labels)
-        assigned, pos = result.assigned_gt, result.pos_mask  # [B, N]
+        img_sizes = getattr(batch, "img_sizes", None)
+        valid = None if img_sizes is None else valid_prior_mask(priors, img_sizes)  # [B, N]
+        result = self.assign(priors, gt_boxes, batch.gt_labels, valid)
+        assigned, labels = result.assigned_gt, result.labels  # [B, N]
+        if valid is not None:
+            assigned = torch.where(valid, assigned, IGNORED)
+            labels = torch.where(valid, labels, -1)
+        pos = assigned >= 0  # [B, N]
         box_targets = result.gather_boxes(gt_boxes) if gt_boxes.shape[1] else gt_boxes.new_zeros(*pos.shape, 4)
-        num_pos = reduce_mean(pos.sum().float()).clamp(min=1.0)
-        targets = Targets(assigned, result.labels, (assigned != IGNORED).float(), box_targets, pos, num_pos)
+        box_targets = torch.where(pos[..., None], box_targets, 0.0)
+        num_pos = self.count_positives(pos)
+        targets = Targets(assigned, labels, (assigned != IGNORED).float(), box_targets, pos, num_pos)
         if self.with_centerness:
             ctr = centerness_target(distance_encode(priors.points, box_targets))  # [B, N]
             targets.centerness_targets = torch.where(pos, ctr, 0.0)

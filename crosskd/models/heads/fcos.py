@@ -30,6 +30,7 @@ class FCOSHead(DenseHead):
     kd_offset = 2
     with_centerness = True
     centerness_denorm_min = 1e-6
+    min_one_pos_per_image = False  # MMDet FCOS: num_pos = max(reduce_mean(total positives), 1)
 
     def __init__(
         self,
@@ -95,7 +96,9 @@ class FCOSHead(DenseHead):
         """ltrb distances [B, N, 4] from the points → [B, N, 4] xyxy."""
         return distance_decode(priors.points, self._pixels(reg, priors.strides))
 
-    def assign(self, priors: Priors, gt_boxes: Tensor, gt_labels: Tensor) -> AssignResult:
+    def assign(self, priors: Priors, gt_boxes: Tensor, gt_labels: Tensor, valid: Tensor | None = None) -> AssignResult:
+        """FCOS assignment; `valid` is not needed here: a point outside its image lies inside no GT box, and
+        `get_targets` ignores invalid points afterwards."""
         return fcos_assign(
             priors.points,
             priors.num_per_level,

@@ -59,8 +59,8 @@ class GFLHead(DenseHead):
         ltrb = integral_distribution(reg, self.reg_max) * priors.strides[:, None]  # [B, N, 4] pixels
         return distance_decode(priors.points, ltrb)
 
-    def assign(self, priors: Priors, gt_boxes: Tensor, gt_labels: Tensor) -> AssignResult:
-        return atss_assign(priors.boxes, priors.num_per_level, gt_boxes, gt_labels, topk=self.topk)
+    def assign(self, priors: Priors, gt_boxes: Tensor, gt_labels: Tensor, valid: Tensor | None = None) -> AssignResult:
+        return atss_assign(priors.boxes, priors.num_per_level, gt_boxes, gt_labels, topk=self.topk, valid=valid)
 
     def loss(self, outputs: HeadOutputs, priors: Priors, targets: Targets) -> dict[str, Tensor]:
         flat = self.flatten_outputs(outputs)

@@ -72,8 +72,8 @@ class RetinaHead(DenseHead):
         """Deltas [B, N, 4] applied to the anchors → [B, N, 4] xyxy."""
         return delta_xywh_decode(priors.boxes, reg, stds=self.box_stds, clamp_below=self.clamp_below)
 
-    def assign(self, priors: Priors, gt_boxes: Tensor, gt_labels: Tensor) -> AssignResult:
-        return max_iou_assign(priors.boxes, gt_boxes, gt_labels, **self.assign_cfg)
+    def assign(self, priors: Priors, gt_boxes: Tensor, gt_labels: Tensor, valid: Tensor | None = None) -> AssignResult:
+        return max_iou_assign(priors.boxes, gt_boxes, gt_labels, valid=valid, **self.assign_cfg)
 
     def loss(self, outputs: HeadOutputs, priors: Priors, targets: Targets) -> dict[str, Tensor]:
         flat = self.flatten_outputs(outputs)
