@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from crosskd.models.heads import ATSSHead, FCOSHead, GFLHead, HeadOutputs, RetinaHead
+from crosskd.models.heads.base import valid_prior_mask
 from crosskd.ops.boxes import delta_xywh_encode, distance_encode
 
 NC = 3
@@ -276,3 +277,62 @@ def test_scores_are_probabilities_with_centerness(kind):
     assert scores.shape == flat.cls.shape and (scores >= 0).all() and (scores <= 1).all()
     expected = flat.cls.sigmoid() if flat.ctr is None else flat.cls.sigmoid() * flat.ctr.sigmoid()[..., None]
     assert torch.allclose(scores, expected)
+
+
+# ----- valid flags and num_pos (issue 12) --------------------------------------------------------------------------
+def padding_mask(img_hw: tuple[int, int]) -> list[torch.Tensor]:
+    """Per level [2, 1, H, W]: True at the cells of image 1 (not image 0) that start outside its (h, w)."""
+    masks = []
+    for (h, w), stride in zip(FEAT_SIZES, STRIDES):
+        outside = (torch.arange(h)[:, None] * stride >= img_hw[0]) | (torch.arange(w)[None, :] * stride >= img_hw[1])
+        masks.append(torch.stack([torch.zeros_like(outside), outside])[:, None])
+    return masks
+
+
+def add_at(maps: list[torch.Tensor] | None, masks: list[torch.Tensor], value: float) -> list[torch.Tensor] | None:
+    """`value` added to every channel of per-level [B, K, H, W] maps where the [B, 1, H, W] mask is True."""
+    return None if maps is None else [m + value * mask for m, mask in zip(maps, masks)]
+
+
+def test_valid_prior_mask_keeps_the_cells_that_start_inside_each_image():
+    priors = make_head("fcos").priors(FEAT_SIZES, "cpu")  # points at (index + 0.5) * stride
+    valid = valid_prior_mask(priors, torch.tensor([[64, 64], [20, 33]]))
+    assert valid[0].all()
+    p3 = valid[1, :64].reshape(8, 8)  # stride 8: rows 0, 8, 16 < 20; columns 0..32 < 33
+    assert p3[:3, :5].all() and not p3[3:].any() and not p3[:, 5:].any()
+    assert valid[1, 64:80].reshape(4, 4)[:2, :3].all() and valid[1, 64:80].sum() == 6  # stride 16: 2 rows, 3 cols
+    anchors = make_head("retinanet").priors(FEAT_SIZES, "cpu")  # 9 anchors centred at index * stride
+    assert valid_prior_mask(anchors, torch.tensor([[20, 33]]))[0, : 64 * 9].sum() == 15 * 9
+
+
+@pytest.mark.parametrize("kind", HEADS)
+def test_priors_in_another_images_padding_are_ignored_and_change_no_loss(kind):
+    head = make_head(kind)
+    img_hw = (24, 40)  # image 1 is small: the rest of the 64×64 input is padding
+    batch = make_batch([[[8.0, 12.0, 40.0, 44.0]], [[4.0, 4.0, 20.0, 22.0]]], [[1], [2]])
+    batch.img_sizes = torch.tensor([[64, 64], list(img_hw)])
+    priors = head.priors(FEAT_SIZES, "cpu")
+    targets = head.get_targets(priors, batch)
+    valid = valid_prior_mask(priors, batch.img_sizes)
+    assert (~valid[1]).sum() > 0 and (targets.label_weights[~valid] == 0).all()
+    assert not targets.pos_mask[~valid].any() and (targets.assigned_gt[~valid] == -2).all()
+    out = head(make_feats())
+    losses = head.loss(out, priors, targets)
+    masks = padding_mask(img_hw)
+    noisy = HeadOutputs(add_at(out.cls_scores, masks, 5.0), add_at(out.bbox_preds, masks, 0.5),
+                        add_at(out.centerness, masks, 3.0))
+    assert not torch.equal(noisy.cls_scores[0], out.cls_scores[0])
+    for key, value in head.loss(noisy, priors, targets).items():
+        assert value.item() == pytest.approx(losses[key].item(), rel=1e-6, abs=1e-7), key
+
+
+@pytest.mark.parametrize("kind", HEADS)
+def test_num_pos_counts_an_image_without_positives_as_one_in_anchor_heads(kind):
+    head = make_head(kind)
+    priors = head.priors(FEAT_SIZES, "cpu")
+    batch = make_batch([[[8.0, 12.0, 40.0, 44.0]], [[0.0, 0.0, 0.0, 0.0]]], [[1], [-1]])  # image 2 has no GT
+    targets = head.get_targets(priors, batch)
+    positives = targets.pos_mask.sum().item()
+    assert positives > 0 and not targets.pos_mask[1].any()
+    expected = positives if kind == "fcos" else positives + 1  # MMDet: Σ_img max(num_pos, 1); FCOS: the total
+    assert targets.num_pos.item() == expected

@@ -24,6 +24,7 @@ from crosskd.ops.boxes import centerness_target, distance_encode, make_anchors, 
 NORMS = ("gn", "none")
 DEFAULT_STRIDES = (8, 16, 32, 64, 128)
 PRIOR_PROB = 0.01
+CELL_EPS = 1e-3  # absorbs float error in anchor centres (x1 + x2) / 2 that sit exactly on a cell's start
 
 
 class HeadOutputs(NamedTuple):
@@ -127,7 +128,7 @@ def valid_prior_mask(priors: Priors, img_sizes: Tensor) -> Tensor:
         img_sizes (Tensor[B, 2]): (h, w) of each image's unpadded region in input pixels.
     """
     strides = priors.strides[:, None]  # [N, 1]
-    cell_start = torch.div(priors.points, strides, rounding_mode="floor") * strides  # [N, 2] (x, y)
+    cell_start = torch.floor(priors.points / strides + CELL_EPS) * strides  # [N, 2] (x, y)
     sizes = img_sizes.to(cell_start)  # [B, 2] (h, w)
     inside_x = cell_start[None, :, 0] < sizes[:, None, 1]  # [B, N]
     inside_y = cell_start[None, :, 1] < sizes[:, None, 0]  # [B, N]
