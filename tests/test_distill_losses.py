@@ -5,16 +5,20 @@ import math
 import pytest
 import torch
 
+from crosskd.config import get_args
 from crosskd.distill.kd_losses import (
     DEFAULT_WEIGHTS,
     KDInputs,
+    KDOptions,
     KDWeights,
     atss_kd,
     fcos_kd,
     feature_kd,
     gfl_kd,
+    keep_branch,
     ld_loss,
     parse_kd,
+    renamed,
     resolve_kd_weights,
     retina_kd,
 )
@@ -28,11 +32,11 @@ def sig(x: float) -> float:
     return 1 / (1 + math.exp(-x))
 
 
-def qfl(p: float, t: float) -> float:
-    """KD quality focal loss, beta 1, of one logit pair."""
+def qfl(p: float, t: float, beta: float = 1.0) -> float:
+    """KD quality focal loss of one logit pair (beta 0: plain soft-target BCE)."""
     target = sig(t)
     bce = -(target * math.log(sig(p)) + (1 - target) * math.log(1 - sig(p)))
-    return bce * abs(sig(p) - target)
+    return bce * abs(sig(p) - target) ** beta
 
 
 def kl(p: list[float], t: list[float], temp: float = 1.0) -> list[float]:
@@ -96,8 +100,8 @@ def decoded(i: int, offsets: list[list[float]]) -> list[float]:
     return [b + o for b, o in zip(PRIORS.boxes[i].tolist(), offsets[i])]
 
 
-def hand_cls(weights: list[float]) -> float:
-    return sum(w * qfl(p, t) for w, ps, ts in zip(weights, P_CLS, T_CLS) for p, t in zip(ps, ts))
+def hand_cls(weights: list[float], beta: float = 1.0) -> float:
+    return sum(w * qfl(p, t, beta) for w, ps, ts in zip(weights, P_CLS, T_CLS) for p, t in zip(ps, ts))
 
 
 def hand_w(mask: list[float]) -> list[float]:
@@ -215,8 +219,87 @@ def test_weights_defaults_overrides_and_global_scale():
     assert resolve_kd_weights("retinanet").feat == 2.0
 
 
+def test_pkd_alone_takes_mmrazors_weight_and_ld_its_own_beside_crosskd():
+    assert resolve_kd_weights("gfl", kd="pkd").feat == 10.0  # MMRazor's RetinaNet/FCOS PKD configs
+    assert resolve_kd_weights("gfl", kd="crosskd+pkd").feat == 6.0  # CrossKD+PKD's GFL config
+    both = resolve_kd_weights("gfl", kd="crosskd+ld", kd_weight=2.0)
+    assert (both.reg, both.ld) == (8.0, 0.5)  # CrossKD's DFL-KL weight 4 and LD's 0.25, both × kd_weight
+    assert resolve_kd_weights("gfl", kd="ld", reg=0.5).ld == 0.5
+    assert resolve_kd_weights("gfl").ld == 0.0
+
+
 def test_parse_kd_rejects_unknown_method():
     assert parse_kd("CrossKD+PKD") == {"crosskd", "pkd"}
     assert parse_kd("none") == frozenset()
     with pytest.raises(ConfigError, match="kd='fitnet' is not a distillation method"):
         parse_kd("fitnet")
+
+
+def test_bce_cls_loss_is_the_qfl_recipe_with_beta_zero():
+    label_weights = [1.0, 0.0, 1.0]
+    targets = make_targets([True, False, False], label_weights, num_pos=2.0)
+    qfl_out = atss_kd(box_inputs(targets, [0.0] * 3, [0.0] * 3), AddDecoder(), KDWeights(cls=1.0, reg=1.0))
+    options = KDOptions(cls_loss="bce")
+    bce_out = atss_kd(box_inputs(targets, [0.0] * 3, [0.0] * 3), AddDecoder(), KDWeights(cls=1.0, reg=1.0), options)
+    assert bce_out["kd_cls"].item() == pytest.approx(hand_cls(label_weights, beta=0.0) / 2.0, abs=TOL)
+    assert bce_out["kd_cls"].item() > qfl_out["kd_cls"].item()  # |σp − σt| < 1 shrinks every QFL term
+    assert bce_out["kd_reg"].item() == pytest.approx(qfl_out["kd_reg"].item(), abs=TOL)
+
+
+@pytest.mark.parametrize("region, mask", [("all", [1.0, 0.0, 1.0]), ("pos", [1.0, 0.0, 0.0]), ("neg", [0.0, 0.0, 1.0])])
+def test_kd_region_restricts_every_term_to_the_valid_positives_or_negatives(region, mask):
+    label_weights = [1.0, 0.0, 1.0]  # the middle prior is ignored: in no region
+    p_ctr, t_ctr = [0.3, -1.0, 1.2], [1.0, 0.5, -0.4]
+    targets = make_targets([True, False, False], label_weights, num_pos=2.0)
+    out = atss_kd(box_inputs(targets, p_ctr, t_ctr), AddDecoder(), KDWeights(1.0, 1.0, 1.0), KDOptions(region=region))
+    w = hand_w(mask)
+    giou = [1 - box_iou_giou(decoded(i, P_BOX), decoded(i, T_BOX))[1] for i in range(3)]
+    bce0 = -(sig(t_ctr[0]) * math.log(sig(p_ctr[0])) + (1 - sig(t_ctr[0])) * math.log(1 - sig(p_ctr[0])))
+    assert out["kd_cls"].item() == pytest.approx(hand_cls(mask) / 2.0, abs=TOL)
+    assert out["kd_reg"].item() == pytest.approx(sum(a * b for a, b in zip(w, giou)) / 2.0, abs=TOL)
+    assert out["kd_ctr"].item() == pytest.approx(mask[0] * bce0 / 2.0, abs=TOL)  # centerness KD: positives only
+
+
+def test_kd_options_reject_unknown_values_in_one_line():
+    with pytest.raises(ConfigError, match="kd_cls_loss='focal' is not valid; use one of qfl, bce"):
+        KDOptions(cls_loss="focal")
+    with pytest.raises(ConfigError, match="kd_region='both' is not valid; use one of all, pos, neg"):
+        KDOptions(region="both")
+
+
+@pytest.mark.parametrize("key, good, bad", [
+    ("kd_branch", "cls", "box"), ("kd_cls_loss", "bce", "focal"), ("kd_region", "neg", "both"),
+    ("pkd_on", "reg", "fpn"), ("kd_strategy", "d", "e"), ("kd", "crosskd+ld", "crosskd+fitnet"),
+])
+def test_ablation_settings_validate_at_the_door(key, good, bad):
+    assert getattr(get_args({key: good.upper()}), key) == good
+    with pytest.raises(ConfigError) as error:
+        get_args({key: bad})
+    assert str(error.value).startswith(f"'{key}={bad}' is invalid: '{key}' must be one of ")
+    assert "\n" not in str(error.value)
+
+
+def test_branch_filter_and_renaming_of_a_second_method():
+    losses = {"kd_cls": torch.tensor(1.0), "kd_reg": torch.tensor(2.0), "kd_ctr": torch.tensor(3.0)}
+    assert set(keep_branch(losses, "cls")) == {"kd_cls"}
+    assert set(keep_branch(losses, "reg")) == {"kd_reg", "kd_ctr"}
+    assert keep_branch(losses, "both") is losses
+    assert set(renamed(losses, "pm")) == {"pm_cls", "pm_reg", "pm_ctr"}
+
+
+def test_masked_pkd_ignores_padded_positions_and_equals_plain_pkd_on_a_full_mask():
+    torch.manual_seed(3)
+    s, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    full = torch.ones(2, 4, 4, dtype=torch.bool)
+    assert feature_kd([s], [t], 1.0, [full]).item() == pytest.approx(feature_kd([s], [t], 1.0).item(), abs=TOL)
+    mask = full.clone()
+    mask[1, 2:, :] = False  # image 1 is half as tall
+    noisy_s, noisy_t = s.clone(), t.clone()
+    noisy_s[1, :, 2:] += 50.0
+    noisy_t[1, :, 2:] -= 20.0
+    masked = feature_kd([s], [t], 1.0, [mask]).item()
+    assert feature_kd([noisy_s], [noisy_t], 1.0, [mask]).item() == pytest.approx(masked, abs=TOL)
+    assert feature_kd([noisy_s], [noisy_t], 1.0).item() != pytest.approx(feature_kd([s], [t], 1.0).item(), abs=1e-3)
+    kept = [torch.cat([x[0].flatten(1), x[1, :, :2].flatten(1)], 1) for x in (s, t)]  # [C, 24] each
+    z = [(x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-6) for x in kept]
+    assert masked == pytest.approx(((z[0] - z[1]) ** 2).mean().item() / 2, abs=TOL)
