@@ -4,6 +4,7 @@ import csv
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -140,12 +141,17 @@ def test_teacher_anchors_reduce_by_max_per_location():
     assert to_student_priors(probs, 1, 1) is probs
 
 
-def test_ignored_priors_and_padding_are_left_out():
-    points = torch.tensor([[4.0, 4.0], [12.0, 4.0], [4.0, 12.0], [12.0, 12.0]])  # (x, y)
-    pos = torch.tensor([[True, False, False, False]] * 2)
-    weights = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
-    img_sizes = torch.tensor([[16, 16], [16, 8]])  # (h, w): the second image is 8 px wide
-    assert region_index(pos, weights, points, img_sizes).tolist() == [[0, 1, 1, -1], [0, -1, 1, -1]]
+def test_priors_in_another_images_padding_are_left_out():
+    head = build_detector("gfl_r18t", NC).head
+    priors = head.priors([(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)], "cpu")  # a 64 × 64 padded batch
+    batch = SimpleNamespace(gt_boxes=torch.tensor([[[8.0, 8.0, 30.0, 30.0]]] * 2), gt_labels=torch.tensor([[3], [3]]),
+                            img_sizes=torch.tensor([[64, 64], [64, 32]]))  # (h, w): the second image is 32 px wide
+    targets = head.get_targets(priors, batch)
+    regions = region_index(targets.pos_mask, targets.label_weights)  # [2, N]
+    positives = (regions == 0).sum(1).tolist()
+    assert (regions[0] >= 0).all() and positives[0] == positives[1] > 0  # the box lies inside both images
+    cell_x = torch.floor(priors.points[:, 0] / priors.strides) * priors.strides  # [N] left edge of each grid cell
+    assert torch.equal(regions[1] == -1, cell_x >= 32)  # 32 + 8 + 2 priors of P3, P4, P5 lie in the padding
 
 
 @pytest.mark.parametrize(("words", "fragment"), [

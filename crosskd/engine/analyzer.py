@@ -2,9 +2,9 @@
 
 Definitions (every probability is sigmoid(cls logit), [B, N, C], without centerness):
 - locations are the student head's priors; positives and negatives come from the student's assigner
-  (`head.get_targets`); ignored priors and priors whose centre lies in batch padding are left out. Maps in the
-  teacher's layout (its own and the cross-head predictions) are brought to the student's priors by the max over the
-  teacher's anchors at each location (the identity when both heads have the same number of anchors).
+  (`head.get_targets`); priors with label weight 0 (ignored, or in another image's batch padding) are left out.
+  Maps in the teacher's layout (its own and the cross-head predictions) are brought to the student's priors by the
+  max over the teacher's anchors at each location (the identity when both heads have the same number of anchors).
 - the discrepancy of two probability vectors is d(p, q) = max over classes |p_c − q_c|, in [0, 1].
 - |Δ| student = d(p_teacher, p_student's own head); |Δ| cross-head = d(p_teacher, p_cross-head).
 - target conflict: d(y, p_teacher) > CONFLICT_THRESHOLD, where y is the one-hot of the assigned GT class (all zeros
@@ -85,17 +85,13 @@ def gt_one_hot(labels: Tensor, pos_mask: Tensor, num_classes: int) -> Tensor:
     return F.one_hot(labels.clamp(min=0), num_classes).float() * pos_mask[..., None]
 
 
-def region_index(pos_mask: Tensor, label_weights: Tensor, points: Tensor, img_sizes: Tensor) -> Tensor:
-    """Per prior: 0 positive, 1 negative, −1 left out (ignored, or its centre in another image's padding).
+def region_index(pos_mask: Tensor, label_weights: Tensor) -> Tensor:
+    """Per prior [B, N]: 0 positive, 1 negative, −1 left out (label weight 0: ignored, or in another image's padding).
 
-    Args:
-        pos_mask, label_weights (Tensor[B, N]): from the student's `get_targets`.
-        points (Tensor[N, 2]): prior centres (x, y) in input pixels.
-        img_sizes (Tensor[B, 2]): (h, w) of each image's valid region.
+    `pos_mask` and `label_weights` ([B, N]) come from the student's `get_targets`, which gives the priors outside
+    their own image (`valid_prior_mask`) label weight 0.
     """
-    inside = (points[None, :, 0] < img_sizes[:, None, 1]) & (points[None, :, 1] < img_sizes[:, None, 0])  # [B, N]
-    region = torch.where(pos_mask, 0, 1)
-    return torch.where(inside & (label_weights > 0), region, -1)
+    return torch.where(label_weights > 0, torch.where(pos_mask, 0, 1), -1)
 
 
 def level_index(num_per_level: list[int], device: torch.device) -> Tensor:
@@ -257,7 +253,7 @@ class Analyzer:
         values = torch.stack(
             [discrepancy(p_teacher, p_student), discrepancy(p_teacher, p_cross), discrepancy(gt, p_teacher)], dim=-1
         )  # [B, N, K]
-        regions = region_index(targets.pos_mask, targets.label_weights, priors.points, batch.img_sizes)
+        regions = region_index(targets.pos_mask, targets.label_weights)
         return level_index(priors.num_per_level, values.device), regions, values
 
     def run(self) -> dict[str, Any]:
