@@ -223,3 +223,174 @@ def test_optimising_kd_alone_lowers_every_kd_term(head_type):
         optimizer.step()
         history.append({k: v.item() for k, v in losses.items()})
     assert all(history[-1][k] < history[0][k] for k in history[0])
+
+
+# ----- issue 12: valid flags and the paper's ablation settings ------------------------------------------------------
+def padded_batch() -> SimpleNamespace:
+    """A big (64×64) and a small (24×40) image in one 64×64 batch: most of image 1's input is padding."""
+    batch = tiny_batch()
+    batch.gt_boxes[1, 0] = torch.tensor([4.0, 4.0, 30.0, 22.0])
+    batch.img_sizes = torch.tensor([[64, 64], [24, 40]])
+    return batch
+
+
+def perturb_map(x: torch.Tensor, img_hw: tuple[int, int], value: float) -> torch.Tensor:
+    """`value` added to image 1 of a [2, C, H, W] map at the cells that start outside its (h, w)."""
+    stride = IMGSZ // x.shape[-2]
+    rows = torch.arange(x.shape[-2])[:, None] * stride >= img_hw[0]
+    cols = torch.arange(x.shape[-1])[None, :] * stride >= img_hw[1]
+    return x + value * torch.stack([torch.zeros_like(rows | cols), rows | cols])[:, None]
+
+
+def perturb_padding(module: torch.nn.Module, value: float = 3.0) -> torch.utils.hooks.RemovableHandle:
+    """Hook `module` so that its [2, K, H, W] output changes at image 1's padding (of the 24×40 padded_batch)."""
+    return module.register_forward_hook(lambda _m, _i, out: perturb_map(out, (24, 40), value))
+
+
+PREDICTORS = {"gfl": ("gfl_cls", "gfl_reg"), "retinanet": ("retina_cls", "retina_reg"),
+              "atss": ("atss_cls", "atss_reg", "atss_centerness"), "fcos": ("conv_cls", "conv_reg", "conv_centerness")}
+
+
+@pytest.mark.parametrize("head_type, kd", [
+    ("gfl", "crosskd"), ("gfl", "pm"), ("gfl", "ld"), ("gfl", "crosskd+pm"), ("gfl", "crosskd+ld"),
+    ("retinanet", "crosskd"), ("atss", "crosskd"), ("fcos", "crosskd"), ("atss", "pm"),
+])
+def test_predictions_at_padded_priors_change_no_loss(head_type, kd):
+    student, teacher = tiny_detector(head_type, seed=1), tiny_detector(head_type, seed=2)
+    distiller, batch = Distiller(student, teacher, kd=kd, kd_idx=1), padded_batch()
+    clean = {k: v.item() for k, v in distiller(batch).items()}
+    handles = [perturb_padding(getattr(model.head, name)) for model in (student, teacher)
+               for name in PREDICTORS[head_type]]
+    noisy = {k: v.item() for k, v in distiller(batch).items()}
+    for handle in handles:
+        handle.remove()
+    assert clean.keys() == noisy.keys() and any(k.startswith(("kd_", "pm_", "ld_")) for k in clean)
+    for key, value in clean.items():
+        assert noisy[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    del batch.img_sizes  # without valid flags the same perturbation does change the losses
+    plain = {k: v.item() for k, v in distiller(batch).items()}
+    handles = [perturb_padding(getattr(model.head, name)) for model in (student, teacher)
+               for name in PREDICTORS[head_type]]
+    changed = {k: v.item() for k, v in distiller(batch).items()}
+    for handle in handles:
+        handle.remove()
+    assert changed["loss_cls"] != pytest.approx(plain["loss_cls"], rel=1e-4)
+
+
+@pytest.mark.parametrize("pkd_on", ["neck", "cls"])
+def test_features_at_padded_positions_change_no_pkd(pkd_on):
+    student, teacher = tiny_detector(seed=1), tiny_detector(seed=2)
+    distiller, batch = Distiller(student, teacher, kd="crosskd+pkd", kd_idx=1, pkd_on=pkd_on), padded_batch()
+    clean = distiller(batch)["kd_feat"].item()
+    if pkd_on == "neck":  # every FPN output of the student
+        handle = student.neck.register_forward_hook(lambda _m, _i, outs: [perturb_map(x, (24, 40), 5.0) for x in outs])
+    else:  # the cls hold feature (pre-activation output of the first tower conv)
+        handle = perturb_padding(student.head.cls_convs[0].norm, 5.0)
+    noisy = distiller(batch)["kd_feat"].item()
+    handle.remove()
+    assert noisy == pytest.approx(clean, rel=1e-5)
+
+
+def test_kd_branch_keeps_one_branchs_terms_with_unchanged_values():
+    student, teacher, batch = tiny_detector("atss", seed=1), tiny_detector("atss", seed=2), tiny_batch()
+    both = {k: v.item() for k, v in Distiller(student, teacher, kd_idx=1)(batch).items()}
+    cls = Distiller(student, teacher, kd_idx=1, kd_branch="cls")(batch)
+    reg = Distiller(student, teacher, kd_idx=1, kd_branch="reg")(batch)
+    assert {k for k in cls if k.startswith("kd_")} == {"kd_cls"}
+    assert {k for k in reg if k.startswith("kd_")} == {"kd_reg", "kd_ctr"}
+    assert cls["kd_cls"].item() == pytest.approx(both["kd_cls"], rel=1e-6)
+    assert reg["kd_reg"].item() == pytest.approx(both["kd_reg"], rel=1e-6)
+    with pytest.raises(ConfigError, match="kd=ld has no classification term"):
+        Distiller(student, teacher, kd="ld", kd_branch="cls")
+    with pytest.raises(ConfigError, match="kd_branch='box' is not valid"):
+        Distiller(student, teacher, kd_branch="box")
+
+
+def test_crosskd_plus_pm_and_ld_keep_both_methods_terms_apart():
+    student, teacher, batch = tiny_detector(seed=1), tiny_detector(seed=2), tiny_batch()
+    values = {kd: {k: v.item() for k, v in Distiller(student, teacher, kd=kd, kd_idx=1)(batch).items()}
+              for kd in ("crosskd", "pm", "ld", "crosskd+pm", "crosskd+ld")}
+    assert set(values["crosskd+pm"]) == set(values["crosskd"]) | {"pm_cls", "pm_reg"}
+    assert set(values["crosskd+ld"]) == set(values["crosskd"]) | {"ld_reg"}
+    for combo in ("crosskd+pm", "crosskd+ld"):
+        assert all(values[combo][k] == pytest.approx(v, rel=1e-6) for k, v in values["crosskd"].items())
+    assert values["crosskd+pm"]["pm_cls"] == pytest.approx(values["pm"]["kd_cls"], rel=1e-6)
+    assert values["crosskd+pm"]["pm_reg"] == pytest.approx(values["pm"]["kd_reg"], rel=1e-6)
+    assert values["crosskd+ld"]["ld_reg"] == pytest.approx(values["ld"]["kd_reg"], rel=1e-6)
+
+
+def test_kd_region_pos_and_neg_partition_the_all_region():
+    student, teacher, batch = tiny_detector("atss", seed=1), tiny_detector("atss", seed=2), tiny_batch()
+    out = {r: Distiller(student, teacher, kd_idx=1, kd_region=r)(batch) for r in ("all", "pos", "neg")}
+    for key in ("kd_cls", "kd_reg"):  # ATSS normalises by num_pos, so the two regions add up
+        assert (out["pos"][key] + out["neg"][key]).item() == pytest.approx(out["all"][key].item(), rel=1e-5)
+        assert 0 < out["pos"][key].item() < out["all"][key].item()
+    assert out["neg"]["kd_ctr"].item() == 0.0 and out["pos"]["kd_ctr"].item() == out["all"]["kd_ctr"].item()
+    bce = Distiller(student, teacher, kd_idx=1, kd_cls_loss="bce")(batch)
+    assert bce["kd_cls"].item() > out["all"]["kd_cls"].item()
+    assert bce["kd_reg"].item() == pytest.approx(out["all"]["kd_reg"].item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("pkd_on, trained, untouched", [("neck", "neck", None), ("cls", "cls_convs", "reg_convs"),
+                                                        ("reg", "reg_convs", "cls_convs")])
+def test_pkd_on_picks_the_imitated_features(pkd_on, trained, untouched):
+    student, teacher = tiny_detector(stacked=3, seed=1), tiny_detector(stacked=3, seed=2)
+    distiller = Distiller(student, teacher, kd="pkd", kd_idx=2, pkd_on=pkd_on)
+    distiller(tiny_batch())["kd_feat"].backward()
+    owner = student if trained == "neck" else student.head
+    assert grad_norm(getattr(owner, trained)) > 0.0
+    if untouched is not None:
+        assert grad_norm(getattr(student.head, untouched)) == 0.0
+        assert grad_norm(student.head.cls_convs[2]) == 0.0  # only the tower up to kd_idx is imitated
+
+
+def test_pkd_alone_uses_mmrazors_four_levels_and_weight():
+    from crosskd.distill.kd_losses import feature_kd
+
+    student, teacher, batch = tiny_detector(seed=1), tiny_detector(seed=2), tiny_batch()
+    alone, with_cross = Distiller(student, teacher, kd="pkd"), Distiller(student, teacher, kd="crosskd+pkd")
+    assert (alone.weights.feat, with_cross.weights.feat) == (10.0, 6.0)
+    with torch.no_grad():
+        s, t = student.extract_features(batch.images), teacher.extract_features(batch.images)
+        assert alone(batch)["kd_feat"].item() == pytest.approx(feature_kd(s[:4], t[:4], 10.0).item(), rel=1e-5)
+        assert with_cross(batch)["kd_feat"].item() == pytest.approx(feature_kd(s, t, 6.0).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("strategy, own_head, early", [("a", False, True), ("b", True, True), ("c", True, True),
+                                                       ("d", True, False)])
+def test_kd_strategies_route_the_kd_gradient_as_fig7(strategy, own_head, early):
+    student, teacher = tiny_detector(stacked=3, seed=1), tiny_detector(stacked=3, seed=2)
+    distiller = Distiller(student, teacher, kd_idx=2, kd_strategy=strategy)
+    losses = distiller(tiny_batch())
+    kd_total(losses).backward()
+    assert kd_total(losses).item() > 0
+    assert (grad_norm(student.head.gfl_cls) > 0.0) == own_head  # KD at the student's own predictors?
+    assert (grad_norm(student.backbone) > 0.0) == early  # does KD reach the backbone?
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+@pytest.mark.parametrize("strategy", ["a", "b", "c", "d"])
+def test_every_strategy_is_zero_for_a_copy_of_the_teacher(strategy):
+    teacher = tiny_detector(seed=3)
+    losses = Distiller(copy.deepcopy(teacher), teacher, kd_idx=1, kd_strategy=strategy).eval()(tiny_batch())
+    assert losses["kd_cls"].item() == pytest.approx(0.0, abs=1e-5)
+    assert losses["kd_reg"].item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_strategies_check_their_inputs_in_one_line():
+    with pytest.raises(ConfigError, match="kd_strategy=c is a cross-head strategy: use it with kd=crosskd"):
+        Distiller(tiny_detector(), tiny_detector(), kd="pm", kd_strategy="c")
+    with pytest.raises(CheckpointError, match="kd_strategy=b needs the same head on both sides"):
+        Distiller(tiny_detector("gfl"), tiny_detector("atss"), kd_strategy="b")
+    with pytest.raises(CheckpointError, match="kd_strategy=d needs equal head widths at kd_idx=1"):
+        Distiller(tiny_detector(feat=16), tiny_detector(feat=32), kd_idx=1, kd_strategy="d")
+
+
+def test_settings_record_every_ablation_key_for_checkpoints():
+    distiller = Distiller.from_args(tiny_detector(seed=1), tiny_detector(seed=2),
+                                    kd_args(kd="crosskd+ld", kd_branch="reg", kd_region="pos", kd_strategy="c"))
+    saved = distiller.settings()
+    assert {k: saved[k] for k in ("kd", "kd_branch", "kd_cls_loss", "kd_region", "pkd_on", "kd_strategy")} == {
+        "kd": "crosskd+ld", "kd_branch": "reg", "kd_cls_loss": "qfl", "kd_region": "pos", "pkd_on": "neck",
+        "kd_strategy": "c"}
+    assert saved["kd_weights"]["ld"] == 0.25
