@@ -227,9 +227,10 @@ class Analyzer:
         distiller.load_adapter_state(saved)
         if distiller.adapter is None:
             self.adapter_status = "none (equal widths)"
+        elif saved:
+            self.adapter_status = "trained (from the student checkpoint)"
         else:
-            self.adapter_status = "trained (from the student checkpoint)" if saved else "untrained (fresh 1x1 convs)"
-        if distiller.adapter is not None and not saved:
+            self.adapter_status = "untrained (fresh 1x1 convs)"
             LOGGER.warning("analyze: the widths differ and the student checkpoint holds no trained adapter, so the "
                            "cross-head numbers use an untrained 1x1 adapter; pass the distilled student's last.pt")
         return distiller.eval()
