@@ -370,16 +370,17 @@ def plot_histograms(summary: Summary, names: list[str], path: Path) -> Path:
     edges = torch.linspace(0, 1, PLOT_BINS + 1)
     for li, name in enumerate(names):
         for ri, region in enumerate(REGIONS):
-            ax = axes[li, ri]
-            total = max(int(summary.count[li, ri]), 1)
-            for kind, label in (("student", "student's own head"), ("cross_head", "cross-head")):
-                share = summary.coarse_hist[li, ri, KINDS.index(kind)].double() / total
-                ax.stairs(share.numpy(), edges.numpy(), label=label, linewidth=1.5)
-            if summary.count[li, ri] > 0:
+            ax, total = axes[li, ri], int(summary.count[li, ri])
+            if total == 0:
+                ax.text(0.5, 0.5, "no locations", ha="center", va="center", transform=ax.transAxes)
+            else:
+                for kind, label in (("student", "student's own head"), ("cross_head", "cross-head")):
+                    share = summary.coarse_hist[li, ri, KINDS.index(kind)].double() / total
+                    ax.stairs(share.numpy(), edges.numpy(), label=label, linewidth=1.5)
                 ax.set_yscale("log")
             ax.set_title(f"{name} {region} (n={int(summary.count[li, ri])})", fontsize=9)
             ax.set_xlabel("|p_teacher − p| (max over classes)", fontsize=8)
-    axes[0, 0].legend(fontsize=8)
+    axes[-1, 1].legend(fontsize=8)  # all levels, negatives: the panel that always has locations
     fig.savefig(path, dpi=120)
     return path
 
