@@ -35,6 +35,7 @@ import torch
 import yaml
 
 from crosskd.config import get_args
+from crosskd.data import load_data_yaml
 from crosskd.engine import launch
 from crosskd.engine.checkpoint import is_resumable, load_checkpoint
 from crosskd.engine.plotting import read_results
@@ -119,33 +120,33 @@ KD = {"model": "student", "teacher": "teacher"}
 CROSSKD = {**KD, "kd": "crosskd"}
 PM = {**KD, "kd": "pm"}
 LD = {**KD, "kd": "ld"}
+PKD = {**KD, "kd": "pkd"}
 
 
 def experiment_rows(stacked_convs: int) -> list[Row]:
     """Every paper comparison as rows. CrossKD's default hold point is the last-but-one head conv (paper: 3 of 4)."""
     default_idx = max(stacked_convs - 1, 0)
     student, teacher = Row("5", "student", STUDENT), Row("5", "teacher", {"model": "teacher"})
-    pm, crosskd = PM, CROSSKD
     rows = [
-        teacher, student, Row("5", "PM", pm), Row("5", "LD", LD), Row("5", "PKD", {**KD, "kd": "pkd"}),
-        Row("5", "CrossKD", crosskd), Row("5", "CrossKD+PKD", {**KD, "kd": "crosskd+pkd"}),
+        teacher, student, Row("5", "PM", PM), Row("5", "LD", LD), Row("5", "PKD", PKD), Row("5", "CrossKD", CROSSKD),
+        Row("5", "CrossKD+PKD", {**KD, "kd": "crosskd+pkd"}),
     ]
-    rows += [Row("1", "student", STUDENT), Row("1", "PM", pm)]
-    rows += [Row("1", f"kd_idx={i}", crosskd if i == default_idx else {**crosskd, "kd_idx": i},
+    rows += [Row("1", "student", STUDENT), Row("1", "PM", PM)]
+    rows += [Row("1", f"kd_idx={i}", CROSSKD if i == default_idx else {**CROSSKD, "kd_idx": i},
                  f"kd_idx={paper_kd_idx(i, stacked_convs)}") for i in range(stacked_convs + 1)]
-    rows += [Row("2", "student", STUDENT), Row("2", "PKD neck", {**KD, "kd": "pkd"}), Row("2", "CrossKD", crosskd)]
-    rows += [Row("2", f"PKD {on}", {**KD, "kd": "pkd", "pkd_on": on}) for on in ("cls", "reg")]
+    rows += [Row("2", "student", STUDENT), Row("2", "PKD neck", PKD), Row("2", "CrossKD", CROSSKD)]
+    rows += [Row("2", f"PKD {on}", {**PKD, "pkd_on": on}) for on in ("cls", "reg")]
     for branch in ("cls", "reg", "both"):
-        rows += [Row("3", f"PM {branch}", pm if branch == "both" else {**pm, "kd_branch": branch}),
-                 Row("3", f"CrossKD {branch}", crosskd if branch == "both" else {**crosskd, "kd_branch": branch})]
-    rows += [Row("4", "student", STUDENT), Row("4", "CrossKD", crosskd), Row("4", "PM", pm),
+        rows += [Row("3", f"PM {branch}", PM if branch == "both" else {**PM, "kd_branch": branch}),
+                 Row("3", f"CrossKD {branch}", CROSSKD if branch == "both" else {**CROSSKD, "kd_branch": branch})]
+    rows += [Row("4", "student", STUDENT), Row("4", "CrossKD", CROSSKD), Row("4", "PM", PM),
              Row("4", "CrossKD+PM", {**KD, "kd": "crosskd+pm"}), Row("4", "CrossKD+LD", {**KD, "kd": "crosskd+ld"})]
     rows.append(Row("9", "student", STUDENT))
     rows += [Row("9", f"{loss.upper()} {region}",
-                 crosskd if (loss, region) == ("qfl", "all") else {**crosskd, "kd_cls_loss": loss, "kd_region": region})
+                 CROSSKD if (loss, region) == ("qfl", "all") else {**CROSSKD, "kd_cls_loss": loss, "kd_region": region})
              for loss in ("bce", "qfl") for region in ("pos", "neg", "all")]
     rows.append(Row("12", "student", STUDENT))
-    rows += [Row("12", f"({s})", crosskd if s == "a" else {**crosskd, "kd_strategy": s}) for s in "abcd"]
+    rows += [Row("12", f"({s})", CROSSKD if s == "a" else {**CROSSKD, "kd_strategy": s}) for s in "abcd"]
     rows += [Row("7", "student", STUDENT), Row("7", "ATSS teacher", {"model": "atss_teacher"}),
              Row("7", "CrossKD", {**CROSSKD, "teacher": "atss_teacher"})]
     return rows
@@ -166,7 +167,8 @@ TABLE_TITLES = {
     "4": "Table 4: CrossKD combined with prediction mimicking",
     "9": "Table 9: classification KD loss x region (kd_cls_loss, kd_region)",
     "12": "Table 12: cross-head strategies (kd_strategy; (a) is CrossKD)",
-    "7": "Table 7: heterogeneous pair, ATSS teacher -> GFL student (paper: ATSS R101 -> GFL R50)",
+    "7": "Table 7: heterogeneous pair, ATSS teacher -> GFL student (paper: ATSS R101 -> GFL R50; its KD row, "
+         "prediction mimicking across head types, has no crosskd setting: kd=pm needs equal heads)",
 }
 # The paper's (AP, AP50, AP75) per (table, label). Tables 1-4, 9, 12 use GFL R50 -> R18 (teacher 40.2 AP). The paper's
 # 'LD' in Tables 1, 3 and 4 is prediction mimicking on the student head (our kd=pm); Table 5's LD is LD proper.
@@ -213,8 +215,7 @@ def plan_runs(rows: list[Row], seeds: tuple[int, ...]) -> list[Run]:
     """Unique trainings in run order: the teachers the rows need (once), then seed by seed every other row."""
     teacher_roles = {row.settings["teacher"] for row in rows if "teacher" in row.settings}
     teacher_roles |= {row.settings["model"] for row in rows if row.settings["model"] in TEACHER_ROLES}
-    runs = [Run(run_key({"model": role}), TEACHER_SEED, {"model": role}) for role in TEACHER_ROLES
-            if role in teacher_roles]
+    runs = [teacher_run(role) for role in TEACHER_ROLES if role in teacher_roles]
     for seed in seeds:
         for row in rows:
             if row.settings["model"] not in TEACHER_ROLES:
@@ -239,7 +240,7 @@ def data_yaml(scale: Scale, out: Path) -> str:
     params = dict(scale.data)
     name = "digits-{num_train}-{num_val}-{imgsz}-s{seed}".format(**params)
     path = out / "data" / f"{name}.yaml"
-    if not path.is_file():
+    if not path.is_file():  # written (and its data generated) by `execute` before any training starts
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump({**shipped, "path": str((out / "data" / name).resolve()), "generate": params},
                                        sort_keys=False))
@@ -255,6 +256,7 @@ def metrics_path(out: Path, run: Run) -> Path:
 
 
 def teacher_run(role: str) -> Run:
+    """The one training of a teacher role."""
     return Run(run_key({"model": role}), TEACHER_SEED, {"model": role})
 
 
@@ -351,6 +353,7 @@ def execute(runs: list[Run], scale: Scale, out: Path, jobs: int) -> list[str]:
     todo = [run for run in runs if not metrics_path(out, run).is_file()]
     LOGGER.info(f"reproduce: {len(runs) - len(todo)} of {len(runs)} trainings finished earlier, {len(todo)} to run, "
                 f"{jobs} at a time; each training logs to <run dir>/train.log")
+    load_data_yaml(data_yaml(scale, out))  # generate the digits once, before parallel trainings read them
     teachers = [run for run in todo if run.settings["model"] in TEACHER_ROLES]
     students = [run for run in todo if run.settings["model"] not in TEACHER_ROLES]
     threads = max(1, (os.cpu_count() or 1) // jobs)
