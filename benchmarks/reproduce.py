@@ -21,13 +21,14 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import statistics
 import sys
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
+from multiprocessing import active_children, get_context
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -97,7 +98,7 @@ SCALES = {
         data={"num_train": 1024, "num_val": 256, "imgsz": 128, "objects": [1, 4], "seed": 0},
         models={"teacher": "gfl_r18s.yaml", "student": str(CONFIGS / "gfl_r18q_student.yaml"),
                 "atss_teacher": "atss_r18s.yaml"},
-        stacked_convs=2, imgsz=128, batch=8, epochs=8, teacher_epochs=36,
+        stacked_convs=2, imgsz=128, batch=8, epochs=8, teacher_epochs=24,
         train={"optimizer": "AdamW", "lr0": 0.004, "warmup_iters": 100, "device": "cpu", "workers": 1},
     ),
     "smoke": Scale(
@@ -367,6 +368,13 @@ def execute(runs: list[Run], scale: Scale, out: Path, jobs: int) -> list[str]:
     return failed
 
 
+def stop_with_workers(signum: int, frame: Any) -> None:
+    """SIGTERM handler: end the training processes too, so a restart never races a leftover one."""
+    for child in active_children():
+        child.terminate()
+    sys.exit(128 + signum)
+
+
 def teacher_missing(run: Run, out: Path) -> bool:
     """True when the run distils from a teacher whose training has not finished."""
     teacher = run.settings.get("teacher")
@@ -488,8 +496,8 @@ def summarise(rows: list[Row], scale: Scale, out: Path, seeds: tuple[int, ...]) 
     records = load_records(out)
     seconds = sum(r["train_seconds"] for r in records.values())
     lines = [f"# CrossKD reproduction, scale '{scale.name}'", "",
-             f"{len(records)} trainings finished ({seconds / 3600:.2f} h of training). Ours: last-epoch COCO AP "
-             f"×100 on the val split, mean ± std over seeds {list(seeds)} (n = seeds finished; teachers trained "
+             f"{len(records)} trainings finished ({seconds / 3600:.2f} h of training, summed). Ours: last-epoch COCO "
+             f"AP ×100 on the val split, mean ± std over seeds {list(seeds)} (n = seeds finished; teachers trained "
              "once). ΔAP: against the table's student alone. Paper: its COCO numbers, its ΔAP against its student.",
              "", spread_line(rows, records, seeds), ""]
     for table in dict.fromkeys(row.table for row in rows):
@@ -532,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
             print(command_line(*run_settings(run, scale, out)))
         return 0
     if not opts.summary:
+        signal.signal(signal.SIGTERM, stop_with_workers)
         failed = execute(runs, scale, out, max(1, opts.jobs))
     print(summarise(rows, scale, out, seeds))
     if failed:

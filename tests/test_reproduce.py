@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from crosskd.config import get_args
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
 
 
@@ -33,6 +35,15 @@ def test_plan_shares_equal_settings_and_trains_teachers_once(reproduce):
     assert default_idx.paper_label == "kd_idx=3"  # 1 of 2 convs uses one teacher conv, like the paper's 3 of 4
     students = {key for key, seed in keys if seed == 0} - {"teacher", "atss_teacher"}
     assert len(students) * 3 == len(keys) - 2
+
+
+def test_every_row_is_valid_crosskd_settings(reproduce, tmp_path):
+    scale = reproduce.SCALES["cpu"]
+    for run in reproduce.plan_runs(reproduce.experiment_rows(scale.stacked_convs), seeds=(1,)):
+        mode, settings = reproduce.run_settings(run, scale, tmp_path)
+        args = get_args(settings, mode)  # a misspelt key or value raises ConfigError
+        assert args.seed == run.seed and args.model == scale.models[run.settings["model"]]
+        assert all(getattr(args, k) == v for k, v in run.settings.items() if k not in ("model", "teacher"))
 
 
 def test_select_rows_by_table_or_label(reproduce):
