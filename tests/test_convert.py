@@ -68,6 +68,7 @@ def test_save_dir_name_and_data_names(mmdet_checkpoint, tmp_path):
         convert(model=str(path), data=str(data))
 
 
+@pytest.mark.slow  # two CLI subprocesses; test_mmdetection_checkpoint_converts_... covers the Python path fast
 def test_cli_prints_the_path_and_bad_sources_are_one_line(mmdet_checkpoint, tmp_path):
     _, path = mmdet_checkpoint
     command = [sys.executable, "-m", "crosskd", "convert", f"model={path}", "model_cfg=gfl_r18s.yaml"]
