@@ -31,15 +31,10 @@ STAT_KEYS = ("mean", "median", "p90", "max")
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
+def work(tmp_path_factory, write_digits_yaml) -> Path:
     """A digits data YAML (2 train, 6 val images of 64 px) and a random-weight gfl_r18t teacher checkpoint."""
     root = tmp_path_factory.mktemp("analyze")
-    data = {
-        "path": str(root / "digits"), "train": "annotations/instances_train.json",
-        "val": "annotations/instances_val.json", "names": {i: str(i) for i in range(NC)}, "fliplr": 0,
-        "generate": {"num_train": 2, "num_val": 6, "imgsz": 64, "objects": [1, 2], "seed": 0},
-    }
-    (root / "data.yaml").write_text(yaml.safe_dump(data))
+    write_digits_yaml(root, num_train=2, num_val=6)
     save_teacher("gfl_r18t", root / "teacher.pt", seed=0)
     return root
 

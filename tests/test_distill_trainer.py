@@ -33,15 +33,10 @@ class StopAfterFirstEpoch(Exception):
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
+def work(tmp_path_factory, write_digits_yaml) -> Path:
     """A directory holding a tiny digits data YAML (8 train, 4 val images of 64 px)."""
     root = tmp_path_factory.mktemp("distill")
-    data = {
-        "path": str(root / "digits"), "train": "annotations/instances_train.json",
-        "val": "annotations/instances_val.json", "names": {i: str(i) for i in range(NC)}, "fliplr": 0,
-        "generate": {"num_train": 8, "num_val": 4, "imgsz": 64, "objects": [1, 2], "seed": 0},
-    }
-    (root / "data.yaml").write_text(yaml.safe_dump(data))
+    write_digits_yaml(root, num_train=8, num_val=4)
     return root
 
 

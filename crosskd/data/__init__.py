@@ -1,6 +1,6 @@
 """Datasets (COCO JSON and YOLO txt), the padded Batch and the offline digits demo data."""
 
-from crosskd.data.dataset import DataInfo, DetectionDataset, Sample, load_data_yaml
+from crosskd.data.dataset import DataInfo, DetectionDataset, Sample, load_data_yaml, read_dataset_names
 from crosskd.data.digits import generate_digits
 from crosskd.data.loader import Batch, build_dataloader, collate
 
@@ -13,4 +13,5 @@ __all__ = [
     "collate",
     "generate_digits",
     "load_data_yaml",
+    "read_dataset_names",
 ]

@@ -79,6 +79,15 @@ def load_data_yaml(
     return info
 
 
+def read_dataset_names(data: str | Path) -> dict[int, str]:
+    """The class names of a dataset YAML, read only: nothing is generated or checked on disk."""
+    yaml_file = resolve_cfg_file(data, "datasets")
+    cfg = _read_yaml(yaml_file)
+    if not cfg.get("names"):
+        raise DataError(f"{yaml_file.name}: 'names:' is missing; add it (cfg/datasets/coco.yaml is an example)")
+    return _parse_names(cfg, yaml_file.name)
+
+
 def _read_yaml(yaml_file: Path) -> dict[str, Any]:
     try:
         cfg = yaml.safe_load(yaml_file.read_text())

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from crosskd.config import Args, load_defaults
+from crosskd.data import read_dataset_names
 from crosskd.engine.backend import Runtime, load_runtime
 from crosskd.engine.checkpoint import make_checkpoint, save_checkpoint
-from crosskd.engine.info import dataset_names
 from crosskd.errors import ConfigError
 from crosskd.models.foreign.torchvision_detection import TORCHVISION_PREFIX
 from crosskd.utils import LOGGER, colorstr
@@ -26,7 +26,7 @@ def class_names(runtime: Runtime, data: str | None) -> dict[int, str]:
     """The dataset's class names when data= is given (their count must match the model's), else the model's own."""
     if data is None:
         return runtime.names
-    names = dataset_names(data)
+    names = read_dataset_names(data)
     if len(names) != runtime.nc:
         raise ConfigError(
             f"data={data} names {len(names)} classes but '{runtime.source}' predicts {runtime.nc}; "

@@ -5,16 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import yaml
 from rich.table import Table
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from crosskd.config import imgsz_hw
+from crosskd.data import read_dataset_names
 from crosskd.engine.backend import load_runtime
-from crosskd.errors import ConfigError, DataError
+from crosskd.errors import ConfigError
 from crosskd.models import DenseDetector
-from crosskd.paths import resolve_cfg_file
 from crosskd.utils import console
 
 DEFAULT_NC = 80
@@ -62,20 +61,9 @@ def module_table(detector: DenseDetector) -> Table:
     return table
 
 
-def dataset_names(data: str) -> dict[int, str]:
-    """The class names of a dataset YAML, read only (no data is generated or checked)."""
-    path = resolve_cfg_file(data, "datasets")
-    names = (yaml.safe_load(path.read_text()) or {}).get("names")
-    if not isinstance(names, (list, dict)) or not names:
-        raise DataError(
-            f"{path.name}: 'names:' is missing; list the class names (cfg/datasets/coco.yaml is an example)"
-        )
-    return {int(k): str(v) for k, v in (names.items() if isinstance(names, dict) else enumerate(names))}
-
-
 def _num_classes(args: Any) -> int:
     """Classes named in the `data=` dataset YAML when given, else 80 (COCO)."""
-    return len(dataset_names(args.data)) if getattr(args, "data", None) else DEFAULT_NC
+    return len(read_dataset_names(args.data)) if getattr(args, "data", None) else DEFAULT_NC
 
 
 def run(args: Any) -> str:
