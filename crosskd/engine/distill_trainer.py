@@ -46,11 +46,6 @@ class DistillTrainer(Trainer):
     def __init__(self, args: Any, callbacks: Any = None):
         super().__init__(args, callbacks)
         self.teacher: DenseDetector | None = None
-        self.resume_ckpt: dict | None = None
-
-    def load_resume_checkpoint(self) -> dict | None:
-        self.resume_ckpt = super().load_resume_checkpoint()
-        return self.resume_ckpt
 
     def build_model(self) -> DenseDetector:
         """The student (as Trainer builds it); the teacher is loaded alongside."""

@@ -20,6 +20,7 @@ from crosskd.engine import ddp
 from crosskd.engine.backend import is_detector_checkpoint, load_runtime
 from crosskd.engine.callbacks import Callback, Callbacks, default_callbacks
 from crosskd.engine.checkpoint import (
+    detector_from_checkpoint,
     is_resumable,
     load_checkpoint,
     make_checkpoint,
@@ -74,6 +75,7 @@ class Trainer:
         self.lr = 0.0
         self.elapsed = self.elapsed_before = 0.0
         self.resume_path: Path | None = None
+        self.resume_ckpt: dict | None = None  # the checkpoint being resumed, loaded once
         self.save_dir: Path | None = None
         self.ema: ModelEMA | None = None
 
@@ -113,7 +115,7 @@ class Trainer:
                 f"start a new run from it with model={path}"
             )
         self.args = self.resume_args(ckpt["train_args"], path)
-        self.resume_path = Path(path)
+        self.resume_path, self.resume_ckpt = Path(path), ckpt
         return ckpt
 
     def resume_args(self, train_args: dict, path: Path) -> Any:
@@ -132,8 +134,8 @@ class Trainer:
     def build_model(self) -> DenseDetector:
         """The DenseDetector to train: from the resumed checkpoint, a model YAML, or a .pt (nc from the dataset)."""
         nc = self.data_info.nc
-        if self.resume_path is not None:
-            model = load_runtime(self.resume_path).detector("resume")
+        if self.resume_ckpt is not None:
+            model = detector_from_checkpoint(self.resume_ckpt)
         elif self.args.model is None:
             raise ConfigError("train needs model=: a model YAML (e.g. model=gfl_r18s.yaml) or a crosskd .pt")
         else:
