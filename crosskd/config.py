@@ -31,11 +31,26 @@ REQUIRED_INPUTS = {  # mode -> (keys it needs, a command line that gives them); 
 
 
 class Args(types.SimpleNamespace):
-    """Validated run settings; attribute access like `args.epochs`."""
+    """Validated run settings; attribute access like `args.epochs`.
+
+    `explicit` is the frozenset of keys the user gave (command line, Python overrides or the `cfg=` file): only the
+    other keys yield to a model's own value (`setting_or_model_default`). It is not a setting, so `to_dict()` leaves
+    it out.
+    """
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict copy (lists, not tuples), safe for yaml.safe_dump and torch.load(weights_only=True)."""
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in vars(self).items()}
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in vars(self).items()
+                if key != "explicit"}
+
+    def typed(self, key: str) -> bool:
+        """Whether the user gave `key`; Args built without a record count a value other than the default as given."""
+        explicit = vars(self).get("explicit")
+        return getattr(self, key) != load_defaults()[key] if explicit is None else key in explicit
+
+    def with_values(self, **changes: Any) -> Args:
+        """A copy with `changes` validated and set; the record of typed keys is kept (the changes are not typed)."""
+        return Args(**{**vars(self), **{key: check_value(key, value) for key, value in changes.items()}})
 
 
 def load_defaults() -> dict[str, Any]:
@@ -221,7 +236,10 @@ def get_args(overrides: dict[str, Any] | None = None, mode: str | None = None) -
         settings["mode"] = mode
     settings = {key: check_value(key, value) for key, value in settings.items()}
     _merge_student(settings)
-    return Args(**settings)
+    explicit = {*file_settings, *overrides} - {"cfg"}
+    if explicit & {"model", "student"}:
+        explicit |= {"model", "student"}
+    return Args(**settings, explicit=frozenset(explicit))
 
 
 def check_required(args: Args) -> None:
@@ -234,9 +252,5 @@ def check_required(args: Args) -> None:
 
 
 def setting_or_model_default(args: Args, key: str, model_value: Any) -> Any:
-    """The user's setting, or `model_value` while the key still holds its default value.
-
-    Args does not record which keys were typed, so an explicit value equal to the default also yields to the model's.
-    """
-    value = getattr(args, key)
-    return model_value if model_value is not None and value == load_defaults()[key] else value
+    """The user's setting when they gave the key (even a value equal to the default), else `model_value` if any."""
+    return model_value if model_value is not None and not args.typed(key) else getattr(args, key)

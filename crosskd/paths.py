@@ -5,6 +5,8 @@ A ground-level module (like `errors` and `utils`): any layer may import it, and 
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +70,55 @@ def make_save_dir(args: Any, mode: str) -> Path:
     """
     project = Path(args.project) if args.project else Path(mode)
     root = project if project.is_absolute() else runs_dir() / project
-    return increment_path(root / (args.name or mode), exist_ok=args.exist_ok, mkdir=True)
+    fix = "pass project= (and name=) a folder you can write to"
+    try:
+        path = increment_path(root / (args.name or mode), exist_ok=args.exist_ok, mkdir=True)
+    except OSError as error:
+        raise unwritable_error(root / (args.name or mode), error, fix) from None
+    return writable_dir(path, fix)
+
+
+def writable_dir(path: str | Path, fix: str) -> Path:
+    """Create the folder `path` (with parents) and check that a file can be written in it.
+
+    Anything in the way is a one-line ConfigError naming the folder, the reason and `fix`, e.g.
+    'pass project= a folder you can write to'.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise unwritable_error(path, error, fix) from None
+    return path
+
+
+def writable_file(path: str | Path, fix: str) -> Path:
+    """Check that the file `path` can be written (its folder is created): not a folder, not read-only."""
+    path = Path(path)
+    writable_dir(path.parent, fix)
+    if path.is_dir():
+        raise ConfigError(f"cannot write {path}: a folder of that name is in the way; {fix}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"cannot write {path}: the file is read-only; {fix}")
+    return path
+
+
+def unwritable_error(path: Path, error: OSError, fix: str) -> ConfigError:
+    """One line for a folder that cannot be created or written: the reason and, when one is, the file in the way."""
+    reason = error.strerror or type(error).__name__
+    blocker = _file_in_the_way(path)
+    in_the_way = f" ({blocker} is a file, not a folder)" if blocker else ""
+    return ConfigError(f"cannot create or write the folder {path}: {reason}{in_the_way}; {fix}")
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The first of `path` and its parents that is a file (None when none is, or when they cannot be looked at)."""
+    try:
+        return next((parent for parent in (*reversed(path.parents), path) if parent.is_file()), None)
+    except OSError:
+        return None
 
 
 def newest_file(pattern_root: str | Path, name: str) -> Path | None:

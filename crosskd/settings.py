@@ -161,6 +161,8 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("iou", "float", 0.6, "NMS IoU threshold", low=0, high=1),
         Setting("max_det", "int", 100, "maximum detections per image", low=1),
         Setting("nms_pre", "int", 1000, "top-k candidates per level before NMS", low=1),
+        Setting("multi_label", "bool", None, "keep every class above conf for a box (true) or only its best class "
+                "(false); empty = false for predict, true for val and export (COCO AP)", example="false"),
         Setting("source", "source", None, "predict source: image, directory, glob, video or .txt list",
                 example="images/"),
         Setting("classes", "classes", None, "keep only these class ids, e.g. 0,2", low=0, example="0,2"),

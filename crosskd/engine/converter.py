@@ -10,6 +10,7 @@ from crosskd.engine.backend import Runtime, load_runtime
 from crosskd.engine.checkpoint import make_checkpoint, save_checkpoint
 from crosskd.errors import ConfigError
 from crosskd.models.foreign.torchvision_detection import TORCHVISION_PREFIX
+from crosskd.paths import writable_file
 from crosskd.utils import LOGGER, colorstr
 
 
@@ -45,7 +46,7 @@ def run(args: Args) -> Path:
     data = args.data if args.data != load_defaults()["data"] else None
     detector.names = class_names(runtime, data)
     path = converted_path(str(args.model), args.save_dir, args.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    writable_file(path, "pass save_dir= a folder you can write to (name= sets the file's stem)")
     train_args = {"model": str(args.model), "model_cfg": args.model_cfg, **({"data": data} if data else {})}
     ckpt = make_checkpoint(detector, epoch=-1, best_fitness=None, names=detector.names, train_args=train_args,
                            converted_from=runtime.source)

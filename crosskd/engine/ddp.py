@@ -42,7 +42,7 @@ def cli_overrides(args: Any, mode: str) -> list[str]:
     defaults = get_args({}, mode).to_dict()
     words = []
     for key, value in args.to_dict().items():
-        if key in ("mode", "student") or value == defaults.get(key):
+        if key in ("mode", "student") or (value == defaults.get(key) and not args.typed(key)):
             continue
         words.append(f"{key}={format_value(value)}")
     return words

@@ -34,7 +34,7 @@ from crosskd.errors import ConfigError
 from crosskd.models import DenseDetector
 from crosskd.models.postprocess import select_detections
 from crosskd.ops.boxes import box_centers, box_sizes
-from crosskd.paths import newest_best
+from crosskd.paths import newest_best, writable_file
 from crosskd.utils import LOGGER, colorstr, select_device
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript"}
@@ -250,7 +250,8 @@ def export(detector: DenseDetector, args: Args, train_args: dict | None = None) 
     model = model.to(device, dtype).eval()  # eval on the wrapper too: exporters restore the wrapper's mode
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(settings["batch"], 3, *settings["imgsz"], generator=generator).to(device, dtype)
-    path = export_path(args.model, settings["format"])
+    path = writable_file(export_path(args.model, settings["format"]),
+                         "the export is written beside model=: copy the .pt to a folder you can write to")
     with torch.no_grad():
         reference = model(images)
     size_mb = sum(p.numel() * p.element_size() for p in detector.state_dict().values()) / 1e6

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from crosskd.config import get_args
 from crosskd.engine import ddp
 from crosskd.engine.checkpoint import load_checkpoint
 from crosskd.engine.distill_trainer import DistillTrainer
@@ -25,7 +24,7 @@ def run(args: Any) -> dict[str, float]:
     """
     resumed_args = load_checkpoint(resume_path(args.resume))["train_args"] if args.resume else {}
     if args.device is None and resumed_args.get("device") is not None:
-        args = get_args({**args.to_dict(), "device": resumed_args["device"]}, args.mode)
+        args = args.with_values(device=resumed_args["device"])
     cls = trainer_class(args, resumed_args)
     if ddp.needs_launch(args):
         ddp.launch(args, cls.mode)

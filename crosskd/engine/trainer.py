@@ -34,7 +34,7 @@ from crosskd.engine.validator import Validator
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import DenseDetector
 from crosskd.models.pretrained import load_pretrained_weights, transfer_matching
-from crosskd.paths import make_save_dir, newest_file, runs_dir
+from crosskd.paths import make_save_dir, newest_file, runs_dir, writable_dir
 from crosskd.utils import LOGGER, colorstr, console, init_seeds, select_device
 
 RESUME_WHITELIST = ("device", "workers", "val", "plots", "save_period")  # may change when resuming
@@ -123,7 +123,7 @@ class Trainer:
         defaults = get_args({}, self.mode).to_dict()
         current = self.args.to_dict()
         skip = ("resume", "mode", "cfg", "student")
-        changed = {k: v for k, v in current.items() if v != defaults.get(k) and k not in skip}
+        changed = {k: v for k, v in current.items() if self.args.typed(k) and k not in skip}
         kept = {k: v for k, v in changed.items() if k in RESUME_WHITELIST}
         ignored = sorted(k for k, v in changed.items() if k not in RESUME_WHITELIST and train_args.get(k) != v)
         if ignored:
@@ -200,7 +200,8 @@ class Trainer:
         path = None
         if is_main_process():
             path = self.resume_path.parent.parent if self.resume_path else make_save_dir(self.args, self.mode)
-            (path / "weights").mkdir(parents=True, exist_ok=True)
+            writable_dir(path / "weights", "pass project= (and name=) a folder you can write to, or resume from a "
+                         "copy of the run folder in one")
             (path / "args.yaml").write_text(yaml.safe_dump(self.args.to_dict(), sort_keys=False))
         if is_dist():
             shared = [path]
