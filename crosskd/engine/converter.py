@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from crosskd.config import Args, load_defaults
+from crosskd.config import Args
 from crosskd.data import read_dataset_names
 from crosskd.engine.backend import Runtime, load_runtime
 from crosskd.engine.checkpoint import make_checkpoint, save_checkpoint
@@ -43,7 +43,7 @@ def run(args: Args) -> Path:
     detector = runtime.detector("convert")
     if runtime.kind == "yaml":
         raise ConfigError(f"model={args.model} is a bare model YAML with no weights to convert; pass a checkpoint")
-    data = args.data if args.data != load_defaults()["data"] else None
+    data = args.data if args.typed("data") else None
     detector.names = class_names(runtime, data)
     path = converted_path(str(args.model), args.save_dir, args.name)
     writable_file(path, "pass save_dir= a folder you can write to (name= sets the file's stem)")
