@@ -11,8 +11,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from crosskd.config import get_args
+from crosskd.data import Batch, Sample, collate
 from crosskd.dist import is_dist
 from crosskd.settings import format_value
 from crosskd.utils import LOGGER, colorstr, parse_device_list
@@ -81,3 +83,29 @@ def cleanup_distributed() -> None:
     """Leave the process group when one was joined."""
     if is_dist():
         dist.destroy_process_group()
+
+
+def probe_batch(size: int, device: torch.device) -> Batch:
+    """One grey [1, 3, size, size] image with one centred box of class 0: enough for every loss term's graph."""
+    box = torch.tensor([[size / 4, size / 4, size * 3 / 4, size * 3 / 4]])  # [1, 4] xyxy
+    image = torch.full((3, size, size), 128, dtype=torch.uint8)
+    sample = Sample(image, box, torch.zeros(1, dtype=torch.int64), 0, (size, size), 1.0, "probe")
+    return collate([sample], pad_multiple=size).to(device)
+
+
+def unused_parameters(module: nn.Module, batch: Batch) -> list[str]:
+    """Names of the trainable parameters that the summed loss of `module(batch)` does not depend on.
+
+    One dry forward and `autograd.grad` in eval mode: no `.grad`, BatchNorm statistic or RNG state changes. What is
+    unused follows from the loss module's structure (e.g. kd_branch=cls leaves the reg side of a width adapter out),
+    not from the batch's values, so this one probe decides DDP's `find_unused_parameters`.
+    """
+    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    was_training = module.training
+    module.train(False)
+    try:
+        total = sum(module(batch).values())
+        grads = torch.autograd.grad(total, [p for _, p in named], allow_unused=True)
+    finally:
+        module.train(was_training)
+    return [name for (name, _), grad in zip(named, grads, strict=True) if grad is None]

@@ -152,15 +152,20 @@ class Trainer:
         return DetectorLoss(self.model)
 
     def wrap_ddp(self, module: nn.Module) -> nn.Module:
+        """DistributedDataParallel over the loss module (SyncBatchNorm with sync_bn on CUDA); find_unused_parameters
+        only when one dry check finds trainable parameters the loss does not reach (e.g. kd_branch=cls)."""
         if self.world_size <= 1:
             return module
+        unused = ddp.unused_parameters(module, ddp.probe_batch(max(self.model.strides), self.device))
+        LOGGER.info(f"{colorstr('DDP:')} find_unused_parameters={bool(unused)}"
+                    + (f", no gradient for {len(unused)} tensors: {', '.join(unused[:4])}" if unused else ""))
         if self.args.sync_bn:
             if self.device.type == "cuda":
                 module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
             else:
                 LOGGER.warning("sync_bn=true needs CUDA; BatchNorm stays per-process on the CPU")
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True)
+        return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=bool(unused))
 
     def build_dataloaders(self):
         """Train loader (augmented, shuffled, per-rank batch) and val loader (sharded per rank)."""
@@ -303,7 +308,8 @@ class Trainer:
         self.scaler.scale(total).backward()
         if self.args.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], self.args.clip_grad)
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            nn.utils.clip_grad_norm_(params, self.args.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,68 @@
+"""Optimizer correctness at scale: find_unused_parameters from one dry check, clipping over every parameter group."""
+
+import pytest
+import torch
+from test_distill import kd_args, tiny_detector
+from torch import nn
+
+from crosskd.config import get_args
+from crosskd.distill import Distiller
+from crosskd.engine import ddp
+from crosskd.engine.trainer import DetectorLoss, Trainer
+from crosskd.models import build_detector
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("model", ["gfl_r18t.yaml", "retinanet_r18s.yaml", "fcos_r18s.yaml", "atss_r18s.yaml",
+                                   "gfl_mobilenetv2.yaml", "retinanet_swint.yaml"])
+def test_plain_training_reaches_every_trainable_parameter(model):
+    detector = build_detector(model, nc=3).train()
+    assert ddp.unused_parameters(DetectorLoss(detector), ddp.probe_batch(max(detector.strides), CPU)) == []
+
+
+@pytest.mark.parametrize(("kd_branch", "unused"), [("both", []), ("cls", ["adapter.reg.weight", "adapter.reg.bias"]),
+                                                   ("reg", ["adapter.cls.weight", "adapter.cls.bias"])])
+def test_kd_branch_leaves_one_side_of_the_width_adapter_unused(kd_branch, unused):
+    student, teacher = tiny_detector("gfl", feat=16, seed=0), tiny_detector("gfl", feat=32, seed=1)
+    distiller = Distiller.from_args(student, teacher, kd_args(kd_branch=kd_branch)).train()
+    assert distiller.adapter is not None
+    assert ddp.unused_parameters(distiller, ddp.probe_batch(128, CPU)) == unused
+
+
+def test_dry_check_changes_no_state():
+    """No .grad, no BatchNorm statistic, no RNG draw and the module's mode kept: the run is as without the check."""
+    detector = build_detector("retinanet_r18s.yaml", nc=3).train()
+    buffers = {k: v.clone() for k, v in detector.state_dict().items()}
+    rng = torch.get_rng_state()
+    ddp.unused_parameters(DetectorLoss(detector), ddp.probe_batch(128, CPU))
+    assert detector.training
+    assert all(p.grad is None for p in detector.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+    for key, value in detector.state_dict().items():
+        assert torch.equal(value, buffers[key]), key
+
+
+class TwoGroupLoss(nn.Module):
+    """loss = 10·Σa + 10·Σb: each of the two parameters gets gradient 10 everywhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(4))
+
+    def forward(self, batch):
+        return {"loss_a": 10 * self.a.sum(), "loss_b": 10 * self.b.sum()}
+
+
+def test_clip_grad_covers_every_parameter_group():
+    trainer = Trainer(get_args({"clip_grad": 1.0, "device": "cpu"}, "train"))
+    module = TwoGroupLoss()
+    trainer.device, trainer.amp, trainer.ema = CPU, False, None
+    trainer.train_module = module
+    trainer.scaler = torch.amp.GradScaler("cuda", enabled=False)
+    trainer.optimizer = torch.optim.SGD([{"params": [module.a]}, {"params": [module.b]}], lr=1.0)
+    batch = torch.zeros(1)  # anything with .to(device)
+    trainer.train_step(batch)
+    step = torch.cat([module.a.detach(), module.b.detach()])  # -lr x clipped gradient
+    assert step.norm().item() == pytest.approx(1.0, rel=1e-5)  # the global norm over both groups is clip_grad
+    assert torch.allclose(module.a, module.b)  # the same gradient in both groups, so the same clipped step
