@@ -1,5 +1,7 @@
 """The `crosskd MODE key=value ...` command: parse, validate, dispatch. The only place that catches UserError.
 
+Plain `sys.argv` words, no argument-parser library: every word is a mode, a special command or `key=value`.
+
 Shell words become typed overrides here (`parse_cli_args`); `crosskd.config.get_args` validates them into Args.
 """
 
@@ -14,17 +16,16 @@ import sys
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from crosskd import __version__
 from crosskd.config import Args, check_required, get_args, unknown_key_error
-from crosskd.errors import ConfigError, UserError
+from crosskd.errors import ConfigError, RunStopped, UserError
 from crosskd.paths import DEFAULT_CFG_PATH
 from crosskd.settings import ALIASES, MODES, SETTINGS
 from crosskd.utils import LOGGER, console
@@ -78,24 +79,17 @@ Special commands:
 
 Docs: README.md and docs/ in the crosskd repository (docs/cli.md lists every setting)."""
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
-def _command(tokens: Annotated[list[str] | None, typer.Argument(help="MODE key=value ...")] = None) -> None:
-    try:
-        dispatch(tokens or [])
-    except KeyboardInterrupt:  # typer would turn it into a silent exit code
-        raise UserError("interrupted by the user") from None
-
-
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the command, turning user errors into one red line and exit code 2."""
     tokens = sys.argv[1:] if argv is None else list(argv)
     try:
-        app(args=tokens, prog_name="crosskd", standalone_mode=False)
+        dispatch(tokens)
     except UserError as error:
         _fail(str(error))
+    except RunStopped as stop:  # a signal stopped training after saving last.pt: the resume command, exit 128 + signum
+        if str(stop):
+            Console(stderr=True, soft_wrap=True).print(Text(str(stop), style="bold yellow"))
+        raise SystemExit(stop.exit_code) from None
     except KeyboardInterrupt:
         _fail("interrupted by the user")
 

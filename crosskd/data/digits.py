@@ -15,11 +15,12 @@ Layout under `root` (both label formats describe the same images; file stems are
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
-from skimage import data as skdata
 
+from crosskd.errors import DataError
 from crosskd.utils import LOGGER
 
 FORMAT_VERSION = 1  # bump when the generator's output changes, so old data is regenerated
@@ -46,9 +47,8 @@ def generate_digits(
     if marker.is_file() and json.loads(marker.read_text()) == params:
         return root
     LOGGER.info(f"digits: generating {num_train} train and {num_val} val images ({imgsz}px) in {root}")
+    load_digits, skdata = _demo_libraries()
     _clear(root)
-    from sklearn.datasets import load_digits  # imported here: scikit-learn takes seconds to import
-
     digits = load_digits()
     glyphs = (digits.images / 16.0).astype(np.float32)  # [1797, 8, 8] ink intensity 0..1
     pool_rng, train_rng, val_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
@@ -61,6 +61,17 @@ def generate_digits(
         _write_split(root, split, [scene.make() for _ in range(count)])
     marker.write_text(json.dumps(params))
     return root
+
+
+def _demo_libraries() -> tuple[Any, Any]:
+    """scikit-learn's `load_digits` and scikit-image's `data` module: the `demo` extra, imported only to generate."""
+    try:
+        from skimage import data as skdata
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise DataError(f"the digits demo data needs scikit-learn and scikit-image ({error.name} is missing); "
+                        "install them with: pip install 'crosskd[demo]'") from None
+    return load_digits, skdata
 
 
 def _clear(root: Path) -> None:

@@ -1,4 +1,7 @@
-"""Plots of a run: image grids with boxes (labels or predictions) and curves from results.csv."""
+"""Plots of a run: the one box drawer, image grids with boxes (labels or predictions) and curves from results.csv.
+
+matplotlib is imported inside the functions that draw figures, so importing this module (predict does) stays light.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +12,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 PALETTE = [(56, 56, 255), (151, 157, 255), (31, 112, 255), (29, 178, 255), (49, 210, 207), (10, 249, 72),
            (23, 204, 146), (134, 219, 61), (52, 147, 26), (187, 212, 0), (168, 153, 44), (255, 194, 0),
@@ -23,15 +24,31 @@ def class_color(label: int) -> tuple[int, int, int]:
     return PALETTE[label % len(PALETTE)]
 
 
-def _draw_boxes(canvas: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray | None, names: dict):
-    """Draw xyxy boxes with 'name' or 'name score' captions onto a BGR uint8 image in place."""
-    thickness = max(1, round(min(canvas.shape[:2]) / 200))
+def draw_boxes(
+    canvas: np.ndarray,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    names: dict[int, str],
+    scores: np.ndarray | None = None,
+    line_width: int | None = None,
+) -> np.ndarray:
+    """Draw xyxy boxes [K, 4] with filled 'name' or 'name score' captions onto a BGR uint8 image [H, W, 3] in place.
+
+    `labels` [K] are class ids, `scores` [K] or None (ground truth); the line width defaults to ~0.3 % of the image
+    side (Ultralytics' Annotator). Returns `canvas`.
+    """
+    thickness = line_width or max(1, round(sum(canvas.shape[:2]) / 2 * 0.003))
+    font_scale = max(0.3, thickness / 3)
     for i, (box, label) in enumerate(zip(boxes.round().astype(int), labels.astype(int), strict=True)):
         color = class_color(label)
-        cv2.rectangle(canvas, (box[0], box[1]), (box[2], box[3]), color, thickness)
+        cv2.rectangle(canvas, (box[0], box[1]), (box[2], box[3]), color, thickness, cv2.LINE_AA)
         caption = str(names.get(label, label)) + (f" {scores[i]:.2f}" if scores is not None else "")
-        cv2.putText(canvas, caption, (box[0], max(box[1] - 2, 8)), cv2.FONT_HERSHEY_SIMPLEX, 0.3, color, 1,
-                    cv2.LINE_AA)
+        (text_w, text_h), baseline = cv2.getTextSize(caption, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
+        top = box[1] - text_h - baseline if box[1] - text_h - baseline >= 0 else box[1]
+        cv2.rectangle(canvas, (box[0], top), (box[0] + text_w, top + text_h + baseline), color, -1)
+        cv2.putText(canvas, caption, (box[0], top + text_h), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255),
+                    1, cv2.LINE_AA)
+    return canvas
 
 
 def plot_images(
@@ -56,7 +73,7 @@ def plot_images(
         tile = (images[i].detach().float().cpu().clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()  # [H, W, 3]
         tile = np.ascontiguousarray(tile[:, :, ::-1])
         tile_scores = scores[i].detach().float().cpu().numpy() if scores is not None else None
-        _draw_boxes(tile, boxes[i].detach().float().cpu().numpy(), labels[i].cpu().numpy(), tile_scores, names)
+        draw_boxes(tile, boxes[i].detach().float().cpu().numpy(), labels[i].cpu().numpy(), names, tile_scores)
         r, c = divmod(i, cols)
         grid[r * height : (r + 1) * height, c * width : (c + 1) * width] = tile
     path = Path(path)
@@ -74,6 +91,9 @@ def read_results(csv_path: str | Path) -> dict[str, list[float]]:
 
 def plot_results(csv_path: str | Path) -> Path:
     """Save results.png next to results.csv: one panel per column against the epoch."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     data = read_results(csv_path)
     series = [c for c in data if c not in ("epoch", "time")]
     cols = min(5, max(len(series), 1))

@@ -18,7 +18,7 @@ import torch
 from crosskd.config import Args, imgsz_hw, load_defaults, setting_or_model_default
 from crosskd.data.transforms import load_image, resize_long_side
 from crosskd.engine.backend import ExportedDetector, load_runtime
-from crosskd.engine.plotting import class_color
+from crosskd.engine.plotting import draw_boxes
 from crosskd.errors import DataError, UserError
 from crosskd.paths import make_save_dir, newest_best
 from crosskd.utils import LOGGER, colorstr, select_device
@@ -84,19 +84,9 @@ def annotate(
     names: dict[int, str],
     line_width: int | None = None,
 ) -> np.ndarray:
-    """Draw xyxy boxes with 'name score' captions on a copy of an RGB uint8 image."""
+    """Draw xyxy boxes with 'name score' captions (plotting.draw_boxes) on a copy of an RGB uint8 image."""
     canvas = np.ascontiguousarray(image[:, :, ::-1])  # BGR copy for OpenCV
-    thickness = line_width or max(1, round(sum(canvas.shape[:2]) / 2 * 0.003))
-    font_scale = max(0.3, thickness / 3)
-    for box, score, label in zip(boxes.round().astype(int), scores, labels.astype(int), strict=True):
-        color = class_color(label)
-        cv2.rectangle(canvas, (box[0], box[1]), (box[2], box[3]), color, thickness, cv2.LINE_AA)
-        caption = f"{names.get(label, label)} {score:.2f}"
-        (text_w, text_h), baseline = cv2.getTextSize(caption, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
-        top = box[1] - text_h - baseline if box[1] - text_h - baseline >= 0 else box[1]
-        cv2.rectangle(canvas, (box[0], top), (box[0] + text_w, top + text_h + baseline), color, -1)
-        cv2.putText(canvas, caption, (box[0], top + text_h), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255),
-                    1, cv2.LINE_AA)
+    draw_boxes(canvas, boxes, labels, names, scores, line_width)
     return np.ascontiguousarray(canvas[:, :, ::-1])
 
 
