@@ -12,7 +12,8 @@ $(PYTHON):
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install torch==2.14.1 torchvision==0.29.1
 
-# (Re)install crosskd in editable mode whenever pyproject.toml is newer than the stamp.
+# (Re)install crosskd in editable mode whenever pyproject.toml is newer than the stamp. The dev extra holds every
+# optional one: demo (the digits data of `make demo`), tensorboard, openvino, cocoeval (faster-coco-eval), tests, lint.
 $(STAMP): pyproject.toml | $(PYTHON)
 	$(PYTHON) -m pip install -e ".[dev]"
 	touch $(STAMP)

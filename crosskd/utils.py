@@ -1,4 +1,4 @@
-"""Shared helpers: logging, colours, atomic saving, seeding and device selection (paths live in crosskd.paths)."""
+"""Shared helpers: logging, rich colours, atomic saving, seeding and device selection (paths live in crosskd.paths)."""
 
 from __future__ import annotations
 
@@ -14,20 +14,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.color import ColorSystem
 from rich.console import Console
+from rich.style import Style
 
 from crosskd.dist import get_rank, is_dist
 from crosskd.errors import CheckpointError, UserError
 
 console = Console()
-
-ANSI = {
-    "black": "\033[30m", "red": "\033[31m", "green": "\033[32m", "yellow": "\033[33m", "blue": "\033[34m",
-    "magenta": "\033[35m", "cyan": "\033[36m", "white": "\033[37m", "bright_red": "\033[91m",
-    "bright_green": "\033[92m", "bright_yellow": "\033[93m", "bright_blue": "\033[94m", "bold": "\033[1m",
-    "underline": "\033[4m", "end": "\033[0m",
-}
-
 
 def _process_rank() -> int:
     """This process's global rank, also before the process group exists (torchrun sets RANK)."""
@@ -76,15 +70,14 @@ def _use_colour() -> bool:
 
 
 def colorstr(*parts: str) -> str:
-    """Colour a string for the terminal: colorstr('bold', 'red', 'text'); one argument means bold blue.
+    """Colour a string for the terminal with rich styles: colorstr('bold', 'red', 'text'); one argument means bold blue.
 
     Plain text when stdout is not a terminal or NO_COLOR is set, so logs and CI output stay clean.
     """
     *styles, text = parts
     if not _use_colour():
         return text
-    styles = styles or ["blue", "bold"]
-    return "".join(ANSI[style] for style in styles) + text + ANSI["end"]
+    return Style.parse(" ".join(styles) or "bold blue").render(text, color_system=ColorSystem.STANDARD)
 
 
 TORCH_READ_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError)

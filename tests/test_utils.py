@@ -42,8 +42,8 @@ def test_logger_does_not_propagate_to_root():
 def test_colorstr_is_plain_off_terminal_and_coloured_on_one(monkeypatch):
     assert colorstr("bold", "red", "text") == "text"
     monkeypatch.setattr(utils, "_use_colour", lambda: True)
-    assert colorstr("bold", "red", "text") == "\033[1m\033[31mtext\033[0m"
-    assert colorstr("text") == "\033[34m\033[1mtext\033[0m"
+    assert colorstr("bold", "red", "text") == "\033[1;31mtext\033[0m"  # rich's SGR codes
+    assert colorstr("text") == "\033[1;34mtext\033[0m"
 
 
 def test_atomic_save_writes_a_loadable_file_and_no_temp_files(tmp_path):
