@@ -7,9 +7,9 @@ and normalise with `weight_reduce`. Labels use −1 (or `num_classes`) for backg
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import sigmoid_focal_loss
 
-from crosskd.ops.boxes import aligned_box_iou
+from crosskd.ops.boxes import aligned_box_giou, aligned_box_iou
 
 REDUCTIONS = ("mean", "sum", "none")
 IOU_MODES = ("log", "linear", "square")
@@ -85,8 +85,8 @@ def distribution_focal_loss(logits: Tensor, target: Tensor) -> Tensor:
 
 
 def giou_loss(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tensor:
-    """1 − GIoU `[...]` of corresponding xyxy boxes `[..., 4]`."""
-    return generalized_box_iou_loss(pred.float(), target.float(), reduction="none", eps=eps)
+    """1 − GIoU `[...]` of corresponding xyxy boxes `[..., 4]`; finite for degenerate (zero-size, inverted) boxes."""
+    return 1 - aligned_box_giou(pred.float(), target.float(), eps=eps)
 
 
 def iou_loss(pred: Tensor, target: Tensor, mode: str = "log", eps: float = 1e-6) -> Tensor:

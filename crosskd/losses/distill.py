@@ -1,5 +1,6 @@
 """Knowledge-distillation losses (CrossKD, LD, PKD) as element-wise pure functions; teacher inputs are detached."""
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -7,11 +8,16 @@ CLASS_REDUCTIONS = ("sum", "mean")
 
 
 def kd_quality_focal_loss(pred_logits: Tensor, teacher_logits: Tensor, beta: float = 1.0) -> Tensor:
-    """CrossKD classification KD `[..., C]`: BCE(pred, σ(teacher)) · |σ(pred) − σ(teacher)|^β (β=0: soft BCE)."""
+    """CrossKD classification KD `[..., C]`: BCE(pred, σ(teacher)) · |σ(pred) − σ(teacher)|^β (β=0: soft BCE).
+
+    The distance is clamped to the smallest normal float before the power, so equal logits give a finite gradient
+    for any β (0 < β < 1 would otherwise give 0 · ∞).
+    """
     pred_logits = pred_logits.float()
     soft_targets = teacher_logits.detach().float().sigmoid()
     bce = F.binary_cross_entropy_with_logits(pred_logits, soft_targets, reduction="none")
-    return bce * (pred_logits.sigmoid() - soft_targets).abs().pow(beta)
+    distance = (pred_logits.sigmoid() - soft_targets).abs().clamp(min=torch.finfo(torch.float32).tiny)
+    return bce * distance.pow(beta)
 
 
 def kl_div_loss(pred_logits: Tensor, teacher_logits: Tensor, T: float = 1.0, class_reduction: str = "sum") -> Tensor:
@@ -28,7 +34,8 @@ def kl_div_loss(pred_logits: Tensor, teacher_logits: Tensor, T: float = 1.0, cla
 def channel_standardize(feat: Tensor, mask: Tensor | None = None, eps: float = 1e-6) -> Tensor:
     """Standardise `[B, C, H, W]` per channel over (B, H, W): (x − mean) / (unbiased std + eps).
 
-    With `mask` ([B, H, W] bool) the mean and std are taken over the True positions only.
+    With `mask` ([B, H, W] bool) the mean and std are taken over the True positions only. A constant channel maps to
+    0 with a finite gradient (torch.std's backward is 0 there; the masked variance is clamped before its sqrt).
     """
     if mask is None:
         mean = feat.mean(dim=(0, 2, 3), keepdim=True)  # [1, C, 1, 1]
@@ -38,7 +45,7 @@ def channel_standardize(feat: Tensor, mask: Tensor | None = None, eps: float = 1
     count = weight.sum()
     mean = (feat * weight).sum(dim=(0, 2, 3), keepdim=True) / count.clamp(min=1)  # [1, C, 1, 1]
     var = ((feat - mean).pow(2) * weight).sum(dim=(0, 2, 3), keepdim=True) / (count - 1).clamp(min=1)
-    return (feat - mean) / (var.sqrt() + eps)
+    return (feat - mean) / (var.clamp(min=torch.finfo(var.dtype).tiny).sqrt() + eps)
 
 
 def pkd_loss(student_feat: Tensor, teacher_feat: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -26,14 +26,39 @@ def box_sizes(boxes: Tensor) -> Tensor:
     return boxes[..., 2:] - boxes[..., :2]
 
 
-def aligned_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
-    """IoU of corresponding boxes: `[..., 4]` × `[..., 4]` -> `[...]` (union clamped to `eps`, as MMDet)."""
+def box_areas(boxes: Tensor) -> Tensor:
+    """Areas `[...]` of xyxy boxes `[..., 4]`; a zero-size or inverted box (x2 < x1 or y2 < y1) has area 0."""
+    return box_sizes(boxes).clamp(min=0).prod(-1)
+
+
+def aligned_intersection_union(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
+    """Intersection and union areas `[...]`, `[...]` of corresponding xyxy boxes `[..., 4]` × `[..., 4]` (both >= 0)."""
     top_left = torch.maximum(boxes1[..., :2], boxes2[..., :2])
     bottom_right = torch.minimum(boxes1[..., 2:], boxes2[..., 2:])
     inter = (bottom_right - top_left).clamp(min=0).prod(-1)
-    area1 = box_sizes(boxes1).prod(-1)
-    area2 = box_sizes(boxes2).prod(-1)
-    return inter / (area1 + area2 - inter).clamp(min=eps)
+    return inter, box_areas(boxes1) + box_areas(boxes2) - inter
+
+
+def aligned_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
+    """IoU of corresponding boxes: `[..., 4]` × `[..., 4]` -> `[...]` (union clamped to `eps`, as MMDet).
+
+    Degenerate boxes (zero-size, inverted) count as empty, so the result and its gradient stay finite.
+    """
+    inter, union = aligned_intersection_union(boxes1, boxes2)
+    return inter / union.clamp(min=eps)
+
+
+def aligned_box_giou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
+    """Generalised IoU of corresponding boxes: `[..., 4]` × `[..., 4]` -> `[...]` in [-1, 1].
+
+    IoU − (enclosing − union) / enclosing with `eps` added to both denominators, as torchvision's
+    generalized_box_iou_loss; degenerate boxes (zero-size, inverted) count as empty, so it stays finite.
+    """
+    inter, union = aligned_intersection_union(boxes1, boxes2)
+    enclose_top_left = torch.minimum(boxes1[..., :2], boxes2[..., :2])
+    enclose_bottom_right = torch.maximum(boxes1[..., 2:], boxes2[..., 2:])
+    enclose = (enclose_bottom_right - enclose_top_left).clamp(min=0).prod(-1)
+    return inter / (union + eps) - (enclose - union) / (enclose + eps)
 
 
 def batched_box_iou(priors: Tensor, gt_boxes: Tensor) -> Tensor:
