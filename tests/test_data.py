@@ -146,7 +146,7 @@ def test_undecodable_image_becomes_background(tmp_path: Path, capsys: pytest.Cap
     (root / "labels/train").mkdir(parents=True)
     (root / "labels/train/1.txt").write_text("0 0.5 0.5 0.5 0.5\n")
     png = root / "images/train/1.png"
-    png.write_bytes(png.read_bytes()[:40])  # header intact, pixels gone
+    png.write_bytes(png.read_bytes()[:45])  # header and the IDAT chunk's header intact, pixels gone
     yaml_file = write_yaml(tmp_path / "t.yaml", path=str(root), train="images/train", val="images/train", names=["a"])
     dataset = DetectionDataset(load_data_yaml(yaml_file), "train", imgsz=64, augment=False)
     assert image_size(png) == (48, 32) and dataset.image_ids == [1]

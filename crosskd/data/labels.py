@@ -4,7 +4,7 @@ Both readers produce the same `ImageRecord`s: xyxy boxes in original-image pixel
 Problems (bad class ids, boxes outside the image, zero-size boxes, malformed lines, missing or unreadable images)
 are counted and skipped, then reported in one warning line per split; nothing here crashes on bad labels.
 
-Image readability is checked on load from the file header only (PNG and JPEG are parsed, other formats decoded
+Image readability is checked on load from the file header only (Pillow; formats it does not know are decoded
 once), which also gives YOLO image sizes and verifies COCO's recorded sizes. A file whose header is fine but whose
 body cannot be decoded is handled later by `DetectionDataset.__getitem__` (background sample plus a warning).
 """
@@ -15,18 +15,16 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import cv2
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from crosskd.errors import DataError
 
 IMG_FORMATS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dng", ".pfm", ".mpo"}
 BOX_TOLERANCE = 1.0  # pixels a box may stick out of the image before it counts as outside (it is clipped)
 MISSING, UNREADABLE = -1, 0  # probe_images codes stored in place of (width, height)
-SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # problem key -> (counted thing, what is wrong with it); the order is the order of the warning line
 PROBLEMS = {
@@ -143,38 +141,15 @@ def problems_message(counts: Counter, nc: int) -> str:
 
 # ---------------------------------------------------------------------------------------------- image probing
 def image_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) read from the file header; None if the file cannot be read as an image."""
-    with open(path, "rb") as file:
-        head = file.read(24)
-        if head.startswith(PNG_SIGNATURE) and head[12:16] == b"IHDR":
-            size = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-        elif head.startswith(b"\xff\xd8"):
-            size = _jpeg_size(file)
-        else:
-            image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION) if head else None
-            size = None if image is None else (image.shape[1], image.shape[0])
+    """(width, height) from the file header (Pillow reads only the header; formats Pillow does not know are decoded
+    once by OpenCV, which loads them for training); None if the file cannot be read as an image."""
+    try:
+        with Image.open(path) as image:
+            size = image.size
+    except (UnidentifiedImageError, SyntaxError, ValueError):
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+        size = None if image is None else (image.shape[1], image.shape[0])
     return size if size and min(size) > 0 else None
-
-
-def _jpeg_size(file: BinaryIO) -> tuple[int, int] | None:
-    """Walk the JPEG marker segments up to the start-of-frame, which holds the size."""
-    file.seek(2)
-    while file.read(1) == b"\xff":
-        marker = file.read(1)
-        while marker == b"\xff":  # fill bytes
-            marker = file.read(1)
-        if not marker or marker[0] == 0xD9:
-            return None
-        if marker[0] == 0x01 or 0xD0 <= marker[0] <= 0xD7:  # markers without a length
-            continue
-        length = int.from_bytes(file.read(2), "big")
-        if marker[0] in SOF_MARKERS:
-            frame = file.read(5)  # precision, height, width
-            return (int.from_bytes(frame[3:5], "big"), int.from_bytes(frame[1:3], "big")) if len(frame) == 5 else None
-        if length < 2:
-            return None
-        file.seek(length - 2, os.SEEK_CUR)
-    return None
 
 
 def _probe(path: Path) -> tuple[int, int]:
