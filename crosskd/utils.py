@@ -9,6 +9,7 @@ import random
 import secrets
 import sys
 import zipfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -90,9 +91,16 @@ def read_torch_file(path: str | Path, what: str = "checkpoint") -> Any:
     if not path.is_file():
         raise CheckpointError(f"{what} '{path}' not found; pass an existing .pt/.pth file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's pickle-protocol note; a failure says it all
+            return torch.load(path, map_location="cpu", weights_only=True)
     except TORCH_READ_ERRORS as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
+            raise CheckpointError(
+                f"{what} '{path}' holds Python objects, not only tensors, and was refused (loading it could run "
+                "code); use a .pt written by crosskd, or turn foreign weights into one with crosskd convert"
+            ) from None
+        reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot read {what} '{path}' (corrupt, or not a file of tensors): {reason}") from None
 
 

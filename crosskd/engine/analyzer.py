@@ -259,6 +259,7 @@ class Analyzer:
 
     def run(self) -> dict[str, Any]:
         """Measure the split, print the table, write analysis.json / .csv and the plots; return the JSON dict."""
+        save_dir = make_save_dir(self.args, "analyze")  # before measuring: an unwritable folder fails at once
         stats = ConflictStats(len(self.distiller.student.strides), self.device)
         for batch in self.loader:
             stats.update(*self.measure(batch.to(self.device)))
@@ -266,7 +267,6 @@ class Analyzer:
         names = level_names(list(self.distiller.student.strides))
         report = self.report_dict(summary, names)
         console.print(results_table(summary, names, report["setup"]))
-        save_dir = make_save_dir(self.args, "analyze")
         write_outputs(report, summary, names, save_dir, self.args.plots)
         LOGGER.info(f"Results saved to {colorstr('bold', str(save_dir))}")
         report["save_dir"] = str(save_dir)
