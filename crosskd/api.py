@@ -1,76 +1,119 @@
-"""The Python predictor API: `from crosskd import Detector; results = Detector("best.pt")("img.jpg")`."""
+"""The Python model API in the Ultralytics pattern: `Detector("gfl_r18s.yaml" | "best.pt" | "best.onnx")`.
+
+Every method takes the CLI's keys as keyword arguments and goes through the CLI's validation (`config.get_args`,
+`config.check_required`) and engine entry points (`launch.fit` for train/distill, `validator.run`, `Predictor`,
+`exporter.run`, `info.run`), so `m.val(data="digits.yaml", imgsz=128)` is `crosskd val model=... data=digits.yaml
+imgsz=128`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-import numpy as np
+from crosskd.config import Args, check_required, get_args
+from crosskd.engine import exporter, info, launch, validator
+from crosskd.engine.backend import Runtime, load_runtime
+from crosskd.engine.predictor import Predictor
+from crosskd.engine.results import Boxes, Results
+from crosskd.paths import newest_best
+from crosskd.utils import select_device
 
-from crosskd.config import get_args, imgsz_hw
-from crosskd.engine.backend import ExportedDetector
-from crosskd.engine.predictor import Frame, Predictor, Result, batched, iter_frames, source_files
-from crosskd.errors import DataError
-
-__all__ = ["Detector", "Result"]
-
-Source = str | Path | np.ndarray
-
-
-def array_frame(image: np.ndarray, index: int) -> Frame:
-    """A numpy RGB HWC uint8 image as a Frame named image<index>.jpg."""
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise DataError(f"numpy images must be RGB uint8 arrays of shape [H, W, 3], not {image.dtype} {image.shape}")
-    return Frame(f"image{index}.jpg", np.ascontiguousarray(image), index, None, 0, 0.0)
+__all__ = ["Boxes", "Detector", "Results"]
 
 
-def to_frames(source: Source | Sequence[Source]) -> Iterator[Frame]:
-    """Frames of a path (image, video, directory, glob, .txt list), a numpy image, or a list of these."""
-    items = list(source) if isinstance(source, list | tuple) else [source]
-    for index, item in enumerate(items):
-        if isinstance(item, np.ndarray):
-            yield array_frame(item, index)
-        else:
-            yield from iter_frames(source_files(item))
+def source_setting(source: Any) -> dict[str, Any]:
+    """{'source': ...} for a path or camera index, which the settings validate; {} for in-memory images."""
+    if isinstance(source, bool) or not isinstance(source, str | Path | int):
+        return {}
+    return {"source": source if isinstance(source, int) else str(source)}
 
 
 class Detector:
-    """A trained crosskd detector (.pt, .onnx or .torchscript) as a callable: images in, a Result per image out.
+    """A crosskd detector: a model YAML (to train), a crosskd .pt, or an exported .onnx / .torchscript.
 
-    `device` is cpu, a CUDA index such as 0, or None for auto; `batch` images run together.
+    `device` (cpu, a CUDA index, or None for auto) applies to every call that does not pass its own. After `train()`
+    or `distill()` the object holds the run's best.pt.
     """
 
-    def __init__(self, model: str | Path, device: str | int | None = None, batch: int = 1) -> None:
-        overrides = {"model": str(model), "device": None if device is None else str(device), "batch": batch}
-        self.predictor = Predictor(get_args(overrides, "predict"))
+    def __init__(self, model: str | Path, device: str | int | None = None) -> None:
+        self.source = str(model)
+        self.overrides: dict[str, Any] = {} if device is None else {"device": str(device)}
+        self.metrics: dict[str, float] = {}  # the latest train / distill / val metrics
+        self._runtime: Runtime | None = None
+        self._runtime_key: tuple[str, str | None] | None = None
+
+    def args(self, mode: str, kwargs: dict[str, Any]) -> Args:
+        """Validated settings for `mode` with this model, as the CLI builds them (unknown keys, ranges, choices)."""
+        return get_args({**self.overrides, **kwargs, "model": self.source}, mode)
+
+    def runtime(self, args: Args) -> Runtime:
+        """The loaded model for `args.device`, loaded once and reused while device and model_cfg stay the same."""
+        device = select_device(args.device)
+        key = (str(device), args.model_cfg)
+        if self._runtime is None or self._runtime_key != key:
+            self._runtime = load_runtime(self.source, model_cfg=args.model_cfg, device=device)
+            self._runtime_key = key
+        return self._runtime
 
     @property
     def names(self) -> dict[int, str]:
-        return self.predictor.names
+        """Class id -> name of the loaded model."""
+        return dict(self.runtime(self.args("predict", {})).names)
 
-    @property
-    def imgsz(self) -> tuple[int, int]:
-        """The default input size (h, w): the training size of a .pt, the export size of an exported file."""
-        return self.predictor.imgsz
+    def predict(self, source: Any = None, stream: bool = False, **kwargs: Any) -> list[Results] | Iterator[Results]:
+        """Detect objects: a list of Results, or with `stream=True` a generator yielding one frame's Results at a time.
 
-    def __call__(
-        self,
-        source: Source | Sequence[Source],
-        conf: float = 0.25,
-        iou: float = 0.6,
-        max_det: int = 100,
-        imgsz: int | Sequence[int] | None = None,
-    ) -> list[Result]:
-        """Detect objects in `source`: a path, a list of paths, or numpy RGB HWC uint8 images.
-
-        Results hold boxes (xyxy, original-image pixels), scores, labels, names and path; `.plot()` draws them.
+        `source`: a path, directory, glob, .txt list, video, http(s) URL, camera index, PIL image (RGB), numpy array
+        (BGR, as cv2.imread), torch tensor (RGB 0..1, [B, 3, H, W]) or a list of these. Keys as `crosskd predict`
+        (conf, iou, imgsz, classes, max_det, multi_label, batch, save, ...); `save` defaults to False here.
         """
-        static = isinstance(self.predictor.model, ExportedDetector) and not self.predictor.model.dynamic_size
-        size = None if imgsz is None or static else imgsz_hw(imgsz)
-        results: list[Result] = []
-        for frames in batched(to_frames(source), self.predictor.batch):
-            results.extend(self.predictor.predict(frames, conf, iou, max_det, size))
-        return results
+        args = self.args("predict", {"save": False, **kwargs, **source_setting(source)})
+        if source is None:
+            check_required(args)
+        results = Predictor(args, self.runtime(args)).stream(source)
+        return results if stream else list(results)
+
+    def __call__(self, source: Any = None, stream: bool = False, **kwargs: Any) -> list[Results] | Iterator[Results]:
+        """Same as `predict`."""
+        return self.predict(source, stream, **kwargs)
+
+    def train(self, **kwargs: Any) -> dict[str, float]:
+        """Train this model (`crosskd train`); returns the final metrics and loads the run's best.pt."""
+        return self.fit(self.args("train", kwargs))
+
+    def distill(self, **kwargs: Any) -> dict[str, float]:
+        """Distil this model as the student from `teacher=` (`crosskd distill`); returns the final metrics and loads
+        the run's best.pt."""
+        return self.fit(self.args("distill", kwargs))
+
+    def fit(self, args: Args) -> dict[str, float]:
+        check_required(args)
+        trainer = launch.fit(args)
+        best = trainer.weights_dir / "best.pt" if trainer else newest_best("loading")  # torchrun: rank 0 wrote it
+        self.source, self._runtime = str(best), None
+        self.metrics = trainer.final_metrics if trainer else {}
+        return self.metrics
+
+    def val(self, **kwargs: Any) -> dict[str, float]:
+        """COCO validation (`crosskd val`): {AP, AP50, AP75, APs, APm, APl, AR100}."""
+        args = self.args("val", kwargs)
+        check_required(args)
+        self.metrics = validator.run(args)
+        return self.metrics
+
+    def export(self, **kwargs: Any) -> Path:
+        """Export (`crosskd export`, e.g. format="onnx"); returns the written file."""
+        args = self.args("export", kwargs)
+        check_required(args)
+        return exporter.run(args)
+
+    def info(self, **kwargs: Any) -> str:
+        """Print the module table and return the summary line (`crosskd info`): layers, parameters, GFLOPs."""
+        args = self.args("info", kwargs)
+        check_required(args)
+        return info.run(args)
 
     def __repr__(self) -> str:
-        return f"Detector({self.predictor.args.model!r}, names={self.names})"
+        return f"Detector({self.source!r})"

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from crosskd.errors import ConfigError
-from crosskd.paths import DEFAULT_CFG_PATH
+from crosskd.paths import DEFAULT_CFG_PATH, newest_file, runs_dir
 from crosskd.settings import ALIASES, KIND_NAMES, SETTINGS, Setting, format_value
 from crosskd.utils import LOGGER
 
@@ -27,6 +27,10 @@ REQUIRED_INPUTS = {  # mode -> (keys it needs, a command line that gives them); 
     "info": (("model",), "crosskd info model=gfl_r18.yaml"),
     "convert": (("model",), "crosskd convert model=torchvision:retinanet_resnet50_fpn_v2"),
     "analyze": (("teacher", "model"), "crosskd analyze teacher=gfl_r50.pt student=best.pt data=digits.yaml"),
+}
+BEST_FALLBACK = {  # modes whose missing model= means the newest best.pt under runs/ -> an example command
+    "val": "crosskd val model=best.pt data=digits.yaml",
+    "export": "crosskd export model=best.pt format=onnx",
 }
 
 
@@ -243,12 +247,16 @@ def get_args(overrides: dict[str, Any] | None = None, mode: str | None = None) -
 
 
 def check_required(args: Args) -> None:
-    """Raise a ConfigError when the mode's required inputs (e.g. model= for train) are missing."""
+    """Raise a ConfigError when the mode's required inputs (e.g. model= for train) are missing, before any data or
+    model is loaded; val and export without model= need a best.pt under runs/ to fall back on."""
     keys, command = REQUIRED_INPUTS.get(args.mode, ((), ""))
     resuming = args.mode in ("train", "distill") and bool(args.resume)
     missing = [f"{key}=" for key in keys if getattr(args, key) is None and not resuming]
     if missing:
         raise ConfigError(f"'{args.mode}' needs {' and '.join(missing)}, e.g. {command}")
+    if args.mode in BEST_FALLBACK and args.model is None and newest_file(runs_dir(), "best.pt") is None:
+        raise ConfigError(f"'{args.mode}' needs model= (no best.pt under {runs_dir()} to fall back on), "
+                          f"e.g. {BEST_FALLBACK[args.mode]}")
 
 
 def setting_or_model_default(args: Args, key: str, model_value: Any) -> Any:

@@ -173,7 +173,8 @@ def test_to_dict_is_yaml_safe():
     assert yaml.safe_load(yaml.safe_dump(args.to_dict())) == args.to_dict()
 
 
-def test_check_required_names_the_missing_input():
+def test_check_required_names_the_missing_input(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/ here
     with pytest.raises(ConfigError) as error:
         check_required(get_args({}, mode="train"))
     assert str(error.value) == "'train' needs model=, e.g. crosskd train model=gfl_r18.yaml data=digits.yaml"
@@ -182,7 +183,11 @@ def test_check_required_names_the_missing_input():
     with pytest.raises(ConfigError, match="'predict' needs source="):
         check_required(get_args({"model": "best.pt"}, mode="predict"))
     check_required(get_args({"resume": True}, mode="train"))
-    check_required(get_args({}, mode="val"))
+    with pytest.raises(ConfigError, match=r"^'val' needs model= \(no best.pt under"):
+        check_required(get_args({}, mode="val"))
+    (tmp_path / "runs" / "train" / "weights").mkdir(parents=True)
+    (tmp_path / "runs" / "train" / "weights" / "best.pt").touch()
+    check_required(get_args({}, mode="val"))  # falls back on the newest best.pt
     check_required(get_args({"teacher": "t.pt", "student": "s.yaml"}, mode="distill"))
 
 

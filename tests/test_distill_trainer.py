@@ -18,7 +18,8 @@ from crosskd.engine.checkpoint import load_checkpoint, make_checkpoint, save_che
 from crosskd.engine.distill_trainer import ADAPTER_KEY, DistillTrainer
 from crosskd.engine.exporter import run as export_run
 from crosskd.engine.launch import trainer_class
-from crosskd.engine.predictor import Predictor, read_image
+from crosskd.engine.predictor import Predictor
+from crosskd.engine.sources import read_image
 from crosskd.engine.validator import Validator
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import build_detector
@@ -117,7 +118,7 @@ def test_best_pt_predicts_and_exports_without_teacher(work, distilled, head_type
     predictor = Predictor(get_args({"model": str(best), "source": str(image), "imgsz": 64, "device": "cpu",
                                     "conf": 0.0, "save": False}, mode="predict"))
     results = predictor.predict([read_image(image, 0)])
-    assert len(results) == 1 and results[0].boxes.shape[1:] == (4,)
+    assert len(results) == 1 and results[0].boxes.xyxy.shape[1:] == (4,)
     path = export_run(get_args({"model": str(best), "format": "torchscript", "imgsz": 64, "device": "cpu"},
                                mode="export"))
     assert path.is_file() and path.stat().st_size > 0

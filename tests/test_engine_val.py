@@ -57,7 +57,7 @@ class GroundTruthModel:
     def eval(self):
         return self
 
-    def predict(self, images, conf, iou, max_det, nms_pre, ratios=None):
+    def predict(self, images, conf, iou, max_det, nms_pre, ratios=None, multi_label=True):
         assert ratios is not None  # the validator asks for original-pixel boxes
         records = self.records[self.seen : self.seen + len(images)]
         self.seen += len(images)
@@ -133,7 +133,8 @@ def test_val_without_imgsz_uses_the_checkpoint_training_size(data_yaml, tmp_path
     detector = build_detector("gfl_r18t.yaml", nc=10)
     ckpt = make_checkpoint(detector, epoch=-1, best_fitness=None, names=NAMES, train_args={"imgsz": 96})
     weights = save_checkpoint(ckpt, tmp_path / "trained_at_96.pt")
-    defaults = val_args(data_yaml, tmp_path, imgsz=640)  # 640 is default.yaml's value: not typed by the user
+    settings = {"data": str(data_yaml), "batch": 4, "workers": 0, "device": "cpu", "project": str(tmp_path)}
+    defaults = get_args(settings, "val")  # imgsz not typed: the checkpoint's 96 wins over default.yaml's 640
     validator = Validator(defaults, model=str(weights))
     validator.run(plots=False, per_class=False)
     assert validator.dataset.imgsz == 96

@@ -1,4 +1,4 @@
-"""`crosskd predict` and the Python Detector API: sources (image, directory, glob, .txt, video, numpy), saved
+"""`crosskd predict` and Detector.predict: sources (image, directory, glob, .txt, video, numpy BGR), saved
 images/videos/labels/JSON, console lines, .onnx models, and one-line errors for bad sources."""
 
 import json
@@ -13,7 +13,9 @@ from crosskd import cli
 from crosskd.api import Detector
 from crosskd.config import get_args
 from crosskd.engine import exporter, predictor
-from crosskd.engine.predictor import Result, preprocess, source_files
+from crosskd.engine.predictor import preprocess
+from crosskd.engine.results import Boxes, Results
+from crosskd.engine.sources import source_files
 from crosskd.errors import DataError
 
 TESTS = Path(__file__).resolve().parent
@@ -49,12 +51,11 @@ def predict_args(model: Path, source, save_dir: Path, **overrides):
 
 def test_yolo_lines_are_normalised_by_the_original_image():
     image = np.zeros((200, 100, 3), np.uint8)  # h=200, w=100
-    result = Result("a.jpg", image, np.array([[10, 20, 30, 60]], np.float32), np.array([0.9], np.float32),
-                    np.array([2]), {2: "bird"})
+    result = Results(image, "a.jpg", {2: "bird"}, Boxes(torch.tensor([[10.0, 20, 30, 60, 0.9, 2]]), (200, 100)))
     # centre (20, 40) -> (0.2, 0.2); size (20, 40) -> (0.2, 0.2)
     assert result.yolo_lines() == ["2 0.2 0.2 0.2 0.2"]
     assert result.yolo_lines(save_conf=True) == ["2 0.2 0.2 0.2 0.2 0.9"]
-    assert result.summary() == "1 bird"
+    assert result.verbose() == "1 bird"
     assert result.coco_records()[0]["bbox"] == [10.0, 20.0, 20.0, 40.0]
 
 
@@ -80,8 +81,8 @@ def test_predict_image_saves_annotated_image_labels_and_json(tmp_path, weights, 
     lines = (save_dir / "labels" / "7.txt").read_text().splitlines()
     assert lines == expected.yolo_lines()
     cls, xc, yc, w, h = lines[0].split()
-    x1, y1, x2, y2 = expected.boxes[0]
-    assert int(cls) == expected.labels[0] and float(xc) == pytest.approx((x1 + x2) / 2 / 128, abs=1e-5)
+    x1, y1, x2, y2 = expected.boxes.xyxy[0].tolist()
+    assert int(cls) == int(expected.boxes.cls[0]) and float(xc) == pytest.approx((x1 + x2) / 2 / 128, abs=1e-5)
     assert float(h) == pytest.approx((y2 - y1) / 96, abs=1e-5)
     records = json.loads((save_dir / "predictions.json").read_text())
     assert len(records) == len(expected) and records[0]["image_id"] == 7
@@ -123,37 +124,36 @@ def test_predict_video_writes_video_and_per_frame_labels(tmp_path, weights, caps
 
 def test_onnx_model_predicts_like_the_checkpoint(tmp_path, weights):
     onnx_path = exporter.run(get_args({"model": str(weights), "device": "cpu"}, "export"))
-    image = cv2.cvtColor(cv2.imread(str(write_image(tmp_path / "a.jpg", 128, 128))), cv2.COLOR_BGR2RGB)
+    image = cv2.imread(str(write_image(tmp_path / "a.jpg", 128, 128)))
     ours, theirs = Detector(onnx_path)(image)[0], Detector(weights)(image)[0]
     assert len(theirs) > 0 and ours.names == theirs.names
-    np.testing.assert_allclose(ours.boxes, theirs.boxes, atol=1e-3)
-    np.testing.assert_array_equal(ours.labels, theirs.labels)
+    torch.testing.assert_close(ours.boxes.xyxy, theirs.boxes.xyxy, atol=1e-3, rtol=0)
+    assert ours.boxes.cls.tolist() == theirs.boxes.cls.tolist()
 
 
-def test_api_accepts_paths_lists_and_numpy(tmp_path, weights):
+def test_api_accepts_paths_lists_and_numpy_bgr(tmp_path, weights):
     first, second = write_image(tmp_path / "a.jpg"), write_image(tmp_path / "b.jpg", seed=1)
     detector = Detector(weights)
-    assert detector.names == {0: "cat", 1: "dog", 2: "bird"} and detector.imgsz == (128, 128)
+    assert detector.names == {0: "cat", 1: "dog", 2: "bird"}
     by_path = detector(str(first))
     both = detector([first, second], conf=0.3, max_det=5)
-    array = cv2.cvtColor(cv2.imread(str(first)), cv2.COLOR_BGR2RGB)
+    array = cv2.imread(str(first))  # BGR, as OpenCV and Ultralytics
     by_array = detector(array)
     assert [r.path for r in both] == [str(first), str(second)] and all(len(r) <= 5 for r in both)
-    assert all((r.scores > 0.3).all() for r in both)
-    np.testing.assert_allclose(by_array[0].boxes, by_path[0].boxes)
+    assert all((r.boxes.conf > 0.3).all() for r in both)
+    torch.testing.assert_close(by_array[0].boxes.data, by_path[0].boxes.data)
     result = by_path[0]
-    assert result.boxes.shape == (len(result), 4) and result.boxes[:, 2].max() <= 128 and result.boxes.min() >= 0
+    xyxy = result.boxes.xyxy
+    assert xyxy.shape == (len(result), 4) and xyxy[:, 2].max() <= 128 and xyxy.min() >= 0
     plotted = result.plot()
     assert plotted.shape == array.shape and not np.array_equal(plotted, array)
-    with pytest.raises(DataError, match="RGB uint8"):
+    with pytest.raises(DataError, match="BGR uint8"):
         detector(np.zeros((8, 8), np.float32))
 
 
 def test_bad_sources_are_one_line_errors(tmp_path, weights, capsys):
     with pytest.raises(DataError, match="does not exist"):
         source_files(tmp_path / "missing.jpg")
-    with pytest.raises(DataError, match="camera"):
-        source_files(0)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no images or videos"):
         source_files(tmp_path / "empty")

@@ -7,7 +7,7 @@ import json
 import math
 import warnings
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -39,6 +39,44 @@ YAML_SUFFIXES = (".yaml", ".yml")
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
 REQUIRED_METADATA = ("names", "stride", "strides", "imgsz", "batch", "num_anchors", "args")
 TORCHSCRIPT_METADATA = "config.txt"
+
+
+@dataclass(frozen=True)
+class InputConvention:
+    """How an image becomes the model input: the `input` metadata of an exported file, which predict follows.
+
+    crosskd's convention is the training loader's: keep-ratio resize so the long side is imgsz (an h,w imgsz: fit
+    inside it), pad bottom/right with `pad_value` (0..255) to a multiple of the largest stride (a static graph: to
+    its size), RGB, pixels / 255 (0..1), ImageNet mean/std subtracted inside the graph. Ultralytics clients instead
+    centre the image on grey 114 ("letterbox"); see docs/deploy.md.
+    """
+
+    resize: str = "keep-ratio long side"
+    pad: str = "bottom-right"
+    pad_value: int = 0
+    channels: str = "RGB"
+    scale: str = "0..1"
+    normalize: str = "in-graph"
+
+    def to_metadata(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_metadata(cls, text: str | None, path: Path) -> InputConvention:
+        """The convention of an exported file (crosskd's own for files exported before the `input` key)."""
+        if text is None:
+            return cls()
+        given = json.loads(text)
+        convention = cls(**{f.name: given[f.name] for f in fields(cls) if f.name in given})
+        differs = {f.name: getattr(convention, f.name) for f in fields(cls)
+                   if f.name != "pad_value" and getattr(convention, f.name) != getattr(CROSSKD_INPUT, f.name)}
+        if differs or not 0 <= int(convention.pad_value) <= 255:
+            raise CheckpointError(f"'{path.name}' expects input {given}, which crosskd's predictor does not produce; "
+                                  "re-export it with 'crosskd export'")
+        return convention
+
+
+CROSSKD_INPUT = InputConvention()
 
 
 def parse_metadata(metadata: dict[str, str], path: Path) -> dict:
@@ -89,6 +127,7 @@ class ExportedDetector(ABC):
         self.head_type: str = meta["head_type"]
         self.args: dict = meta["args"]
         self.nms = bool(self.args.get("nms", False))
+        self.input_convention = InputConvention.from_metadata(metadata.get("input"), path)
 
     def eval(self) -> ExportedDetector:
         """No-op, so engines can treat every model alike."""
@@ -107,7 +146,7 @@ class ExportedDetector(ABC):
         return self.input_shape[0] is None
 
     def fit_input(self, images: torch.Tensor) -> torch.Tensor:
-        """Pad images (bottom/right, zeros like the loader) to the static graph size; dynamic graphs pass through."""
+        """Pad images bottom/right with the convention's value to the static graph size; dynamic graphs pass through."""
         if self.dynamic_size:
             return images
         height, width = self.input_shape[2:]
@@ -116,7 +155,8 @@ class ExportedDetector(ABC):
                 f"images of {images.shape[2]}x{images.shape[3]} do not fit the static input {height}x{width} of "
                 f"'{self.path.name}'; use imgsz={max(height, width)} or re-export with dynamic=True"
             )
-        return F.pad(images, (0, width - images.shape[3], 0, height - images.shape[2]))
+        pad = (0, width - images.shape[3], 0, height - images.shape[2])
+        return F.pad(images, pad, value=self.input_convention.pad_value / 255)
 
     def run(self, images: torch.Tensor) -> torch.Tensor:
         """output0 for any batch size: a static batch is run in chunks, the last one zero-padded."""
@@ -138,13 +178,18 @@ class ExportedDetector(ABC):
         max_det: int,
         nms_pre: int,
         ratios: torch.Tensor | None = None,
+        multi_label: bool = True,
     ) -> list[Detections]:
-        """Detections per image for images [B,3,H,W] (0..1 RGB); boxes divided by `ratios` when given."""
+        """Detections per image for images [B,3,H,W] (0..1 RGB); boxes divided by `ratios` when given.
+
+        `multi_label` as in `DenseDetector.predict`; an NMS-embedded graph keeps the choice made at export.
+        """
         output = self.run(images)
         if self.nms:
             detections = self.filter_embedded(output, conf, max_det)
         else:
-            detections = self.postprocess_raw(output, conf, iou, max_det, nms_pre, self.input_hw(images))
+            hw = self.input_hw(images)
+            detections = self.postprocess_raw(output, conf, iou, max_det, nms_pre, hw, multi_label)
         if ratios is None:
             return detections
         return [Detections(d.boxes / r, d.scores, d.labels) for d, r in zip(detections, ratios.tolist(), strict=True)]
@@ -154,7 +199,8 @@ class ExportedDetector(ABC):
         return tuple(images.shape[2:]) if self.dynamic_size else tuple(self.input_shape[2:])
 
     def postprocess_raw(
-        self, output: torch.Tensor, conf: float, iou: float, max_det: int, nms_pre: int, hw: tuple[int, int]
+        self, output: torch.Tensor, conf: float, iou: float, max_det: int, nms_pre: int, hw: tuple[int, int],
+        multi_label: bool = True,
     ) -> list[Detections]:
         """Ultralytics layout output0 [B,4+C,N] (xywh, scores) -> per-level top-k, NMS, max_det."""
         preds = output.transpose(1, 2)  # [B, N, 4+C]
@@ -164,7 +210,8 @@ class ExportedDetector(ABC):
                 f"'{self.path.name}' returned {preds.shape[1]} priors, expected {sum(counts)} for input {hw}; "
                 "the metadata does not match the graph, re-export the model"
             )
-        return postprocess(xywh_to_xyxy(preds[..., :4]), preds[..., 4:], counts, conf, iou, max_det, nms_pre)
+        boxes = xywh_to_xyxy(preds[..., :4])  # [B, N, 4]
+        return postprocess(boxes, preds[..., 4:], counts, conf, iou, max_det, nms_pre, multi_label)
 
     def filter_embedded(self, output: torch.Tensor, conf: float, max_det: int) -> list[Detections]:
         """NMS-embedded output [B,max_det,6] (x1,y1,x2,y2,score,class), score-descending: keep rows above `conf`."""
@@ -282,6 +329,11 @@ class Runtime:
     @property
     def train_args(self) -> dict:
         return self.checkpoint.get("train_args") or {}
+
+    @property
+    def input_convention(self) -> InputConvention:
+        """What the model expects as input: an exported file's metadata, else crosskd's own convention."""
+        return self.model.input_convention if isinstance(self.model, ExportedDetector) else CROSSKD_INPUT
 
     def detector(self, purpose: str) -> DenseDetector:
         """The PyTorch model, or a one-line error saying `purpose` needs one (e.g. purpose='export')."""

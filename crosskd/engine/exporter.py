@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from crosskd import __version__
 from crosskd.config import Args, imgsz_hw, setting_or_model_default
 from crosskd.engine.backend import (
+    CROSSKD_INPUT,
     TORCHSCRIPT_METADATA,
     ExportedDetector,
     OnnxDetector,
@@ -60,17 +61,20 @@ class ExportModel(nn.Module):
         iou: float = 0.6,
         max_det: int = 100,
         nms_pre: int = 1000,
+        multi_label: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(detector, DenseDetector):
             raise TypeError(f"ExportModel takes a student DenseDetector, not {type(detector).__name__}")
         self.detector = detector
         self.nms, self.conf, self.iou, self.max_det, self.nms_pre = nms, conf, iou, max_det, nms_pre
+        self.multi_label = multi_label
 
     def forward(self, images: Tensor) -> Tensor:
         boxes, scores, num_per_level = self.detector.decode(images)  # [B, N, 4] xyxy, [B, N, C]
         if self.nms:
-            return select_detections(boxes, scores, num_per_level, self.conf, self.iou, self.max_det, self.nms_pre)[0]
+            return select_detections(boxes, scores, num_per_level, self.conf, self.iou, self.max_det, self.nms_pre,
+                                     self.multi_label)[0]
         return torch.cat([box_centers(boxes), box_sizes(boxes), scores], dim=-1).transpose(1, 2)  # [B, 4+C, N]
 
 
@@ -108,6 +112,7 @@ def export_metadata(detector: DenseDetector, settings: dict, train_args: dict) -
         "channels": "3",
         "names": str({int(k): str(v) for k, v in names.items()}),
         "end2end": "False",
+        "input": CROSSKD_INPUT.to_metadata(),
         "head_type": detector.head_type,
         "num_anchors": str(detector.head.num_anchors),
         "args": str(settings),
@@ -225,6 +230,7 @@ def export_settings(args: Args, detector: DenseDetector, train_args: dict, devic
         "iou": args.iou,
         "max_det": args.max_det,
         "nms_pre": args.nms_pre,
+        "multi_label": True if args.multi_label is None else args.multi_label,
     }
 
 
@@ -246,7 +252,7 @@ def export(detector: DenseDetector, args: Args, train_args: dict | None = None) 
     settings = export_settings(args, detector, train_args, device)
     dtype = torch.float16 if settings["half"] else torch.float32
     model = ExportModel(copy.deepcopy(detector), settings["nms"], settings["conf"], settings["iou"],
-                        settings["max_det"], settings["nms_pre"])
+                        settings["max_det"], settings["nms_pre"], settings["multi_label"])
     model = model.to(device, dtype).eval()  # eval on the wrapper too: exporters restore the wrapper's mode
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(settings["batch"], 3, *settings["imgsz"], generator=generator).to(device, dtype)

@@ -17,8 +17,9 @@ def trainer_class(args: Any, resumed_args: dict | None = None) -> type[Trainer]:
     return Trainer
 
 
-def run(args: Any) -> dict[str, float]:
-    """Relaunch under torchrun for several devices, else train in this process; returns the final metrics.
+def fit(args: Any) -> Trainer | None:
+    """Relaunch under torchrun for several devices, else train in this process and return the finished trainer
+    (its `save_dir`, `weights_dir`, `final_metrics`); None after a torchrun relaunch.
 
     On resume the checkpoint's args decide the trainer class, and its device unless device= is given.
     """
@@ -28,5 +29,13 @@ def run(args: Any) -> dict[str, float]:
     cls = trainer_class(args, resumed_args)
     if ddp.needs_launch(args):
         ddp.launch(args, cls.mode)
-        return {}
-    return cls(args).train()
+        return None
+    trainer = cls(args)
+    trainer.train()
+    return trainer
+
+
+def run(args: Any) -> dict[str, float]:
+    """`crosskd train` / `crosskd distill`: `fit`, returning the final metrics ({} after a torchrun relaunch)."""
+    trainer = fit(args)
+    return trainer.final_metrics if trainer else {}

@@ -43,6 +43,7 @@ class Validator:
         self.dataloader = dataloader
         self.save_dir = Path(save_dir) if save_dir is not None else None
         self.conf = VAL_CONF if args.conf is None else args.conf
+        self.multi_label = True if args.multi_label is None else args.multi_label  # empty: every class (COCO AP)
         self.device = torch.device("cpu")
         self.result: COCOResult | None = None
         self.model_imgsz: tuple[int, int] | None = None  # the loaded model's own size, used unless imgsz= is given
@@ -118,9 +119,8 @@ class Validator:
         for i, batch in enumerate(self.dataloader):
             batch = batch.to(device)
             with torch.autocast(device.type, enabled=amp):
-                detections = self.model.predict(
-                    batch.images, self.conf, self.args.iou, self.args.max_det, self.args.nms_pre, ratios=batch.ratios
-                )
+                detections = self.model.predict(batch.images, self.conf, self.args.iou, self.args.max_det,
+                                                self.args.nms_pre, ratios=batch.ratios, multi_label=self.multi_label)
             records.update(self.batch_records(batch, detections))
             if plots and i == 0 and self.save_dir is not None:
                 self.plot_batch(batch, detections)

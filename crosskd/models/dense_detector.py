@@ -101,12 +101,14 @@ class DenseDetector(nn.Module):
         max_det: int = 100,
         nms_pre: int = 1000,
         ratios: Tensor | None = None,
+        multi_label: bool = True,
     ) -> list[Detections]:
         """Detections per image for 0..1 RGB images [B, 3, H, W] (score threshold, top-k per level, NMS, max_det).
 
-        Boxes [K, 4] xyxy are in input pixels or, with `ratios` [B], in original-image pixels.
+        Boxes [K, 4] xyxy are in input pixels or, with `ratios` [B], in original-image pixels. `multi_label`: every
+        class above `conf` per prior (COCO evaluation) or only the best one (one class per box).
         """
-        dets = postprocess(*self.decode(images), conf, iou, max_det, nms_pre)
+        dets = postprocess(*self.decode(images), conf, iou, max_det, nms_pre, multi_label)
         if ratios is not None:
             dets = [d._replace(boxes=scale_boxes(d.boxes, r)) for d, r in zip(dets, ratios)]
         return dets

@@ -123,11 +123,14 @@ def select_detections(
     iou: float = 0.6,
     max_det: int = 100,
     nms_pre: int = 1000,
+    multi_label: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """The batch's detections as one zero-padded tensor: the core of eager and exported post-processing.
 
     Per level keep the `nms_pre` best (prior, class) pairs (MMDet), drop those scoring <= `conf`, run one
     class-aware NMS over the whole batch (groups = image · C + class) and keep the `max_det` best per image.
+    With `multi_label` a prior may give one detection per class above `conf` (COCO evaluation); without, only its
+    best class (Ultralytics predict: one class per box).
 
     Args:
         boxes: [B, N, 4] xyxy.
@@ -137,7 +140,12 @@ def select_detections(
         counts [B] int64, the number of detections per image.
     """
     batch, _, num_classes = scores.shape
-    cand_scores, prior_index, labels = topk_per_level(scores, num_per_level, nms_pre)  # [B, K] each
+    if multi_label:
+        cand_scores, prior_index, labels = topk_per_level(scores, num_per_level, nms_pre)  # [B, K] each
+    else:
+        best, best_class = scores.max(dim=-1, keepdim=True)  # [B, N, 1] each: the best class of every prior
+        cand_scores, prior_index, _ = topk_per_level(best, num_per_level, nms_pre)  # [B, K] each
+        labels = best_class[..., 0].gather(1, prior_index)  # [B, K]
     cand_boxes = boxes.gather(1, prior_index[..., None].expand(-1, -1, 4))  # [B, K, 4]
     image_index = torch.arange(batch, device=boxes.device)[:, None].expand_as(labels)  # [B, K]
     valid = cand_scores.reshape(-1) > conf  # [B*K]
@@ -166,9 +174,10 @@ def postprocess(
     iou: float = 0.6,
     max_det: int = 100,
     nms_pre: int = 1000,
+    multi_label: bool = True,
 ) -> list[Detections]:
     """Detections per image from boxes [B, N, 4] xyxy and scores [B, N, C]: `select_detections`, split per image."""
-    return unpad(*select_detections(boxes, scores, num_per_level, conf, iou, max_det, nms_pre))
+    return unpad(*select_detections(boxes, scores, num_per_level, conf, iou, max_det, nms_pre, multi_label))
 
 
 def scale_boxes(boxes: Tensor, ratio: float | Tensor) -> Tensor:
