@@ -145,6 +145,8 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("deterministic", "bool", True, "deterministic algorithms where available"),
         Setting("resume", "resume", False, "resume from last.pt: true for the newest run or a path", example="true"),
         Setting("save_period", "int", -1, "save a checkpoint every N epochs; -1 disables", low=-1),
+        Setting("save_period_iters", "int", 0, "also write a resumable mid-epoch last.pt every N iterations (for jobs "
+                "killed without warning); 0 disables", low=0),
         Setting("val", "bool", True, "validate after every epoch"),
         Setting("plots", "bool", True, "save plots and validation images"),
         Setting("sync_bn", "bool", False, "convert BatchNorm to SyncBatchNorm under DDP"),

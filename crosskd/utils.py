@@ -6,10 +6,11 @@ import logging
 import os
 import pickle
 import random
+import re
 import secrets
 import sys
-import zipfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,36 @@ def read_torch_file(path: str | Path, what: str = "checkpoint") -> Any:
         raise CheckpointError(f"cannot read {what} '{path}' (corrupt, or not a file of tensors): {reason}") from None
 
 
+def temp_path(path: Path) -> Path:
+    """The hidden temporary name of an atomic write of `path`: `.NAME.PID.RANDOM.tmp` in the same directory."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete the temporary files that atomic writes of processes no longer running left in `folder` (killed mid-save).
+
+    Returns the removed paths. A file of a live process (or one whose pid now belongs to another process) stays.
+    """
+    removed = []
+    for path in Path(folder).glob(".*.tmp"):
+        match = re.fullmatch(r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp", path.name)
+        if match and not pid_alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (ours or another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """torch.save to a temporary file in the same directory, then os.replace: readers never see half a file.
 
@@ -111,7 +142,7 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_name = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp_name = temp_path(path)
     handle = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(handle, "wb") as tmp_file:

@@ -2,7 +2,7 @@
 
 from crosskd.data.dataset import DataInfo, DetectionDataset, Sample, load_data_yaml, read_dataset_names
 from crosskd.data.digits import generate_digits
-from crosskd.data.loader import Batch, build_dataloader, collate
+from crosskd.data.loader import Batch, build_dataloader, collate, skip_batches
 
 __all__ = [
     "Batch",
@@ -14,4 +14,5 @@ __all__ = [
     "generate_digits",
     "load_data_yaml",
     "read_dataset_names",
+    "skip_batches",
 ]

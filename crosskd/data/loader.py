@@ -1,16 +1,18 @@
 """Batching: the padded `Batch` every consumer (trainer, validator, distiller) reads, and the DataLoader builder."""
 
+import itertools
 import math
 import os
 import random
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from functools import partial
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
 from crosskd.data.dataset import Sample
 
@@ -73,11 +75,48 @@ def collate(samples: list[Sample], pad_multiple: int) -> Batch:
 
 
 def seed_worker(worker_id: int) -> None:
-    """Seed NumPy and `random` in a worker from its torch seed (set by the loader's generator); single-threaded cv2."""
+    """Seed NumPy and `random` in a worker from its torch seed (set by the loader's generator); single-threaded cv2.
+
+    Workers ignore SIGINT and SIGTERM (a Ctrl-C or a scheduler signals the whole process group): the main process
+    decides when to stop and shuts them down; they still exit when it dies.
+    """
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
     cv2.setNumThreads(0)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+class SkippingSampler(Sampler[int]):
+    """Wraps a sampler; `skip_next(n)` makes its next pass leave out its first n indices, drawn but never loaded.
+
+    The wrapped sampler draws its whole order as usual, so a mid-epoch resume sees the rest of the same order.
+    `len()` stays the full length (the loader's batches per epoch); `set_epoch` goes to a DistributedSampler.
+    """
+
+    def __init__(self, sampler: Sampler[int]):
+        self.sampler = sampler
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self.skip = self.skip, 0
+        return itertools.islice(iter(self.sampler), skip, None)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def skip_next(self, num: int) -> None:
+        self.skip = num
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+
+def skip_batches(loader: DataLoader, num: int) -> None:
+    """Make the loader's next pass start at batch `num` of the same order (a loader from `build_dataloader`)."""
+    loader.sampler.skip_next(num * loader.batch_size)
 
 
 def build_dataloader(
@@ -87,6 +126,7 @@ def build_dataloader(
     """A reproducible DataLoader of `Batch`es; `batch` is the number of images per batch on this rank.
 
     With world_size > 1 the sampler is a DistributedSampler: call `loader.sampler.set_epoch(epoch)` each epoch.
+    `skip_batches(loader, n)` makes the next pass start at batch n (a mid-epoch resume).
     Otherwise shuffling draws from a generator seeded with `seed`, so two loaders with one seed give one order.
     Augmentation in workers is seeded from the same generator; with workers=0 it uses torch's global RNG.
     """
@@ -101,7 +141,7 @@ def build_dataloader(
     return DataLoader(
         dataset,
         batch_size=batch,
-        sampler=sampler,
+        sampler=SkippingSampler(sampler),
         num_workers=workers,
         collate_fn=partial(collate, pad_multiple=getattr(dataset, "pad_multiple", 1)),
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,

@@ -1,8 +1,10 @@
-"""Trainer events and the callbacks run at them, including the default results.csv / results.png writers."""
+"""Trainer events and the callbacks run at them, the results.csv writer (the trainer calls it before saving last.pt)
+and the default results.png callback."""
 
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 from crosskd.dist import is_main_process
 from crosskd.engine.metrics import METRIC_KEYS
 from crosskd.engine.plotting import plot_results
+from crosskd.utils import temp_path
 
 EVENTS = (
     "on_train_start",
@@ -72,6 +75,24 @@ def write_results_csv(trainer: Any) -> None:
         writer.writerow(results_row(trainer))
 
 
+def trim_results_csv(path: Path, epochs: int) -> None:
+    """Keep one row for each of epochs 1..`epochs` in results.csv (rewritten atomically), for a resume from a
+    checkpoint that finished `epochs` epochs: rows of later epochs, duplicates and a torn last line go."""
+    lines = list(csv.reader(path.read_text().splitlines())) if path.exists() else []
+    if not lines:
+        path.unlink(missing_ok=True)  # an empty file would get no header
+        return
+    header, *rows = lines
+    kept: dict[int, list[str]] = {}
+    for row in rows:
+        if len(row) == len(header) and row[0].isdigit() and 1 <= int(row[0]) <= epochs:
+            kept.setdefault(int(row[0]), row)
+    tmp = temp_path(path)
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows([header, *(kept[epoch] for epoch in sorted(kept))])
+    os.replace(tmp, path)
+
+
 def plot_results_png(trainer: Any) -> None:
     """Draw results.png from results.csv at the end of training."""
     path = Path(trainer.save_dir) / "results.csv"
@@ -80,5 +101,5 @@ def plot_results_png(trainer: Any) -> None:
 
 
 def default_callbacks() -> dict[str, list[Callback]]:
-    """The callbacks every trainer starts with: results.csv after each epoch, results.png at the end."""
-    return {"on_fit_epoch_end": [write_results_csv], "on_train_end": [plot_results_png]}
+    """The callbacks every trainer starts with: results.png at the end."""
+    return {"on_train_end": [plot_results_png]}

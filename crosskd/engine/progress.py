@@ -28,9 +28,11 @@ def epoch_header(loss_names: list[str], cuda: bool) -> str:
 class EpochProgress:
     """Shows iteration, running loss means, lr, images/s, ETA and (CUDA) memory for one epoch; rank 0 only."""
 
-    def __init__(self, console: Console, total: int, epoch_text: str, device: torch.device, enabled: bool = True):
+    def __init__(self, console: Console, total: int, epoch_text: str, device: torch.device, enabled: bool = True,
+                 completed: int = 0):
         self.console = console
         self.total = total
+        self.completed = completed  # iterations done before this display started (a mid-epoch resume)
         self.epoch_text = epoch_text
         self.device = device
         self.enabled = enabled
@@ -52,7 +54,7 @@ class EpochProgress:
                 console=self.console,
             )
             self.progress.start()
-            self.task = self.progress.add_task(self.epoch_text, total=self.total)
+            self.task = self.progress.add_task(self.epoch_text, total=self.total, completed=self.completed)
         return self
 
     def __exit__(self, *exc) -> None:

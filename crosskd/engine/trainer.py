@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -14,11 +14,11 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from crosskd.config import get_args, imgsz_hw
-from crosskd.data import DetectionDataset, build_dataloader, load_data_yaml
+from crosskd.data import DetectionDataset, build_dataloader, load_data_yaml, skip_batches
 from crosskd.dist import barrier, get_rank, get_world_size, is_dist, is_main_process, reduce_mean
 from crosskd.engine import ddp
 from crosskd.engine.backend import is_detector_checkpoint, load_runtime
-from crosskd.engine.callbacks import Callback, Callbacks, default_callbacks
+from crosskd.engine.callbacks import Callback, Callbacks, default_callbacks, trim_results_csv, write_results_csv
 from crosskd.engine.checkpoint import (
     detector_from_checkpoint,
     is_resumable,
@@ -27,17 +27,18 @@ from crosskd.engine.checkpoint import (
     save_checkpoint,
     strip_checkpoint,
 )
+from crosskd.engine.interrupt import StopSignals, exit_code, resume_command, signal_name
 from crosskd.engine.metrics import fitness
 from crosskd.engine.optim import ModelEMA, build_optimizer, build_schedule, set_lr
 from crosskd.engine.progress import EpochProgress, epoch_header
 from crosskd.engine.validator import Validator
-from crosskd.errors import CheckpointError, ConfigError
+from crosskd.errors import CheckpointError, ConfigError, RunStopped
 from crosskd.models import DenseDetector
 from crosskd.models.pretrained import load_pretrained_weights, transfer_matching
 from crosskd.paths import make_save_dir, newest_file, runs_dir, writable_dir
-from crosskd.utils import LOGGER, colorstr, console, init_seeds, select_device
+from crosskd.utils import LOGGER, colorstr, console, init_seeds, remove_stale_temp_files, select_device
 
-RESUME_WHITELIST = ("device", "workers", "val", "plots", "save_period")  # may change when resuming
+RESUME_WHITELIST = ("device", "workers", "val", "plots", "save_period", "save_period_iters")  # may change when resuming
 
 
 class DetectorLoss(nn.Module):
@@ -78,6 +79,11 @@ class Trainer:
         self.resume_ckpt: dict | None = None  # the checkpoint being resumed, loaded once
         self.save_dir: Path | None = None
         self.ema: ModelEMA | None = None
+        self.batches_done = 0  # iterations of self.epoch done
+        self.loss_sums: dict[str, Tensor] = {}  # this epoch's summed losses so far
+        self.resume_partial: dict | None = None  # the unfinished epoch's state in a mid-epoch last.pt
+        self.in_epoch = False  # from an epoch's start until its last.pt is saved
+        self.stop_signals = StopSignals()
 
     def add_callback(self, event: str, fn: Callback) -> None:
         self.callbacks.add(event, fn)
@@ -215,25 +221,32 @@ class Trainer:
         return Path(path)
 
     def restore(self, ckpt: dict) -> None:
-        """Continue from a last.pt: optimiser, scaler, EMA, epoch, best fitness, elapsed time and RNG states."""
+        """Continue from a last.pt: optimiser, scaler, EMA, epoch (for a mid-epoch checkpoint also the iterations done
+        and their loss sums), best fitness, elapsed time and RNG states. Rank 0 trims results.csv to the epochs the
+        checkpoint finished and removes temporary files of saves that were killed."""
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler") is not None and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None and ckpt.get("ema") is not None:
             self.ema.module.load_state_dict(ckpt["ema"])
             self.ema.updates = int(ckpt.get("ema_updates", 0))
-        self.start_epoch = int(ckpt["epoch"]) + 1
+        partial = ckpt.get("partial_epoch")  # {"batches", "loss_sums"} of an unfinished epoch, else None
+        self.start_epoch = int(ckpt["epoch"]) + (0 if partial else 1)
+        self.resume_partial = partial
         self.best_fitness = ckpt.get("best_fitness")
         self.elapsed_before = float((ckpt.get("train_metrics") or {}).get("elapsed", 0.0))
         self.restore_extras(ckpt)
-        if self.start_epoch >= self.args.epochs:
-            raise CheckpointError(
-                f"'{self.resume_path}' already finished {self.args.epochs} epochs; nothing to resume, "
-                f"start a new run with model={self.resume_path}"
-            )
         if ckpt.get("rng") is not None and self.world_size == 1:
             set_rng_state(ckpt["rng"])
-        LOGGER.info(f"Resuming training {self.resume_path} from epoch {self.start_epoch + 1} to {self.args.epochs}")
+        if is_main_process():
+            trim_results_csv(self.save_dir / "results.csv", self.start_epoch)
+            for path in remove_stale_temp_files(self.weights_dir):
+                LOGGER.info(f"Removed {path.name}, left by a save that was killed")
+        if self.start_epoch >= self.args.epochs:  # killed while finishing: strip and validate again
+            LOGGER.info(f"Resuming {self.resume_path}: all {self.args.epochs} epochs are trained, finishing the run")
+            return
+        where = f"epoch {self.start_epoch + 1}" + (f" iteration {partial['batches'] + 1}" if partial else "")
+        LOGGER.info(f"Resuming training {self.resume_path} from {where} to {self.args.epochs}")
 
     def restore_extras(self, ckpt: dict) -> None:
         """Hook for subclasses: restore what `checkpoint_extras` saved."""
@@ -244,51 +257,84 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, float]:
-        """Run every epoch, then finish; returns the final validation metrics of best.pt."""
+        """Run every epoch, then finish; returns the final validation metrics of best.pt.
+
+        SIGTERM or SIGINT during the epochs stops the run after the current iteration with a resumable last.pt and
+        raises RunStopped (see `stop_and_save`).
+        """
         self.setup()
         self.start_time = time.monotonic()
         self.callbacks.run("on_train_start", self)
         LOGGER.info(f"Logging results to {colorstr('bold', str(self.save_dir))}")
         LOGGER.info(f"Starting training for {self.args.epochs} epochs...")
-        for epoch in range(self.start_epoch, self.args.epochs):
-            self.epoch = epoch
-            self.train_epoch()
-            self.callbacks.run("on_train_epoch_end", self)
-            self.validate()
-            self.elapsed = self.elapsed_before + time.monotonic() - self.start_time
-            if is_main_process():
-                self.save_model()
-            self.callbacks.run("on_fit_epoch_end", self)
+        with self.stop_signals:
+            for epoch in range(self.start_epoch, self.args.epochs):
+                self.epoch, self.in_epoch = epoch, True
+                self.train_epoch()
+                self.callbacks.run("on_train_epoch_end", self)
+                self.validate()
+                self.elapsed = self.elapsed_before + time.monotonic() - self.start_time
+                if is_main_process():
+                    write_results_csv(self)  # before last.pt: a resume trims rows its checkpoint had not reached
+                    self.save_model()
+                self.in_epoch = False
+                self.callbacks.run("on_fit_epoch_end", self)
+                self.stop_if_requested()
         self.finish()
         return self.final_metrics
 
     def train_epoch(self) -> None:
-        """One pass over the train loader with the running-mean progress display."""
+        """One pass over the train loader with the running-mean progress display. A mid-epoch resume goes on after
+        the checkpoint's iteration with the same sample order (the batches done are drawn, not loaded) and loss sums."""
         self.train_module.train()
         self.seed_loader_epoch()
         self.callbacks.run("on_train_epoch_start", self)
         num_batches = len(self.train_loader)
-        sums: dict[str, Tensor] = {}
+        first = self.start_epoch_state()
+        sums = self.loss_sums
+        skip_batches(self.train_loader, first)
         epoch_text = f"{self.epoch + 1}/{self.args.epochs}"
-        with EpochProgress(console, num_batches, epoch_text, self.device, enabled=is_main_process()) as bar:
-            for i, batch in enumerate(self.train_loader):
+        with EpochProgress(console, num_batches, epoch_text, self.device, enabled=is_main_process(),
+                           completed=first) as bar:
+            for i, batch in enumerate(self.train_loader, start=first):
                 self.iteration = self.epoch * num_batches + i
                 self.lr = self.schedule(self.iteration)
                 set_lr(self.optimizer, self.lr)
                 self.loss_items = self.train_step(batch)
                 for name, value in self.loss_items.items():
                     sums[name] = sums.get(name, 0.0) + value
-                if i == 0:
+                self.batches_done = i + 1
+                if i == first:
                     self.loss_names = list(sums)
                     LOGGER.info(epoch_header(self.loss_names, self.device.type == "cuda"))
                 bar.advance(len(batch.images))
                 if bar.due(i):
                     bar.refresh(i, {k: float(v) / (i + 1) for k, v in sums.items()}, self.lr)
                 self.callbacks.run("on_train_batch_end", self)
+                self.end_iteration()
         means = reduce_mean(torch.stack(list(sums.values())) / num_batches)  # [num_losses], averaged over ranks
         self.epoch_losses = dict(zip(self.loss_names, means.tolist(), strict=True))
         summary = "  ".join(f"{k} {v:.4g}" for k, v in self.epoch_losses.items())
         LOGGER.info(f"Epoch {epoch_text}: {summary}  lr {self.lr:.4g}")
+
+    def start_epoch_state(self) -> int:
+        """The epoch's first iteration: 0, or after a mid-epoch resume the checkpoint's iterations done, whose loss
+        sums and skipped-step count this epoch takes over."""
+        partial, self.resume_partial = self.resume_partial, None
+        if partial is None:
+            self.loss_sums, self.batches_done = {}, 0
+        else:
+            self.loss_sums = {k: torch.tensor(v, device=self.device) for k, v in partial["loss_sums"].items()}
+            self.batches_done = int(partial["batches"])
+        self.loss_names = list(self.loss_sums)
+        return self.batches_done
+
+    def end_iteration(self) -> None:
+        """After each iteration: stop if any rank got SIGTERM/SIGINT, else write last.pt every save_period_iters."""
+        self.stop_if_requested()
+        period = self.args.save_period_iters
+        if period > 0 and (self.iteration + 1) % period == 0 and self.batches_done < len(self.train_loader):
+            self.save_partial_epoch()
 
     def seed_loader_epoch(self) -> None:
         """Make this epoch's sample order and worker seeds a function of (seed, rank, epoch), so resume is exact."""
@@ -335,7 +381,8 @@ class Trainer:
                 self.best_fitness = self.fitness
 
     # ------------------------------------------------------------------ saving and finishing
-    def checkpoint(self) -> dict:
+    def checkpoint(self, partial: dict | None = None) -> dict:
+        """The resumable state after epoch `self.epoch`, or with `partial` ({"batches", "loss_sums"}) in its middle."""
         return make_checkpoint(
             self.model,
             epoch=self.epoch,
@@ -346,25 +393,67 @@ class Trainer:
             scaler=self.scaler,
             ema=self.ema.module if self.ema is not None else None,
             ema_updates=self.ema.updates if self.ema is not None else 0,
-            scheduler={**self.schedule.state_dict(), "iteration": self.iteration + 1},
+            scheduler={**self.schedule.state_dict(), "iteration": self.iterations_done},
             train_metrics={**self.metrics, "fitness": self.fitness, "elapsed": self.elapsed},
             rng=get_rng_state(),
+            partial_epoch=partial,
             **self.checkpoint_extras(),
         )
+
+    @property
+    def iterations_done(self) -> int:
+        return self.epoch * len(self.train_loader) + self.batches_done
 
     @property
     def weights_dir(self) -> Path:
         return self.save_dir / "weights"
 
     def save_model(self) -> None:
-        """last.pt every epoch, best.pt when this epoch's fitness is the best, epoch{N}.pt every save_period."""
+        """best.pt when this epoch's fitness is the best, epoch{N}.pt every save_period, then last.pt every epoch: a
+        resume reads last.pt, so a run killed between the files redoes the epoch and writes them again."""
         ckpt = self.checkpoint()
-        save_checkpoint(ckpt, self.weights_dir / "last.pt")
         if self.fitness is not None and self.fitness == self.best_fitness:
             save_checkpoint(ckpt, self.weights_dir / "best.pt")
         if self.args.save_period > 0 and (self.epoch + 1) % self.args.save_period == 0:
             save_checkpoint(ckpt, self.weights_dir / f"epoch{self.epoch + 1}.pt")
+        save_checkpoint(ckpt, self.weights_dir / "last.pt")
         self.callbacks.run("on_model_save", self)
+
+    def save_partial_epoch(self, collective: bool = True) -> None:
+        """Write a resumable mid-epoch last.pt (rank 0): the iterations done and their loss sums, averaged over ranks
+        when `collective` (then every rank calls it), so a resume continues at the next iteration."""
+        sums = torch.tensor([float(v) for v in self.loss_sums.values()], device=self.device)  # [num_losses]
+        if collective:
+            sums = reduce_mean(sums)
+        partial = {"batches": self.batches_done, "loss_sums": dict(zip(self.loss_sums, sums.tolist(), strict=True))}
+        self.elapsed = self.elapsed_before + time.monotonic() - self.start_time
+        if is_main_process():
+            save_checkpoint(self.checkpoint(partial), self.weights_dir / "last.pt")
+        if collective:
+            barrier()
+
+    def stop_if_requested(self) -> None:
+        """At a safe point: `stop_and_save` when any rank got SIGTERM or SIGINT (a collective under DDP)."""
+        signum = self.stop_signals.requested(self.device)
+        if signum:
+            self.stop_and_save(f"{signal_name(signum)} received", exit_code(signum))
+
+    def stop_and_save(self, reason: str, code: int, collective: bool = True) -> NoReturn:
+        """End the run now, resumably: inside an epoch last.pt of the last finished iteration is written (after an
+        epoch it is saved already), then every rank raises RunStopped(code), rank 0's with one line naming `reason`,
+        where it stopped and the exact resume command. `collective=False` when other ranks may be gone: no
+        all_reduce, barrier or process-group teardown, and the epoch's loss sums are this rank's own."""
+        last = self.weights_dir / "last.pt"
+        if self.in_epoch:
+            self.save_partial_epoch(collective)
+            where = f"epoch {self.epoch + 1}/{self.args.epochs} iteration {self.batches_done}/{len(self.train_loader)}"
+        else:
+            where = f"the end of epoch {self.epoch + 1}/{self.args.epochs}"
+        main = is_main_process()
+        if collective:
+            ddp.cleanup_distributed()
+        message = f"{reason}: stopped at {where} and saved {last}; resume with: {resume_command(self.mode, last)}"
+        raise RunStopped(message if main else "", code)
 
     def finish(self) -> None:
         """Strip last.pt and best.pt, re-validate best.pt with the per-class table, run on_train_end."""
@@ -372,7 +461,7 @@ class Trainer:
         if is_main_process():
             hours = (time.monotonic() - self.start_time) / 3600
             LOGGER.info(f"{self.args.epochs - self.start_epoch} epochs completed in {hours:.3f} hours.")
-            for path in (last, best):
+            for path in (best, last):  # last.pt last: until it is stripped, a resume finishes the run again
                 if path.exists():
                     strip_checkpoint(path)
         barrier()
