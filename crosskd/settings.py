@@ -176,7 +176,8 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("vid_stride", "int", 1, "process every Nth video frame", low=1),
     )),
     ("Export", (
-        Setting("format", "str", "onnx", "export format", choices=("onnx", "torchscript")),
+        Setting("format", "str", "onnx", "export format (openvino needs pip install 'crosskd[openvino]')",
+                choices=("onnx", "torchscript", "openvino")),
         Setting("dynamic", "bool", False, "dynamic batch, height and width axes"),
         Setting("simplify", "bool", False, "simplify the ONNX graph with onnxslim"),
         Setting("opset", "int", None, "ONNX opset; empty = exporter default", low=7, example="17"),

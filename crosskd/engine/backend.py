@@ -1,4 +1,4 @@
-"""Inference backends for exported crosskd models (ONNX Runtime, TorchScript) with DenseDetector.predict()."""
+"""Inference backends for exported crosskd models (ONNX Runtime, TorchScript, OpenVINO) with DenseDetector.predict()."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from crosskd.config import imgsz_hw
 from crosskd.engine.checkpoint import (
@@ -39,6 +40,8 @@ YAML_SUFFIXES = (".yaml", ".yml")
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
 REQUIRED_METADATA = ("names", "stride", "strides", "imgsz", "batch", "num_anchors", "args")
 TORCHSCRIPT_METADATA = "config.txt"
+OPENVINO_SUFFIX = "_openvino_model"  # an OpenVINO export is the folder <weights stem>_openvino_model (Ultralytics')
+OPENVINO_METADATA = "metadata.yaml"
 
 
 @dataclass(frozen=True)
@@ -293,13 +296,71 @@ def traced_device(path: Path, metadata: dict[str, str], requested: torch.device)
                           f"re-export it with device={requested.type}")
 
 
-EXPORTED_BACKENDS: dict[str, type[ExportedDetector]] = {".onnx": OnnxDetector, ".torchscript": TorchScriptDetector}
+def import_openvino():
+    """The openvino module, or a one-line ConfigError with the command that installs it."""
+    try:
+        import openvino
+    except ImportError:
+        raise ConfigError("OpenVINO export and inference need the openvino package; install it with: "
+                          "pip install 'crosskd[openvino]'") from None
+    return openvino
+
+
+class OpenVinoDetector(ExportedDetector):
+    """An OpenVINO IR folder (<name>.xml + .bin, metadata.yaml) compiled for the CPU behind DenseDetector.predict().
+
+    Compiled at f32 precision: on processors with bf16 support OpenVINO's CPU default is bf16, which moves scores by
+    ~0.2 on a tiny model and breaks parity with PyTorch.
+    """
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
+        openvino = import_openvino()
+        folder = Path(path).parent if Path(path).suffix.lower() == ".xml" else Path(path)
+        xml = min(folder.glob("*.xml"), default=None) if folder.is_dir() else None
+        if xml is None or not (folder / OPENVINO_METADATA).is_file():
+            raise CheckpointError(f"OpenVINO model not found: '{folder}' needs a .xml/.bin pair and "
+                                  f"{OPENVINO_METADATA}; export one with 'crosskd export format=openvino'")
+        if torch.device(device).type != "cpu":
+            LOGGER.warning(f"OpenVINO runs '{folder.name}' on the CPU, not on {device}")
+        LOGGER.info(f"Loading {folder} for OpenVINO inference...")
+        core = openvino.Core()
+        try:
+            model = core.read_model(str(xml))
+        except RuntimeError as error:
+            reason = str(error).strip().splitlines()[0]
+            raise CheckpointError(f"cannot load '{xml}' with OpenVINO (corrupt?): {reason}") from None
+        metadata = yaml.safe_load((folder / OPENVINO_METADATA).read_text()) or {}
+        super().__init__(folder, {str(k): str(v) for k, v in metadata.items()}, torch.device("cpu"))
+        self.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        LOGGER.info(f"Using OpenVINO {openvino.__version__.split('-')[0]} on the CPU")
+        shape = model.input(0).get_partial_shape()  # B, 3, H, W; dynamic axes are None
+        self.input_shape = tuple(dim.get_length() if dim.is_static else None for dim in shape)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        output = self.compiled(images.detach().to("cpu", torch.float32).numpy())[0]
+        return torch.from_numpy(output).to(images.device)
+
+
+EXPORTED_BACKENDS: dict[str, type[ExportedDetector]] = {
+    "onnx": OnnxDetector, "torchscript": TorchScriptDetector, "openvino": OpenVinoDetector,
+}
+EXPORTED_SOURCES = (".onnx", ".torchscript", f"a *{OPENVINO_SUFFIX} folder")
+
+
+def exported_kind(source: str | Path) -> str | None:
+    """'onnx', 'torchscript' or 'openvino' (a *_openvino_model folder or its .xml) for an exported model, else None."""
+    text = str(source).rstrip("/\\")
+    suffix = Path(text).suffix.lower()
+    if text.endswith(OPENVINO_SUFFIX) or suffix == ".xml":
+        return "openvino"
+    return suffix[1:] if suffix in (".onnx", ".torchscript") else None
 
 
 def is_yaml(source: str | Path) -> bool:
     """A model YAML, given as a path or as a shipped model's bare name (gfl_r18t)."""
     text = str(source)
-    return Path(text).suffix.lower() in (*YAML_SUFFIXES, "") and not text.startswith(TORCHVISION_PREFIX)
+    return (Path(text).suffix.lower() in (*YAML_SUFFIXES, "") and not text.startswith(TORCHVISION_PREFIX)
+            and exported_kind(text) is None)
 
 
 @dataclass(frozen=True)
@@ -308,7 +369,7 @@ class Runtime:
 
     model: DenseDetector | ExportedDetector  # eval mode, on the requested device
     source: str  # the resolved file the model came from
-    kind: str  # "checkpoint", "yaml", "mmdetection", "torchvision", "onnx" or "torchscript"
+    kind: str  # "checkpoint", "yaml", "mmdetection", "torchvision", "onnx", "torchscript" or "openvino"
     names: dict[int, str]
     imgsz: tuple[int, int] | None  # the model's own input size (h, w): training or export size; None for a YAML
     checkpoint: dict = field(default_factory=dict)  # the crosskd checkpoint dict, empty for other kinds
@@ -358,11 +419,12 @@ def load_runtime(
     """The one model loader: every model source crosskd accepts, as a ready Runtime.
 
     Sources: a crosskd .pt; an MMDetection .pth (2.x/3.x); a torchvision detector (`torchvision:NAME`, or its state
-    dict file with `model_cfg` naming the matching *_tv.yaml); an exported .onnx / .torchscript; a model YAML (+
-    `weights`, a crosskd .pt of that architecture). `model_cfg` is the YAML a foreign checkpoint maps onto (inferred
-    from an MMDetection checkpoint's embedded config when absent). `nc` is the class count of a YAML built without
-    weights; with `adapt_nc` a model with other classes gets a new head for `nc` (fine-tuning). Every unusable source
-    ends in one ConfigError/CheckpointError line naming the setting it came from (`role`, e.g. teacher).
+    dict file with `model_cfg` naming the matching *_tv.yaml); an exported .onnx / .torchscript / *_openvino_model
+    folder; a model YAML (+ `weights`, a crosskd .pt of that architecture). `model_cfg` is the YAML a foreign
+    checkpoint maps onto (inferred from an MMDetection checkpoint's embedded config when absent). `nc` is the class
+    count of a YAML built without weights; with `adapt_nc` a model with other classes gets a new head for `nc`
+    (fine-tuning). Every unusable source ends in one ConfigError/CheckpointError line naming the setting it came
+    from (`role`, e.g. teacher).
     """
     text, suffix = str(source), Path(source).suffix.lower()
     if weights is not None and not is_yaml(source):
@@ -371,15 +433,15 @@ def load_runtime(
         runtime = _foreign_runtime(load_torchvision_detector(torchvision_name(text)), text, "torchvision")
     elif is_yaml(source):
         runtime = _from_yaml(source, nc, weights)
-    elif suffix in EXPORTED_BACKENDS:
-        model = EXPORTED_BACKENDS[suffix](source, device)
-        return Runtime(model, str(Path(source).resolve()), suffix[1:], dict(model.names), tuple(model.imgsz))
+    elif (kind := exported_kind(source)) is not None:
+        model = EXPORTED_BACKENDS[kind](source, device)
+        return Runtime(model, str(model.path.resolve()), kind, dict(model.names), tuple(model.imgsz))
     elif suffix in CHECKPOINT_SUFFIXES:
         if not Path(source).is_file():
             raise CheckpointError(f"{role} '{source}' not found: pass {role}=path/to/best.pt (a crosskd checkpoint)")
         runtime = _from_torch_file(Path(source), model_cfg, role)
     else:
-        expected = ", ".join((".yaml", *CHECKPOINT_SUFFIXES, *EXPORTED_BACKENDS, f"{TORCHVISION_PREFIX}NAME"))
+        expected = ", ".join((".yaml", *CHECKPOINT_SUFFIXES, *EXPORTED_SOURCES, f"{TORCHVISION_PREFIX}NAME"))
         raise CheckpointError(f"cannot load {role} '{source}': expected one of {expected}")
     if adapt_nc and nc is not None and nc != runtime.nc:
         detector = with_classes(runtime.detector("fine-tuning"), nc, text)
