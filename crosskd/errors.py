@@ -27,3 +27,7 @@ class RunStopped(Exception):  # noqa: N818 - a stop on request, not an error
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class TrainingError(UserError):
+    """Training cannot go on: too many non-finite losses in a row."""

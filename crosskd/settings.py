@@ -140,6 +140,8 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("amp", "bool", True, "automatic mixed precision on CUDA"),
         Setting("clip_grad", "float", 0.0, "gradient clipping max norm; 0 disables", low=0),
         Setting("ema", "bool", False, "keep an exponential moving average of the weights"),
+        Setting("nan_patience", "int", 10, "a step with a NaN/Inf loss is skipped; stop after this many in a row "
+                "(0 never stops)", low=0),
         Setting("ema_decay", "float", 0.9998, "EMA decay", low=0, high=1),
         Setting("seed", "int", 0, "random seed"),
         Setting("deterministic", "bool", True, "deterministic algorithms where available"),

@@ -67,7 +67,7 @@ def test_results_csv_columns_and_rows(trained):
     path = trained.trainer.save_dir / "results.csv"
     header = path.read_text().splitlines()[0].split(",")
     assert header == ["epoch", "time", "loss_cls", "loss_box", "loss_dfl", "AP", "AP50", "AP75", "APs", "APm", "APl",
-                      "lr"]
+                      "lr", "nonfinite_steps"]
     rows = read_csv(path)
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert float(rows[1]["lr"]) == pytest.approx(0.1 * float(rows[0]["lr"]))  # step decay at round(8*2/12) = 1

@@ -49,8 +49,9 @@ class Callbacks:
 
 
 def results_header(loss_names: list[str]) -> list[str]:
-    """results.csv columns: epoch, time, the mean training losses, COCO AP metrics, learning rate."""
-    return ["epoch", "time", *loss_names, *RESULT_METRICS, "lr"]
+    """results.csv columns: epoch, time, the mean training losses, COCO AP metrics, learning rate and the number of
+    steps skipped for a non-finite loss."""
+    return ["epoch", "time", *loss_names, *RESULT_METRICS, "lr", "nonfinite_steps"]
 
 
 def results_row(trainer: Any) -> list[str]:
@@ -59,7 +60,7 @@ def results_row(trainer: Any) -> list[str]:
     values = [str(trainer.epoch + 1), f"{trainer.elapsed:.1f}"]
     values += [f"{trainer.epoch_losses[name]:.5g}" for name in trainer.loss_names]
     values += [f"{metrics[k]:.5g}" if k in metrics else "" for k in RESULT_METRICS]
-    return [*values, f"{trainer.lr:.6g}"]
+    return [*values, f"{trainer.lr:.6g}", str(trainer.nonfinite.epoch_skips)]
 
 
 def write_results_csv(trainer: Any) -> None:

@@ -61,13 +61,14 @@ class EpochProgress:
         if self.progress is not None:
             self.progress.stop()
 
-    def describe(self, means: dict[str, float], lr: float) -> str:
-        """One row under `epoch_header`: epoch, memory (CUDA), running loss means, lr and images/s."""
+    def describe(self, means: dict[str, float], lr: float, skipped: int = 0) -> str:
+        """One row under `epoch_header`: epoch, memory (CUDA), running loss means, lr and images/s, then
+        'skip N' when N steps of the epoch were skipped for a non-finite loss."""
         mem = memory_text(self.device)
         rate = self.images / max(time.monotonic() - self.start, 1e-9)
         values = [self.epoch_text, *([mem] if self.device.type == "cuda" else [])]
         values += [f"{v:.4g}" for v in means.values()] + [f"{lr:.3g}", f"{rate:.1f}"]
-        return "".join(f"{v:>11}" for v in values)
+        return "".join(f"{v:>11}" for v in values) + (f"  skip {skipped}" if skipped else "")
 
     def due(self, step: int) -> bool:
         """Whether the display wants fresh numbers now (so the caller syncs the device only then)."""
@@ -80,10 +81,10 @@ class EpochProgress:
         if self.progress is not None:
             self.progress.advance(self.task)
 
-    def refresh(self, step: int, means: dict[str, float], lr: float) -> None:
+    def refresh(self, step: int, means: dict[str, float], lr: float, skipped: int = 0) -> None:
         """Redraw the bar; without a terminal print a plain line every PLAIN_INTERVAL_S and at the last step."""
         self.last_refresh = time.monotonic()
-        text = self.describe(means, lr)
+        text = self.describe(means, lr, skipped)
         if self.progress is not None:
             self.progress.update(self.task, description=text)
             return

@@ -29,10 +29,11 @@ from crosskd.engine.checkpoint import (
 )
 from crosskd.engine.interrupt import StopSignals, exit_code, resume_command, signal_name
 from crosskd.engine.metrics import fitness
+from crosskd.engine.nonfinite import NonFiniteGuard
 from crosskd.engine.optim import ModelEMA, build_optimizer, build_schedule, set_lr
 from crosskd.engine.progress import EpochProgress, epoch_header
 from crosskd.engine.validator import Validator
-from crosskd.errors import CheckpointError, ConfigError, RunStopped
+from crosskd.errors import CheckpointError, ConfigError, RunStopped, TrainingError
 from crosskd.models import DenseDetector
 from crosskd.models.pretrained import load_pretrained_weights, transfer_matching
 from crosskd.paths import make_save_dir, newest_file, runs_dir, writable_dir
@@ -79,6 +80,7 @@ class Trainer:
         self.resume_ckpt: dict | None = None  # the checkpoint being resumed, loaded once
         self.save_dir: Path | None = None
         self.ema: ModelEMA | None = None
+        self.nonfinite = NonFiniteGuard()
         self.batches_done = 0  # iterations of self.epoch done
         self.loss_sums: dict[str, Tensor] = {}  # this epoch's summed losses so far
         self.resume_partial: dict | None = None  # the unfinished epoch's state in a mid-epoch last.pt
@@ -288,6 +290,7 @@ class Trainer:
         the checkpoint's iteration with the same sample order (the batches done are drawn, not loaded) and loss sums."""
         self.train_module.train()
         self.seed_loader_epoch()
+        self.nonfinite.start_epoch()
         self.callbacks.run("on_train_epoch_start", self)
         num_batches = len(self.train_loader)
         first = self.start_epoch_state()
@@ -301,21 +304,25 @@ class Trainer:
                 self.lr = self.schedule(self.iteration)
                 set_lr(self.optimizer, self.lr)
                 self.loss_items = self.train_step(batch)
+                applied = self.nonfinite.in_row == 0  # a skipped (non-finite) step adds nothing to the means
                 for name, value in self.loss_items.items():
-                    sums[name] = sums.get(name, 0.0) + value
+                    sums[name] = sums.get(name, 0.0) + (value if applied else torch.zeros_like(value))
                 self.batches_done = i + 1
                 if i == first:
                     self.loss_names = list(sums)
                     LOGGER.info(epoch_header(self.loss_names, self.device.type == "cuda"))
                 bar.advance(len(batch.images))
                 if bar.due(i):
-                    bar.refresh(i, {k: float(v) / (i + 1) for k, v in sums.items()}, self.lr)
+                    steps = max(i + 1 - self.nonfinite.epoch_skips, 1)
+                    bar.refresh(i, {k: float(v) / steps for k, v in sums.items()}, self.lr, self.nonfinite.epoch_skips)
                 self.callbacks.run("on_train_batch_end", self)
                 self.end_iteration()
-        means = reduce_mean(torch.stack(list(sums.values())) / num_batches)  # [num_losses], averaged over ranks
+        steps = max(num_batches - self.nonfinite.epoch_skips, 1)  # the applied steps, the same on every rank
+        means = reduce_mean(torch.stack(list(sums.values())) / steps)  # [num_losses], averaged over ranks
         self.epoch_losses = dict(zip(self.loss_names, means.tolist(), strict=True))
         summary = "  ".join(f"{k} {v:.4g}" for k, v in self.epoch_losses.items())
-        LOGGER.info(f"Epoch {epoch_text}: {summary}  lr {self.lr:.4g}")
+        skipped = f"  skipped {self.nonfinite.epoch_skips} non-finite steps" if self.nonfinite.epoch_skips else ""
+        LOGGER.info(f"Epoch {epoch_text}: {summary}  lr {self.lr:.4g}{skipped}")
 
     def start_epoch_state(self) -> int:
         """The epoch's first iteration: 0, or after a mid-epoch resume the checkpoint's iterations done, whose loss
@@ -346,9 +353,14 @@ class Trainer:
             generator.manual_seed(self.args.seed + self.rank + self.epoch)
 
     def train_step(self, batch: Any) -> dict[str, Tensor]:
-        """Forward (AMP on CUDA), backward, optional gradient clipping, optimiser and EMA step; detached losses."""
+        """Forward (AMP on CUDA), backward, optional gradient clipping, optimiser and EMA step; detached losses.
+
+        A step whose total loss (or, without AMP, a gradient) is NaN/Inf on any rank is skipped (`skip_step`); with
+        AMP the GradScaler skips steps with overflowed gradients itself.
+        """
         batch = batch.to(self.device)
         with torch.autocast(self.device.type, enabled=self.amp):
+        self.nonfinite.save_buffers(self.train_module)
             losses = self.compute_loss(batch)
         total = sum(losses.values())
         self.scaler.scale(total).backward()
@@ -356,12 +368,45 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             nn.utils.clip_grad_norm_(params, self.args.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        losses = {name: value.detach().float() for name, value in losses.items()}
+        if self.nonfinite.is_finite(total, None if self.amp else self.gradients()):
+            self.nonfinite.record(applied=True)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.ema is not None:
+                self.ema.update(self.model)
+        else:
+            self.skip_step(losses)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.model)
-        return {name: value.detach().float() for name, value in losses.items()}
+        return losses
+
+    def gradients(self) -> list[Tensor]:
+        """The .grad of every optimised parameter that has one."""
+        return [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+    def skip_step(self, losses: dict[str, Tensor]) -> None:
+        """Leave weights, optimiser state and EMA as they were: put back the BatchNorm statistics the forward pass
+        changed and clear the scaler's record of this step. Warn at the first of a run of skipped steps and stop with
+        one line after nan_patience in a row; the checkpoints already saved stay as they are."""
+        self.nonfinite.restore_buffers()
+        if self.scaler.is_enabled():
+            self.scaler.update(self.scaler.get_scale())  # same scale, no inf checks carried into the next step
+        in_row = self.nonfinite.record(applied=False)
+        values = ", ".join(f"{name} {float(value):.4g}" for name, value in losses.items())
+        where = f"epoch {self.epoch + 1}, iteration {self.iteration}"
+        if in_row == 1:
+            LOGGER.warning(f"Non-finite loss at {where} ({values}): step skipped, weights unchanged")
+        if 0 < self.args.nan_patience <= in_row:
+            raise TrainingError(f"training stopped: {in_row} steps in a row had a non-finite loss, the last at "
+                                f"{where} ({values}); {self.nonfinite_fix()}")
+
+    def nonfinite_fix(self) -> str:
+        """The fix offered when non-finite losses stop training: where the last good weights are, what to change."""
+        last = self.weights_dir / "last.pt"
+        change = f"lower lr0 (now {self.args.lr0}), set clip_grad (e.g. clip_grad=10) or amp=false"
+        if not last.exists():
+            return f"no checkpoint was saved yet; {change} and start again"
+        return f"{last} holds the last good epoch: {change} and train from it with model={last}"
 
     def compute_loss(self, batch: Any) -> dict[str, Tensor]:
         """The loss dict of one batch through the (DDP-wrapped) loss module."""
