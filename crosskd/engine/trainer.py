@@ -359,8 +359,8 @@ class Trainer:
         AMP the GradScaler skips steps with overflowed gradients itself.
         """
         batch = batch.to(self.device)
-        with torch.autocast(self.device.type, enabled=self.amp):
         self.nonfinite.save_buffers(self.train_module)
+        with torch.autocast(self.device.type, enabled=self.amp):
             losses = self.compute_loss(batch)
         total = sum(losses.values())
         self.scaler.scale(total).backward()
