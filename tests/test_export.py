@@ -2,6 +2,7 @@
 metadata read back by the backends, and validation of an exported model."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -308,3 +309,52 @@ def test_val_of_onnx_equals_val_of_checkpoint(tmp_path):
             np.testing.assert_allclose(ours["bbox"], theirs["bbox"], atol=1e-2)
     for key in ("AP", "AP50", "AR100"):
         assert abs(onnx_metrics[key] - pt_metrics[key]) < 1e-3
+
+
+def test_openvino_export_parity_predict_and_val(tmp_path, write_digits_yaml):
+    from crosskd import cli
+    from crosskd.engine.backend import OpenVinoDetector
+
+    names = {i: str(i) for i in range(10)}
+    data = write_digits_yaml(tmp_path, 2, 4)
+    weights = write_checkpoint(tmp_path / "best.pt", "atss", names=names)
+    path = exporter.run(export_args(weights, format="openvino", dynamic=True))
+    assert path == tmp_path / "best_openvino_model"
+    assert sorted(file.name for file in path.iterdir()) == ["best.bin", "best.xml", "metadata.yaml"]
+    runtime = load_runtime(path / "best.xml")
+    assert runtime.kind == "openvino" and isinstance(runtime.model, OpenVinoDetector) and runtime.names == names
+    assert runtime.model.dynamic_size and runtime.model.dynamic_batch
+    detector = tiny_detector("atss", nc=len(names))
+    for shape in [(1, 3, 128, 128), (2, 3, 96, 160)]:
+        images = torch.rand(*shape, generator=torch.Generator().manual_seed(7))
+        expected = detector.predict(images, 0.25, 0.6, 100, 1000)
+        for ours, theirs in zip(runtime.model.predict(images, 0.25, 0.6, 100, 1000), expected, strict=True):
+            assert len(theirs.scores) > 0 and torch.equal(ours.labels, theirs.labels)
+            torch.testing.assert_close(ours.boxes, theirs.boxes, atol=1e-3, rtol=0)
+            torch.testing.assert_close(ours.scores, theirs.scores, atol=1e-4, rtol=0)
+    common = [f"data={data}", "imgsz=64", "batch=2", "workers=0", "device=cpu", f"project={tmp_path / 'runs'}"]
+    predictions = []
+    for model, name in ((weights, "pt"), (path, "openvino")):
+        cli.main(["val", f"model={model}", *common, f"name={name}", "plots=False", "save_json=True", "conf=0.01"])
+        predictions.append(json.loads((tmp_path / "runs" / name / "predictions.json").read_text()))
+    pt_records, ov_records = predictions
+    assert len(ov_records) == len(pt_records) > 0
+    for ours, theirs in zip(ov_records, pt_records, strict=True):
+        assert ours["image_id"] == theirs["image_id"] and ours["category_id"] == theirs["category_id"]
+        np.testing.assert_allclose(ours["bbox"] + [ours["score"]], theirs["bbox"] + [theirs["score"]], atol=1e-2)
+    cli.main(["predict", f"model={path}", f"source={tmp_path / 'digits' / 'images' / 'val'}", *common, "conf=0.01"])
+    predicted = list((tmp_path / "runs" / "predict").glob("*.jpg"))
+    assert len(predicted) == 4
+
+
+def test_openvino_missing_is_one_line_with_the_install_command(tmp_path, monkeypatch, capsys):
+    from crosskd import cli
+
+    weights = write_checkpoint(tmp_path / "best.pt", "gfl")
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["export", f"model={weights}", "format=openvino"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'crosskd[openvino]'" in err[0]
+    assert not (tmp_path / "best_openvino_model").exists()
