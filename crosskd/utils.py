@@ -138,7 +138,8 @@ def pid_alive(pid: int) -> bool:
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """torch.save to a temporary file in the same directory, then os.replace: readers never see half a file.
 
-    The file gets the permissions of any other run file (0o666 minus the umask), not mkstemp's 0o600.
+    The file gets the permissions of any other run file (0o666 minus the umask), not mkstemp's 0o600. A failed write
+    (full disk, read-only folder) raises its OSError, removes the temporary file and leaves `path` as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -146,7 +147,13 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     handle = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(handle, "wb") as tmp_file:
-            torch.save(obj, tmp_file)
+            writer = WriteErrorRecorder(tmp_file)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:  # torch reports a failed write as "unexpected pos"; raise the write's own error
+                if writer.error is None:
+                    raise
+                raise writer.error from None
             tmp_file.flush()
             os.fsync(tmp_file.fileno())
         os.replace(tmp_name, path)
@@ -154,6 +161,25 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
         tmp_name.unlink(missing_ok=True)
         raise
     return path
+
+
+class WriteErrorRecorder:
+    """A binary file for torch.save that keeps the OSError of a failed write (e.g. ENOSPC), which torch's zip writer
+    would otherwise turn into a RuntimeError without the cause."""
+
+    def __init__(self, file: Any):
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def init_seeds(seed: int = 0, deterministic: bool = False) -> None:

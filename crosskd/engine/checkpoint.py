@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import shutil
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,71 @@ TRAINING_STATE_KEYS = ("optimizer", "scaler", "ema", "scheduler")
 
 
 def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
-    """Write `ckpt` to `path` atomically (temporary file in the same directory, then os.replace)."""
-    return atomic_save(ckpt, path)
+    """Write `ckpt` to `path` atomically (temporary file in the same directory, then os.replace).
+
+    A failed write (full disk, read-only folder: any OSError) removes the temporary file, leaves a previous file at
+    `path` as it was and raises a one-line CheckpointError naming the folder, its free space and the space needed.
+    """
+    path = Path(path)
+    try:
+        return atomic_save(ckpt, path)
+    except OSError as error:
+        raise CheckpointError(save_failure_message(ckpt, path, error)) from None
+
+
+def save_failure_message(ckpt: dict, path: Path, error: OSError) -> str:
+    """What failed, the folder's free space against the checkpoint's size, and the fix."""
+    folder = path.parent
+    free = free_bytes(folder)
+    free_text = f"{format_bytes(free)} free" if free is not None else "unknown free space"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "make room there, or train with project= on another disk"
+    else:
+        fix = "make the folder writable, or train with project= in a writable place"
+    kept = f"; the previous {path.name} is unchanged" if path.exists() else ""
+    return (f"cannot write checkpoint {path}: {error.strerror or error}; {folder} has {free_text} and the checkpoint "
+            f"needs {format_bytes(serialized_size(ckpt))}: {fix}{kept}")
+
+
+class ByteCounter:
+    """A write-only binary file that only counts what is written to it."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        count = memoryview(data).nbytes
+        self.size += count
+        return count
+
+    def flush(self) -> None:
+        pass
+
+
+def serialized_size(obj: Any) -> int:
+    """Bytes torch.save writes for `obj` (serialised into a counter, nothing kept in memory)."""
+    counter = ByteCounter()
+    torch.save(obj, counter)
+    return counter.size
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Free bytes on the file system of `folder` (or of its nearest existing parent); None when unknown."""
+    folder = folder.absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def format_bytes(size: int) -> str:
+    """Sizes as people read them: '830 B', '12.3 MB', '1.5 GB'."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
 
 
 def is_crosskd_checkpoint(obj: Any) -> bool:
