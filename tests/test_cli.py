@@ -186,7 +186,7 @@ def test_mode_word_may_stand_anywhere_and_distill_takes_aliases(fake_engine):
 
 
 def test_mode_key_stands_in_for_the_mode_word_and_no_mode_means_train(fake_engine, capsys):
-    assert run_main(["mode=val"]) == 0
+    assert run_main(["mode=val", "model=best.pt"]) == 0
     assert run_main(["model=gfl_r18.yaml"]) == 0
     assert [args.mode for args in fake_engine.calls] == ["val", "train"]
     assert "WARNING: no mode given" in capsys.readouterr().out
@@ -222,15 +222,16 @@ def test_user_errors_are_one_red_line_with_exit_2(capsys, fake_engine, argv, fra
 
 def test_a_mode_whose_engine_is_missing_is_not_built_yet(capsys, monkeypatch):
     monkeypatch.setitem(cli.MODE_TARGETS, "val", ("crosskd.engine.no_such_engine", "run"))
-    assert_user_error(capsys, ["val"], "'val' is not built yet (crosskd.engine.no_such_engine is missing)")
+    assert_user_error(capsys, ["val", "model=best.pt"],
+                      "'val' is not built yet (crosskd.engine.no_such_engine is missing)")
     monkeypatch.setitem(cli.MODE_TARGETS, "val", ("crosskd.errors", "run"))
-    assert_user_error(capsys, ["val"], "'val' is not built yet (crosskd.errors has no run())")
+    assert_user_error(capsys, ["val", "model=best.pt"], "'val' is not built yet (crosskd.errors has no run())")
 
 
 def test_missing_third_party_modules_are_bugs_with_tracebacks(monkeypatch):
     monkeypatch.setitem(cli.MODE_TARGETS, "val", ("zz_not_installed_anywhere", "run"))
     with pytest.raises(ModuleNotFoundError):
-        cli.main(["val"])
+        cli.main(["val", "model=best.pt"])
 
 
 def test_engine_bugs_propagate(fake_engine):
