@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,10 +17,13 @@ from torch import nn
 from crosskd.config import get_args
 from crosskd.data import Batch, Sample, collate
 from crosskd.dist import is_dist
+from crosskd.errors import ConfigError
 from crosskd.settings import format_value
 from crosskd.utils import LOGGER, colorstr, parse_device_list
 
 DDP_TIMEOUT = timedelta(hours=3)
+TIMEOUT_ENV = "CROSSKD_DDP_TIMEOUT"  # seconds a collective waits for the other processes before failing
+LOST_NODE_EXIT = 75  # sysexits EX_TEMPFAIL: a temporary failure, start the job again with resume=
 
 
 def env_world_size() -> int:
@@ -75,8 +79,47 @@ def init_distributed(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=DDP_TIMEOUT)
+    dist.init_process_group(backend, timeout=ddp_timeout())
     LOGGER.info(f"{colorstr('DDP:')} {backend} process group of {dist.get_world_size()} processes")
+
+
+def ddp_timeout() -> timedelta:
+    """How long a collective waits for the other processes: CROSSKD_DDP_TIMEOUT seconds, else 3 hours."""
+    text = os.environ.get(TIMEOUT_ENV)
+    if text is None:
+        return DDP_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise ConfigError(f"{TIMEOUT_ENV}={text!r} is not a number of seconds above 0; set e.g. {TIMEOUT_ENV}=600")
+    return timedelta(seconds=seconds)
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """True when a collective failed because another process of the job died or stopped answering.
+
+    torch.distributed's own errors (DistError: backend, network, store) and gloo's RuntimeErrors ("Connection reset by
+    peer", "Timed out waiting ... for recv") qualify; anything else is a bug and keeps its traceback.
+    """
+    gloo = isinstance(error, RuntimeError) and "gloo" in str(error)
+    return is_dist() and (isinstance(error, dist.DistError) or gloo)
+
+
+def lost_node_text(error: BaseException) -> str:
+    """Which node was lost, as this process can tell: the other node of a 2-node job, else the nodes besides this one,
+    with the peer address of the failed connection when the error names it (e.g. 'node 1 of 2 (peer 10.0.0.2:4301)').
+    Nodes are torchrun's group ranks (GROUP_RANK), a single-node job's other processes are 'a process of this node'."""
+    world, local_world = env_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", env_world_size()))
+    num_nodes, this_node = max(world // max(local_world, 1), 1), int(os.environ.get("GROUP_RANK", 0))
+    others = [str(node) for node in range(num_nodes) if node != this_node]
+    peer = re.search(r"\[([^\]]+)\]:(\d+)", str(error))
+    where = f" (peer {peer.group(1)}:{peer.group(2)})" if peer else ""
+    if not others:
+        return f"a process of this node{where}"
+    nodes = f"node {others[0]}" if len(others) == 1 else f"one of nodes {', '.join(others)}"
+    return f"{nodes} of {num_nodes}{where}"
 
 
 def cleanup_distributed() -> None:

@@ -1,0 +1,130 @@
+"""Two torchrun nodes on this machine (c10d rendezvous, gloo, one CPU process each): the losses of one process with the
+same total batch, only global rank 0 writes, and a lost node ends the job with one line and a resumable last.pt."""
+
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from crosskd.config import get_args
+from crosskd.data import load_data_yaml
+from crosskd.engine import ddp
+from crosskd.engine.checkpoint import make_checkpoint, save_checkpoint
+from crosskd.engine.distill_trainer import DistillTrainer
+from crosskd.engine.trainer import Trainer
+from crosskd.models import build_detector, load_model_yaml
+
+NAMES = {i: str(i) for i in range(10)}
+LOSSES = {"train": ("loss_cls", "loss_box", "loss_dfl"), "distill": ("loss_cls", "loss_box", "loss_dfl", "kd_cls")}
+# results.csv keeps 5 significant digits (a rounding step is up to 1e-4 relative); float32 sums in another order
+# (per-rank loss sums, gloo's all-reduce of the gradients) add ~1e-7 relative per step; a wrong split of the batch
+# (e.g. a normaliser taken per rank) moves the losses by > 1e-2
+RTOL = 2e-4
+
+
+def start_checkpoint(path: Path, width: int) -> Path:
+    """gfl_r18t with FPN and head convs `width` wide, BatchNorm statistics frozen (norm_eval: per-process batches are
+    normalised like the whole batch) and classifier bias -2 (scores 0.12: with 4-6 digits per image GFL's box-loss
+    normaliser, the rank mean of the positives' scores clamped at 1, is 3-5, so the clamp never makes it differ from
+    the whole batch's; with 1-2 digits it is 0.74 on 2 ranks, clamped to 1, while one process has 1.47)."""
+    model_cfg, _ = load_model_yaml("gfl_r18t.yaml")
+    model_cfg["backbone"]["norm_eval"] = True
+    model_cfg["neck"]["out_channels"] = width
+    model_cfg["head"].update(feat_channels=width, num_groups=width // 4)
+    torch.manual_seed(0)
+    detector = build_detector(model_cfg, nc=10)
+    torch.nn.init.constant_(detector.head.gfl_cls.bias, -2.0)
+    return save_checkpoint(make_checkpoint(detector, epoch=-1, best_fitness=None, names=NAMES, train_args={}), path)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> SimpleNamespace:
+    """8 train / 4 val digits (64 px, 4-6 per image, no flips), a 32 wide start (also the teacher) and a 16 wide
+    student (its hold features at kd_idx 0, the FPN outputs, get a 16 -> 32 adapter)."""
+    root = tmp_path_factory.mktemp("multinode")
+    data = root / "data.yaml"
+    data.write_text(yaml.safe_dump({
+        "path": str(root / "digits"), "train": "annotations/instances_train.json",
+        "val": "annotations/instances_val.json", "names": NAMES, "fliplr": 0,
+        "generate": {"num_train": 8, "num_val": 4, "imgsz": 64, "objects": [4, 6], "seed": 0},
+    }))
+    load_data_yaml(data)  # generate the images once, before two nodes read them
+    return SimpleNamespace(root=root, data=data, start=start_checkpoint(root / "start.pt", 32),
+                           student=start_checkpoint(root / "student.pt", 16))
+
+
+def settings(inputs: SimpleNamespace, mode: str, **overrides) -> dict:
+    """batch 8 = the whole train set: one step per epoch over the same 8 images in every run."""
+    common = {"data": str(inputs.data), "epochs": 3, "batch": 8, "imgsz": 64, "workers": 0, "device": "cpu",
+              "warmup_iters": 0, "lr0": 0.004, "val": False, "plots": False, "seed": 0, "name": "run"}
+    if mode == "distill":  # kd_branch=cls leaves the reg side of the 16 -> 32 adapter unused: find_unused_parameters
+        common.update(model=str(inputs.student), teacher=str(inputs.start), kd_branch="cls", kd_align=False)
+    else:
+        common.update(model=str(inputs.start))
+    return {**common, **overrides}
+
+
+def launch_nodes(root: Path, mode: str, config: dict) -> list[subprocess.Popen]:
+    """Node 0 then node 1, each a torchrun of one process in its own folder (root/node0, root/node1)."""
+    port = ddp.free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", ddp.TIMEOUT_ENV: "60"}
+    words = [f"{key}={value}" for key, value in config.items()]
+    nodes = []
+    for node_rank in (0, 1):
+        cwd = root / f"node{node_rank}"
+        cwd.mkdir(parents=True)
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                   f"--node_rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                   "-m", "crosskd", mode, *words]
+        nodes.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, start_new_session=True))
+        time.sleep(0.5)  # node 0 hosts the rendezvous store and, started first (lower pid), is given rank 0
+    return nodes
+
+
+def finish(nodes: list[subprocess.Popen]) -> list[str]:
+    return [node.communicate(timeout=300)[0] for node in nodes]
+
+
+def epoch_losses(run_dir: Path, names: tuple[str, ...]) -> list[list[float]]:
+    with open(run_dir / "results.csv", newline="") as f:
+        return [[float(row[k]) for k in names] for row in csv.DictReader(f)]
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["train", "distill"])
+def test_two_nodes_match_one_process_and_only_rank_0_writes(inputs, mode):
+    root = inputs.root / mode
+    trainer_class = DistillTrainer if mode == "distill" else Trainer
+    trainer_class(get_args(settings(inputs, mode, project=str(root / "single")), mode)).train()
+
+    nodes = launch_nodes(root, mode, settings(inputs, mode))
+    outputs = finish(nodes)
+    for node, output in zip(nodes, outputs):
+        assert node.returncode == 0, output[-3000:]
+    assert "DDP: gloo process group of 2 processes" in outputs[0]
+    assert "batch 8 = 2 processes x 4 images" in outputs[0]
+    assert f"find_unused_parameters={mode == 'distill'}" in outputs[0], outputs[0][:3000]
+    assert outputs[1].count("Epoch") == 0  # rank 1 logs nothing below ERROR
+
+    run_dir = root / "node0" / "runs" / mode / "run"
+    assert files_under(root / "node1") == []  # global rank 1 wrote nothing in its folder ...
+    assert files_under(run_dir) == files_under(root / "single" / "run")  # ... nor beside rank 0's files
+    single, two_nodes = epoch_losses(root / "single" / "run", LOSSES[mode]), epoch_losses(run_dir, LOSSES[mode])
+    assert len(single) == len(two_nodes) == 3
+    assert single[2] != single[0]  # the weights did change over the steps
+    diff = max(abs(a - b) for one, two in zip(single, two_nodes) for a, b in zip(one, two))
+    print(f"{mode}: max abs diff of the epoch losses, 2 nodes vs 1 process: {diff:.3g}")
+    for one, two in zip(single, two_nodes):
+        assert two == pytest.approx(one, rel=RTOL, abs=1e-6)
