@@ -27,7 +27,8 @@ from crosskd import __version__
 from crosskd.config import Args, check_required, get_args, unknown_key_error
 from crosskd.errors import ConfigError, RunStopped, UserError
 from crosskd.paths import DEFAULT_CFG_PATH
-from crosskd.settings import ALIASES, MODES, SETTINGS
+from crosskd.settings import ALIASES, MODES, SETTINGS, render_mode_help
+from crosskd.user_settings import load_user_settings, render_user_settings, reset_user_settings, update_user_settings
 from crosskd.utils import LOGGER, console
 
 MODE_TARGETS = {  # mode -> (module, function taking Args); imported only when the mode runs
@@ -46,6 +47,7 @@ SPECIAL_WORDS = {  # spelling -> special command
     "checks": "checks", "check": "checks",
     "cfg": "cfg",
     "copy-cfg": "copy-cfg", "copy_cfg": "copy-cfg",
+    "settings": "settings",
 }
 HELP_TEXT = f"""crosskd {__version__}: dense object detectors and Cross-Head Knowledge Distillation (CrossKD)
 
@@ -76,6 +78,9 @@ Special commands:
   crosskd checks      software and hardware report
   crosskd cfg         every setting with its default and comment
   crosskd copy-cfg    write default_copy.yaml here, to edit and pass back as cfg=
+  crosskd settings    user settings (runs_dir, datasets_dir, tensorboard, coco_eval); 'crosskd settings key=value'
+                      changes one, 'crosskd settings reset' restores the defaults
+  crosskd MODE --help that mode's keys with their defaults and comments
 
 Docs: README.md and docs/ in the crosskd repository (docs/cli.md lists every setting)."""
 
@@ -267,17 +272,39 @@ def _load_runner(mode: str) -> Callable[[Args], Any]:
 
 
 def _run_special(special: str, extra: list[str]) -> None:
-    if extra and special != "help":
+    if special == "settings":
+        _user_settings_command(extra)
+        return
+    if special == "help":
+        modes = [word for word in extra if word in MODES]
+        print(render_mode_help(modes[0]) if modes else HELP_TEXT)
+        return
+    if extra:
         raise ConfigError(f"'{special}' takes no arguments (got {' '.join(extra)}); "
                           "to use a settings file write e.g. crosskd train cfg=my.yaml")
     actions: dict[str, Callable[[], None]] = {
-        "help": lambda: print(HELP_TEXT),
         "version": lambda: print(__version__),
         "checks": _print_checks,
         "cfg": lambda: print(DEFAULT_CFG_PATH.read_text(), end=""),
         "copy-cfg": _copy_cfg,
     }
     actions[special]()
+
+
+def _user_settings_command(words: list[str]) -> None:
+    """`crosskd settings` prints the user settings, `... key=value ...` changes them, `... reset` restores them."""
+    if words == ["reset"]:
+        values = reset_user_settings()
+    elif words:
+        pairs = [word.partition("=") for word in words]
+        bad = [word for word, (_, sep, _) in zip(words, pairs) if not sep]
+        if bad:
+            raise ConfigError(f"'{bad[0]}' is not key=value; e.g. crosskd settings runs_dir=/data/runs, "
+                              "or crosskd settings reset")
+        values = update_user_settings({key: value for key, _, value in pairs})
+    else:
+        values = load_user_settings()
+    print(render_user_settings(values))
 
 
 def _copy_cfg() -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from crosskd.errors import CheckpointError, ConfigError, DataError
+from crosskd.user_settings import user_setting
 from crosskd.utils import LOGGER
 
 CFG_DIR = Path(__file__).resolve().parent / "cfg"
@@ -37,8 +38,13 @@ def resolve_cfg_file(name: str | Path, kind: str) -> Path:
 
 
 def runs_dir() -> Path:
-    """Root of all run directories: ./runs under the current directory."""
-    return Path.cwd() / "runs"
+    """Root of all run directories: the user setting runs_dir (`crosskd settings`), ./runs by default."""
+    return Path.cwd() / Path(user_setting("runs_dir")).expanduser()
+
+
+def default_datasets_dir() -> Path:
+    """The default datasets_dir=: the user setting datasets_dir (`crosskd settings`), ./datasets by default."""
+    return Path(user_setting("datasets_dir")).expanduser()
 
 
 def increment_path(path: str | Path, exist_ok: bool = False, mkdir: bool = False) -> Path:

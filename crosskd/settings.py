@@ -76,7 +76,8 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("student", "str", None, "student model YAML or .pt when distilling (same as model=)",
                 example="gfl_r18.yaml"),
         Setting("data", "str", "digits.yaml", "dataset YAML: a path or a name shipped in cfg/datasets"),
-        Setting("datasets_dir", "str", "datasets", "where dataset YAML relative paths and generated demo data live"),
+        Setting("datasets_dir", "str", None, "where dataset YAML relative paths and generated demo data live; empty = "
+                "the user setting (crosskd settings), ./datasets by default", example="datasets"),
         Setting("pretrained", "weights", None, "overrides the model YAML's backbone.pretrained: imagenet, a "
                 "torchvision weights name, a backbone .pth, a crosskd .pt (all matching tensors) or false",
                 example="imagenet"),
@@ -191,6 +192,18 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
     )),
 )
 SETTINGS: dict[str, Setting] = {setting.name: setting for _, group in SECTIONS for setting in group}
+MODE_SECTIONS: dict[str, tuple[str, ...]] = {  # the sections `crosskd MODE --help` lists, besides MODE_COMMON_KEYS
+    "train": ("Mode and inputs", "Training", "Other"),
+    "distill": ("Mode and inputs", "Distillation", "Training", "Other"),
+    "val": ("Mode and inputs", "Validation and prediction", "Other"),
+    "predict": ("Mode and inputs", "Validation and prediction", "Other"),
+    "export": ("Mode and inputs", "Export", "Other"),
+    "benchmark": ("Mode and inputs", "Validation and prediction", "Export", "Other"),
+    "info": ("Mode and inputs", "Other"),
+    "convert": ("Mode and inputs", "Other"),
+    "analyze": ("Mode and inputs", "Distillation", "Validation and prediction", "Other"),
+}
+MODE_COMMON_KEYS = ("imgsz", "batch", "device", "workers", "project", "name", "exist_ok", "verbose")
 ALIASES: dict[str, str] = {alias: setting.name for setting in SETTINGS.values() for alias in setting.aliases}
 
 
@@ -216,6 +229,18 @@ def _comment(setting: Setting) -> str:
     """The default.yaml comment of a key: its help, choices and aliases."""
     text = setting.help + (f": {' | '.join(setting.choices)}" if setting.choices else "")
     return text + (f" (alias {', '.join(setting.aliases)})" if setting.aliases else "")
+
+
+def render_mode_help(mode: str) -> str:
+    """`crosskd MODE --help`: the mode's keys as `key=default  # help`, grouped by section."""
+    lines = [f"crosskd {mode} key=value ...  (every key: crosskd cfg; reference: docs/cli.md)"]
+    sections = MODE_SECTIONS.get(mode, tuple(title for title, _ in SECTIONS))
+    for title, group in SECTIONS:
+        shown = [s for s in group if s.name != "mode" and (title in sections or s.name in MODE_COMMON_KEYS)]
+        if shown:
+            lines += ["", f"{title}:"]
+            lines += [f"  {s.name + '=' + format_value(s.default):<22} # {_comment(s)}" for s in shown]
+    return "\n".join(lines)
 
 
 def render_default_yaml() -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 import crosskd
 
 PACKAGE = Path(crosskd.__file__).parent
-GROUND = {"errors", "dist", "utils", "paths"}  # usable from every layer
+GROUND = {"errors", "dist", "utils", "paths", "user_settings"}  # usable from every layer
 SETTINGS = {"config", "settings"}  # run settings (schema and validation): engine, api and cli only
 ROOT_GROUND_NAMES = {"__version__"}  # `from crosskd import __version__` is ground; `Detector` is the api layer
 BELOW = {"ops": set(), "losses": {"ops"}, "assigners": {"ops"}, "data": set()}

@@ -17,7 +17,7 @@ from crosskd.data.labels import ImageRecord, SplitSource, problems_message, read
 from crosskd.data.transforms import load_image, random_hflip, resize_long_side, scale_boxes
 from crosskd.dist import barrier, is_main_process
 from crosskd.errors import DataError
-from crosskd.paths import resolve_cfg_file
+from crosskd.paths import default_datasets_dir, resolve_cfg_file
 from crosskd.utils import LOGGER
 
 SPLITS = ("train", "val", "test")
@@ -48,11 +48,12 @@ class DataInfo:
 
 
 def load_data_yaml(
-    data: str | Path, datasets_dir: str | Path = "datasets", generate_overrides: dict | None = None
+    data: str | Path, datasets_dir: str | Path | None = None, generate_overrides: dict | None = None
 ) -> DataInfo:
     """Read a dataset YAML (a path or a name shipped in cfg/datasets), generating demo data on first use.
 
-    A relative `path:` resolves against the current directory when it exists there, else under `datasets_dir`;
+    A relative `path:` resolves against the current directory when it exists there, else under `datasets_dir`
+    (None: the user setting, `crosskd settings`; ./datasets by default);
     without `path:` the YAML's own folder is the root. The val split is checked here, the others when used.
     """
     yaml_file = resolve_cfg_file(data, "datasets")
@@ -61,7 +62,7 @@ def load_data_yaml(
         if not cfg.get(key):
             raise DataError(f"{yaml_file.name}: '{key}:' is missing; add it (cfg/datasets/coco.yaml is an example)")
     names = _parse_names(cfg, yaml_file.name)
-    root = _resolve_root(cfg.get("path"), yaml_file, Path(datasets_dir))
+    root = _resolve_root(cfg.get("path"), yaml_file, Path(datasets_dir) if datasets_dir else default_datasets_dir())
     if cfg.get("generate") is not None:
         _generate(root, cfg["generate"], generate_overrides or {}, yaml_file.name)
     layout = str(cfg.get("layout") or "")

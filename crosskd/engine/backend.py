@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torchvision.ops import box_convert
 import yaml
 
 from crosskd.config import imgsz_hw
@@ -100,12 +101,6 @@ def parse_metadata(metadata: dict[str, str], path: Path) -> dict:
 def num_per_level(height: int, width: int, strides: list[int], num_anchors: int) -> list[int]:
     """Priors per FPN level for an input of height x width (stride-2 convs round up)."""
     return [math.ceil(height / s) * math.ceil(width / s) * num_anchors for s in strides]
-
-
-def xywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    """[..., 4] centre-size boxes to corner boxes."""
-    centre, size = boxes[..., :2], boxes[..., 2:]
-    return torch.cat([centre - size / 2, centre + size / 2], dim=-1)
 
 
 class ExportedDetector(ABC):
@@ -213,7 +208,7 @@ class ExportedDetector(ABC):
                 f"'{self.path.name}' returned {preds.shape[1]} priors, expected {sum(counts)} for input {hw}; "
                 "the metadata does not match the graph, re-export the model"
             )
-        boxes = xywh_to_xyxy(preds[..., :4])  # [B, N, 4]
+        boxes = box_convert(preds[..., :4], "cxcywh", "xyxy")  # [B, N, 4]
         return postprocess(boxes, preds[..., 4:], counts, conf, iou, max_det, nms_pre, multi_label)
 
     def filter_embedded(self, output: torch.Tensor, conf: float, max_det: int) -> list[Detections]:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import yaml
 from torch import Tensor, nn
+from torchvision.ops import box_convert
 
 from crosskd import __version__
 from crosskd.config import Args, imgsz_hw, setting_or_model_default
@@ -41,7 +42,6 @@ from crosskd.engine.backend import (
 from crosskd.errors import ConfigError
 from crosskd.models import DenseDetector
 from crosskd.models.postprocess import select_detections
-from crosskd.ops.boxes import box_centers, box_sizes
 from crosskd.paths import newest_best, writable_dir, writable_file
 from crosskd.utils import LOGGER, colorstr, select_device
 
@@ -82,7 +82,7 @@ class ExportModel(nn.Module):
         if self.nms:
             return select_detections(boxes, scores, num_per_level, self.conf, self.iou, self.max_det, self.nms_pre,
                                      self.multi_label)[0]
-        return torch.cat([box_centers(boxes), box_sizes(boxes), scores], dim=-1).transpose(1, 2)  # [B, 4+C, N]
+        return torch.cat([box_convert(boxes, "xyxy", "cxcywh"), scores], dim=-1).transpose(1, 2)  # [B, 4+C, N]
 
 
 def export_imgsz(imgsz: int | list[int], stride: int) -> tuple[int, int]:

@@ -1,8 +1,12 @@
-"""COCO box metrics with pycocotools: summary numbers, per-class AP and the results-file format."""
+"""COCO box metrics: summary numbers, per-class AP and the results-file format.
+
+Evaluated by pycocotools, or by faster-coco-eval (same numbers, C++ evaluate/accumulate) when installed.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 from dataclasses import dataclass, field
 
@@ -10,6 +14,9 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from crosskd.errors import ConfigError
+from crosskd.user_settings import user_setting
 
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
 STATS_INDEX = {"AP": 0, "AP50": 1, "AP75": 2, "APs": 3, "APm": 4, "APl": 5, "AR100": 8}  # into COCOeval.stats
@@ -88,22 +95,46 @@ def per_class_stats(evaluator: COCOeval | None, coco_gt: COCO, names: dict[int, 
     return rows
 
 
+def coco_evaluator_name(choice: str | None = None) -> str:
+    """'faster-coco-eval' or 'pycocotools': `choice`, else the user setting coco_eval; auto = faster when installed."""
+    choice = choice or user_setting("coco_eval")
+    if choice == "auto":
+        return "faster-coco-eval" if importlib.util.find_spec("faster_coco_eval") else "pycocotools"
+    if choice == "faster-coco-eval" and not importlib.util.find_spec("faster_coco_eval"):
+        raise ConfigError("coco_eval=faster-coco-eval but it is not installed; pip install 'crosskd[cocoeval]' "
+                          "or run 'crosskd settings coco_eval=auto'")
+    return choice
+
+
+def make_cocoeval(coco_gt: COCO, results: list[dict], evaluator: str) -> COCOeval:
+    """A bbox COCOeval of `results` against `coco_gt` from pycocotools or faster-coco-eval (same API and numbers)."""
+    if evaluator == "faster-coco-eval":
+        from faster_coco_eval import COCO as FasterCOCO
+        from faster_coco_eval import COCOeval_faster
+
+        faster_gt = FasterCOCO(coco_gt.dataset)
+        return COCOeval_faster(faster_gt, faster_gt.loadRes(results), "bbox")
+    return COCOeval(coco_gt, coco_gt.loadRes(results), "bbox")
+
+
 def coco_evaluate(
-    coco_gt: COCO, results: list[dict], names: dict[int, str], category_ids: list[int]
+    coco_gt: COCO, results: list[dict], names: dict[int, str], category_ids: list[int], evaluator: str | None = None
 ) -> COCOResult:
-    """Run COCOeval (bbox) on `results` (pycocotools' own prints are suppressed); zero results give zeros."""
+    """Run COCOeval (bbox) on `results` (the library's own prints are suppressed); zero results give zeros.
+
+    `evaluator`: 'pycocotools', 'faster-coco-eval' or 'auto'; None = the user setting coco_eval (`crosskd settings`).
+    """
     if not results:
         zeros = dict.fromkeys(METRIC_KEYS, 0.0)
         return COCOResult(zeros, per_class_stats(None, coco_gt, names, category_ids))
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(results)
-        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
-        evaluator.params.imgIds = sorted(coco_gt.getImgIds())
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    metrics = {key: max(float(evaluator.stats[i]), 0.0) for key, i in STATS_INDEX.items()}
-    return COCOResult(metrics, per_class_stats(evaluator, coco_gt, names, category_ids))
+        coco_eval = make_cocoeval(coco_gt, results, coco_evaluator_name(evaluator))
+        coco_eval.params.imgIds = sorted(coco_gt.getImgIds())
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    metrics = {key: max(float(coco_eval.stats[i]), 0.0) for key, i in STATS_INDEX.items()}
+    return COCOResult(metrics, per_class_stats(coco_eval, coco_gt, names, category_ids))
 
 
 def format_class_table(result: COCOResult, num_images: int, per_class: bool = True) -> list[str]:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchvision.ops import clip_boxes_to_image
 
 from crosskd.config import imgsz_hw, setting_or_model_default
 from crosskd.data import DetectionDataset, build_dataloader, load_data_yaml
@@ -22,12 +23,6 @@ from crosskd.paths import make_save_dir, newest_best
 from crosskd.utils import LOGGER, colorstr, select_device
 
 VAL_CONF = 0.05  # score threshold when conf is empty (COCO-style evaluation keeps low-score boxes)
-
-
-def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Clip xyxy boxes [K, 4] to the original image (a model may clip only to the padded input)."""
-    limits = boxes.new_tensor([width, height, width, height])
-    return torch.minimum(boxes.clamp(min=0), limits)
 
 
 class Validator:
@@ -133,7 +128,7 @@ class Validator:
         records = {}
         sizes = batch.orig_sizes.tolist()  # (h, w) per image
         for det, image_id, (height, width) in zip(detections, batch.image_ids.tolist(), sizes, strict=True):
-            boxes = clip_boxes(det.boxes, height, width)
+            boxes = clip_boxes_to_image(det.boxes, (height, width))  # a model clips only to its padded input
             records[image_id] = detections_to_coco(boxes, det.scores, det.labels, image_id, self.dataset.category_ids)
         return records
 

@@ -71,7 +71,9 @@ def batched_box_iou(priors: Tensor, gt_boxes: Tensor) -> Tensor:
 def clip_boxes(boxes: Tensor, max_shape: tuple[int, int] | Tensor) -> Tensor:
     """Clip xyxy boxes to an image of `max_shape` (h, w), or per image with a `[B, 2]` tensor for `[B, N, 4]` boxes.
 
-    A (h, w) pair may hold symbolic sizes: it is used through `clamp`, which keeps them dynamic in torch.export.
+    The model's own clip, traced into exported graphs: an (h, w) pair may hold traced or symbolic sizes and is used
+    through `clamp`, which keeps them dynamic (torchvision's clip_boxes_to_image copies traced sizes with
+    `torch.tensor`, which warns on every export, and has no per-image sizes). Eager code uses torchvision's.
     """
     if isinstance(max_shape, Tensor):
         wh = max_shape.to(boxes.dtype).flip(-1)[..., None, :]  # [B, 1, 2] (w, h)
