@@ -39,7 +39,9 @@ from crosskd.models.pretrained import load_pretrained_weights, transfer_matching
 from crosskd.paths import make_save_dir, newest_file, runs_dir, writable_dir
 from crosskd.utils import LOGGER, colorstr, console, init_seeds, remove_stale_temp_files, select_device
 
-RESUME_WHITELIST = ("device", "workers", "val", "plots", "save_period", "save_period_iters")  # may change when resuming
+RESUME_WHITELIST = (  # may change when resuming
+    "device", "workers", "val", "plots", "save_period", "save_period_iters", "nan_patience",
+)
 
 
 class DetectorLoss(nn.Module):
