@@ -7,6 +7,7 @@ import math
 import re
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -113,8 +114,8 @@ def test_distillation_on_blank_images_and_degenerate_boxes_is_finite(head_type):
     student, teacher = tiny_detector(head_type, seed=1), tiny_detector(head_type, seed=2)
     distiller = Distiller.from_args(student, teacher, kd_args(kd="crosskd+pkd")).train()
     gt_boxes = torch.tensor([[[8.0, 8.0, 8.0, 8.0], [20.0, 10.0, 20.0, 40.0]], [[0.0, 0.0, 0.0, 0.0], [0.0] * 4]])
-    batch = type("Batch", (), {"images": torch.zeros(2, 3, 64, 64), "gt_boxes": gt_boxes,
-                               "gt_labels": torch.tensor([[0, 1], [2, -1]])})()
+    gt_labels = torch.tensor([[0, 1], [2, -1]])
+    batch = SimpleNamespace(images=torch.zeros(2, 3, 64, 64), gt_boxes=gt_boxes, gt_labels=gt_labels)
     losses = distiller.loss(batch)
     assert {"kd_cls", "kd_reg", "kd_feat"} <= set(losses)
     total = sum(losses.values())
@@ -190,7 +191,7 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, write_digits_yaml, c
             assert torch.equal(after[key], value), (iteration, key)
     assert any(not torch.equal(states[3][k], states[2][k]) for k in states[3])  # the next good step trains
 
-    rows = list(csv.DictReader(open(trainer.save_dir / "results.csv", newline="")))
+    rows = list(csv.DictReader((trainer.save_dir / "results.csv").read_text().splitlines()))
     assert [r["nonfinite_steps"] for r in rows] == ["2", "1"]
     assert all(math.isfinite(float(r[k])) for r in rows for k in ("loss_cls", "loss_box", "loss_dfl"))
     out = capsys.readouterr().out
