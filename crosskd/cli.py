@@ -37,6 +37,7 @@ MODE_TARGETS = {  # mode -> (module, function taking Args); imported only when t
     "val": ("crosskd.engine.validator", "run"),
     "predict": ("crosskd.engine.predictor", "run"),
     "export": ("crosskd.engine.exporter", "run"),
+    "benchmark": ("crosskd.engine.benchmark", "run"),
     "info": ("crosskd.engine.info", "run"),
     "convert": ("crosskd.engine.converter", "run"),
     "analyze": ("crosskd.engine.analyzer", "run"),
@@ -64,8 +65,9 @@ Examples:
        crosskd val model=best.pt data=coco.yaml
   4. Predict on a folder of images:
        crosskd predict model=best.pt source=images/ conf=0.25
-  5. Export to ONNX:
+  5. Export to ONNX (or torchscript, openvino), or compare every format's size, AP and speed:
        crosskd export model=best.pt format=onnx imgsz=640
+       crosskd benchmark model=best.pt data=coco.yaml imgsz=640
   6. Distil from an MMDetection or torchvision teacher, or convert one to a crosskd .pt:
        crosskd distill teacher=gfl_r101_fpn_mstrain_2x_coco.pth student=gfl_r50.yaml data=coco.yaml
        crosskd convert model=torchvision:retinanet_resnet50_fpn_v2

@@ -28,7 +28,7 @@ KIND_NAMES: dict[str, str] = {  # how error messages and docs/cli.md describe ea
     "resume": "true, false or a checkpoint path",
     "weights": "true/imagenet, false, a torchvision weights name or a .pth/.pt path",
 }
-MODES = ("train", "distill", "val", "predict", "export", "info", "convert", "analyze")
+MODES = ("train", "distill", "val", "predict", "export", "benchmark", "info", "convert", "analyze")
 KD_METHOD_NAMES = (  # = crosskd.distill KD_METHODS (tested)
     "crosskd", "pm", "ld", "pkd", "crosskd+pkd", "crosskd+pm", "crosskd+ld", "none",
 )

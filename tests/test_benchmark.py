@@ -1,0 +1,63 @@
+"""`crosskd benchmark`: every format exported, validated and timed into one table; a failing format is a row."""
+
+import csv
+import json
+import math
+import sys
+
+import pytest
+from test_export import write_checkpoint
+
+from crosskd import cli
+from crosskd.config import get_args
+from crosskd.engine import benchmark
+
+DIGIT_NAMES = {i: str(i) for i in range(10)}
+
+
+def benchmark_args(tmp_path, data, weights, **overrides):
+    settings = {"model": str(weights), "data": str(data), "imgsz": 64, "batch": 2, "workers": 0, "device": "cpu",
+                "project": str(tmp_path / "runs"), "name": "bench", **overrides}
+    return get_args(settings, "benchmark")
+
+
+def test_benchmark_every_format_end_to_end(tmp_path, write_digits_yaml, capsys):
+    data = write_digits_yaml(tmp_path, 2, 4)
+    weights = write_checkpoint(tmp_path / "best.pt", "gfl", names=DIGIT_NAMES)
+    rows = benchmark.run(benchmark_args(tmp_path, data, weights))
+    assert [row.format for row in rows] == ["PyTorch", "TorchScript", "ONNX", "OpenVINO"]
+    for row in rows:
+        assert row.status == "ok", row
+        assert row.size_mb > 0.5 and row.ms_per_image > 0 and math.isfinite(row.ap) and math.isfinite(row.ap50)
+    assert len({row.ap for row in rows}) == 1  # the same detections through every runtime
+    run_dir = tmp_path / "runs" / "bench"
+    assert rows[0].file == str(weights.resolve())
+    assert (run_dir / "best.onnx").is_file() and (run_dir / "best_openvino_model" / "best.xml").is_file()
+    with (run_dir / "benchmark.csv").open() as file:
+        assert [record["format"] for record in csv.DictReader(file)] == [row.format for row in rows]
+    assert [record["size_mb"] for record in json.loads((run_dir / "benchmark.json").read_text())] == [
+        row.size_mb for row in rows
+    ]
+    table = capsys.readouterr().out
+    assert "Benchmarks: best.pt" in table and "OpenVINO" in table and "ms/img" in table
+
+
+def test_a_failing_format_shows_its_error_in_its_row(tmp_path, write_digits_yaml, monkeypatch):
+    data = write_digits_yaml(tmp_path, 2, 4)
+    weights = write_checkpoint(tmp_path / "best.pt", "fcos", names=DIGIT_NAMES)
+    monkeypatch.setattr(benchmark, "FORMATS", {"pytorch": "PyTorch", "openvino": "OpenVINO"})
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError
+    pytorch, openvino = benchmark.run(benchmark_args(tmp_path, data, weights))
+    assert pytorch.status == "ok" and math.isfinite(pytorch.ap)
+    assert "pip install 'crosskd[openvino]'" in openvino.status and openvino.ap is None and openvino.size_mb is None
+    records = json.loads((tmp_path / "runs" / "bench" / "benchmark.json").read_text())
+    assert records[1]["status"] == openvino.status and records[1]["ap"] is None
+
+
+def test_benchmark_of_a_model_yaml_or_an_export_exits_2(tmp_path, capsys):
+    for model in ("gfl_r18t.yaml", str(tmp_path / "best.onnx")):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["benchmark", f"model={model}"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "benchmark exports a trained crosskd checkpoint" in err[0]
