@@ -31,6 +31,7 @@ REQUIRED_INPUTS = {  # mode -> (keys it needs, a command line that gives them); 
 BEST_FALLBACK = {  # modes whose missing model= means the newest best.pt under runs/ -> an example command
     "val": "crosskd val model=best.pt data=digits.yaml",
     "export": "crosskd export model=best.pt format=onnx",
+    "benchmark": "crosskd benchmark model=best.pt data=digits.yaml",
 }
 
 

@@ -61,3 +61,14 @@ def test_benchmark_of_a_model_yaml_or_an_export_exits_2(tmp_path, capsys):
         assert exit_.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "benchmark exports a trained crosskd checkpoint" in err[0]
+
+
+def test_benchmark_without_model_and_best_pt_exits_2_before_data(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no runs/ here
+    monkeypatch.setenv("CROSSKD_CONFIG_DIR", str(tmp_path / "config"))  # default user settings
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["benchmark", "data=digits.yaml"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'benchmark' needs model= (no best.pt under" in err[0]
+    assert not (tmp_path / "datasets").exists()  # no demo data generated
