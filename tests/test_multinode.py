@@ -3,6 +3,8 @@ same total batch, only global rank 0 writes, and a lost node ends the job with o
 
 import csv
 import os
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -72,7 +74,8 @@ def settings(inputs: SimpleNamespace, mode: str, **overrides) -> dict:
 
 
 def launch_nodes(root: Path, mode: str, config: dict) -> list[subprocess.Popen]:
-    """Node 0 then node 1, each a torchrun of one process in its own folder (root/node0, root/node1)."""
+    """Node 0 then node 1, each a torchrun of one process in its own folder (root/node0, root/node1); node 0's
+    launcher hosts the rendezvous store (on one machine both would try), as the endpoint's host does on a cluster."""
     port = ddp.free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", ddp.TIMEOUT_ENV: "60"}
     words = [f"{key}={value}" for key, value in config.items()]
@@ -82,10 +85,10 @@ def launch_nodes(root: Path, mode: str, config: dict) -> list[subprocess.Popen]:
         cwd.mkdir(parents=True)
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                    f"--node_rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-                   "-m", "crosskd", mode, *words]
+                   f"--rdzv-conf=is_host={int(node_rank == 0)}", "-m", "crosskd", mode, *words]
         nodes.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True, start_new_session=True))
-        time.sleep(0.5)  # node 0 hosts the rendezvous store and, started first (lower pid), is given rank 0
+        time.sleep(0.5)  # started first (a lower pid), node 0 is given rank 0 by the c10d rendezvous
     return nodes
 
 
@@ -128,3 +131,62 @@ def test_two_nodes_match_one_process_and_only_rank_0_writes(inputs, mode):
     print(f"{mode}: max abs diff of the epoch losses, 2 nodes vs 1 process: {diff:.3g}")
     for one, two in zip(single, two_nodes):
         assert two == pytest.approx(one, rel=RTOL, abs=1e-6)
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process below it (torchrun starts each worker in a session of its own), from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (name)": state, ppid, ...
+        except OSError:  # the process ended meanwhile
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(parents.get(tree[-1], []))
+    return tree
+
+
+def wait_for(path: Path, nodes: list[subprocess.Popen], timeout: float = 240) -> None:
+    """Poll until `path` exists (a node ending first or the timeout fails the test with its output)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        ended = [node for node in nodes if node.poll() is not None]
+        if ended or time.monotonic() > deadline:
+            for node in nodes:
+                node.kill()
+            pytest.fail(f"{path} never appeared: " + "\n".join(node.communicate()[0][-2000:] for node in nodes))
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_lost_node_ends_the_job_with_one_line_and_a_resumable_last_pt(inputs):
+    """SIGKILL node 1 (launcher and process, as a machine lost) after rank 0's first last.pt: node 0 sees the broken
+    collective, writes last.pt of its last finished iteration, prints one line and exits; the printed resume ends it."""
+    root = inputs.root / "lost"
+    config = settings(inputs, "train", epochs=8, batch=4, save_period_iters=1)  # 2 iterations per epoch
+    nodes = launch_nodes(root, "train", config)
+    last = root / "node0" / "runs" / "train" / "run" / "weights" / "last.pt"
+    wait_for(last, nodes)
+    for pid in process_tree(nodes[1].pid):
+        os.kill(pid, signal.SIGKILL)
+    output = nodes[0].communicate(timeout=120)[0]
+    nodes[1].wait(timeout=30)
+
+    assert nodes[0].returncode != 0 and nodes[1].returncode == -signal.SIGKILL
+    lines = [line for line in output.splitlines() if line.startswith("DDP: lost")]
+    print(lines)
+    assert len(lines) == 1 and lines[0].startswith("DDP: lost node 1 of 2 (peer 127.0.0.1:"), output[-3000:]
+    assert f"saved {last}; resume with: crosskd train resume={last}" in lines[0]
+    assert f'File "{Path(__file__).parents[1] / "crosskd"}' not in output  # no traceback through crosskd
+    assert files_under(root / "node1") == []
+
+    command = shlex.split(lines[0].split("resume with: ")[1])
+    resumed = subprocess.run([sys.executable, "-m", "crosskd", *command[1:]], cwd=root / "node0", timeout=300,
+                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "Resuming training" in resumed.stdout
+    with open(last.parents[1] / "results.csv", newline="") as f:
+        assert [int(row["epoch"]) for row in csv.DictReader(f)] == list(range(1, 9))

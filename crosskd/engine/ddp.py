@@ -31,6 +31,11 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+def env_local_rank() -> int:
+    """LOCAL_RANK set by torchrun: this process's index on its node (0 when not launched by it)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
 def needs_launch(args: Any) -> bool:
     """More than one device asked for and this process is not already one of torchrun's children."""
     return len(parse_device_list(args.device)) > 1 and "LOCAL_RANK" not in os.environ

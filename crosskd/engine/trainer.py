@@ -272,18 +272,23 @@ class Trainer:
         LOGGER.info(f"Logging results to {colorstr('bold', str(self.save_dir))}")
         LOGGER.info(f"Starting training for {self.args.epochs} epochs...")
         with self.stop_signals:
-            for epoch in range(self.start_epoch, self.args.epochs):
-                self.epoch, self.in_epoch = epoch, True
-                self.train_epoch()
-                self.callbacks.run("on_train_epoch_end", self)
-                self.validate()
-                self.elapsed = self.elapsed_before + time.monotonic() - self.start_time
-                if is_main_process():
-                    write_results_csv(self)  # before last.pt: a resume trims rows its checkpoint had not reached
-                    self.save_model()
-                self.in_epoch = False
-                self.callbacks.run("on_fit_epoch_end", self)
-                self.stop_if_requested()
+            try:
+                for epoch in range(self.start_epoch, self.args.epochs):
+                    self.epoch, self.in_epoch = epoch, True
+                    self.train_epoch()
+                    self.callbacks.run("on_train_epoch_end", self)
+                    self.validate()
+                    self.elapsed = self.elapsed_before + time.monotonic() - self.start_time
+                    if is_main_process():
+                        write_results_csv(self)  # before last.pt: a resume trims rows its checkpoint had not reached
+                        self.save_model()
+                    self.in_epoch = False
+                    self.callbacks.run("on_fit_epoch_end", self)
+                    self.stop_if_requested()
+            except Exception as error:
+                if not ddp.is_peer_failure(error):
+                    raise
+                self.stop_on_lost_node(error)
         self.finish()
         return self.final_metrics
 
@@ -501,6 +506,20 @@ class Trainer:
             ddp.cleanup_distributed()
         message = f"{reason}: stopped at {where} and saved {last}; resume with: {resume_command(self.mode, last)}"
         raise RunStopped(message if main else "", code)
+
+    def stop_on_lost_node(self, error: BaseException) -> NoReturn:
+        """A collective failed because a node died or stopped answering: `stop_and_save` without collectives, so that
+        rank 0, if it survived, writes last.pt of the last finished iteration (BatchNorm statistics put back when the
+        failure came inside an iteration's step); exit 75. On other nodes local rank 0 prints the line, as rank 0
+        may be gone."""
+        reason = f"DDP: lost {ddp.lost_node_text(error)}"
+        if self.in_epoch and self.batches_done == self.iteration - self.epoch * len(self.train_loader):
+            self.nonfinite.restore_buffers()  # the step of this iteration was not applied
+        if is_main_process():
+            self.stop_and_save(reason, ddp.LOST_NODE_EXIT, collective=False)
+        last = self.weights_dir / "last.pt"
+        message = f"{reason}: stopped; resume from the last.pt rank 0 saved with: {resume_command(self.mode, last)}"
+        raise RunStopped(message if ddp.env_local_rank() == 0 else "", ddp.LOST_NODE_EXIT)
 
     def finish(self) -> None:
         """Strip last.pt and best.pt, re-validate best.pt with the per-class table, run on_train_end."""
