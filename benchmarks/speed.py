@@ -1,0 +1,582 @@
+"""How fast crosskd is next to what users would otherwise run, measured side by side in one process.
+
+    python benchmarks/speed.py                                # every section; CPU, and CUDA too when present
+    python benchmarks/speed.py --sections a b --repeats 5     # some sections, merged into the existing JSON
+    python benchmarks/speed.py --quick                        # CI smoke: tiny models, one iteration, seconds
+
+Sections (each compares two sides called alternately, so machine noise falls on both; the ratios are the result):
+  a  FCOS-R50 / RetinaNet-R50 train step and inference vs torchvision's fcos_resnet50_fpn / retinanet_resnet50_fpn
+     (80 classes, random weights, every backbone stage trainable with BatchNorm in train mode on both sides,
+     torchvision's transform pinned to the input size)
+  b  a distillation step per `kd` (GFL R18 student, GFL R50 teacher) vs its floor: the student's plain train step
+     plus a teacher eval forward under no_grad; time and peak memory (CPU: peak RSS growth, CUDA: max allocated)
+  c  the exported student (crosskd.engine.exporter) in ONNX Runtime, and OpenVINO when installed, vs eager PyTorch,
+     at batch 1 and 8, same thread count on every side
+  d  images/s through the real loader (build_dataloader, its workers, digits data, demo settings) vs images/s of
+     training steps at the same batch and size
+  e  validation images/s including COCO evaluation (the Validator) vs the model's predictions alone
+  compile  a train step with and without `compile=True` (crosskd.engine.compile), plus the first call's cost
+
+On CUDA every side runs under AMP with channels_last. Results: benchmarks/results/speed/<cpu|cuda>.json (written after
+each section, so an interrupted run keeps what it finished; --sections reruns only those and merges).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import gc
+import json
+import logging
+import math
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from rich.console import Console
+from rich.table import Table
+from torchvision.models import detection
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from crosskd.config import get_args
+from crosskd.data import Batch, DetectionDataset, build_dataloader, generate_digits, load_data_yaml
+from crosskd.distill import KD_METHODS, Distiller
+from crosskd.engine import exporter
+from crosskd.engine.validator import Validator
+from crosskd.errors import UserError
+from crosskd.models import DenseDetector, build_detector, load_model_yaml
+from crosskd.utils import LOGGER
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results" / "speed"
+SECTIONS = ("a", "b", "c", "d", "e", "compile")
+NUM_CLASSES = 80
+CONF, IOU, MAX_DET, NMS_PRE = 0.05, 0.5, 100, 1000  # the same post-processing on both sides of section a
+LR = 1e-5  # small enough that random-init models stay finite over the timed steps
+DEMO = {"model": "gfl_r18t.yaml", "imgsz": 128, "batch": 16, "workers": 4, "train": 256, "val": 64}
+VAL_CONF = 0.001  # section e: random weights score ~0.01 everywhere, so every image keeps max_det boxes to evaluate
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run measures: models and sizes (full, or tiny for --quick)."""
+
+    size: int
+    batch: int
+    repeats: int
+    warmup: int
+    threads: int
+    fcos: str = "fcos_r50.yaml"
+    retinanet: str = "retinanet_r50.yaml"
+    depth: int = 50  # section a's ResNet depth on both sides (18 for --quick)
+    student: str = "gfl_r18.yaml"
+    teacher: str = "gfl_r50.yaml"
+    demo_train: int = DEMO["train"]
+    demo_val: int = DEMO["val"]
+    export_batches: tuple[int, ...] = (1, 8)
+    kds: tuple[str, ...] = tuple(k for k in KD_METHODS if k != "none")
+    quick: bool = False
+
+
+@dataclass
+class Measure:
+    """Median seconds of the timed calls and, when asked, the median peak memory growth in MB."""
+
+    seconds: float
+    peak_mb: float | None = None
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory growth of one call: CUDA max_memory_allocated, or on Linux CPUs the peak RSS (VmHWM, reset
+    through /proc/self/clear_refs) above the RSS at the start, with freed heap returned to the system first."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.libc = _libc()
+        self.works = device.type == "cuda" or self._reset_hwm()
+
+    def _reset_hwm(self) -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def _status_kb(key: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1])
+        return 0
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[list[float]]:
+        """Yields a list that holds the peak growth in MB after the block (empty when unsupported)."""
+        result: list[float] = []
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            start = torch.cuda.memory_allocated(self.device)
+            yield result
+            result.append((torch.cuda.max_memory_allocated(self.device) - start) / 2**20)
+            return
+        if not self.works:
+            yield result
+            return
+        if self.libc is not None:
+            self.libc.malloc_trim(0)
+        self._reset_hwm()
+        start = self._status_kb("VmRSS:")
+        yield result
+        result.append((self._status_kb("VmHWM:") - start) / 1024)
+
+
+def _libc():
+    with contextlib.suppress(OSError):
+        return ctypes.CDLL("libc.so.6")
+    return None
+
+
+def alternate(
+    sides: dict[str, Callable[[], object]], plan: Plan, device: torch.device, memory: bool = False
+) -> dict[str, Measure]:
+    """Call every side `plan.warmup` times, then `plan.repeats` rounds of one call each in turn; medians per side."""
+    for _ in range(plan.warmup):
+        for fn in sides.values():
+            fn()
+    probe = PeakMemory(device) if memory else None
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    peaks: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(plan.repeats):
+        for name, fn in sides.items():
+            with probe.measure() if probe else contextlib.nullcontext([]) as peak:
+                synchronize(device)
+                start = time.perf_counter()
+                fn()
+                synchronize(device)
+                times[name].append(time.perf_counter() - start)
+            peaks[name].extend(peak)
+    return {name: Measure(statistics.median(times[name]), statistics.median(peaks[name]) if peaks[name] else None)
+            for name in sides}
+
+
+def train_step(loss_fn: Callable[[], dict], params: list[torch.Tensor], device: torch.device) -> Callable[[], None]:
+    """One SGD step on the summed losses of `loss_fn()` (AMP on CUDA)."""
+    amp = device.type == "cuda"
+    optimizer = torch.optim.SGD(params, lr=LR, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+
+    def step() -> None:
+        with torch.autocast(device.type, enabled=amp):
+            losses = loss_fn()
+        scaler.scale(sum(losses.values())).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def inference(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
+    """`fn` under inference_mode (and AMP on CUDA)."""
+    def call() -> None:
+        with torch.inference_mode(), torch.autocast(device.type, enabled=device.type == "cuda"):
+            fn()
+
+    return call
+
+
+def synthetic_batch(batch: int, size: int, num_classes: int, device: torch.device, seed: int = 0) -> Batch:
+    """Random images [B, 3, size, size] with three random boxes each (timing does not depend on the pixels)."""
+    gen = torch.Generator().manual_seed(seed)
+    xy = torch.rand(batch, 3, 2, generator=gen) * size * 0.6
+    wh = torch.rand(batch, 3, 2, generator=gen) * size * 0.3 + 8
+    images = torch.rand(batch, 3, size, size, generator=gen)
+    return Batch(
+        images=images, gt_boxes=torch.cat([xy, xy + wh], dim=-1),
+        gt_labels=torch.randint(0, num_classes, (batch, 3), generator=gen),
+        img_sizes=torch.full((batch, 2), size), valid_masks=torch.ones(batch, size, size, dtype=torch.bool),
+        orig_sizes=torch.full((batch, 2), size), ratios=torch.ones(batch), image_ids=torch.arange(batch),
+        paths=[f"{i}.jpg" for i in range(batch)],
+    ).to(device)
+
+
+def on_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The model on `device`, channels_last on CUDA."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def our_detector(name: str, num_classes: int, trainable: bool = False, depth: int | None = None) -> DenseDetector:
+    """A crosskd detector from a model YAML with random weights; `trainable`: every backbone stage trains with
+    BatchNorm in train mode (what torchvision builds without weights); `depth` replaces the ResNet depth."""
+    cfg, _ = load_model_yaml(name)
+    backbone = {**cfg["backbone"], "pretrained": False}
+    if trainable:
+        backbone.update(frozen_stages=-1, norm_eval=False)
+    if depth is not None:
+        backbone["depth"] = depth
+    return build_detector({**cfg, "backbone": backbone}, num_classes)
+
+
+def ratio(ours: float, reference: float) -> float:
+    return ours / reference if reference > 0 else math.nan
+
+
+# ---------------------------------------------------------------------------------------------- section a
+def torchvision_detector(name: str, size: int, depth: int = 50) -> torch.nn.Module:
+    """torchvision's `name` (fcos_resnet50_fpn, retinanet_resnet50_fpn) with random weights, every backbone stage
+    trainable (BatchNorm2d, as torchvision builds it without weights), the transform pinned to `size`; another
+    `depth` builds the same detector class on that ResNet (--quick)."""
+    kwargs = {"num_classes": NUM_CLASSES, "min_size": size, "max_size": size, "fixed_size": (size, size),
+              "score_thresh": CONF, "nms_thresh": IOU, "detections_per_img": MAX_DET, "topk_candidates": NMS_PRE}
+    if depth == 50:
+        with warnings.catch_warnings():  # "trainable_backbone_layers has no effect": all 5 train without weights
+            warnings.simplefilter("ignore", UserWarning)
+            return getattr(detection, name)(weights=None, weights_backbone=None, trainable_backbone_layers=5, **kwargs)
+    backbone = detection.backbone_utils.resnet_fpn_backbone(
+        backbone_name=f"resnet{depth}", weights=None, norm_layer=torch.nn.BatchNorm2d, trainable_layers=5,
+        returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
+    return (detection.FCOS if name.startswith("fcos") else detection.RetinaNet)(backbone, **kwargs)
+
+
+def section_a(plan: Plan, device: torch.device) -> list[dict]:
+    """Train step and inference of crosskd's FCOS/RetinaNet R50 vs torchvision's, alternately."""
+    batch = synthetic_batch(plan.batch, plan.size, NUM_CLASSES, device)
+    images = list(batch.images)  # torchvision takes a list of [3, H, W]
+    targets = [{"boxes": b, "labels": lab} for b, lab in zip(batch.gt_boxes, batch.gt_labels, strict=True)]
+    rows = []
+    for ours_yaml, theirs_name in ((plan.fcos, "fcos_resnet50_fpn"), (plan.retinanet, "retinanet_resnet50_fpn")):
+        ours = on_device(our_detector(ours_yaml, NUM_CLASSES, trainable=True, depth=plan.depth), device).train()
+        theirs = on_device(torchvision_detector(theirs_name, plan.size, plan.depth), device).train()
+        train = alternate({
+            "ours": train_step(lambda m=ours: m.loss(batch), list(ours.parameters()), device),
+            "torchvision": train_step(lambda m=theirs: m(images, targets), list(theirs.parameters()), device),
+        }, plan, device)
+        ours.eval(), theirs.eval()
+        infer = alternate({
+            "ours": inference(lambda m=ours: m.predict(batch.images, CONF, IOU, MAX_DET, NMS_PRE), device),
+            "torchvision": inference(lambda m=theirs: m(images), device),
+        }, plan, device)
+        suffix = "" if plan.depth == 50 else f" (R{plan.depth})"
+        for what, result in (("train step", train), ("inference", infer)):
+            ours_s, theirs_s = result["ours"].seconds, result["torchvision"].seconds
+            rows.append({"model": ours_yaml + suffix, "reference": theirs_name + suffix, "what": what,
+                         "ours_ms": 1000 * ours_s, "torchvision_ms": 1000 * theirs_s, "ratio": ratio(ours_s, theirs_s)})
+        del ours, theirs
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- section b
+def section_b(plan: Plan, device: torch.device) -> list[dict]:
+    """Distillation step per kd method vs its floor (student step + teacher eval forward), time and peak memory."""
+    batch = synthetic_batch(plan.batch, plan.size, NUM_CLASSES, device)
+    student = on_device(our_detector(plan.student, NUM_CLASSES), device).train()
+    teacher = on_device(our_detector(plan.teacher, NUM_CLASSES), device).eval().requires_grad_(False)
+    plain = train_step(lambda: student.loss(batch), [p for p in student.parameters() if p.requires_grad], device)
+
+    def floor() -> None:
+        plain()
+        with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
+            teacher(batch.images)
+
+    rows = []
+    for kd in plan.kds:
+        try:
+            distiller = Distiller(student, teacher, kd=kd).train()
+        except UserError as error:
+            rows.append({"kd": kd, "skipped": str(error)})
+            continue
+        step = train_step(lambda d=distiller: d(batch), [p for p in distiller.parameters() if p.requires_grad],
+                          device)
+        result = alternate({"distill": step, "floor": floor}, plan, device, memory=True)
+        d, f = result["distill"], result["floor"]
+        rows.append({"kd": kd, "distill_ms": 1000 * d.seconds, "floor_ms": 1000 * f.seconds,
+                     "time_ratio": ratio(d.seconds, f.seconds), "distill_peak_mb": d.peak_mb,
+                     "floor_peak_mb": f.peak_mb,
+                     "memory_ratio": ratio(d.peak_mb, f.peak_mb) if d.peak_mb and f.peak_mb else None})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- section c
+def export_student(detector: DenseDetector, fmt: str, batch: int, size: int, folder: Path) -> Path:
+    """Export through crosskd.engine.exporter at a static batch and size; returns the file (or OpenVINO folder)."""
+    args = get_args({"model": str(folder / f"student_b{batch}.pt"), "format": fmt, "imgsz": size, "batch": batch,
+                     "device": "cpu"}, "export")
+    return exporter.export(detector, args)
+
+
+def onnx_runner(path: Path, threads: int, device: torch.device) -> Callable[[np.ndarray], object]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    providers = ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+    session = ort.InferenceSession(str(path), options, providers=providers)
+    name = session.get_inputs()[0].name
+    return lambda array: session.run(None, {name: array})
+
+
+def openvino_runner(folder: Path, threads: int) -> Callable[[np.ndarray], object]:
+    import openvino
+
+    core = openvino.Core()
+    compiled = core.compile_model(core.read_model(next(folder.glob("*.xml"))), "CPU",
+                                  {"INFERENCE_NUM_THREADS": threads})
+    request = compiled.create_infer_request()
+    return lambda array: request.infer([array])
+
+
+def runtimes_available(device: torch.device) -> list[str]:
+    """onnx (with the CUDA provider on CUDA) and openvino (CPU only) when importable."""
+    found = []
+    with contextlib.suppress(ImportError):
+        import onnxruntime as ort
+
+        if device.type == "cpu" or "CUDAExecutionProvider" in ort.get_available_providers():
+            found.append("onnx")
+    with contextlib.suppress(ImportError):
+        import openvino  # noqa: F401
+
+        if device.type == "cpu":
+            found.append("openvino")
+    return found
+
+
+def section_c(plan: Plan, device: torch.device) -> list[dict]:
+    """Exported student (raw decoded graph) in ONNX Runtime / OpenVINO vs eager PyTorch at batch 1 and 8."""
+    detector = our_detector(plan.student, NUM_CLASSES).eval()
+    size = exporter.export_imgsz(plan.size, max(detector.strides))[0]  # exports round up to the largest stride
+    eager = on_device(exporter.ExportModel(copy.deepcopy(detector)), device).eval()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt in runtimes_available(device):
+            for batch in plan.export_batches:
+                path = export_student(detector, fmt, batch, size, Path(tmp))
+                run = onnx_runner(path, plan.threads, device) if fmt == "onnx" else openvino_runner(path, plan.threads)
+                images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+                array, on = images.numpy(), images.to(device)
+                if device.type == "cuda":
+                    on = on.to(memory_format=torch.channels_last)
+                sides = {fmt: lambda r=run, a=array: r(a), "eager": inference(lambda x=on: eager(x), device)}
+                result = alternate(sides, plan, device)
+                rows.append({"runtime": fmt, "batch": batch, "runtime_ms": 1000 * result[fmt].seconds,
+                             "eager_ms": 1000 * result["eager"].seconds,
+                             "speedup": ratio(result["eager"].seconds, result[fmt].seconds)})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- sections d, e
+def digits_data(root: Path, plan: Plan) -> Path:
+    """Generate the digits demo data under `root` and write its data YAML; returns the YAML path."""
+    generate_digits(root, num_train=plan.demo_train, num_val=plan.demo_val, imgsz=DEMO["imgsz"])
+    yaml_file = root / "digits.yaml"
+    names = "\n".join(f"  {i}: '{i}'" for i in range(10))
+    yaml_file.write_text(f"path: {root}\ntrain: annotations/instances_train.json\n"
+                         f"val: annotations/instances_val.json\nnames:\n{names}\n")
+    return yaml_file
+
+
+def demo_loader(data_yaml: Path, split: str, stride: int, batch: int, augment: bool):
+    info = load_data_yaml(str(data_yaml), data_yaml.parent)
+    dataset = DetectionDataset(info, split, DEMO["imgsz"], augment=augment, pad_multiple=stride)
+    return build_dataloader(dataset, batch, DEMO["workers"], shuffle=augment, seed=0)
+
+
+def section_d(plan: Plan, device: torch.device, data_yaml: Path) -> list[dict]:
+    """Images/s of a pass through the train loader (workers, augmentation) vs images/s of training steps."""
+    batch_size = min(DEMO["batch"], plan.demo_train)
+    model = on_device(our_detector(DEMO["model"], 10), device).train()
+    loader = demo_loader(data_yaml, "train", max(model.strides), batch_size, augment=True)
+    start = time.perf_counter()
+    batches = [b.to(device) for b in loader]  # the first pass also starts the workers
+    first_pass = time.perf_counter() - start
+    step_fns = [train_step(lambda b=b: model.loss(b), list(model.parameters()), device) for b in batches[:1]]
+    result = alternate({"loader": lambda: [None for _ in loader], "train": step_fns[0]}, plan, device)
+    images = len(loader.dataset)
+    loader_ips, train_ips = images / result["loader"].seconds, batch_size / result["train"].seconds
+    return [{"model": DEMO["model"], "imgsz": DEMO["imgsz"], "batch": batch_size, "workers": loader.num_workers,
+             "images": images, "loader_first_pass_ips": images / first_pass, "loader_ips": loader_ips,
+             "train_ips": train_ips, "ratio": ratio(loader_ips, train_ips)}]
+
+
+def section_e(plan: Plan, device: torch.device, data_yaml: Path) -> list[dict]:
+    """Validator images/s (predictions, COCO evaluation, PR curves) vs the model's predictions over the loader."""
+    batch_size = min(DEMO["batch"], plan.demo_val)
+    model = on_device(our_detector(DEMO["model"], 10), device).eval()
+    loader = demo_loader(data_yaml, "val", max(model.strides), batch_size, augment=False)
+    args = get_args({"data": str(data_yaml), "imgsz": DEMO["imgsz"], "batch": batch_size, "conf": VAL_CONF,
+                     "plots": False, "device": str(device)}, "val")
+    model.names = {i: str(i) for i in range(10)}
+    with tempfile.TemporaryDirectory() as tmp:
+        validator = Validator(args, model=model, dataloader=loader, save_dir=tmp)
+
+        def predict_only() -> None:
+            for batch in loader:
+                with torch.autocast(device.type, enabled=device.type == "cuda"):
+                    model.predict(batch.to(device).images, VAL_CONF, args.iou, args.max_det, args.nms_pre)
+
+        result = alternate({"val": lambda: validator.run(plots=False, per_class=False),
+                            "predict": inference(predict_only, device)}, plan, device)
+    images = len(loader.dataset)
+    val_ips, predict_ips = images / result["val"].seconds, images / result["predict"].seconds
+    return [{"model": DEMO["model"], "imgsz": DEMO["imgsz"], "batch": batch_size, "images": images,
+             "val_ips": val_ips, "predict_ips": predict_ips, "ratio": ratio(val_ips, predict_ips)}]
+
+
+# ---------------------------------------------------------------------------------------------- output
+TABLES = {  # section -> (title, columns: (JSON key, header, format))
+    "a": ("a. train step and inference vs torchvision", [
+        ("model", "ours", "{}"), ("reference", "torchvision", "{}"), ("what", "", "{}"),
+        ("ours_ms", "ours ms", "{:.1f}"), ("torchvision_ms", "tv ms", "{:.1f}"), ("ratio", "ours/tv", "{:.2f}")]),
+    "b": ("b. distill step vs its floor (student step + teacher eval forward)", [
+        ("kd", "kd", "{}"), ("distill_ms", "distill ms", "{:.1f}"), ("floor_ms", "floor ms", "{:.1f}"),
+        ("time_ratio", "time ratio", "{:.2f}"), ("distill_peak_mb", "distill peak MB", "{:.0f}"),
+        ("floor_peak_mb", "floor peak MB", "{:.0f}"), ("memory_ratio", "memory ratio", "{:.2f}")]),
+    "c": ("c. exported student vs eager PyTorch", [
+        ("runtime", "runtime", "{}"), ("batch", "batch", "{}"), ("runtime_ms", "runtime ms", "{:.1f}"),
+        ("eager_ms", "eager ms", "{:.1f}"), ("speedup", "eager/runtime", "{:.2f}")]),
+    "d": ("d. data loading vs training throughput", [
+        ("model", "model", "{}"), ("batch", "batch", "{}"), ("workers", "workers", "{}"),
+        ("loader_first_pass_ips", "loader img/s (1st pass)", "{:.0f}"), ("loader_ips", "loader img/s", "{:.0f}"),
+        ("train_ips", "train img/s", "{:.1f}"), ("ratio", "loader/train", "{:.1f}")]),
+    "e": ("e. validation incl. COCO evaluation vs predictions alone", [
+        ("model", "model", "{}"), ("images", "images", "{}"), ("val_ips", "val img/s", "{:.1f}"),
+        ("predict_ips", "predict img/s", "{:.1f}"), ("ratio", "val/predict", "{:.2f}")]),
+    "compile": ("compile=True vs eager train step", [
+        ("model", "model", "{}"), ("status", "status", "{}"), ("eager_ms", "eager ms", "{:.1f}"),
+        ("compiled_ms", "compiled ms", "{:.1f}"), ("speedup", "eager/compiled", "{:.2f}"),
+        ("first_call_s", "first call s", "{:.1f}")]),
+}
+
+
+def cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    return fmt.format(value) if not isinstance(value, float) or math.isfinite(value) else "nan"
+
+
+def print_tables(results: dict, console: Console) -> None:
+    meta = results["meta"]
+    console.print(f"[bold]crosskd speed[/bold] on {meta['device_name']}: {meta['threads']} threads, batch "
+                  f"{meta['batch']}, {meta['size']} px, median of {meta['repeats']} (torch {meta['torch']})")
+    for section in SECTIONS:
+        rows = results.get("sections", {}).get(section)
+        if rows is None:
+            continue
+        title, columns = TABLES[section]
+        table = Table(title=title, title_justify="left")
+        for _, header, _ in columns:
+            table.add_column(header, justify="left" if header in ("ours", "torchvision", "kd", "runtime") else "right")
+        for row in rows:
+            if "skipped" in row:
+                table.add_row(row.get("kd", row.get("model", "")), f"skipped: {row['skipped']}",
+                              *[""] * (len(columns) - 2))
+                continue
+            table.add_row(*[cell(row, key, fmt) for key, _, fmt in columns])
+        console.print(table)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import os
+
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def run_sections(plan: Plan, device: torch.device, sections: list[str], out: Path, console: Console) -> dict:
+    """Measure `sections` on `device`, merging into (and rewriting after each section) `out`."""
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    results["meta"] = {**asdict(plan), "device": device.type, "device_name": device_name(device),
+                       "torch": torch.__version__, "torchvision": torchvision.__version__,
+                       "date": time.strftime("%Y-%m-%d %H:%M")}
+    results.setdefault("sections", {})
+    with tempfile.TemporaryDirectory() as tmp:
+        data_yaml = digits_data(Path(tmp) / "digits", plan) if {"d", "e"} & set(sections) else None
+        for section in sections:
+            start = time.perf_counter()
+            results["sections"][section] = run_section(section, plan, device, data_yaml)
+            results.setdefault("seconds", {})[section] = round(time.perf_counter() - start, 1)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=1) + "\n")
+            console.print(f"section {section}: {results['seconds'][section]} s")
+    return results
+
+
+def run_section(section: str, plan: Plan, device: torch.device, data_yaml: Path | None) -> list[dict]:
+    if section in ("d", "e"):
+        return {"d": section_d, "e": section_e}[section](plan, device, data_yaml)
+    if section == "compile":
+        return section_compile(plan, device)
+    return {"a": section_a, "b": section_b, "c": section_c}[section](plan, device)
+
+
+def section_compile(plan: Plan, device: torch.device) -> list[dict]:
+    """Placeholder until crosskd.engine.compile lands: reported as skipped."""
+    return [{"model": plan.student, "skipped": "compile setting not available yet"}]
+
+
+def make_plan(opts: argparse.Namespace) -> Plan:
+    if opts.quick:
+        return Plan(size=64, batch=opts.batch or 2, repeats=1, warmup=0, threads=opts.threads, depth=18,
+                    student="gfl_r18t.yaml", teacher="gfl_r18t.yaml", demo_train=8, demo_val=4,
+                    export_batches=(1,), kds=("crosskd", "crosskd+pkd"), quick=True)
+    return Plan(size=opts.size, batch=opts.batch or 2, repeats=opts.repeats, warmup=1, threads=opts.threads)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--quick", action="store_true", help="tiny models, one iteration, no warm-up (CI)")
+    parser.add_argument("--threads", type=int, default=1, help="torch (and runtime) threads")
+    parser.add_argument("--size", type=int, default=256, help="input size in pixels (square)")
+    parser.add_argument("--batch", type=int, default=None, help="batch of sections a and b (default 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per side (the median is reported)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: the CPU, then CUDA when present")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder of the JSON files")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    """Run the benchmark; returns {device kind: results}."""
+    opts = parse_args(argv)
+    torch.set_num_threads(opts.threads)
+    torch.manual_seed(0)
+    plan = make_plan(opts)
+    console = Console(width=140)
+    kinds = ["cpu", "cuda"] if opts.device == "auto" else [opts.device]
+    kinds = [k for k in kinds if k == "cpu" or torch.cuda.is_available()]
+    level = LOGGER.level
+    LOGGER.setLevel(logging.WARNING)
+    try:
+        everything = {}
+        for kind in kinds:
+            out = opts.out / f"{kind}{'_quick' if plan.quick else ''}.json"
+            everything[kind] = run_sections(plan, torch.device(kind), opts.sections, out, console)
+            print_tables(everything[kind], console)
+            console.print(f"written {out}")
+    finally:
+        LOGGER.setLevel(level)
+    return everything
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
