@@ -1,7 +1,10 @@
-"""Optimizer correctness at scale: find_unused_parameters from one dry check, clipping over every parameter group."""
+"""DDP setup: find_unused_parameters from one dry check, clipping over every parameter group, lost-node helpers."""
+
+from datetime import timedelta
 
 import pytest
 import torch
+import torch.distributed as dist
 from test_distill import kd_args, tiny_detector
 from torch import nn
 
@@ -9,13 +12,14 @@ from crosskd.config import get_args
 from crosskd.distill import Distiller
 from crosskd.engine import ddp
 from crosskd.engine.trainer import DetectorLoss, Trainer
+from crosskd.errors import ConfigError
 from crosskd.models import build_detector
 
 CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("model", ["gfl_r18t.yaml", "retinanet_r18s.yaml", "fcos_r18s.yaml", "atss_r18s.yaml",
-                                   "gfl_mobilenetv2.yaml", "retinanet_swint.yaml"])
+                                   "gfl_mobilenetv2.yaml"])
 def test_plain_training_reaches_every_trainable_parameter(model):
     detector = build_detector(model, nc=3).train()
     assert ddp.unused_parameters(DetectorLoss(detector), ddp.probe_batch(max(detector.strides), CPU)) == []
@@ -66,3 +70,41 @@ def test_clip_grad_covers_every_parameter_group():
     step = torch.cat([module.a.detach(), module.b.detach()])  # -lr x clipped gradient
     assert step.norm().item() == pytest.approx(1.0, rel=1e-5)  # the global norm over both groups is clip_grad
     assert torch.allclose(module.a, module.b)  # the same gradient in both groups, so the same clipped step
+
+
+def test_ddp_timeout_from_the_environment(monkeypatch):
+    monkeypatch.delenv(ddp.TIMEOUT_ENV, raising=False)
+    assert ddp.ddp_timeout() == timedelta(hours=3)
+    monkeypatch.setenv(ddp.TIMEOUT_ENV, "30")
+    assert ddp.ddp_timeout() == timedelta(seconds=30)
+    for bad in ("0", "-5", "soon"):
+        monkeypatch.setenv(ddp.TIMEOUT_ENV, bad)
+        with pytest.raises(ConfigError, match=f"CROSSKD_DDP_TIMEOUT='{bad}' is not a number of seconds above 0"):
+            ddp.ddp_timeout()
+
+
+@pytest.mark.parametrize(("world", "local", "node", "text"), [
+    (2, 1, 0, "node 1 of 2 (peer 10.0.0.2:41237)"),
+    (16, 8, 1, "node 0 of 2 (peer 10.0.0.2:41237)"),
+    (3, 1, 1, "one of nodes 0, 2 of 3 (peer 10.0.0.2:41237)"),
+    (4, 4, 0, "a process of this node (peer 10.0.0.2:41237)"),
+])
+def test_lost_node_text_names_the_other_nodes(monkeypatch, world, local, node, text):
+    for key, value in {"WORLD_SIZE": world, "LOCAL_WORLD_SIZE": local, "GROUP_RANK": node}.items():
+        monkeypatch.setenv(key, str(value))
+    error = RuntimeError("[third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [10.0.0.2]:41237: Connection "
+                         "reset by peer.")
+    assert ddp.lost_node_text(error) == text
+
+
+def test_peer_failures_are_told_from_bugs(tmp_path):
+    gloo_error = RuntimeError("[third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer")
+    assert not ddp.is_peer_failure(gloo_error)  # no process group: nothing to lose
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert ddp.is_peer_failure(gloo_error)
+        assert ddp.is_peer_failure(dist.DistBackendError("NCCL communicator was aborted"))
+        assert not ddp.is_peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+        assert not ddp.is_peer_failure(ValueError("gloo"))
+    finally:
+        dist.destroy_process_group()
