@@ -16,10 +16,11 @@ from typing import Any
 import yaml
 
 from crosskd.errors import ConfigError
-from crosskd.paths import DEFAULT_CFG_PATH, newest_file, runs_dir
+from crosskd.paths import CFG_DIR, DEFAULT_CFG_PATH, newest_file, runs_dir
 from crosskd.settings import ALIASES, KIND_NAMES, SETTINGS, Setting, format_value
 from crosskd.utils import LOGGER
 
+RECIPES_DIR = CFG_DIR / "recipes"  # shipped cfg= files: the paper's COCO recipe (coco_1x.yaml)
 REQUIRED_INPUTS = {  # mode -> (keys it needs, a command line that gives them); val/export fall back to best.pt
     "train": (("model",), "crosskd train model=gfl_r18.yaml data=digits.yaml"),
     "distill": (("teacher", "model"), "crosskd distill teacher=gfl_r50.pt student=gfl_r18.yaml data=digits.yaml"),
@@ -208,11 +209,20 @@ def check_value(key: str, value: Any) -> Any:
     return normalised
 
 
+def cfg_file_path(name: Any) -> Path:
+    """The `cfg=` YAML: an existing path, else a recipe shipped in cfg/recipes (`cfg=coco_1x.yaml` or `coco_1x`)."""
+    file = Path(str(name))
+    for candidate in (file, RECIPES_DIR / file.name, RECIPES_DIR / f"{file.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    shipped = ", ".join(sorted(p.name for p in RECIPES_DIR.glob("*.yaml")))
+    raise ConfigError(f"cfg file '{file}' not found; pass an existing YAML (e.g. cfg=my.yaml) or a shipped recipe: "
+                      f"{shipped}")
+
+
 def _load_cfg_file(path: Any) -> dict[str, Any]:
     """Read a `cfg=` YAML of overrides (keys checked, aliases resolved)."""
-    file = Path(str(path))
-    if not file.is_file():
-        raise ConfigError(f"cfg file '{file}' not found; pass an existing YAML, e.g. cfg=my.yaml")
+    file = cfg_file_path(path)
     content = yaml.safe_load(file.read_text()) or {}
     if not isinstance(content, dict):
         raise ConfigError(f"cfg file '{file}' must be a YAML mapping of key: value lines")

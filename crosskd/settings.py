@@ -128,21 +128,24 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("save_dir", "str", None, "convert: folder for the converted .pt; empty = next to the source",
                 example="weights"),
         Setting("exist_ok", "bool", False, "reuse an existing run directory instead of incrementing its name"),
-        Setting("optimizer", "str", "SGD", "optimizer", choices=("SGD", "AdamW")),
-        Setting("lr0", "float", 0.01, "initial learning rate for batch 16 (scaled linearly with batch)", low=0, high=1),
+        Setting("optimizer", "str", "auto", "optimizer; auto = the paper's SGD for runs of 10000 iterations or more, "
+                "else AdamW (cfg=coco_1x.yaml: the paper's COCO recipe)", choices=("auto", "SGD", "AdamW")),
+        Setting("lr0", "float", None, "initial learning rate for batch 16 (scaled linearly with batch); empty = by "
+                "optimizer: SGD 0.01, AdamW 0.004", low=0, high=1, example="0.01"),
         Setting("lrf", "float", 0.01, "final learning rate as a fraction of lr0 (cosine schedule)", low=0, high=1),
         Setting("momentum", "float", 0.9, "SGD momentum / AdamW beta1", low=0, high=1),
         Setting("weight_decay", "float", 0.0001, "optimizer weight decay", low=0, high=1),
-        Setting("warmup_iters", "int", 500, "linear warm-up iterations", low=0),
+        Setting("warmup_iters", "int", 500, "linear warm-up iterations; when not given, at most 10% of the run's "
+                "iterations", low=0),
         Setting("warmup_epochs", "float", 0.0, "warm-up length in epochs; overrides warmup_iters when > 0", low=0),
         Setting("warmup_ratio", "float", 0.001, "learning-rate factor at the start of warm-up", low=0, high=1),
         Setting("cos_lr", "bool", False, "cosine learning-rate schedule instead of step decay"),
         Setting("lr_steps", "int_list", (8, 11), "step-decay epochs of a 12-epoch schedule, scaled to epochs", low=0),
         Setting("amp", "bool", True, "automatic mixed precision on CUDA"),
         Setting("clip_grad", "float", 0.0, "gradient clipping max norm; 0 disables", low=0),
-        Setting("ema", "bool", False, "keep an exponential moving average of the weights"),
         Setting("nan_patience", "int", 10, "a step with a NaN/Inf loss is skipped; stop after this many in a row "
                 "(0 never stops)", low=0),
+        Setting("ema", "bool", False, "keep an exponential moving average of the weights"),
         Setting("ema_decay", "float", 0.9998, "EMA decay", low=0, high=1),
         Setting("seed", "int", 0, "random seed"),
         Setting("deterministic", "bool", True, "deterministic algorithms where available"),
@@ -151,7 +154,11 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("save_period_iters", "int", 0, "also write a resumable mid-epoch last.pt every N iterations (for jobs "
                 "killed without warning); 0 disables", low=0),
         Setting("val", "bool", True, "validate after every epoch"),
-        Setting("plots", "bool", True, "save plots and validation images"),
+        Setting("plots", "bool", True, "save plots: results.png, labels.jpg, train and val batches, PR/F1/P/R curves, "
+                "confusion matrices"),
+        Setting("tensorboard", "bool", None, "log losses, metrics, lr and val images to TensorBoard in the run folder "
+                "(pip install 'crosskd[tensorboard]'); empty = the user setting (crosskd settings), false by default",
+                example="true"),
         Setting("sync_bn", "bool", False, "convert BatchNorm to SyncBatchNorm under DDP"),
         Setting("fliplr", "float", 0.5, "horizontal flip probability (a dataset YAML may override it)", low=0, high=1),
         Setting("fraction", "float", 1.0, "fraction of the training set to use (analyze: of the split= images)", low=0,

@@ -100,7 +100,7 @@ def test_choices_are_checked_and_canonicalised():
         get_args({"kd": "fitnet"})
     assert str(error.value) == ("'kd=fitnet' is invalid: 'kd' must be one of crosskd, pm, ld, pkd, "
                                   "crosskd+pkd, crosskd+pm, crosskd+ld, none")
-    with pytest.raises(ConfigError, match="'optimizer' must be one of SGD, AdamW"):
+    with pytest.raises(ConfigError, match="'optimizer' must be one of auto, SGD, AdamW"):
         get_args({"optimizer": "Adam"})
 
 
@@ -220,7 +220,7 @@ def test_generated_files_carry_every_key_help_choice_and_alias():
     assert "kd: crosskd  # distillation method: crosskd | pm | ld | pkd | crosskd+pkd | crosskd+pm | " in text
     assert "kd_weight: 1.0  # global multiplier of every distillation loss (alias dis)" in text
     assert "lr_steps: [8, 11]  # step-decay epochs" in text
-    assert "| `lr0` | `0.01` | a number | between 0 and 1 |  | initial learning rate" in reference
+    assert "| `lr0` | empty | a number | between 0 and 1 |  | initial learning rate" in reference
     assert "| `teacher` | empty | a string |  | `distill_model` |" in reference
     assert all(f"| `{name}` |" in reference for name in SETTINGS)
 

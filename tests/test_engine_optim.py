@@ -7,7 +7,17 @@ import torch
 from torch import nn
 
 from crosskd.config import get_args
-from crosskd.engine.optim import LRSchedule, ModelEMA, build_optimizer, build_schedule, scaled_lr, scaled_steps
+from crosskd.engine.optim import (
+    AUTO_SGD_MIN_ITERS,
+    DEFAULT_LR0,
+    LRSchedule,
+    ModelEMA,
+    build_optimizer,
+    build_schedule,
+    resolve_run_length_defaults,
+    scaled_lr,
+    scaled_steps,
+)
 from crosskd.errors import ConfigError
 
 
@@ -28,9 +38,9 @@ def test_linear_warmup_from_ratio():
 
 
 def test_warmup_epochs_override_warmup_iters():
-    args = get_args({"warmup_epochs": 1.5, "warmup_iters": 500, "batch": 16}, "train")
+    args = get_args({"warmup_epochs": 1.5, "warmup_iters": 500, "batch": 16, "lr0": 0.01}, "train")
     assert build_schedule(args, iters_per_epoch=20).warmup_iters == 30
-    args = get_args({"warmup_iters": 7}, "train")
+    args = get_args({"warmup_iters": 7, "lr0": 0.01}, "train")
     assert build_schedule(args, iters_per_epoch=20).warmup_iters == 7
 
 
@@ -85,3 +95,47 @@ def test_ema_follows_the_model_with_ramped_decay():
     torch.testing.assert_close(ema.module[0].weight, start * d + model[0].weight * (1 - d))
     assert int(ema.module[1].num_batches_tracked) == 3  # integer buffers are copied
     assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_auto_picks_adamw_and_a_capped_warmup_for_a_short_run(caplog):
+    args = get_args({"batch": 8, "epochs": 10}, "train")  # 64 iterations per epoch: a 640-iteration run
+    with caplog.at_level("INFO", logger="crosskd"):
+        resolved = resolve_run_length_defaults(args, iters_per_epoch=64)
+    assert (resolved.optimizer, resolved.lr0, resolved.warmup_iters) == ("AdamW", DEFAULT_LR0["AdamW"], 64)
+    assert "auto -> AdamW(lr0=0.004 by optimizer) for a 640-iteration run, warmup_iters 500 -> 64" in caplog.text
+    assert build_schedule(resolved, iters_per_epoch=64).base_lr == pytest.approx(0.002)
+
+
+def test_auto_keeps_the_papers_sgd_recipe_for_a_coco_1x_run():
+    args = get_args({"batch": 16, "epochs": 12}, "train")
+    resolved = resolve_run_length_defaults(args, iters_per_epoch=7330)  # COCO train2017 at batch 16
+    assert (resolved.optimizer, resolved.lr0, resolved.warmup_iters) == ("SGD", 0.01, 500)
+    assert resolve_run_length_defaults(args, AUTO_SGD_MIN_ITERS // 12 + 1).optimizer == "SGD"
+    assert resolve_run_length_defaults(args, AUTO_SGD_MIN_ITERS // 12 - 1).optimizer == "AdamW"
+
+
+def test_typed_keys_are_never_changed():
+    typed = {"optimizer": "SGD", "lr0": 0.02, "warmup_iters": 300, "batch": 8, "epochs": 2}
+    resolved = resolve_run_length_defaults(get_args(typed, "train"), iters_per_epoch=10)
+    assert (resolved.optimizer, resolved.lr0, resolved.warmup_iters) == ("SGD", 0.02, 300)
+    empty_lr = resolve_run_length_defaults(get_args({"optimizer": "SGD", "epochs": 2}, "train"), iters_per_epoch=10)
+    assert (empty_lr.optimizer, empty_lr.lr0, empty_lr.warmup_iters) == ("SGD", DEFAULT_LR0["SGD"], 2)
+    by_epochs = resolve_run_length_defaults(get_args({"warmup_epochs": 1.5, "epochs": 2}, "train"), 20)
+    assert build_schedule(by_epochs, iters_per_epoch=20).warmup_iters == 30
+
+
+def test_resolved_args_resolve_to_themselves():
+    """A resumed run reads the resolved values from its checkpoint: resolving again changes nothing."""
+    first = resolve_run_length_defaults(get_args({"batch": 8, "epochs": 10}, "train"), iters_per_epoch=64)
+    again = resolve_run_length_defaults(get_args(first.to_dict(), "train"), iters_per_epoch=64)
+    assert again.to_dict() == first.to_dict()
+
+
+def test_coco_1x_recipe_gives_the_papers_values():
+    args = get_args({"cfg": "coco_1x.yaml"}, "train")
+    paper = {"epochs": 12, "batch": 16, "optimizer": "SGD", "lr0": 0.01, "momentum": 0.9, "weight_decay": 0.0001,
+             "warmup_iters": 500, "warmup_ratio": 0.001, "lr_steps": [8, 11], "cos_lr": False}
+    assert {key: getattr(args, key) for key in paper} == paper
+    short = resolve_run_length_defaults(args, iters_per_epoch=5)  # every recipe key counts as given
+    assert (short.optimizer, short.lr0, short.warmup_iters) == ("SGD", 0.01, 500)
+    assert get_args({"cfg": "coco_1x", "batch": 32}, "train").batch == 32

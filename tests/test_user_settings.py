@@ -68,6 +68,6 @@ def test_mode_help_lists_that_modes_keys_with_defaults(capsys):
     assert out.startswith("crosskd export") and "opset=" in out and "format=onnx" in out and "lr0=" not in out
     main(["distill", "help"])
     out = capsys.readouterr().out
-    assert "kd=crosskd" in out and "# distillation method" in out and "lr0=0.01" in out
+    assert "kd=crosskd" in out and "# distillation method" in out and "optimizer=auto" in out
     main(["help"])
     assert "crosskd settings" in capsys.readouterr().out

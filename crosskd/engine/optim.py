@@ -9,10 +9,15 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from crosskd.config import Args
 from crosskd.errors import ConfigError
+from crosskd.utils import LOGGER, colorstr
 
 NOMINAL_BATCH = 16  # lr0 is given for this total batch size (the paper's 8 GPUs x 2 images)
 EMA_TAU = 2000  # EMA decay ramps up as decay * (1 - exp(-updates / tau)) so early weights fade quickly
+AUTO_SGD_MIN_ITERS = 10_000  # optimizer=auto: the paper's SGD for runs this long (COCO 1x: ~88k), AdamW below
+DEFAULT_LR0 = {"SGD": 0.01, "AdamW": 0.004}  # lr0 (for batch 16) when lr0 is empty: the paper's SGD, the demo's AdamW
+WARMUP_FRACTION = 0.1  # a warmup_iters the user did not give is capped at this fraction of the run's iterations
 
 
 def scaled_lr(lr0: float, batch: int) -> float:
@@ -67,6 +72,33 @@ class LRSchedule:
         return state
 
 
+def resolve_run_length_defaults(args: Args, iters_per_epoch: int) -> Args:
+    """`args` with optimizer, lr0 and warmup_iters fitted to a run of `iters_per_epoch` x epochs iterations.
+
+    optimizer=auto becomes SGD from AUTO_SGD_MIN_ITERS iterations on, else AdamW; an empty lr0 becomes the chosen
+    optimizer's DEFAULT_LR0; a warmup_iters the user did not give is capped at WARMUP_FRACTION of the run. Keys the
+    user gave (`args.typed`) stay as given. Logs one line when anything was resolved; the result's values are final,
+    so a resumed run (whose checkpoint holds them) resolves nothing.
+    """
+    total = iters_per_epoch * args.epochs
+    name = args.optimizer
+    if name.lower() == "auto":
+        name = "SGD" if total >= AUTO_SGD_MIN_ITERS else "AdamW"
+    name = next(key for key in DEFAULT_LR0 if key.lower() == name.lower())
+    lr0 = DEFAULT_LR0[name] if args.lr0 is None else args.lr0
+    warmup = args.warmup_iters
+    if not args.typed("warmup_iters") and args.warmup_epochs <= 0:
+        warmup = min(warmup, round(WARMUP_FRACTION * total))
+    resolved = args.with_values(optimizer=name, lr0=lr0, warmup_iters=warmup)
+    head = f"{args.optimizer} -> {name}" if args.optimizer != name else name
+    notes = [f"{head}(lr0={lr0:g}{'' if args.lr0 is not None else ' by optimizer'}) for a {total}-iteration run"]
+    if warmup != args.warmup_iters:
+        notes.append(f"warmup_iters {args.warmup_iters} -> {warmup} ({WARMUP_FRACTION:.0%} of the run)")
+    if name != args.optimizer or lr0 != args.lr0 or warmup != args.warmup_iters:
+        LOGGER.info(f"{colorstr('optimizer:')} {', '.join(notes)}")
+    return resolved
+
+
 def build_schedule(args, iters_per_epoch: int) -> LRSchedule:
     """The schedule for `args` (lr0 scaled by batch/16, warmup_epochs > 0 overriding warmup_iters)."""
     warmup = round(args.warmup_epochs * iters_per_epoch) if args.warmup_epochs > 0 else int(args.warmup_iters)
@@ -83,7 +115,8 @@ def build_schedule(args, iters_per_epoch: int) -> LRSchedule:
 
 
 def build_optimizer(params: list[nn.Parameter], name: str, lr: float, momentum: float, weight_decay: float):
-    """SGD (paper default) or AdamW over one parameter group."""
+    """SGD (the paper's) or AdamW over one parameter group (optimizer=auto is resolved before, see
+    `resolve_run_length_defaults`)."""
     key = str(name).lower()
     if key == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
