@@ -50,6 +50,7 @@ SEEDS = (0, 1, 2)
 TEACHER_SEED = 0  # teachers are trained once
 TEACHER_ROLES = ("teacher", "atss_teacher")  # model roles trained for teacher_epochs and distilled from
 METRICS = ("AP", "AP50", "AP75")
+METRIC_COLUMNS = {"AP": "metrics/mAP50-95(B)", "AP50": "metrics/mAP50(B)", "AP75": "metrics/mAP75(B)"}  # results.csv
 CURVE_LABELS = ("student", "PM", "LD", "CrossKD")  # AP-per-epoch plot (paper Fig. 6c); only these validate every epoch
 PAPER_HEAD_CONVS = 4  # GFL head convs in the paper (Table 1 runs kd_idx 0..4)
 
@@ -284,8 +285,15 @@ def command_line(mode: str, settings: dict[str, Any]) -> str:
 def is_finished(folder: Path, epochs: int) -> bool:
     """True when the run's results.csv holds its last epoch with AP (the trainer validates the last epoch always)."""
     csv_path = folder / "results.csv"
-    columns = read_results(csv_path) if csv_path.is_file() else {}
+    columns = read_metric_columns(csv_path) if csv_path.is_file() else {}
     return bool(columns.get("epoch")) and columns["epoch"][-1] == epochs and not math.isnan(columns["AP"][-1])
+
+
+def read_metric_columns(csv_path: Path) -> dict[str, list[float]]:
+    """results.csv columns with AP, AP50, AP75 under their short names; a file written before results.csv took
+    Ultralytics' column names (runs of an earlier benchmark) has them under these names already."""
+    columns = read_results(csv_path)
+    return {**columns, **{m: columns[c] for m, c in METRIC_COLUMNS.items() if c in columns}}
 
 
 def train(run: Run, scale: Scale, out: Path) -> None:
@@ -314,7 +322,7 @@ def prepare_folder(folder: Path, epochs: int) -> None:
 def collect(run: Run, scale: Scale, out: Path, wall_seconds: float) -> dict[str, Any]:
     """The metrics record of a trained run: last-epoch AP, AP50, AP75 (×100, as in the paper) and the per-epoch AP."""
     mode, settings = run_settings(run, scale, out)
-    columns = read_results(run_dir(out, run) / "results.csv")
+    columns = read_metric_columns(run_dir(out, run) / "results.csv")
     epochs = [{"epoch": int(e), **{m: round(100 * columns[m][i], 2) for m in METRICS}}
               for i, e in enumerate(columns["epoch"]) if not math.isnan(columns["AP"][i])]
     return {"key": run.key, "seed": run.seed, "mode": mode, "settings": settings, "final": epochs[-1],

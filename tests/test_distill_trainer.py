@@ -96,7 +96,7 @@ def results_columns(save_dir: Path) -> list[str]:
 @pytest.mark.parametrize("head_type", list(KD_COLUMNS))
 def test_each_detector_distils_and_best_pt_is_student_only(work, distilled, head_type):
     trainer = distilled(head_type)
-    assert KD_COLUMNS[head_type] <= set(results_columns(trainer.save_dir))
+    assert {f"train/{name}_loss" for name in KD_COLUMNS[head_type]} <= set(results_columns(trainer.save_dir))
     assert KD_COLUMNS[head_type] <= set(trainer.epoch_losses)
     best = trainer.weights_dir / "best.pt"
     ckpt = load_checkpoint(best)
@@ -129,7 +129,7 @@ def test_retinanet_teacher_distils_gfl_student(work):
     trainer = DistillTrainer(distill_args(work, "hetero", teacher=str(teacher), model=str(model_yaml(work, "gfl"))))
     trainer.train()
     columns = set(results_columns(trainer.save_dir))
-    assert {"loss_cls", "loss_box", "loss_dfl", "kd_cls", "kd_reg"} <= columns
+    assert {"train/cls_loss", "train/box_loss", "train/dfl_loss", "train/kd_cls_loss", "train/kd_reg_loss"} <= columns
     assert all(torch.isfinite(torch.tensor(v)) for v in trainer.epoch_losses.values())
 
 
@@ -206,7 +206,7 @@ def test_torchrun_two_processes_distil(work):
     run_dir = work / "ddp" / "run"
     with open(run_dir / "results.csv") as f:
         row = next(csv.DictReader(f))
-    assert all(math.isfinite(float(row[k])) for k in ("loss_cls", "kd_cls", "kd_reg"))
+    assert all(math.isfinite(float(row[f"train/{k}_loss"])) for k in ("cls", "kd_cls", "kd_reg"))
     ckpt = load_checkpoint(run_dir / "weights" / "last.pt")
     assert ckpt["teacher"] == str(teacher.resolve())
     assert set(ckpt["model"]) == set(build_detector(model_yaml(work, "gfl"), NC).state_dict())

@@ -60,19 +60,21 @@ def test_end_to_end_run_writes_every_artifact(trained):
                  "val_batch0_labels.jpg", "val_batch0_pred.jpg"):
         assert (save_dir / name).is_file(), name
     assert yaml.safe_load((save_dir / "args.yaml").read_text())["epochs"] == 2
-    assert set(trained.metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"}
+    assert set(trained.metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "precision", "recall"}
 
 
 def test_results_csv_columns_and_rows(trained):
     path = trained.trainer.save_dir / "results.csv"
     header = path.read_text().splitlines()[0].split(",")
-    assert header == ["epoch", "time", "loss_cls", "loss_box", "loss_dfl", "AP", "AP50", "AP75", "APs", "APm", "APl",
-                      "lr", "nonfinite_steps"]
+    assert header == ["epoch", "time", "train/cls_loss", "train/box_loss", "train/dfl_loss", "metrics/precision(B)",
+                      "metrics/recall(B)", "metrics/mAP50(B)", "metrics/mAP50-95(B)", "val/cls_loss", "val/box_loss",
+                      "val/dfl_loss", "lr/pg0", "metrics/mAP75(B)", "metrics/APs(B)", "metrics/APm(B)",
+                      "metrics/APl(B)", "metrics/AR100(B)", "nonfinite_steps"]
     rows = read_csv(path)
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert float(rows[1]["lr"]) == pytest.approx(0.1 * float(rows[0]["lr"]))  # step decay at round(8*2/12) = 1
-    assert float(rows[0]["lr"]) == pytest.approx(0.02 * 8 / 16)
-    total = [sum(float(r[k]) for k in ("loss_cls", "loss_box", "loss_dfl")) for r in rows]
+    assert float(rows[1]["lr/pg0"]) == pytest.approx(0.1 * float(rows[0]["lr/pg0"]))  # step decay at round(8*2/12) = 1
+    assert float(rows[0]["lr/pg0"]) == pytest.approx(0.02 * 8 / 16)
+    total = [sum(float(r[f"train/{k}_loss"]) for k in ("cls", "box", "dfl")) for r in rows]
     assert total[1] < total[0]
     assert float(rows[1]["time"]) > float(rows[0]["time"]) > 0
 
@@ -140,7 +142,7 @@ def test_resume_continues_exactly(tmp_path, caplog):
         torch.testing.assert_close(ema_resumed[name], ema_straight[name], rtol=1e-5, atol=1e-6)
     rows = read_csv(tmp_path / "broken" / "results.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"]  # appended under the one header
-    losses = ("loss_cls", "loss_box", "loss_dfl", "lr")
+    losses = ("train/cls_loss", "train/box_loss", "train/dfl_loss", "lr/pg0")
     expected = read_csv(tmp_path / "straight" / "results.csv")
     assert [[r[k] for k in losses] for r in rows] == [[r[k] for k in losses] for r in expected]
 

@@ -74,6 +74,8 @@ def test_duck_typed_model_with_ground_truth_boxes_scores_ap_one(data_yaml, tmp_p
     validator = Validator(args, model=GroundTruthModel(dataset))
     metrics = validator.run()
     assert metrics["AP"] == pytest.approx(1.0) and metrics["AP50"] == pytest.approx(1.0)
+    assert metrics["precision"] == pytest.approx(1.0) and metrics["recall"] == pytest.approx(1.0)
+    assert validator.curves.ap50 == pytest.approx(1.0)  # PR_curve.png's per-class AP50
     assert (validator.save_dir / "val_batch0_labels.jpg").is_file()
     assert (validator.save_dir / "val_batch0_pred.jpg").is_file()
     records = json.loads((validator.save_dir / "predictions.json").read_text())
@@ -104,7 +106,7 @@ def test_printed_ap_equals_a_separate_cocoeval_of_predictions_json(data_yaml, ch
 
 def test_no_detections_give_zero_ap(data_yaml, checkpoint, tmp_path):
     metrics = validator_module.run(val_args(data_yaml, tmp_path, model=str(checkpoint), conf=0.999, save_json=True))
-    assert metrics == dict.fromkeys(["AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"], 0.0)
+    assert metrics == dict.fromkeys(["AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "precision", "recall"], 0.0)
     assert json.loads((tmp_path / "val" / "predictions.json").read_text()) == []
 
 

@@ -24,7 +24,8 @@ from crosskd.engine.trainer import Trainer
 from crosskd.models import build_detector, load_model_yaml
 
 NAMES = {i: str(i) for i in range(10)}
-LOSSES = {"train": ("loss_cls", "loss_box", "loss_dfl"), "distill": ("loss_cls", "loss_box", "loss_dfl", "kd_cls")}
+LOSSES = {"train": ("train/cls_loss", "train/box_loss", "train/dfl_loss"),
+          "distill": ("train/cls_loss", "train/box_loss", "train/dfl_loss", "train/kd_cls_loss")}
 # results.csv keeps 5 significant digits (a rounding step is up to 1e-4 relative); float32 sums in another order
 # (per-rank loss sums, gloo's all-reduce of the gradients) add ~1e-7 relative per step; a wrong split of the batch
 # (e.g. a normaliser taken per rank) moves the losses by > 1e-2

@@ -193,7 +193,7 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, write_digits_yaml, c
 
     rows = list(csv.DictReader((trainer.save_dir / "results.csv").read_text().splitlines()))
     assert [r["nonfinite_steps"] for r in rows] == ["2", "1"]
-    assert all(math.isfinite(float(r[k])) for r in rows for k in ("loss_cls", "loss_box", "loss_dfl"))
+    assert all(math.isfinite(float(r[f"train/{k}_loss"])) for r in rows for k in ("cls", "box", "dfl"))
     out = capsys.readouterr().out
     assert "skip 2" in out and "skip 1" in out  # the progress line of each epoch
     assert "Non-finite loss at epoch 1, iteration 1 (loss_cls nan" in caplog.text

@@ -25,7 +25,7 @@ from crosskd.errors import RunStopped
 
 SETTINGS = {"model": "gfl_r18t.yaml", "epochs": 2, "batch": 4, "imgsz": 64, "workers": 0, "device": "cpu",
             "warmup_iters": 2, "lr0": 0.02, "ema": True, "val": False, "plots": False, "seed": 0}  # 16 images: 4 its
-LOSS_COLUMNS = ("loss_cls", "loss_box", "loss_dfl", "lr")
+LOSS_COLUMNS = ("train/cls_loss", "train/box_loss", "train/dfl_loss", "lr/pg0")
 
 # Runs `crosskd ARGS...` with one fault (argv[1]): "none"; "step:N:wait" (after the N-th training step, touch $MARKER
 # and wait for a signal); "step:N:kill" (SIGKILL after the N-th step); "save:N" (SIGKILL inside the N-th .pt save,

@@ -1,15 +1,27 @@
-"""Per-epoch training progress: a rich bar on a terminal, periodic plain lines elsewhere (e.g. CI logs)."""
+"""Per-epoch training progress: a rich bar on a terminal, periodic plain lines elsewhere (e.g. CI logs).
+
+The header and the row of running values share one column width, 11 characters as Ultralytics where the console is
+wide enough and down to 8 on an 80-column terminal, so a distillation run (five loss columns, GPU memory) fits
+without wrapping; on a terminal the bar, count and times go on a line of their own under the row.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 import torch
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
+
+from crosskd.utils import console
 
 PLAIN_INTERVAL_S = 30.0  # without a terminal, print a progress line at most this often
 REFRESH_INTERVAL_S = 0.5  # how often the running means are read back from the device
+MAX_COLUMN_WIDTH = 11
+MIN_COLUMN_WIDTH = 8
+SKIP_WIDTH = 8  # room kept at the end of the row for "  skip N"
 
 
 def memory_text(device: torch.device) -> str:
@@ -19,10 +31,36 @@ def memory_text(device: torch.device) -> str:
     return f"{torch.cuda.memory_reserved(device) / 2**30:.3g}G"
 
 
-def epoch_header(loss_names: list[str], cuda: bool) -> str:
-    """Column titles, 11 characters each, matching `EpochProgress.describe`."""
-    columns = ["Epoch", *(["GPU_mem"] if cuda else []), *loss_names, "lr", "img/s"]
-    return "".join(f"{c:>11}" for c in columns)
+def column_width(num_columns: int, console_width: int) -> int:
+    """Characters per column: as many as `console_width` allows for `num_columns` and a "skip N" note, 8 to 11."""
+    return max(MIN_COLUMN_WIDTH, min(MAX_COLUMN_WIDTH, (console_width - SKIP_WIDTH) // num_columns))
+
+
+def fit_number(value: float, width: int, digits: int = 4) -> str:
+    """`value` with up to `digits` significant digits, fewer when needed to leave a space in a `width` column."""
+    text = f"{value:.{digits}g}"
+    while len(text) >= width and digits > 1:
+        digits -= 1
+        text = f"{value:.{digits}g}"
+    return text
+
+
+def epoch_header(loss_names: list[str], cuda: bool, console_width: int | None = None) -> str:
+    """Column titles matching `EpochProgress.describe` for the same console width (default: crosskd's console);
+    losses by their short name (loss_cls -> cls, kd_reg stays kd_reg)."""
+    columns = ["Epoch", *(["GPU_mem"] if cuda else []), *(n.removeprefix("loss_") for n in loss_names), "lr", "img/s"]
+    width = column_width(len(columns), console_width or console.width)
+    return "".join(f"{c:>{width}}" for c in columns)
+
+
+class RowProgress(Progress):
+    """A rich Progress that shows the task description (the row of values under the epoch header) on its own line
+    and the bar, count and times on the next, so neither wraps on a narrow terminal."""
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        for task in self.tasks:
+            yield Text(task.description, no_wrap=True, overflow="ellipsis")
+        yield self.make_tasks_table(self.tasks)
 
 
 class EpochProgress:
@@ -44,9 +82,8 @@ class EpochProgress:
 
     def __enter__(self) -> EpochProgress:
         if self.interactive:
-            self.progress = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(bar_width=12),
+            self.progress = RowProgress(
+                BarColumn(bar_width=30),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
                 TextColumn("<"),
@@ -64,11 +101,11 @@ class EpochProgress:
     def describe(self, means: dict[str, float], lr: float, skipped: int = 0) -> str:
         """One row under `epoch_header`: epoch, memory (CUDA), running loss means, lr and images/s, then
         'skip N' when N steps of the epoch were skipped for a non-finite loss."""
-        mem = memory_text(self.device)
         rate = self.images / max(time.monotonic() - self.start, 1e-9)
-        values = [self.epoch_text, *([mem] if self.device.type == "cuda" else [])]
-        values += [f"{v:.4g}" for v in means.values()] + [f"{lr:.3g}", f"{rate:.1f}"]
-        return "".join(f"{v:>11}" for v in values) + (f"  skip {skipped}" if skipped else "")
+        values = [self.epoch_text, *([memory_text(self.device)] if self.device.type == "cuda" else [])]
+        width = column_width(len(values) + len(means) + 2, self.console.width)
+        values += [fit_number(v, width) for v in means.values()] + [fit_number(lr, width, 3), f"{rate:.1f}"]
+        return "".join(f"{v:>{width}}" for v in values) + (f"  skip {skipped}" if skipped else "")
 
     def due(self, step: int) -> bool:
         """Whether the display wants fresh numbers now (so the caller syncs the device only then)."""

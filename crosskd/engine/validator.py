@@ -14,19 +14,23 @@ from torchvision.ops import clip_boxes_to_image
 
 from crosskd.config import imgsz_hw, setting_or_model_default
 from crosskd.data import DetectionDataset, build_dataloader, load_data_yaml
-from crosskd.dist import get_rank, get_world_size, is_dist, is_main_process
+from crosskd.dist import get_rank, get_world_size, is_dist, is_main_process, reduce_mean
 from crosskd.engine.backend import load_runtime
 from crosskd.engine.metrics import COCOResult, coco_evaluate, detections_to_coco, format_class_table, format_summary
-from crosskd.engine.plotting import plot_images
+from crosskd.engine.plotting import plot_confusion_matrix, plot_curves, plot_images
+from crosskd.engine.pr_metrics import PRCurves, confusion_matrix, images_from_records, pr_curves
 from crosskd.errors import DataError
 from crosskd.paths import make_save_dir, newest_best
 from crosskd.utils import LOGGER, colorstr, select_device
 
 VAL_CONF = 0.05  # score threshold when conf is empty (COCO-style evaluation keeps low-score boxes)
+PLOT_CONF = 0.25  # predictions drawn in val_batch*_pred.jpg
+PLOT_BATCHES = 3  # val_batch0..2
 
 
 class Validator:
-    """Predict a split, evaluate with pycocotools, print the tables; `run()` returns the COCO metrics dict.
+    """Predict a split, evaluate with pycocotools, print the tables; `run()` returns the COCO metrics dict with
+    Ultralytics' precision and recall (at the best class-mean F1, IoU 0.5).
 
     Standalone (`model` a path or None) it loads the model and data from `args`; inside training the trainer passes
     the model and its val dataloader (sharded per rank under DDP; predictions are gathered to rank 0).
@@ -41,6 +45,8 @@ class Validator:
         self.multi_label = True if args.multi_label is None else args.multi_label  # empty: every class (COCO AP)
         self.device = torch.device("cpu")
         self.result: COCOResult | None = None
+        self.curves: PRCurves | None = None
+        self.losses: dict[str, float] = {}  # mean detection losses on the split when run(losses=True)
         self.model_imgsz: tuple[int, int] | None = None  # the loaded model's own size, used unless imgsz= is given
 
     def setup(self) -> None:
@@ -78,8 +84,12 @@ class Validator:
     def dataset(self) -> Any:
         return self.dataloader.dataset
 
-    def run(self, model: Any = None, plots: bool | None = None, per_class: bool | None = None) -> dict[str, float]:
-        """Validate `model` (or the constructor's) and return {AP, AP50, AP75, APs, APm, APl, AR100}."""
+    def run(
+        self, model: Any = None, plots: bool | None = None, per_class: bool | None = None, losses: bool = False
+    ) -> dict[str, float]:
+        """Validate `model` (or the constructor's) and return {AP, AP50, AP75, APs, APm, APl, AR100, precision,
+        recall}. `losses`: also average the model's detection losses over the split into `self.losses` (a
+        DenseDetector only; training asks for them)."""
         if model is not None:
             self.model = model
         if self.dataloader is None or self.model is None or isinstance(self.model, str | Path):
@@ -87,17 +97,23 @@ class Validator:
         plots = self.args.plots if plots is None else plots
         device = self.model_device()
         start = time.perf_counter()
-        records = self.predict_all(device, plots and is_main_process())
+        losses = losses and hasattr(self.model, "predict_with_loss")
+        records = self.predict_all(device, plots and is_main_process(), losses)
         elapsed = time.perf_counter() - start
         records = self.gather(records)
         if not is_main_process():
             return {}
         results = [r for image_id in sorted(records) for r in records[image_id]]
         self.result = coco_evaluate(self.dataset.coco_gt(), results, self.dataset.names, self.dataset.category_ids)
+        images = images_from_records(records, self.dataset.records, self.dataset.category_ids)
+        self.curves = pr_curves(images, len(self.dataset.names))
+        metrics = {**self.result.metrics, "precision": self.curves.mean_precision, "recall": self.curves.mean_recall}
         self.report(len(records), elapsed, per_class)
+        if plots and self.save_dir is not None:
+            self.plot_metrics(confusion_matrix(images, len(self.dataset.names)))
         if self.args.save_json:
             self.save_json(results)
-        return dict(self.result.metrics)
+        return metrics
 
     def model_device(self) -> torch.device:
         if isinstance(self.model, nn.Module):
@@ -105,20 +121,29 @@ class Validator:
         return torch.device(getattr(self.model, "device", self.device))
 
     @torch.no_grad()
-    def predict_all(self, device: torch.device, plots: bool) -> dict[int, list[dict]]:
-        """COCO result records per image id for this rank's share of the split."""
+    def predict_all(self, device: torch.device, plots: bool, losses: bool = False) -> dict[int, list[dict]]:
+        """COCO result records per image id for this rank's share of the split; with `losses` the mean losses
+        (averaged over ranks) go to `self.losses`."""
         was_training = isinstance(self.model, nn.Module) and self.model.training
         self.model.eval()
         amp = self.args.amp and device.type == "cuda" and isinstance(self.model, nn.Module)
         records: dict[int, list[dict]] = {}
+        loss_sums: dict[str, torch.Tensor] = {}
+        options = (self.conf, self.args.iou, self.args.max_det, self.args.nms_pre)
         for i, batch in enumerate(self.dataloader):
             batch = batch.to(device)
             with torch.autocast(device.type, enabled=amp):
-                detections = self.model.predict(batch.images, self.conf, self.args.iou, self.args.max_det,
-                                                self.args.nms_pre, ratios=batch.ratios, multi_label=self.multi_label)
+                if losses:
+                    detections, batch_losses = self.model.predict_with_loss(batch, *options, self.multi_label)
+                    for name, value in batch_losses.items():
+                        loss_sums[name] = loss_sums.get(name, 0.0) + value.detach().float()
+                else:
+                    detections = self.model.predict(batch.images, *options, ratios=batch.ratios,
+                                                    multi_label=self.multi_label)
             records.update(self.batch_records(batch, detections))
-            if plots and i == 0 and self.save_dir is not None:
-                self.plot_batch(batch, detections)
+            if plots and i < PLOT_BATCHES and self.save_dir is not None:
+                self.plot_batch(i, batch, detections)
+        self.losses = mean_losses(loss_sums, len(self.dataloader)) if losses else {}
         if was_training:
             self.model.train()
         return records
@@ -140,23 +165,43 @@ class Validator:
         dist.all_gather_object(shards, records)
         return {image_id: recs for shard in shards for image_id, recs in shard.items()}
 
-    def plot_batch(self, batch: Any, detections: list) -> None:
-        """val_batch0_labels.jpg and val_batch0_pred.jpg (boxes back in input pixels)."""
+    def plot_batch(self, index: int, batch: Any, detections: list) -> None:
+        """val_batch{index}_labels.jpg and val_batch{index}_pred.jpg (predictions above PLOT_CONF, boxes back in
+        input pixels)."""
         names = self.dataset.names
         keep = [labels >= 0 for labels in batch.gt_labels]
         gt_boxes = [boxes[k] for boxes, k in zip(batch.gt_boxes, keep, strict=True)]
         gt_labels = [labels[k] for labels, k in zip(batch.gt_labels, keep, strict=True)]
-        plot_images(batch.images, gt_boxes, gt_labels, names, self.save_dir / "val_batch0_labels.jpg")
-        pred_boxes = [d.boxes * r for d, r in zip(detections, batch.ratios.tolist(), strict=True)]
-        plot_images(batch.images, pred_boxes, [d.labels for d in detections], names,
-                    self.save_dir / "val_batch0_pred.jpg", scores=[d.scores for d in detections])
+        plot_images(batch.images, gt_boxes, gt_labels, names, self.save_dir / f"val_batch{index}_labels.jpg")
+        shown = [d.scores >= PLOT_CONF for d in detections]
+        pred_boxes = [d.boxes[k] * r for d, k, r in zip(detections, shown, batch.ratios.tolist(), strict=True)]
+        plot_images(batch.images, pred_boxes, [d.labels[k] for d, k in zip(detections, shown, strict=True)], names,
+                    self.save_dir / f"val_batch{index}_pred.jpg",
+                    scores=[d.scores[k] for d, k in zip(detections, shown, strict=True)])
+
+    def plot_metrics(self, matrix: Any) -> None:
+        """PR_curve.png, F1_curve.png, P_curve.png, R_curve.png and the raw and normalised confusion matrices."""
+        curves, names = self.curves, self.dataset.names
+        labels = [names.get(int(c), str(c)) for c in curves.classes]
+        mean_ap50 = float(curves.ap50.mean()) if len(curves.ap50) else 0.0
+        plot_curves(curves.px, curves.pr, [f"{n} {ap:.3f}" for n, ap in zip(labels, curves.ap50, strict=True)],
+                    f"all classes {mean_ap50:.3f} mAP@0.5", self.save_dir / "PR_curve.png", "Recall", "Precision")
+        best_conf = curves.px[curves.best]
+        for file, ys, title in (("F1_curve.png", curves.f1, "F1"), ("P_curve.png", curves.precision, "Precision"),
+                                ("R_curve.png", curves.recall, "Recall")):
+            mean = ys.mean(0)[curves.best] if len(ys) else 0.0
+            plot_curves(curves.px, ys, labels, f"all classes {mean:.2f} at {best_conf:.3f}", self.save_dir / file,
+                        "Confidence", title)
+        for normalize, file in ((False, "confusion_matrix.png"), (True, "confusion_matrix_normalized.png")):
+            plot_confusion_matrix(matrix, names, self.save_dir / file, normalize)
 
     def report(self, num_images: int, elapsed: float, per_class: bool | None) -> None:
         """The class table (per-class rows when verbose and not told otherwise), summary and speed lines."""
         per_class = (self.args.verbose and len(self.dataset.names) > 1) if per_class is None else per_class
         for line in format_class_table(self.result, num_images, per_class):
             LOGGER.info(line)
-        LOGGER.info(f"{colorstr('val:')} {format_summary(self.result.metrics)}")
+        pr = f"P {self.curves.mean_precision:.4f}  R {self.curves.mean_recall:.4f}  "
+        LOGGER.info(f"{colorstr('val:')} {pr}{format_summary(self.result.metrics)}")
         LOGGER.info(f"Speed: {1000 * elapsed / max(num_images, 1):.1f}ms per image (this rank, incl. NMS)")
 
     def save_json(self, results: list[dict]) -> Path:
@@ -164,6 +209,14 @@ class Validator:
         path.write_text(json.dumps(results))
         LOGGER.info(f"Saved {len(results)} predictions to {path}")
         return path
+
+
+def mean_losses(sums: dict[str, torch.Tensor], num_batches: int) -> dict[str, float]:
+    """Per-batch mean of each summed loss, averaged over ranks."""
+    if not sums:
+        return {}
+    means = reduce_mean(torch.stack(list(sums.values())) / max(num_batches, 1))  # [num_losses]
+    return dict(zip(sums, means.tolist(), strict=True))
 
 
 def run(args: Any) -> dict[str, float]:

@@ -112,3 +112,17 @@ class DenseDetector(nn.Module):
         if ratios is not None:
             dets = [d._replace(boxes=scale_boxes(d.boxes, r)) for d, r in zip(dets, ratios)]
         return dets
+
+    @torch.no_grad()
+    def predict_with_loss(
+        self, batch: Any, conf: float = 0.05, iou: float = 0.6, max_det: int = 100, nms_pre: int = 1000,
+        multi_label: bool = True,
+    ) -> tuple[list[Detections], dict[str, Tensor]]:
+        """`predict(batch.images, ..., ratios=batch.ratios)` and `loss(batch)` from one forward pass: the
+        validation losses at the cost of the assigner only. Boxes [K, 4] xyxy in original-image pixels."""
+        outputs = self(batch.images)
+        priors = self.priors_for(outputs)
+        losses = self.head.loss(outputs, priors, self.head.get_targets(priors, batch))
+        decoded = decode_outputs(self.head, outputs, batch.images.shape[-2:])
+        dets = postprocess(*decoded, conf, iou, max_det, nms_pre, multi_label)
+        return [d._replace(boxes=scale_boxes(d.boxes, r)) for d, r in zip(dets, batch.ratios)], losses
