@@ -40,7 +40,7 @@ from crosskd.paths import make_save_dir, newest_file, runs_dir, writable_dir
 from crosskd.utils import LOGGER, colorstr, console, init_seeds, remove_stale_temp_files, select_device
 
 RESUME_WHITELIST = (  # may change when resuming
-    "device", "workers", "val", "plots", "save_period", "save_period_iters", "nan_patience",
+    "device", "workers", "val", "plots", "tensorboard", "save_period", "save_period_iters", "nan_patience",
 )
 
 
@@ -75,6 +75,7 @@ class Trainer:
         self.final_metrics: dict[str, float] = {}
         self.loss_names: list[str] = []
         self.loss_items: dict[str, Tensor] = {}
+        self.batch: Any = None  # the current train batch, for on_train_batch_end callbacks (train_batch*.jpg)
         self.epoch_losses: dict[str, float] = {}
         self.lr = 0.0
         self.elapsed = self.elapsed_before = 0.0
@@ -310,6 +311,7 @@ class Trainer:
                 self.iteration = self.epoch * num_batches + i
                 self.lr = self.schedule(self.iteration)
                 set_lr(self.optimizer, self.lr)
+                self.batch = batch
                 self.loss_items = self.train_step(batch)
                 applied = self.nonfinite.in_row == 0  # a skipped (non-finite) step adds nothing to the means
                 for name, value in self.loss_items.items():
@@ -426,7 +428,7 @@ class Trainer:
         if not (self.args.val or last):
             return
         model = self.ema.module if self.ema is not None else self.model
-        self.metrics = self.validator.run(model, plots=False, per_class=False)
+        self.metrics = self.validator.run(model, plots=False, per_class=False, losses=True)
         if self.metrics:
             self.fitness = fitness(self.metrics)
             if self.best_fitness is None or self.fitness >= self.best_fitness:
