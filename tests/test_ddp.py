@@ -18,7 +18,7 @@ from crosskd.engine.trainer import Trainer
 from crosskd.models import build_detector, load_model_yaml
 
 NAMES = {i: str(i) for i in range(10)}
-LOSSES = ("loss_cls", "loss_box", "loss_dfl")
+LOSSES = ("train/cls_loss", "train/box_loss", "train/dfl_loss")  # results.csv columns (Ultralytics names)
 
 
 def write_inputs(root: Path) -> tuple[Path, Path]:
@@ -39,10 +39,11 @@ def write_inputs(root: Path) -> tuple[Path, Path]:
 
 
 def settings(data: Path, model: Path, project: Path, name: str) -> dict:
-    # batch 8 = the whole train set: one step per epoch over the same images in both runs
+    # batch 8 = the whole train set: one step per epoch over the same images in both runs; SGD, since AdamW (what
+    # optimizer=auto picks for a run this short) turns float-rounding-size gradients into full lr-size steps
     return {"model": str(model), "data": str(data), "epochs": 3, "batch": 8, "imgsz": 96, "workers": 0,
-            "device": "cpu", "warmup_iters": 0, "lr0": 0.004, "val": False, "plots": False, "project": str(project),
-            "name": name, "seed": 0}
+            "device": "cpu", "warmup_iters": 0, "optimizer": "SGD", "lr0": 0.004, "val": False, "plots": False,
+            "project": str(project), "name": name, "seed": 0}
 
 
 def losses(run_dir: Path) -> list[list[float]]:
