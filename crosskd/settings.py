@@ -142,6 +142,8 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("cos_lr", "bool", False, "cosine learning-rate schedule instead of step decay"),
         Setting("lr_steps", "int_list", (8, 11), "step-decay epochs of a 12-epoch schedule, scaled to epochs", low=0),
         Setting("amp", "bool", True, "automatic mixed precision on CUDA"),
+        Setting("compile", "bool", False, "torch.compile the model's backbone, neck and head (and the teacher's); "
+                "falls back to eager with one warning where compilation fails"),
         Setting("clip_grad", "float", 0.0, "gradient clipping max norm; 0 disables", low=0),
         Setting("nan_patience", "int", 10, "a step with a NaN/Inf loss is skipped; stop after this many in a row "
                 "(0 never stops)", low=0),

@@ -11,6 +11,7 @@ from crosskd.dist import is_main_process
 from crosskd.distill import Distiller
 from crosskd.engine.backend import Runtime, is_yaml, load_runtime
 from crosskd.engine.checkpoint import load_checkpoint, save_checkpoint
+from crosskd.engine.compile import compile_detector
 from crosskd.engine.trainer import Trainer
 from crosskd.errors import ConfigError
 from crosskd.models import DenseDetector
@@ -69,7 +70,7 @@ class DistillTrainer(Trainer):
         self.teacher_path, self.teacher_weights, self.teacher_cfg = runtime.source, weights, teacher_cfg
         LOGGER.info(f"{colorstr('teacher:')} {runtime.model.head_type} from {runtime.source}"
                     + (f" + {weights}" if weights else ""))
-        return runtime.model
+        return compile_detector(runtime.model, self.args.compile)
 
     def build_loss_module(self) -> nn.Module:
         return Distiller.from_args(self.model, self.teacher, self.args)

@@ -27,6 +27,7 @@ from crosskd.engine.checkpoint import (
     save_checkpoint,
     strip_checkpoint,
 )
+from crosskd.engine.compile import compile_detector
 from crosskd.engine.interrupt import StopSignals, exit_code, resume_command, signal_name
 from crosskd.engine.metrics import fitness
 from crosskd.engine.nonfinite import NonFiniteGuard
@@ -40,7 +41,7 @@ from crosskd.paths import make_save_dir, newest_file, runs_dir, writable_dir
 from crosskd.utils import LOGGER, colorstr, console, init_seeds, remove_stale_temp_files, select_device
 
 RESUME_WHITELIST = (  # may change when resuming
-    "device", "workers", "val", "plots", "tensorboard", "save_period", "save_period_iters", "nan_patience",
+    "device", "workers", "val", "plots", "tensorboard", "save_period", "save_period_iters", "nan_patience", "compile",
 )
 
 
@@ -157,7 +158,7 @@ class Trainer:
             if runtime.kind == "yaml" or self.args.pretrained is not None:  # YAML backbone.pretrained, or pretrained=
                 load_pretrained(model, self.args.pretrained, self.args.model_cfg)
         model.names = self.names
-        return model
+        return compile_detector(model, self.args.compile)
 
     def build_loss_module(self) -> nn.Module:
         return DetectorLoss(self.model)
