@@ -105,6 +105,7 @@ def test_peer_failures_are_told_from_bugs(tmp_path):
         assert ddp.is_peer_failure(gloo_error)
         assert ddp.is_peer_failure(dist.DistBackendError("NCCL communicator was aborted"))
         assert not ddp.is_peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
-        assert not ddp.is_peer_failure(ValueError("gloo"))
+        assert not ddp.is_peer_failure(ValueError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer"))
+        assert not ddp.is_peer_failure(RuntimeError("ProcessGroupGloo does not support this reduce op"))
     finally:
         dist.destroy_process_group()

@@ -105,10 +105,11 @@ def ddp_timeout() -> timedelta:
 def is_peer_failure(error: BaseException) -> bool:
     """True when a collective failed because another process of the job died or stopped answering.
 
-    torch.distributed's own errors (DistError: backend, network, store) and gloo's RuntimeErrors ("Connection reset by
-    peer", "Timed out waiting ... for recv") qualify; anything else is a bug and keeps its traceback.
+    torch.distributed's own errors (DistError: backend, network, store) and the RuntimeErrors of gloo's transport
+    ("[.../gloo/transport/tcp/pair.cc] Connection reset by peer", "Timed out waiting ... for recv") qualify; anything
+    else is a bug and keeps its traceback.
     """
-    gloo = isinstance(error, RuntimeError) and "gloo" in str(error)
+    gloo = isinstance(error, RuntimeError) and "gloo/transport" in str(error)
     return is_dist() and (isinstance(error, dist.DistError) or gloo)
 
 
