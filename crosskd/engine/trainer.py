@@ -31,7 +31,7 @@ from crosskd.engine.compile import compile_detector
 from crosskd.engine.interrupt import StopSignals, exit_code, resume_command, signal_name
 from crosskd.engine.metrics import fitness
 from crosskd.engine.nonfinite import NonFiniteGuard
-from crosskd.engine.optim import ModelEMA, build_optimizer, build_schedule, set_lr
+from crosskd.engine.optim import ModelEMA, build_optimizer, build_schedule, resolve_run_length_defaults, set_lr
 from crosskd.engine.progress import EpochProgress, epoch_header
 from crosskd.engine.validator import Validator
 from crosskd.errors import CheckpointError, ConfigError, RunStopped, TrainingError
@@ -108,6 +108,7 @@ class Trainer:
         self.loss_module = self.build_loss_module().to(self.device)
         self.train_module = self.wrap_ddp(self.loss_module)
         self.train_loader, val_loader = self.build_dataloaders()
+        self.args = resolve_run_length_defaults(self.args, len(self.train_loader))
         self.schedule = build_schedule(self.args, len(self.train_loader))
         self.build_optimization()
         self.save_dir = self.prepare_save_dir()
