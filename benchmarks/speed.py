@@ -52,6 +52,7 @@ from crosskd.config import get_args
 from crosskd.data import Batch, DetectionDataset, build_dataloader, generate_digits, load_data_yaml
 from crosskd.distill import KD_METHODS, Distiller
 from crosskd.engine import exporter
+from crosskd.engine.compile import compile_detector
 from crosskd.engine.validator import Validator
 from crosskd.errors import UserError
 from crosskd.models import DenseDetector, build_detector, load_model_yaml
@@ -529,8 +530,22 @@ def run_section(section: str, plan: Plan, device: torch.device, data_yaml: Path 
 
 
 def section_compile(plan: Plan, device: torch.device) -> list[dict]:
-    """Placeholder until crosskd.engine.compile lands: reported as skipped."""
-    return [{"model": plan.student, "skipped": "compile setting not available yet"}]
+    """The demo model's train step with compile=True (inductor; --quick: the eager backend, tracing only) vs without,
+    and the first compiled call (where compilation happens)."""
+    backend = "eager" if plan.quick else "inductor"
+    batch = synthetic_batch(plan.batch, plan.size, NUM_CLASSES, device)
+    eager = on_device(our_detector(DEMO["model"], NUM_CLASSES), device).train()
+    compiled = compile_detector(copy.deepcopy(eager), True, backend=backend)
+    steps = {name: train_step(lambda m=model: m.loss(batch), list(model.parameters()), device)
+             for name, model in (("eager", eager), ("compiled", compiled))}
+    start = time.perf_counter()
+    steps["compiled"]()
+    first_call = time.perf_counter() - start
+    failed = compiled.backbone.forward.failed
+    result = alternate(steps, plan, device)
+    return [{"model": DEMO["model"], "status": f"fell back to eager ({backend})" if failed else backend,
+             "eager_ms": 1000 * result["eager"].seconds, "compiled_ms": 1000 * result["compiled"].seconds,
+             "speedup": ratio(result["eager"].seconds, result["compiled"].seconds), "first_call_s": first_call}]
 
 
 def make_plan(opts: argparse.Namespace) -> Plan:
