@@ -89,6 +89,16 @@ def test_tensorboard_missing_gives_one_hint(tmp_path, monkeypatch, caplog):
     assert "pip install 'crosskd[tensorboard]'" in caplog.text
 
 
+def test_tensorboard_default_is_the_user_setting(tmp_path, monkeypatch):
+    from crosskd.engine.callbacks import tensorboard_enabled
+
+    monkeypatch.setenv("CROSSKD_CONFIG_DIR", str(tmp_path))
+    assert not tensorboard_enabled(SimpleNamespace(tensorboard=None))
+    (tmp_path / "settings.yaml").write_text("tensorboard: true\n")
+    assert tensorboard_enabled(SimpleNamespace(tensorboard=None))
+    assert not tensorboard_enabled(SimpleNamespace(tensorboard=False))  # explicit wins
+
+
 def test_loss_columns_follow_ultralytics_names():
     assert [loss_column(n) for n in ("loss_cls", "loss_box", "loss_dfl", "kd_cls", "kd_reg")] == [
         "cls_loss", "box_loss", "dfl_loss", "kd_cls_loss", "kd_reg_loss"]
