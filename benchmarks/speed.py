@@ -31,6 +31,7 @@ import gc
 import json
 import logging
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -476,7 +477,8 @@ def cell(row: dict, key: str, fmt: str) -> str:
 def print_tables(results: dict, console: Console) -> None:
     meta = results["meta"]
     console.print(f"[bold]crosskd speed[/bold] on {meta['device_name']}: {meta['threads']} threads, batch "
-                  f"{meta['batch']}, {meta['size']} px, median of {meta['repeats']} (torch {meta['torch']})")
+                  f"{meta['batch']}, {meta['size']} px, median of {meta['repeats']} (torch {meta['torch']}, "
+                  f"load average {meta.get('load_average')})")
     for section in SECTIONS:
         rows = results.get("sections", {}).get(section)
         if rows is None:
@@ -497,9 +499,12 @@ def print_tables(results: dict, console: Console) -> None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import os
-
     return f"CPU ({os.cpu_count()} cores)"
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages when the run started: above the core count, the timings are noisy."""
+    return [round(x, 1) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def run_sections(plan: Plan, device: torch.device, sections: list[str], out: Path, console: Console) -> dict:
@@ -507,7 +512,7 @@ def run_sections(plan: Plan, device: torch.device, sections: list[str], out: Pat
     results = json.loads(out.read_text()) if out.is_file() else {}
     results["meta"] = {**asdict(plan), "device": device.type, "device_name": device_name(device),
                        "torch": torch.__version__, "torchvision": torchvision.__version__,
-                       "date": time.strftime("%Y-%m-%d %H:%M")}
+                       "date": time.strftime("%Y-%m-%d %H:%M"), "load_average": load_average()}
     results.setdefault("sections", {})
     with tempfile.TemporaryDirectory() as tmp:
         data_yaml = digits_data(Path(tmp) / "digits", plan) if {"d", "e"} & set(sections) else None
