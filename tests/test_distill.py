@@ -384,6 +384,8 @@ def test_strategies_check_their_inputs_in_one_line():
         Distiller(tiny_detector("gfl"), tiny_detector("atss"), kd_strategy="b")
     with pytest.raises(CheckpointError, match="kd_strategy=d needs equal head widths at kd_idx=1"):
         Distiller(tiny_detector(feat=16), tiny_detector(feat=32), kd_idx=1, kd_strategy="d")
+    with pytest.raises(CheckpointError, match="kd_strategy=c needs equal head widths at kd_idx=1"):
+        Distiller(tiny_detector(feat=16), tiny_detector(feat=32), kd_idx=1, kd_strategy="c")
 
 
 def test_settings_record_every_ablation_key_for_checkpoints():

@@ -77,12 +77,13 @@ def check_hold_widths(student_head: DenseHead, teacher_head: DenseHead, idx: int
 
 
 def check_strategy(student_head: DenseHead, teacher_head: DenseHead, idx: int, kd_strategy: str) -> None:
-    """Strategies b-d compare predictions of one layout (same head); b and d feed teacher features to the student."""
+    """Strategies b-d compare predictions of one layout (same head) and need equal hold widths: b and d feed teacher
+    features to the student head, and c's cross-head is a target without gradient, which would leave a width adapter
+    untrained."""
     if kd_strategy == "a":
         return
     check_same_head(student_head, teacher_head, f"kd_strategy={kd_strategy}")
-    if kd_strategy in ("b", "d"):
-        check_hold_widths(student_head, teacher_head, idx, f"kd_strategy={kd_strategy}")
+    check_hold_widths(student_head, teacher_head, idx, f"kd_strategy={kd_strategy}")
 
 
 def feature_channels(detector: DenseDetector) -> int:

@@ -172,8 +172,8 @@ class Distiller(nn.Module):
         if "pkd" in self.methods and pkd_on != "neck":
             check_hold_widths(student.head, teacher.head, self.kd_idx, f"pkd_on={pkd_on}")
         self.pkd_levels = PKD_ALONE_LEVELS if self.kd == "pkd" else None
-        into_teacher = use_cross and kd_strategy in ("a", "c")  # student features enter the teacher head
-        self.adapter = build_adapter(student.head, teacher.head, self.kd_idx) if into_teacher else None
+        trains_adapter = use_cross and kd_strategy == "a"  # only (a) sends KD gradient through student->teacher
+        self.adapter = build_adapter(student.head, teacher.head, self.kd_idx) if trains_adapter else None
         self.log_setup()
 
     @classmethod
