@@ -79,6 +79,20 @@ def test_small_model_train_step(name):
     assert pieces.keys() == losses.keys()
 
 
+def test_detector_weights_are_channels_last_and_match_nchw():
+    detector = build_detector("gfl_r18s", nc=3).eval()
+    convs = [m.weight for m in detector.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs if w.shape[-1] > 1)
+    nchw = build_detector("gfl_r18s", nc=3).eval()
+    nchw.load_state_dict(detector.state_dict())
+    nchw.to(memory_format=torch.contiguous_format)
+    images = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        ours, plain = detector(images), nchw(images)
+    for a, b in zip(ours.cls_scores + ours.bbox_preds, plain.cls_scores + plain.bbox_preds):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 # ----- backbones ---------------------------------------------------------------------------------------------------
 def test_resnet_keys_equal_torchvision_and_width_multiplier():
     ours = set(ResNet(depth=18).state_dict())
