@@ -102,7 +102,7 @@ def test_auto_picks_adamw_and_a_capped_warmup_for_a_short_run(caplog):
     with caplog.at_level("INFO", logger="crosskd"):
         resolved = resolve_run_length_defaults(args, iters_per_epoch=64)
     assert (resolved.optimizer, resolved.lr0, resolved.warmup_iters) == ("AdamW", DEFAULT_LR0["AdamW"], 64)
-    assert "auto -> AdamW(lr0=0.004 by optimizer) for a 640-iteration run, warmup_iters 500 -> 64" in caplog.text
+    assert "auto -> AdamW(lr0=0.004 by optimizer) for a run of 640 iterations, warmup_iters 500 -> 64" in caplog.text
     assert build_schedule(resolved, iters_per_epoch=64).base_lr == pytest.approx(0.002)
 
 

@@ -91,7 +91,7 @@ def resolve_run_length_defaults(args: Args, iters_per_epoch: int) -> Args:
         warmup = min(warmup, round(WARMUP_FRACTION * total))
     resolved = args.with_values(optimizer=name, lr0=lr0, warmup_iters=warmup)
     head = f"{args.optimizer} -> {name}" if args.optimizer != name else name
-    notes = [f"{head}(lr0={lr0:g}{'' if args.lr0 is not None else ' by optimizer'}) for a {total}-iteration run"]
+    notes = [f"{head}(lr0={lr0:g}{'' if args.lr0 is not None else ' by optimizer'}) for a run of {total} iterations"]
     if warmup != args.warmup_iters:
         notes.append(f"warmup_iters {args.warmup_iters} -> {warmup} ({WARMUP_FRACTION:.0%} of the run)")
     if name != args.optimizer or lr0 != args.lr0 or warmup != args.warmup_iters:
