@@ -22,6 +22,7 @@ from crosskd.utils import LOGGER
 
 SPLITS = ("train", "val", "test")
 GENERATE_KEYS = ("num_train", "num_val", "imgsz", "objects", "seed")
+MAX_FALLBACKS = 16  # unreadable images in a row that a sample may skip before the run stops
 
 
 @dataclass(kw_only=True)
@@ -152,18 +153,22 @@ class Sample(NamedTuple):
     orig_size: tuple[int, int]  # (h, w) of the original image
     ratio: float  # input = original × ratio
     path: str
+    unreadable: tuple[str, ...] = ()  # images that could not be read any more and were left out for this one
 
 
 class DetectionDataset(Dataset):
     """Images and checked labels of one split, resized keep-ratio so the long side is `imgsz`.
 
-    Bad labels are counted, skipped and reported in one warning line. An image whose header is fine but whose
-    pixels cannot be decoded becomes a black background sample (with a warning) instead of stopping training.
+    Bad labels are counted, skipped and reported in one warning line. An image that cannot be decoded when it is
+    loaded (pixels corrupt, or deleted or damaged after indexing) does not stop the run: with `skip_unreadable`
+    (training) the next readable image of the list takes its place, otherwise (evaluation, where every image id must
+    be seen once) it becomes a black background. Either way the sample lists it in `unreadable`, and the loader warns
+    once per file and counts them (`loader.DetectionLoader`).
     """
 
     def __init__(
         self, info: DataInfo, split: str, imgsz: int, augment: bool, pad_multiple: int = 128,
-        fliplr: float = 0.5, fraction: float = 1.0,
+        fliplr: float = 0.5, fraction: float = 1.0, skip_unreadable: bool = False,
     ) -> None:
         self.source = info.source(split)
         labels = read_split(self.source, info.nc)
@@ -176,10 +181,15 @@ class DetectionDataset(Dataset):
         self.category_ids = labels.category_ids
         self.names = info.names
         self.split, self.imgsz, self.augment, self.pad_multiple = split, imgsz, augment, pad_multiple
+        self.skip_unreadable = skip_unreadable
         self.fliplr = (info.fliplr if info.fliplr is not None else fliplr) if augment else 0.0
         self.image_ids = [record.image_id for record in self.records]
         self._coco_gt: COCO | None = None
         summary = self.labels_summary()
+        if not summary["instances"]:
+            skipped = f" ({message} skipped)" if message else ""
+            raise DataError(f"{split}: no boxes left in the labels of {self.source.images}{skipped}; a detector needs "
+                            f"boxes to learn and be scored: fix the labels (class ids 0..{info.nc - 1})")
         LOGGER.info(
             f"{split}: {summary['images']} images, {summary['backgrounds']} backgrounds, "
             f"{summary['instances']} boxes ({self.source.format} labels from {self.source.annotations})"
@@ -188,20 +198,40 @@ class DetectionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    @property
+    def unreadable_action(self) -> str:
+        """What happens to an image that cannot be read, for the loader's messages."""
+        return "skipped" if self.skip_unreadable else "replaced by a black background"
+
     def __getitem__(self, index: int) -> Sample:
-        record = self.records[index]
-        image, boxes, labels = load_image(record.path), record.boxes, record.labels
-        if image is None:
-            LOGGER.warning(f"{self.split}: cannot decode {record.path}; using an empty background image instead")
-            image = np.zeros((record.height, record.width, 3), np.uint8)
-            boxes, labels = boxes[:0], labels[:0]
+        """The sample at `index`, or in its place (skip_unreadable) the first readable one after it in the list."""
+        unreadable: list[str] = []
+        for offset in range(min(MAX_FALLBACKS, len(self.records))):
+            record = self.records[(index + offset) % len(self.records)]
+            image = load_image(record.path)
+            if image is not None:
+                return self._sample(record, image, record.boxes, record.labels, unreadable)
+            unreadable.append(str(record.path))
+            if not self.skip_unreadable:
+                blank = np.zeros((record.height, record.width, 3), np.uint8)
+                return self._sample(record, blank, record.boxes[:0], record.labels[:0], unreadable)
+        others = f" and the {len(unreadable) - 1} images after it in the list" if len(unreadable) > 1 else ""
+        raise DataError(
+            f"{self.split}: {unreadable[0]}{others} cannot be read any more (deleted or corrupted during the run); "
+            "restore the images, then resume the run"
+        )
+
+    def _sample(
+        self, record: ImageRecord, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, unreadable: list[str]
+    ) -> Sample:
+        """Resize (and maybe flip) an HWC uint8 `image` with its `[K, 4]` xyxy `boxes` in original pixels."""
         image, ratio = resize_long_side(image, self.imgsz)
         boxes = scale_boxes(boxes, ratio, *image.shape[:2])
         image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))  # HWC -> CHW
         image_t, boxes_t = random_hflip(image_t, torch.from_numpy(boxes), self.fliplr)
         return Sample(
             image_t, boxes_t, torch.from_numpy(labels.copy()), record.image_id, (record.height, record.width), ratio,
-            str(record.path),
+            str(record.path), tuple(unreadable),
         )
 
     def __getstate__(self) -> dict[str, Any]:

@@ -1,12 +1,14 @@
 """Batching: the padded `Batch` every consumer (trainer, validator, distiller) reads, and the DataLoader builder."""
 
+import atexit
 import itertools
 import math
 import os
 import random
 import signal
+import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import partial
 
 import cv2
@@ -15,6 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
 from crosskd.data.dataset import Sample
+from crosskd.errors import UserError
+from crosskd.utils import LOGGER
 
 
 @dataclass
@@ -30,6 +34,7 @@ class Batch:
     ratios: torch.Tensor  # [B] float32, input = original × ratio
     image_ids: torch.Tensor  # [B] int64
     paths: list[str]
+    unreadable: list[str] = field(default_factory=list)  # images that could not be read (DetectionDataset)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -71,7 +76,66 @@ def collate(samples: list[Sample], pad_multiple: int) -> Batch:
         ratios=torch.tensor([sample.ratio for sample in samples], dtype=torch.float32),
         image_ids=torch.tensor([sample.image_id for sample in samples], dtype=torch.int64),
         paths=[sample.path for sample in samples],
+        unreadable=[path for sample in samples for path in sample.unreadable],
     )
+
+
+class DetectionLoader(DataLoader):
+    """A DataLoader of `Batch`es that reports the images its dataset could not read, from the main process.
+
+    Each unreadable file is warned about once for the loader's life, whichever worker met it; at the end of a pass
+    one line gives their number, kept in `num_unreadable` (distinct files in the last pass).
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.split = getattr(self.dataset, "split", "data")
+        self.unreadable_action = getattr(self.dataset, "unreadable_action", "left out")
+        self.warned: set[str] = set()
+        self.num_unreadable = 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.num_unreadable, seen = 0, set()
+        batches = super().__iter__()
+        if hasattr(batches, "_shutdown_workers"):
+            WORKER_ITERATORS.add(batches)
+        try:
+            for batch in batches:
+                self._note(batch.unreadable, seen)
+                yield batch
+        except UserError as error:  # the run stops; from a worker, torch appends its traceback: keep the one line
+            self._iterator = None
+            stop_workers(batches)
+            lines = str(error).strip().splitlines()
+            raise type(error)(lines[-1].partition(": ")[2] if len(lines) > 1 else lines[0]) from None
+        if seen:
+            LOGGER.warning(f"{self.split}: {len(seen)} image(s) could not be read in this pass and were "
+                           f"{self.unreadable_action}")
+
+    def _note(self, paths: list[str], seen: set[str]) -> None:
+        for path in dict.fromkeys(paths):
+            if path not in self.warned:
+                self.warned.add(path)
+                LOGGER.warning(f"{self.split}: cannot read {path} any more; {self.unreadable_action}")
+        seen.update(paths)
+        self.num_unreadable = len(seen)
+
+
+WORKER_ITERATORS: weakref.WeakSet = weakref.WeakSet()  # live multi-process iterators of DetectionLoaders
+
+
+def stop_workers(iterator: Iterator[Batch]) -> None:
+    """Shut down the workers of a multi-process DataLoader iterator the orderly way (no-op when they are gone)."""
+    if hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+
+
+@atexit.register
+def stop_all_workers() -> None:
+    """At exit, stop the workers still running. They ignore SIGTERM (see `seed_worker`), so the terminate-then-join
+    of multiprocessing's own exit handler, which runs after this one, would otherwise wait forever."""
+    for iterator in list(WORKER_ITERATORS):
+        stop_workers(iterator)
 
 
 def seed_worker(worker_id: int) -> None:
@@ -138,7 +202,7 @@ def build_dataloader(
     else:
         sampler = SequentialSampler(dataset)
     workers = min(workers, os.cpu_count() or 1)
-    return DataLoader(
+    return DetectionLoader(
         dataset,
         batch_size=batch,
         sampler=SkippingSampler(sampler),

@@ -14,8 +14,15 @@ IMREAD_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 
 
 def load_image(path: str | Path) -> np.ndarray | None:
-    """Decode an image file to RGB uint8 `[H, W, 3]`, or None when OpenCV cannot decode it."""
-    image = cv2.imread(str(path), IMREAD_FLAGS)
+    """Decode an image file to RGB uint8 `[H, W, 3]`, or None when it is gone or OpenCV cannot decode it.
+
+    The bytes are read first and decoded in memory, so a file deleted mid-run prints no OpenCV warning.
+    """
+    try:
+        data = np.fromfile(path, np.uint8)
+    except OSError:
+        return None
+    image = cv2.imdecode(data, IMREAD_FLAGS) if data.size else None
     return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 

@@ -190,7 +190,7 @@ class Trainer:
         imgsz = max(imgsz_hw(args.imgsz))  # the loaders resize the long side
         stride = max(self.model.strides)
         train_set = DetectionDataset(self.data_info, "train", imgsz, augment=True, pad_multiple=stride,
-                                     fliplr=args.fliplr, fraction=args.fraction)
+                                     fliplr=args.fliplr, fraction=args.fraction, skip_unreadable=True)
         val_set = DetectionDataset(self.data_info, args.split, imgsz, augment=False, pad_multiple=stride)
         common = {"workers": args.workers, "seed": args.seed, "rank": self.rank, "world_size": self.world_size}
         train_loader = build_dataloader(train_set, per_rank, shuffle=True, **common)
