@@ -34,7 +34,8 @@ def resolve_cfg_file(name: str | Path, kind: str) -> Path:
             return candidate
     shipped = ", ".join(sorted(p.name for p in (CFG_DIR / kind).glob("*.yaml"))) or "none"
     error = DataError if kind == "datasets" else ConfigError
-    raise error(f"'{name}' is neither a file nor a YAML in {CFG_DIR / kind} (shipped: {shipped})")
+    raise error(f"'{name}' is neither a file nor a YAML in {CFG_DIR / kind} (shipped: {shipped}); "
+                "pass an existing file or one of the shipped names")
 
 
 def runs_dir() -> Path:

@@ -102,7 +102,8 @@ def read_torch_file(path: str | Path, what: str = "checkpoint") -> Any:
                 "code); use a .pt written by crosskd, or turn foreign weights into one with crosskd convert"
             ) from None
         reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read {what} '{path}' (corrupt, or not a file of tensors): {reason}") from None
+        raise CheckpointError(f"cannot read {what} '{path}' (corrupt, or not a file of tensors: {reason}); "
+                              "use a complete copy (re-download or re-export it)") from None
 
 
 def temp_path(path: Path) -> Path:

@@ -176,7 +176,9 @@ class DetectionDataset(Dataset):
         if message:
             LOGGER.warning(f"{split}: {message} skipped")
         if not labels.records:
-            raise DataError(f"{split}: no usable images in {self.source.images}; check the dataset YAML")
+            skipped = f" ({message} skipped)" if message else ""
+            raise DataError(f"{split}: no usable images in {self.source.images}{skipped}; check the dataset YAML "
+                            "and that the image files open")
         self.records: list[ImageRecord] = labels.records[: max(1, round(len(labels.records) * fraction))]
         self.category_ids = labels.category_ids
         self.names = info.names
