@@ -396,3 +396,23 @@ def test_settings_record_every_ablation_key_for_checkpoints():
         "kd": "crosskd+ld", "kd_branch": "reg", "kd_cls_loss": "qfl", "kd_region": "pos", "pkd_on": "neck",
         "kd_strategy": "c"}
     assert saved["kd_weights"]["ld"] == 0.25
+
+
+@pytest.mark.parametrize("strategy", ["a", "d"])
+def test_teacher_under_inference_mode_feeds_every_strategy_at_hold_point_zero(strategy):
+    distiller = Distiller(tiny_detector(seed=1), tiny_detector(seed=2), kd_idx=0, kd_align=False, kd_strategy=strategy)
+    losses = distiller(tiny_batch())
+    sum(losses.values()).backward()  # teacher FPN outputs (inference_mode) may not be saved for backward as they are
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in distiller.student.head.parameters())
+
+
+def test_priors_are_cached_per_size_and_device_and_usable_after_inference_mode():
+    head = tiny_detector(seed=1).head
+    with torch.inference_mode():
+        first = head.priors([(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)], "cpu")
+    again = head.priors([(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)], torch.device("cpu"))
+    assert again is first and not first.boxes.is_inference()
+    fresh = head.make_priors([(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)], "cpu")
+    assert torch.equal(fresh.boxes, first.boxes) and torch.equal(fresh.strides, first.strides)
+    assert head.priors([(4, 4), (2, 2), (1, 1), (1, 1), (1, 1)], "cpu").boxes.shape[0] < first.boxes.shape[0]

@@ -67,9 +67,9 @@ def align_scale(student_feat: Tensor, teacher_feat: Tensor, eps: float = ALIGN_E
     dims = (0, 2, 3)
     correction = 1 if student_feat.numel() // student_feat.shape[1] > 1 else 0
     s = student_feat.float()
-    t = teacher_feat.detach().float()
-    s_mean, s_std = s.mean(dims, keepdim=True), s.std(dims, correction=correction, keepdim=True)
-    t_mean, t_std = t.mean(dims, keepdim=True), t.std(dims, correction=correction, keepdim=True)
+    s_std, s_mean = torch.std_mean(s, dims, correction=correction, keepdim=True)  # one pass over s
+    with torch.no_grad():
+        t_std, t_mean = torch.std_mean(teacher_feat.float(), dims, correction=correction, keepdim=True)
     return (s - s_mean) / (s_std + eps) * t_std + t_mean
 
 
@@ -262,8 +262,14 @@ class Distiller(nn.Module):
 
     @torch.no_grad()
     def teacher_pass(self, batch: Any) -> TeacherPass:
-        """The teacher's FPN outputs, plus its head split at kd_idx when a prediction or tower-PKD term needs it."""
-        t_feats = self.teacher.extract_features(batch.images)
+        """The teacher's FPN outputs, plus its head split at kd_idx when a prediction or tower-PKD term needs it.
+
+        The backbone and FPN run under inference_mode; the head under no_grad, so the hold features and outputs are
+        plain tensors that the cross-head and KD losses may save for backward."""
+        with torch.inference_mode():
+            t_feats = self.teacher.extract_features(batch.images)
+        if self.kd_idx == 0:  # the hold features are the FPN outputs, which strategy d feeds to the student with grad
+            t_feats = [f.clone() for f in t_feats]
         if not (self.methods - {"pkd"}) and self.pkd_on == "neck":
             return TeacherPass(t_feats, None, None)
         t_holds, t_out = head_pass(self.teacher.head, t_feats, self.kd_idx)
@@ -355,9 +361,19 @@ class Distiller(nn.Module):
         t_head = self.teacher.head
         t_priors = t_head.priors(feat_sizes(t_feats), t_feats[0].device)
         same_type = t_head.head_type == self.student.head.head_type
-        if same_type and t_priors.boxes.shape == s_priors.boxes.shape and torch.equal(t_priors.boxes, s_priors.boxes):
+        if same_type and self.same_priors(t_priors, s_priors):
             return t_priors, s_targets
         return t_priors, t_head.get_targets(t_priors, batch)
+
+    def same_priors(self, t_priors: Priors, s_priors: Priors) -> bool:
+        """Whether the two heads' priors (boxes [N, 4]) are equal; remembered for the last pair, since the heads
+        cache their priors per feature size and hand back the same tensors every step (no compare, no host sync)."""
+        last = self.__dict__.get("_last_prior_pair")
+        if last is not None and last[0] is t_priors and last[1] is s_priors:
+            return last[2]
+        same = t_priors.boxes.shape == s_priors.boxes.shape and torch.equal(t_priors.boxes, s_priors.boxes)
+        self.__dict__["_last_prior_pair"] = (t_priors, s_priors, same)
+        return same
 
     def adapter_state(self) -> dict[str, Tensor] | None:
         """CPU copy of the width adapter's weights (saved in last.pt for resume), or None."""

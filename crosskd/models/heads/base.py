@@ -24,6 +24,7 @@ from crosskd.ops.boxes import centerness_target, distance_encode, make_anchors, 
 NORMS = ("gn", "none")
 DEFAULT_STRIDES = (8, 16, 32, 64, 128)
 PRIOR_PROB = 0.01
+PRIOR_CACHE_SIZE = 16  # feature-size sets kept by DenseHead.priors (multi-scale training meets a few)
 CELL_EPS = 1e-3  # absorbs float error in anchor centres (x1 + x2) / 2 that sit exactly on a cell's start
 
 
@@ -282,12 +283,26 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
 
     # ----- priors and flattening -----------------------------------------------------------------------
     def priors(self, feat_sizes: Sequence[tuple[int, int]], device: torch.device | str) -> Priors:
-        """Anchors (or points) of every level for feature maps of `feat_sizes` [(H, W), ...].
+        """Anchors (or points) of every level for feature maps of `feat_sizes` [(H, W), ...], cached per sizes and
+        device (a training run meets a few input sizes; the priors depend on nothing else), except while tracing.
+        Callers never write into them.
 
         Returns:
             Priors: boxes [N, 4] xyxy input pixels, points [N, 2] (x, y), strides [N], N = Σ H·W·A.
         """
-        feat_sizes = [tuple(int(v) for v in s) for s in feat_sizes]
+        key = (tuple(tuple(int(v) for v in s) for s in feat_sizes), str(torch.device(device)))
+        if torch.jit.is_tracing():  # the traced graph computes them (a cached tensor would be a foreign constant)
+            return self.make_priors(list(key[0]), device)
+        cache = self.__dict__.setdefault("_prior_cache", {})
+        if key not in cache:
+            if len(cache) >= PRIOR_CACHE_SIZE:
+                cache.clear()
+            with torch.inference_mode(False):  # plain tensors: a later training step may save them for backward
+                cache[key] = self.make_priors(list(key[0]), device)
+        return cache[key]
+
+    def make_priors(self, feat_sizes: list[tuple[int, int]], device: torch.device | str) -> Priors:
+        """`priors` without the cache: anchors or points of every level for `feat_sizes` [(H, W), ...]."""
         num_per_level = [h * w * self.num_anchors for h, w in feat_sizes]
         if self.anchor_scales is None:
             points, strides = make_points(feat_sizes, self.strides, device, offset=self.point_offset)
