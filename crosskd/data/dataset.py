@@ -12,8 +12,10 @@ import yaml
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from crosskd.data.cache import load_labels
 from crosskd.data.digits import generate_digits
-from crosskd.data.labels import ImageRecord, SplitSource, problems_message, read_split, resolve_split
+from crosskd.data.index import ImageRecord, LabelIndex
+from crosskd.data.labels import SplitSource, problems_message, resolve_split
 from crosskd.data.transforms import load_image, random_hflip, resize_long_side, scale_boxes
 from crosskd.dist import barrier, is_main_process
 from crosskd.errors import DataError
@@ -171,21 +173,21 @@ class DetectionDataset(Dataset):
         fliplr: float = 0.5, fraction: float = 1.0, skip_unreadable: bool = False,
     ) -> None:
         self.source = info.source(split)
-        labels = read_split(self.source, info.nc)
+        labels = load_labels(self.source, info.nc)
         message = problems_message(labels.counts, info.nc)
         if message:
             LOGGER.warning(f"{split}: {message} skipped")
-        if not labels.records:
+        if not len(labels.index):
             skipped = f" ({message} skipped)" if message else ""
             raise DataError(f"{split}: no usable images in {self.source.images}{skipped}; check the dataset YAML "
                             "and that the image files open")
-        self.records: list[ImageRecord] = labels.records[: max(1, round(len(labels.records) * fraction))]
+        self.records: LabelIndex = labels.index[: max(1, round(len(labels.index) * fraction))]  # flat arrays
         self.category_ids = labels.category_ids
         self.names = info.names
         self.split, self.imgsz, self.augment, self.pad_multiple = split, imgsz, augment, pad_multiple
         self.skip_unreadable = skip_unreadable
         self.fliplr = (info.fliplr if info.fliplr is not None else fliplr) if augment else 0.0
-        self.image_ids = [record.image_id for record in self.records]
+        self.image_ids: list[int] = self.records.image_ids.tolist()
         self._coco_gt: COCO | None = None
         summary = self.labels_summary()
         if not summary["instances"]:
@@ -252,20 +254,21 @@ class DetectionDataset(Dataset):
 
     def labels_summary(self) -> dict[str, Any]:
         """Image, background and box counts, with per-class box counts and per-class image counts."""
-        nc = len(self.names)
-        labels = np.concatenate([record.labels for record in self.records])
-        image_index = np.repeat(np.arange(len(self.records)), [len(record.labels) for record in self.records])
+        nc, labels, num_boxes = len(self.names), self.records.labels, self.records.num_boxes()  # [K], [N]
+        image_index = np.repeat(np.arange(len(self.records)), num_boxes)  # [K]
         image_class = np.unique(image_index * nc + labels)  # distinct (image, class) pairs
         return {
             "images": len(self.records),
-            "backgrounds": sum(len(record.labels) == 0 for record in self.records),
+            "backgrounds": int((num_boxes == 0).sum()),
             "instances": len(labels),
             "instances_per_class": np.bincount(labels, minlength=nc).tolist(),
             "images_per_class": np.bincount(image_class % nc, minlength=nc).tolist(),
         }
 
 
-def coco_dict(records: list[ImageRecord], category_ids: list[int], names: dict[int, str]) -> dict[str, list]:
+def coco_dict(
+    records: LabelIndex | list[ImageRecord], category_ids: list[int], names: dict[int, str]
+) -> dict[str, list]:
     """A COCO-format dict of `records`: boxes xywh in original pixels, area = w × h, original category ids."""
     images = [
         {"id": record.image_id, "file_name": record.path.name, "width": record.width, "height": record.height}

@@ -1,6 +1,7 @@
 """Label sources: format detection, COCO JSON and YOLO txt readers, image header probing and label checks.
 
-Both readers produce the same `ImageRecord`s: xyxy boxes in original-image pixels and contiguous labels 0..nc-1.
+Both readers produce the same `LabelIndex` (flat arrays, see `index.py`): xyxy boxes in original-image pixels and
+contiguous labels 0..nc-1.
 Problems (bad class ids, boxes outside the image, zero-size boxes, malformed lines, missing or unreadable images)
 are counted and skipped, then reported in one warning line per split; nothing here crashes on bad labels.
 
@@ -20,6 +21,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from crosskd.data.index import FlatLabels, LabelIndex, build_index
 from crosskd.errors import DataError
 
 IMG_FORMATS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dng", ".pfm", ".mpo"}
@@ -49,24 +51,11 @@ class SplitSource:
 
 
 @dataclass
-class ImageRecord:
-    """One checked image and its boxes in original-image pixels."""
-
-    path: Path
-    width: int
-    height: int
-    boxes: np.ndarray  # [K, 4] float32 xyxy
-    labels: np.ndarray  # [K] int64, contiguous 0..nc-1
-    image_id: int
-    crowd_boxes: np.ndarray  # [C, 4] float32 xyxy, COCO iscrowd=1 regions (ground truth only, never trained on)
-    crowd_labels: np.ndarray  # [C] int64
-
-
-@dataclass
 class LabelSet:
-    records: list[ImageRecord]
+    index: LabelIndex  # the kept images, COCO by image id, YOLO by path
     category_ids: list[int]  # contiguous label -> original category id
     counts: Counter  # problem key -> number skipped
+    image_names: list[str]  # every image the reader checked, kept or not, relative to the image folder
 
 
 def resolve_split(root: Path, entry: str | dict, split: str, layout: str = "") -> SplitSource:
@@ -200,12 +189,6 @@ def check_boxes(boxes: np.ndarray, labels: np.ndarray, sizes: np.ndarray, nc: in
     return keep
 
 
-def group_by_image(values: np.ndarray, image_index: np.ndarray, num_images: int) -> list[np.ndarray]:
-    """Split rows of `values` into one array per image, given each row's image index `[K]`."""
-    order = np.argsort(image_index, kind="stable")
-    return np.split(values[order], np.cumsum(np.bincount(image_index, minlength=num_images))[:-1])
-
-
 # ---------------------------------------------------------------------------------------------- COCO JSON
 def read_coco(json_file: Path, images_dir: Path, nc: int) -> LabelSet:
     """Read a COCO detection JSON; category ids map to contiguous labels by sorted id; crowd boxes kept apart."""
@@ -223,15 +206,16 @@ def read_coco(json_file: Path, images_dir: Path, nc: int) -> LabelSet:
     counts = Counter()
     image_ids = [int(image["id"]) for image in images]
     sizes = np.array([[image["width"], image["height"]] for image in images], dtype=np.int64).reshape(-1, 2)
-    paths = [images_dir / image["file_name"] for image in images]
-    keep_image = count_image_problems(probe_images(paths), counts, sizes)
+    names = [str(image["file_name"]) for image in images]
+    keep_image = count_image_problems(probe_images([images_dir / name for name in names]), counts, sizes)
     boxes, labels, crowd, image_index = _coco_annotations(data.get("annotations", []), image_ids, category_ids, counts)
     on_kept = keep_image[image_index]  # annotations of skipped images are dropped uncounted
     boxes, labels, crowd, image_index = boxes[on_kept], labels[on_kept], crowd[on_kept], image_index[on_kept]
     valid = check_boxes(boxes, labels, sizes[image_index], nc, counts)
     flat = FlatLabels(boxes[valid], labels[valid], image_index[valid], crowd[valid])
-    records = build_records(paths, sizes, image_ids, keep_image, flat)
-    return LabelSet(sorted(records, key=lambda record: record.image_id), category_ids, counts)
+    kept = np.flatnonzero(keep_image)
+    by_id = kept[np.argsort(np.array(image_ids, dtype=np.int64)[kept], kind="stable")]
+    return LabelSet(build_index(images_dir, names, sizes, image_ids, by_id, flat), category_ids, counts, names)
 
 
 def _coco_annotations(
@@ -261,38 +245,11 @@ def _bbox_or_nan(annotation: dict) -> list[float]:
     return [np.nan] * 4
 
 
-# ---------------------------------------------------------------------------------------------- records
-@dataclass
-class FlatLabels:
-    """Checked boxes of a whole split, one row per box."""
-
-    boxes: np.ndarray  # [K, 4] float32 xyxy pixels
-    labels: np.ndarray  # [K] int64
-    image_index: np.ndarray  # [K] index of the box's image
-    crowd: np.ndarray  # [K] bool
-
-
-def build_records(
-    paths: list[Path], sizes: np.ndarray, image_ids: list[int], keep_image: np.ndarray, flat: FlatLabels
-) -> list[ImageRecord]:
-    """One record per kept image with its boxes grouped out of `flat`; `sizes [N, 2]` are (width, height)."""
-    num_images, train, crowd = len(paths), ~flat.crowd, flat.crowd
-    boxes = group_by_image(flat.boxes[train], flat.image_index[train], num_images)
-    labels = group_by_image(flat.labels[train], flat.image_index[train], num_images)
-    crowd_boxes = group_by_image(flat.boxes[crowd], flat.image_index[crowd], num_images)
-    crowd_labels = group_by_image(flat.labels[crowd], flat.image_index[crowd], num_images)
-    return [
-        ImageRecord(paths[i], int(sizes[i, 0]), int(sizes[i, 1]), boxes[i], labels[i], image_ids[i],
-                    crowd_boxes[i], crowd_labels[i])
-        for i in np.flatnonzero(keep_image)
-    ]
-
-
 # ---------------------------------------------------------------------------------------------- YOLO txt
 def read_yolo(source: SplitSource, nc: int) -> LabelSet:
     """Read YOLO txt labels (`class xc yc w h` normalised, or a polygon); a missing/empty file is a background."""
     counts = Counter()
-    paths = sorted(path for path in source.images.rglob("*") if path.suffix.lower() in IMG_FORMATS)
+    paths = list_images(source.images)
     label_files = [source.annotations / path.relative_to(source.images).with_suffix(".txt") for path in paths]
     counts["missing"] += _orphan_label_files(source, paths)
     sizes = probe_images(paths)
@@ -306,7 +263,14 @@ def read_yolo(source: SplitSource, nc: int) -> LabelSet:
     labels = rows[:, 0].astype(np.int64)
     valid = check_boxes(boxes, labels, sizes[image_index], nc, counts)
     flat = FlatLabels(boxes[valid], labels[valid], image_index[valid], np.zeros(int(valid.sum()), bool))
-    return LabelSet(build_records(paths, sizes, _yolo_image_ids(paths), keep_image, flat), list(range(nc)), counts)
+    names = [str(path.relative_to(source.images)) for path in paths]
+    index = build_index(source.images, names, sizes, _yolo_image_ids(paths), kept, flat)
+    return LabelSet(index, list(range(nc)), counts, names)
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Every image file under `folder` (recursively), sorted."""
+    return sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMG_FORMATS)
 
 
 def _orphan_label_files(source: SplitSource, paths: list[Path]) -> int:
