@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import box_convert
 import yaml
+from torchvision.ops import box_convert
 
 from crosskd.config import imgsz_hw
 from crosskd.engine.checkpoint import (

@@ -49,7 +49,7 @@ def free_port() -> int:
 
 
 def cli_overrides(args: Any, mode: str) -> list[str]:
-    """key=value words reproducing `args`: every setting that differs from the defaults."""
+    """key=value words reproducing `args`: every setting the user gave or that differs from the defaults."""
     defaults = get_args({}, mode).to_dict()
     words = []
     for key, value in args.to_dict().items():

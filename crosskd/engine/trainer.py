@@ -344,6 +344,7 @@ class Trainer:
         else:
             self.loss_sums = {k: torch.tensor(v, device=self.device) for k, v in partial["loss_sums"].items()}
             self.batches_done = int(partial["batches"])
+            self.nonfinite.epoch_skips = int(partial.get("skips", 0))
         self.loss_names = list(self.loss_sums)
         return self.batches_done
 
@@ -481,7 +482,8 @@ class Trainer:
         sums = torch.tensor([float(v) for v in self.loss_sums.values()], device=self.device)  # [num_losses]
         if collective:
             sums = reduce_mean(sums)
-        partial = {"batches": self.batches_done, "loss_sums": dict(zip(self.loss_sums, sums.tolist(), strict=True))}
+        partial = {"batches": self.batches_done, "loss_sums": dict(zip(self.loss_sums, sums.tolist(), strict=True)),
+                   "skips": self.nonfinite.epoch_skips}
         self.elapsed = self.elapsed_before + time.monotonic() - self.start_time
         if is_main_process():
             save_checkpoint(self.checkpoint(partial), self.weights_dir / "last.pt")
