@@ -150,10 +150,18 @@ def _probe(path: Path) -> tuple[int, int]:
         return UNREADABLE, UNREADABLE
 
 
-def probe_images(paths: list[Path]) -> np.ndarray:
-    """Header sizes `[N, 2]` (width, height) of many files, read by a thread pool; MISSING/UNREADABLE codes."""
+def _probe_chunk(paths: list[Path]) -> list[tuple[int, int]]:
+    return [_probe(path) for path in paths]
+
+
+def probe_images(paths: list[Path], chunk: int = 256) -> np.ndarray:
+    """Header sizes `[N, 2]` (width, height) of many files, read by a thread pool; MISSING/UNREADABLE codes.
+
+    The pool gets chunks of `chunk` files: one future per file costs more than the header read itself.
+    """
+    chunks = [paths[start : start + chunk] for start in range(0, len(paths), chunk)]
     with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
-        sizes = list(pool.map(_probe, paths, chunksize=64))
+        sizes = [size for sizes_of_chunk in pool.map(_probe_chunk, chunks) for size in sizes_of_chunk]
     return np.array(sizes, dtype=np.int64).reshape(-1, 2)
 
 
