@@ -96,7 +96,7 @@ def read_torch_file(path: str | Path, what: str = "checkpoint") -> Any:
             warnings.simplefilter("ignore", UserWarning)  # torch's pickle-protocol note; a failure says it all
             return torch.load(path, map_location="cpu", weights_only=True)
     except TORCH_READ_ERRORS as e:
-        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
+        if isinstance(e, pickle.UnpicklingError) and "global" in str(e).lower():  # names a class or function
             raise CheckpointError(
                 f"{what} '{path}' holds Python objects, not only tensors, and was refused (loading it could run "
                 "code); use a .pt written by crosskd, or turn foreign weights into one with crosskd convert"
