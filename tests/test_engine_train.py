@@ -69,7 +69,7 @@ def test_results_csv_columns_and_rows(trained):
     assert header == ["epoch", "time", "train/cls_loss", "train/box_loss", "train/dfl_loss", "metrics/precision(B)",
                       "metrics/recall(B)", "metrics/mAP50(B)", "metrics/mAP50-95(B)", "val/cls_loss", "val/box_loss",
                       "val/dfl_loss", "lr/pg0", "metrics/mAP75(B)", "metrics/APs(B)", "metrics/APm(B)",
-                      "metrics/APl(B)", "metrics/AR100(B)", "nonfinite_steps"]
+                      "metrics/APl(B)", "metrics/AR100(B)", "nonfinite_steps", "unreadable_images"]
     rows = read_csv(path)
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert float(rows[1]["lr/pg0"]) == pytest.approx(0.1 * float(rows[0]["lr/pg0"]))  # step decay at round(8*2/12) = 1

@@ -23,7 +23,7 @@ PLOTS = ("results.png", "labels.jpg", "train_batch0.jpg", "train_batch1.jpg", "t
 HEADER = ["epoch", "time", "train/cls_loss", "train/box_loss", "train/dfl_loss", "metrics/precision(B)",
           "metrics/recall(B)", "metrics/mAP50(B)", "metrics/mAP50-95(B)", "val/cls_loss", "val/box_loss",
           "val/dfl_loss", "lr/pg0", "metrics/mAP75(B)", "metrics/APs(B)", "metrics/APm(B)", "metrics/APl(B)",
-          "metrics/AR100(B)", "nonfinite_steps"]
+          "metrics/AR100(B)", "nonfinite_steps", "unreadable_images"]
 
 
 @pytest.fixture(scope="module")

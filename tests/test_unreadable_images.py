@@ -92,7 +92,8 @@ def test_training_continues_when_images_vanish_mid_run(digits: Path, tmp_path: P
     trainer.add_callback("on_train_epoch_start", delete_one)
     trainer.train()
     with open(trainer.save_dir / "results.csv", newline="") as f:
-        assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2"]
+        rows = list(csv.DictReader(f))
+    assert [row["epoch"] for row in rows] == ["1", "2"] and [row["unreadable_images"] for row in rows] == ["1", "1"]
     lines = warnings_of(capsys)
     assert lines.count(f"WARNING: train: cannot read {vanished[0]} any more; skipped") == 1
     assert lines.count("WARNING: train: 1 image(s) could not be read in this pass and were skipped") == 2

@@ -3,7 +3,8 @@ and the default callbacks: the run's plots (labels.jpg, train_batch0..2.jpg, res
 
 results.csv follows Ultralytics' column scheme, so its tools and habits read it: epoch, time, train/<loss>,
 metrics/precision(B), metrics/recall(B), metrics/mAP50(B), metrics/mAP50-95(B), val/<loss>, lr/pg<i>, then the
-other COCO numbers (metrics/mAP75(B), APs, APm, APl, AR100) and nonfinite_steps.
+other COCO numbers (metrics/mAP75(B), APs, APm, APl, AR100), nonfinite_steps and unreadable_images (train images
+that could not be read in the epoch's pass and were skipped).
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def results_row(trainer: Any) -> dict[str, str]:
             for name in trainer.loss_names if name.startswith("loss_")}
     row |= {f"lr/pg{i}": f"{group['lr']:.6g}" for i, group in enumerate(trainer.optimizer.param_groups)}
     row |= {column: format_number(metrics.get(key)) for key, column in COCO_COLUMNS.items()}
-    return {**row, "nonfinite_steps": str(trainer.nonfinite.epoch_skips)}
+    unreadable = getattr(trainer.train_loader, "num_unreadable", 0)  # images that vanished after indexing
+    return {**row, "nonfinite_steps": str(trainer.nonfinite.epoch_skips), "unreadable_images": str(unreadable)}
 
 
 def write_results_csv(trainer: Any) -> None:
