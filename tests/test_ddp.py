@@ -83,7 +83,7 @@ def test_ddp_command_reproduces_the_settings():
     args = get_args({"model": "gfl_r18t.yaml", "device": "0,1", "batch": 4, "lr_steps": [16, 22], "name": "my run",
                      "cos_lr": True}, "train")
     command = ddp.ddp_command(args, "train", 2)
-    assert command[:5] == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    assert command[:5] == [sys.executable, "-m", "crosskd.engine.torchrun", "--nproc_per_node", "2"]
     assert command[7:10] == ["-m", "crosskd", "train"]
     words = command[10:]
     parsed = dict(word.split("=", 1) for word in words)

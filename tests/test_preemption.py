@@ -1,6 +1,6 @@
 """Preemption and kill-anywhere: SIGTERM/SIGINT save a mid-epoch last.pt and exit 143/130 with the resume command,
-save_period_iters, and a run killed with SIGKILL at random moments (inside checkpoint saves too) that still finishes
-like an uninterrupted run."""
+also under torchrun (2 processes, only rank 0 writes), save_period_iters, and a run killed with SIGKILL at random
+moments (inside checkpoint saves too) that still finishes like an uninterrupted run."""
 
 import csv
 import os
@@ -19,6 +19,7 @@ import yaml
 
 from crosskd import cli
 from crosskd.config import get_args
+from crosskd.engine import ddp
 from crosskd.engine.checkpoint import load_checkpoint
 from crosskd.engine.trainer import Trainer
 from crosskd.errors import RunStopped
@@ -30,7 +31,8 @@ LOSS_COLUMNS = ("train/cls_loss", "train/box_loss", "train/dfl_loss", "lr/pg0")
 # Runs `crosskd ARGS...` with one fault (argv[1]): "none"; "step:N:wait" (after the N-th training step, touch $MARKER
 # and wait for a signal); "step:N:kill" (SIGKILL after the N-th step); "save:N" (SIGKILL inside the N-th .pt save,
 # after the temporary file is written and before os.replace); "time:S" (SIGKILL after S seconds). With
-# $FINAL_WEIGHTS, the float32 model and EMA weights are written there before finishing.
+# $FINAL_WEIGHTS, the float32 model and EMA weights are written there before finishing; with $EXIT_DIR, the process's
+# exit code goes to $EXIT_DIR/rank<RANK>.
 HELPER = '''
 import os, signal, sys, threading, time
 from pathlib import Path
@@ -74,7 +76,35 @@ if os.environ.get("FINAL_WEIGHTS"):
         torch.save({"model": self.model.state_dict(), "ema": self.ema.module.state_dict()}, os.environ["FINAL_WEIGHTS"])
         finish(self)
     Trainer.finish = dump_then_finish
-main(sys.argv[2:])
+try:
+    main(sys.argv[2:])
+except SystemExit as stop:
+    if os.environ.get("EXIT_DIR"):
+        Path(os.environ["EXIT_DIR"], "rank" + os.environ.get("RANK", "0")).write_text(str(stop.code))
+    raise
+'''
+# crosskd's own relaunch (`ddp.launch`, as for device=0,1) of the command given in argv in place of torchrun's.
+LAUNCHER = '''
+import sys
+from crosskd.config import get_args
+from crosskd.engine import ddp
+ddp.ddp_command = lambda args, mode, nproc: sys.argv[1:]
+ddp.launch(get_args({"device": "0,1"}, "train"), "train")
+'''
+# Records the stop signals it gets (argv[2]) after touching argv[1]; exits 128 + the first one's number.
+SIGNAL_RECORDER = '''
+import signal, sys, time
+from pathlib import Path
+got = []
+for signum in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(signum, lambda signum, frame: got.append(signum))
+Path(sys.argv[1]).touch()
+deadline = time.monotonic() + 60
+while not got and time.monotonic() < deadline:
+    time.sleep(0.01)
+time.sleep(1.0)  # a repeated signal would arrive now
+Path(sys.argv[2]).write_text(" ".join(str(signum) for signum in got))
+sys.exit(128 + got[0])
 '''
 
 
@@ -258,3 +288,78 @@ def test_sigkill_anywhere_then_resume_finishes_like_an_uninterrupted_run(referen
     assert [r["epoch"] for r in read_rows(tmp_path / "exp")] == ["1", "2"]
     assert not list(weights.glob(".*.tmp")) and not list((tmp_path / "exp").glob(".*.tmp"))
     assert_same_run(torch.load(final), read_rows(tmp_path / "exp"), reference)
+
+
+def wait_for(path: Path, process: subprocess.Popen, seconds: float = 240) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_launch_passes_one_ctrl_c_on_to_torchrun_and_exits_130(tmp_path):
+    """A terminal's Ctrl-C goes to the whole foreground process group; torchrun, in a session of its own, gets it
+    once, from crosskd's relaunch (a second one would cut its wait for the training processes short)."""
+    started, signals = tmp_path / "started", tmp_path / "signals"
+    command = [sys.executable, "-c", LAUNCHER, sys.executable, "-c", SIGNAL_RECORDER, str(started), str(signals)]
+    parent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)  # its own process group, like a shell's foreground job
+    wait_for(started, parent, 60)
+    os.killpg(parent.pid, signal.SIGINT)
+    time.sleep(0.2)
+    os.killpg(parent.pid, signal.SIGINT)  # Ctrl-C pressed twice
+    out, err = parent.communicate(timeout=60)
+    assert parent.returncode == 130, out + err
+    assert "Traceback" not in err
+    assert signals.read_text() == str(int(signal.SIGINT))
+
+
+def run_files(project: Path) -> list[str]:
+    return sorted(str(path.relative_to(project)) for path in project.rglob("*") if path.is_file())
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_stops_every_rank_and_rank_0_saves(tmp_path, write_digits_yaml):
+    """crosskd's relaunch (2 gloo processes on CPU) gets SIGTERM after the 2nd iteration, as a scheduler sends it:
+    torchrun and both processes stop, rank 0 alone saves last.pt and prints the resume command; resumed under torchrun
+    with 2 processes, the run finishes both epochs."""
+    data = write_digits_yaml(tmp_path, num_train=16, num_val=4)  # batch 4 = 2 processes x 2 images: 4 its per epoch
+    project, exits, marker = tmp_path / "runs", tmp_path / "exits", tmp_path / "at-step"
+    exits.mkdir()
+    settings = {**SETTINGS, "data": str(data), "project": str(project), "name": "exp", "save_period_iters": 1}
+    command = ddp.ddp_command(get_args(settings, "train"), "train", 2)
+    entry = command.index("-m", 1 + command.index("crosskd.engine.torchrun"))
+    helper = tmp_path / "fault_helper.py"
+    helper.write_text(HELPER)
+    command[entry:entry + 2] = [str(helper), "step:2:wait"]  # each process waits for the signal after its 2nd step
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "MARKER": str(marker), "EXIT_DIR": str(exits)}
+    start = time.monotonic()
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, *command], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+    wait_for(marker, launcher)
+    signalled = time.monotonic()
+    launcher.send_signal(signal.SIGTERM)
+    out, err = launcher.communicate(timeout=120)
+    stopped = time.monotonic()
+    assert launcher.returncode == 143, out[-3000:] + err[-3000:]
+    assert "Traceback" not in out + err and "forcefully exiting" not in err  # no SIGKILL after torchrun's 30 s
+    assert {path.name: path.read_text() for path in exits.iterdir()} == {"rank0": "143", "rank1": "143"}
+    last = project / "exp" / "weights" / "last.pt"
+    resume = f"crosskd train resume={last.resolve()}"
+    stop_lines = [line for line in (out + err).splitlines() if "resume with:" in line]
+    where = "epoch 1/2 iteration 2/4"
+    assert stop_lines == [f"SIGTERM received: stopped at {where} and saved {last}; resume with: {resume}"]
+    assert run_files(project) == ["exp/args.yaml", "exp/weights/last.pt"]  # rank 0's alone: no exp2, no .tmp
+    ckpt = load_checkpoint(last)
+    assert ckpt["epoch"] == 0 and ckpt["partial_epoch"]["batches"] == 2 and ckpt["scheduler"]["iteration"] == 2
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(ddp.free_port()), "-m"]  # `-m crosskd train resume=...`: the printed command
+    resumed = subprocess.run([*torchrun, *shlex.split(resume)], capture_output=True, text=True, timeout=300, env=env,
+                             cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "DDP: gloo process group of 2 processes" in resumed.stdout
+    assert "from epoch 1 iteration 3 to 2" in resumed.stdout
+    assert [r["epoch"] for r in read_rows(project / "exp")] == ["1", "2"]
+    assert load_checkpoint(last)["epoch"] == -1  # finished (stripped)
+    print(f"SIGTERM after {signalled - start:.1f} s, all stopped {stopped - signalled:.1f} s later (exit 143), "
+          f"resumed run {time.monotonic() - stopped:.1f} s; {stop_lines[0]}")

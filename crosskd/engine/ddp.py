@@ -1,13 +1,16 @@
-"""Multi-process training: relaunch under torch.distributed.run, and process-group setup inside each child."""
+"""Multi-process training: relaunch under torchrun (engine/torchrun.py), and process-group setup inside each child."""
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from datetime import timedelta
+from types import FrameType
 from typing import Any
 
 import torch
@@ -17,6 +20,7 @@ from torch import nn
 from crosskd.config import get_args
 from crosskd.data import Batch, Sample, collate
 from crosskd.dist import is_dist
+from crosskd.engine.interrupt import STOP_SIGNALS, exit_code
 from crosskd.errors import ConfigError
 from crosskd.settings import format_value
 from crosskd.utils import LOGGER, colorstr, parse_device_list
@@ -60,21 +64,55 @@ def cli_overrides(args: Any, mode: str) -> list[str]:
 
 
 def ddp_command(args: Any, mode: str, nproc: int) -> list[str]:
-    """`python -m torch.distributed.run ... -m crosskd MODE key=value ...` running `nproc` copies of this command."""
+    """`python -m crosskd.engine.torchrun ... -m crosskd MODE key=value ...` running `nproc` copies of this command
+    (crosskd.engine.torchrun: torchrun ending on SIGTERM/SIGINT with 143/130 instead of a traceback)."""
     return [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        sys.executable, "-m", "crosskd.engine.torchrun", "--nproc_per_node", str(nproc),
         "--master_port", str(free_port()), "-m", "crosskd", mode, *cli_overrides(args, mode),
     ]
 
 
 def launch(args: Any, mode: str) -> None:
-    """Run this command again as one process per listed device (blocking); exits with the children's code."""
+    """Run this command again as one process per listed device (blocking); exits with torchrun's code: 143 / 130
+    after a SIGTERM / SIGINT, which every process gets once and stops on after saving last.pt."""
     nproc = len(parse_device_list(args.device))
     command = ddp_command(args, mode, nproc)
     LOGGER.info(f"{colorstr('DDP:')} debug command {' '.join(command)}")
-    code = subprocess.run(command, check=False).returncode
+    code = run_forwarding_signals(command)
     if code != 0:
-        raise SystemExit(code)
+        raise SystemExit(exit_code(-code) if code < 0 else code)
+
+
+def run_forwarding_signals(command: list[str]) -> int:
+    """Run `command` in a session of its own and return its exit code (-N when signal N ended it).
+
+    The first SIGTERM or SIGINT this process gets is passed on to it, later ones are dropped: a second signal would
+    cut torchrun's wait for its processes short. The own session keeps a terminal's Ctrl-C, which goes to the whole
+    foreground process group, from reaching torchrun and its processes a second time. Handlers are installed only in
+    the main thread (Python allows no other); elsewhere signals keep their handling.
+    """
+    received: list[int] = []
+    started: list[subprocess.Popen] = []
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        if not received:
+            received.append(signum)
+            for process in started:
+                process.send_signal(signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS} if main_thread else {}
+    try:
+        process = subprocess.Popen(command, start_new_session=True)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # a signal now waits until `started` is set
+        started.append(process)
+        if received:  # it came while the process was being started
+            process.send_signal(received[0])
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        return process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def init_distributed(device: torch.device) -> None:
