@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from crosskd.distill.adapters import (
     build_adapter,
@@ -62,14 +63,21 @@ def align_scale(student_feat: Tensor, teacher_feat: Tensor, eps: float = ALIGN_E
     """Map the student's per-channel mean/std (over batch and space) onto the teacher's: [B,C,H,W] -> [B,C,H,W].
 
     (s − μs)/(σs + eps)·σt + μt with unbiased std (plain std when a channel has a single value); the teacher's
-    statistics carry no gradient. Computed in float32.
+    statistics carry no gradient. Computed in float32. Backward recomputes the map from s (which std_mean saves
+    anyway) instead of keeping its centred full-size copy.
     """
     dims = (0, 2, 3)
     correction = 1 if student_feat.numel() // student_feat.shape[1] > 1 else 0
-    s = student_feat.float()
-    s_std, s_mean = torch.std_mean(s, dims, correction=correction, keepdim=True)  # one pass over s
     with torch.no_grad():
         t_std, t_mean = torch.std_mean(teacher_feat.float(), dims, correction=correction, keepdim=True)
+    if not torch.is_grad_enabled() or not student_feat.requires_grad:
+        return standardise_onto(student_feat.float(), t_std, t_mean, correction, eps)
+    return checkpoint(standardise_onto, student_feat.float(), t_std, t_mean, correction, eps, use_reentrant=False)
+
+
+def standardise_onto(s: Tensor, t_std: Tensor, t_mean: Tensor, correction: int, eps: float) -> Tensor:
+    """(s − μs)/(σs + eps)·σt + μt per channel of s [B,C,H,W]; σt, μt [1,C,1,1]."""
+    s_std, s_mean = torch.std_mean(s, (0, 2, 3), correction=correction, keepdim=True)  # one pass over s
     return (s - s_mean) / (s_std + eps) * t_std + t_mean
 
 

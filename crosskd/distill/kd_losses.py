@@ -165,7 +165,7 @@ def kd_cls_sum(pred_cls: Tensor, teacher_cls: Tensor, weight: Tensor, beta: floa
     """KD quality focal loss (`beta` 0: soft BCE) summed over priors and classes, each prior weighted by `weight`
     [B,N]."""
     loss = kd_quality_focal_loss(pred_cls.float(), teacher_cls.detach().float(), beta=beta)  # [B,N,C]
-    return (loss * weight[..., None]).sum()
+    return (loss.sum(dim=-1) * weight).sum()  # class sum first: backward keeps [B,N], not [B,N,C]
 
 
 def dfl_kl_sum(pred_reg: Tensor, teacher_reg: Tensor, weight: Tensor, temperature: float, reduction: str) -> Tensor:

@@ -17,7 +17,7 @@ def kd_quality_focal_loss(pred_logits: Tensor, teacher_logits: Tensor, beta: flo
     soft_targets = teacher_logits.detach().float().sigmoid()
     bce = F.binary_cross_entropy_with_logits(pred_logits, soft_targets, reduction="none")
     distance = (pred_logits.sigmoid() - soft_targets).abs().clamp(min=torch.finfo(torch.float32).tiny)
-    return bce * distance.pow(beta)
+    return bce * (distance if beta == 1 else distance.pow(beta))  # pow(·, 1) would keep a copy for backward
 
 
 def kl_div_loss(pred_logits: Tensor, teacher_logits: Tensor, T: float = 1.0, class_reduction: str = "sum") -> Tensor:
