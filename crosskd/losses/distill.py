@@ -44,8 +44,9 @@ def channel_standardize(feat: Tensor, mask: Tensor | None = None, eps: float = 1
     weight = mask[:, None].to(feat.dtype)  # [B, 1, H, W]
     count = weight.sum()
     mean = (feat * weight).sum(dim=(0, 2, 3), keepdim=True) / count.clamp(min=1)  # [1, C, 1, 1]
-    var = ((feat - mean).pow(2) * weight).sum(dim=(0, 2, 3), keepdim=True) / (count - 1).clamp(min=1)
-    return (feat - mean) / (var.clamp(min=torch.finfo(var.dtype).tiny).sqrt() + eps)
+    centred = feat - mean  # one copy for the variance and the result, so backward keeps one
+    var = (centred.pow(2) * weight).sum(dim=(0, 2, 3), keepdim=True) / (count - 1).clamp(min=1)
+    return centred / (var.clamp(min=torch.finfo(var.dtype).tiny).sqrt() + eps)
 
 
 def pkd_loss(student_feat: Tensor, teacher_feat: Tensor, mask: Tensor | None = None) -> Tensor:
