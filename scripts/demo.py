@@ -16,6 +16,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from crosskd.engine.callbacks import COCO_COLUMNS, METRIC_COLUMNS
 from crosskd.paths import CFG_DIR
 
 console = Console()
@@ -33,10 +34,11 @@ def crosskd(*args: str) -> None:
 
 
 def final_metrics(run_dir: Path) -> dict[str, float]:
-    """AP figures of the last epoch in a run's results.csv."""
+    """AP figures of the last epoch in a run's results.csv (Ultralytics' column names)."""
     with open(run_dir / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    return {key: float(rows[-1][key]) for key in ("AP", "AP50", "AP75")}
+    columns = {**METRIC_COLUMNS, **COCO_COLUMNS}
+    return {key: float(rows[-1][columns[key]]) for key in ("AP", "AP50", "AP75")}
 
 
 def write_demo_data_yaml(num_train: int) -> Path:
