@@ -335,11 +335,12 @@ def onnx_runner(path: Path, threads: int, device: torch.device) -> Callable[[np.
 
 
 def openvino_runner(folder: Path, threads: int) -> Callable[[np.ndarray], object]:
+    """OpenVINO at f32, as crosskd's own OpenVinoDetector runs it (its CPU default may be bf16)."""
     import openvino
 
     core = openvino.Core()
     compiled = core.compile_model(core.read_model(next(folder.glob("*.xml"))), "CPU",
-                                  {"INFERENCE_NUM_THREADS": threads})
+                                  {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
     request = compiled.create_infer_request()
     return lambda array: request.infer([array])
 
