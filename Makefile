@@ -25,7 +25,7 @@ demo: .venv
 test: .venv
 	$(PYTHON) -m pytest -q tests
 
-# Everything but the tests marked slow (overfit, torchrun, full-size models): under a minute on 2 cores.
+# Everything but the tests marked slow (overfit, torchrun, kill-and-resume, CLI matrix, full-size models): ~2 min on 2 cores.
 test-fast: .venv
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
