@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from step_cost import synthetic_batch  # benchmarks/ is on sys.path when run as a script
 from torchvision.models.detection import fcos_resnet50_fpn, retinanet_resnet50_fpn
 
 from crosskd.data import Batch
@@ -26,24 +27,6 @@ from crosskd.models import DenseDetector, build_detector, load_model_yaml
 
 NUM_CLASSES, IMGSZ, BATCH = 80, 256, 2
 Step = Callable[[], object]
-
-
-def synthetic_batch(batch: int = BATCH, imgsz: int = IMGSZ, num_classes: int = NUM_CLASSES, seed: int = 0) -> Batch:
-    """Random images [B, 3, S, S] with three random boxes each (xyxy pixels)."""
-    gen = torch.Generator().manual_seed(seed)
-    xy = torch.rand(batch, 3, 2, generator=gen) * imgsz * 0.6
-    wh = torch.rand(batch, 3, 2, generator=gen) * imgsz * 0.3 + 8
-    return Batch(
-        images=torch.rand(batch, 3, imgsz, imgsz, generator=gen),
-        gt_boxes=torch.cat([xy, xy + wh], dim=-1),
-        gt_labels=torch.randint(0, num_classes, (batch, 3), generator=gen),
-        img_sizes=torch.full((batch, 2), imgsz),
-        valid_masks=torch.ones(batch, imgsz, imgsz, dtype=torch.bool),
-        orig_sizes=torch.full((batch, 2), imgsz),
-        ratios=torch.ones(batch),
-        image_ids=torch.arange(batch),
-        paths=[f"{i}.jpg" for i in range(batch)],
-    )
 
 
 def ours(name: str) -> DenseDetector:
@@ -137,7 +120,7 @@ def main() -> None:
     opts = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    batch = synthetic_batch()
+    batch = synthetic_batch(BATCH, IMGSZ, NUM_CLASSES)
     for kind in opts.only:
         a, b = distill_pair(batch) if kind == "distill" else train_pair(kind, batch)
         names = ("crosskd distill", "floor") if kind == "distill" else (f"ours {kind}", f"torchvision {kind}")

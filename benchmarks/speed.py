@@ -46,11 +46,12 @@ import torch
 import torchvision
 from rich.console import Console
 from rich.table import Table
+from step_cost import synthetic_batch  # benchmarks/ is on sys.path when run as a script
 from torchvision.models import detection
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from crosskd.config import get_args
-from crosskd.data import Batch, DetectionDataset, build_dataloader, generate_digits, load_data_yaml
+from crosskd.data import DetectionDataset, build_dataloader, generate_digits, load_data_yaml
 from crosskd.distill import KD_METHODS, Distiller
 from crosskd.engine import exporter
 from crosskd.engine.compile import compile_detector
@@ -203,21 +204,6 @@ def inference(fn: Callable[[], object], device: torch.device) -> Callable[[], No
     return call
 
 
-def synthetic_batch(batch: int, size: int, num_classes: int, device: torch.device, seed: int = 0) -> Batch:
-    """Random images [B, 3, size, size] with three random boxes each (timing does not depend on the pixels)."""
-    gen = torch.Generator().manual_seed(seed)
-    xy = torch.rand(batch, 3, 2, generator=gen) * size * 0.6
-    wh = torch.rand(batch, 3, 2, generator=gen) * size * 0.3 + 8
-    images = torch.rand(batch, 3, size, size, generator=gen)
-    return Batch(
-        images=images, gt_boxes=torch.cat([xy, xy + wh], dim=-1),
-        gt_labels=torch.randint(0, num_classes, (batch, 3), generator=gen),
-        img_sizes=torch.full((batch, 2), size), valid_masks=torch.ones(batch, size, size, dtype=torch.bool),
-        orig_sizes=torch.full((batch, 2), size), ratios=torch.ones(batch), image_ids=torch.arange(batch),
-        paths=[f"{i}.jpg" for i in range(batch)],
-    ).to(device)
-
-
 def on_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """The model on `device`, channels_last on CUDA."""
     model = model.to(device)
@@ -259,7 +245,7 @@ def torchvision_detector(name: str, size: int, depth: int = 50) -> torch.nn.Modu
 
 def section_a(plan: Plan, device: torch.device) -> list[dict]:
     """Train step and inference of crosskd's FCOS/RetinaNet R50 vs torchvision's, alternately."""
-    batch = synthetic_batch(plan.batch, plan.size, NUM_CLASSES, device)
+    batch = synthetic_batch(plan.batch, plan.size, NUM_CLASSES).to(device)
     images = list(batch.images)  # torchvision takes a list of [3, H, W]
     targets = [{"boxes": b, "labels": lab} for b, lab in zip(batch.gt_boxes, batch.gt_labels, strict=True)]
     rows = []
@@ -287,7 +273,7 @@ def section_a(plan: Plan, device: torch.device) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- section b
 def section_b(plan: Plan, device: torch.device) -> list[dict]:
     """Distillation step per kd method vs its floor (student step + teacher eval forward), time and peak memory."""
-    batch = synthetic_batch(plan.batch, plan.size, NUM_CLASSES, device)
+    batch = synthetic_batch(plan.batch, plan.size, NUM_CLASSES).to(device)
     student = on_device(our_detector(plan.student, NUM_CLASSES), device).train()
     teacher = on_device(our_detector(plan.teacher, NUM_CLASSES), device).eval().requires_grad_(False)
     plain = train_step(lambda: student.loss(batch), [p for p in student.parameters() if p.requires_grad], device)
@@ -539,7 +525,7 @@ def section_compile(plan: Plan, device: torch.device) -> list[dict]:
     """The demo model's train step with compile=True (inductor; --quick: the eager backend, tracing only) vs without,
     and the first compiled call (where compilation happens)."""
     backend = "eager" if plan.quick else "inductor"
-    batch = synthetic_batch(plan.batch, plan.size, NUM_CLASSES, device)
+    batch = synthetic_batch(plan.batch, plan.size, NUM_CLASSES).to(device)
     eager = on_device(our_detector(DEMO["model"], NUM_CLASSES), device).train()
     compiled = compile_detector(copy.deepcopy(eager), True, backend=backend)
     steps = {name: train_step(lambda m=model: m.loss(batch), list(model.parameters()), device)

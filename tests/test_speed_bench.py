@@ -18,6 +18,7 @@ NUMBERS = {  # per section: the keys that must hold a finite number in every row
 
 
 def load_speed():
+    sys.path.insert(0, str(SPEED.parent))  # as when run as a script: speed.py imports its sibling step_cost
     spec = importlib.util.spec_from_file_location("speed", SPEED)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
