@@ -376,12 +376,14 @@ class Trainer:
             losses = self.compute_loss(batch)
         total = sum(losses.values())
         self.scaler.scale(total).backward()
+        grads = None if self.amp else self.gradients()  # with AMP the GradScaler checks the gradients
         if self.args.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            nn.utils.clip_grad_norm_(params, self.args.clip_grad)
+            norm = nn.utils.clip_grad_norm_(params, self.args.clip_grad)
+            grads = None if self.amp else [norm]  # finite exactly when every gradient is: no second pass
         losses = {name: value.detach().float() for name, value in losses.items()}
-        if self.nonfinite.is_finite(total, None if self.amp else self.gradients()):
+        if self.nonfinite.is_finite(total, grads):
             self.nonfinite.record(applied=True)
             self.scaler.step(self.optimizer)
             self.scaler.update()
