@@ -4,7 +4,8 @@
 
 Ground truth: `--images` 640x480 images, 1-12 boxes each over 80 classes (small, medium and large), 2 % crowd.
 Predictions: every ground-truth box jittered, with a score, some given the wrong class, plus background false
-positives, ~20 per image. Each evaluator runs crosskd.engine.metrics.coco_evaluate (results loading, evaluate,
+positives, ~20 per image. Each evaluator runs crosskd.engine.evaluation.metrics.coco_evaluate (results loading,
+evaluate,
 accumulate, summarize and the per-class table) once; the script prints both times and fails if any metric differs.
 """
 
@@ -16,7 +17,7 @@ import time
 import numpy as np
 from pycocotools.coco import COCO
 
-from crosskd.engine.metrics import METRIC_KEYS, coco_evaluate
+from crosskd.engine.evaluation.metrics import METRIC_KEYS, coco_evaluate
 
 NUM_CLASSES = 80
 WIDTH, HEIGHT = 640, 480

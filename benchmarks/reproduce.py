@@ -37,9 +37,9 @@ import yaml
 
 from crosskd.config import get_args
 from crosskd.data import load_data_yaml
-from crosskd.engine import launch
-from crosskd.engine.checkpoint import is_resumable, load_checkpoint
-from crosskd.engine.plotting import read_results
+from crosskd.engine.deployment.checkpoint import is_resumable, load_checkpoint
+from crosskd.engine.evaluation.plotting import read_results
+from crosskd.engine.training import launch
 from crosskd.paths import CFG_DIR
 from crosskd.settings import format_value
 from crosskd.utils import LOGGER

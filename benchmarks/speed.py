@@ -10,12 +10,13 @@ Sections (each compares two sides called alternately, so machine noise falls on 
      torchvision's transform pinned to the input size)
   b  a distillation step per `kd` (GFL R18 student, GFL R50 teacher) vs its floor: the student's plain train step
      plus a teacher eval forward under no_grad; time and peak memory (CPU: peak RSS growth, CUDA: max allocated)
-  c  the exported student (crosskd.engine.exporter) in ONNX Runtime, and OpenVINO when installed, vs eager PyTorch,
+  c  the exported student (crosskd.engine.deployment.exporter) in ONNX Runtime, and OpenVINO when installed, vs eager
+     PyTorch,
      at batch 1 and 8, same thread count on every side
   d  images/s through the real loader (build_dataloader, its workers, digits data, demo settings) vs images/s of
      training steps at the same batch and size
   e  validation images/s including COCO evaluation (the Validator) vs the model's predictions alone
-  compile  a train step with and without `compile=True` (crosskd.engine.compile), plus the first call's cost
+  compile  a train step with and without `compile=True` (crosskd.engine.training.compile), plus the first call's cost
 
 On CUDA every side runs under AMP with channels_last. Results: benchmarks/results/speed/<cpu|cuda>.json (written after
 each section, so an interrupted run keeps what it finished; --sections reruns only those and merges).
@@ -53,9 +54,9 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from crosskd.config import get_args
 from crosskd.data import DetectionDataset, build_dataloader, generate_digits, load_data_yaml
 from crosskd.distill import KD_METHODS, Distiller
-from crosskd.engine import exporter
-from crosskd.engine.compile import compile_detector
-from crosskd.engine.validator import Validator
+from crosskd.engine.deployment import exporter
+from crosskd.engine.evaluation.validator import Validator
+from crosskd.engine.training.compile import compile_detector
 from crosskd.errors import UserError
 from crosskd.models import DenseDetector, build_detector, load_model_yaml
 from crosskd.utils import LOGGER
@@ -303,7 +304,7 @@ def section_b(plan: Plan, device: torch.device) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- section c
 def export_student(detector: DenseDetector, fmt: str, batch: int, size: int, folder: Path) -> Path:
-    """Export through crosskd.engine.exporter at a static batch and size; returns the file (or OpenVINO folder)."""
+    """Export through engine.deployment.exporter at a static batch and size; returns the file (or OpenVINO folder)."""
     args = get_args({"model": str(folder / f"student_b{batch}.pt"), "format": fmt, "imgsz": size, "batch": batch,
                      "device": "cpu"}, "export")
     return exporter.export(detector, args)

@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from crosskd.config import Args, check_required, get_args
-from crosskd.engine import exporter, info, launch, validator
-from crosskd.engine.backend import Runtime, load_runtime
-from crosskd.engine.predictor import Predictor
-from crosskd.engine.results import Boxes, Results
+from crosskd.engine.deployment import exporter
+from crosskd.engine.deployment.loader import Runtime, load_runtime
+from crosskd.engine.evaluation import validator
+from crosskd.engine.prediction.predictor import Predictor
+from crosskd.engine.prediction.results import Boxes, Results
+from crosskd.engine.tools import info
+from crosskd.engine.training import launch
 from crosskd.paths import newest_best
 from crosskd.utils import select_device
 

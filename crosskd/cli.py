@@ -32,15 +32,15 @@ from crosskd.user_settings import load_user_settings, render_user_settings, rese
 from crosskd.utils import LOGGER, console
 
 MODE_TARGETS = {  # mode -> (module, function taking Args); imported only when the mode runs
-    "train": ("crosskd.engine.launch", "run"),
-    "distill": ("crosskd.engine.launch", "run"),
-    "val": ("crosskd.engine.validator", "run"),
-    "predict": ("crosskd.engine.predictor", "run"),
-    "export": ("crosskd.engine.exporter", "run"),
-    "benchmark": ("crosskd.engine.benchmark", "run"),
-    "info": ("crosskd.engine.info", "run"),
-    "convert": ("crosskd.engine.converter", "run"),
-    "analyze": ("crosskd.engine.analyzer", "run"),
+    "train": ("crosskd.engine.training.launch", "run"),
+    "distill": ("crosskd.engine.training.launch", "run"),
+    "val": ("crosskd.engine.evaluation.validator", "run"),
+    "predict": ("crosskd.engine.prediction.predictor", "run"),
+    "export": ("crosskd.engine.deployment.exporter", "run"),
+    "benchmark": ("crosskd.engine.tools.benchmark", "run"),
+    "info": ("crosskd.engine.tools.info", "run"),
+    "convert": ("crosskd.engine.deployment.converter", "run"),
+    "analyze": ("crosskd.engine.tools.analyzer", "run"),
 }
 SPECIAL_WORDS = {  # spelling -> special command
     "help": "help", "h": "help", "-h": "help", "--help": "help", "-help": "help",

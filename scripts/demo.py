@@ -16,7 +16,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from crosskd.engine.callbacks import COCO_COLUMNS, METRIC_COLUMNS
+from crosskd.engine.training.callbacks import COCO_COLUMNS, METRIC_COLUMNS
 from crosskd.paths import CFG_DIR
 
 console = Console()

@@ -12,7 +12,8 @@ import yaml
 
 from crosskd import cli
 from crosskd.config import get_args
-from crosskd.engine.analyzer import (
+from crosskd.engine.deployment.checkpoint import make_checkpoint, save_checkpoint
+from crosskd.engine.tools.analyzer import (
     CONFLICT_THRESHOLD,
     KINDS,
     NUM_BINS,
@@ -22,8 +23,7 @@ from crosskd.engine.analyzer import (
     summarize,
     to_student_priors,
 )
-from crosskd.engine.analyzer import run as analyze
-from crosskd.engine.checkpoint import make_checkpoint, save_checkpoint
+from crosskd.engine.tools.analyzer import run as analyze
 from crosskd.models import build_detector
 
 NC = 10

@@ -11,9 +11,10 @@ import torch
 
 from crosskd import Detector, cli
 from crosskd.config import get_args
-from crosskd.engine import predictor
-from crosskd.engine.backend import CROSSKD_INPUT, InputConvention, OnnxDetector
-from crosskd.engine.predictor import Predictor, preprocess
+from crosskd.engine.deployment.runtimes.exported import CROSSKD_INPUT, InputConvention
+from crosskd.engine.deployment.runtimes.onnx import OnnxDetector
+from crosskd.engine.prediction import predictor
+from crosskd.engine.prediction.predictor import Predictor, preprocess
 from crosskd.errors import CheckpointError, ConfigError
 
 TINY = {"imgsz": 64, "batch": 8, "workers": 0, "device": "cpu", "warmup_iters": 2, "plots": False, "lr0": 0.02}

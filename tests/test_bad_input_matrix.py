@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from crosskd.data.digits import generate_digits
-from crosskd.engine.checkpoint import make_checkpoint, save_checkpoint
+from crosskd.engine.deployment.checkpoint import make_checkpoint, save_checkpoint
 from crosskd.models import build_detector
 from crosskd.models.build import load_model_yaml
 

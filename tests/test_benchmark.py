@@ -10,7 +10,7 @@ from test_export import write_checkpoint
 
 from crosskd import cli
 from crosskd.config import get_args
-from crosskd.engine import benchmark
+from crosskd.engine.tools import benchmark
 
 DIGIT_NAMES = {i: str(i) for i in range(10)}
 

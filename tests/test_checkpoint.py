@@ -5,15 +5,15 @@ import copy
 import pytest
 import torch
 
-from crosskd.engine.backend import load_runtime
-from crosskd.engine.checkpoint import (
+from crosskd.engine.deployment.checkpoint import (
     is_resumable,
     load_checkpoint,
     make_checkpoint,
     save_checkpoint,
     strip_checkpoint,
 )
-from crosskd.engine.optim import ModelEMA
+from crosskd.engine.deployment.loader import load_runtime
+from crosskd.engine.training.optim import ModelEMA
 from crosskd.errors import CheckpointError
 from crosskd.models import build_detector
 

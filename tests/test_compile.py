@@ -9,11 +9,11 @@ import yaml
 
 from crosskd.config import get_args
 from crosskd.data.digits import generate_digits
-from crosskd.engine import compile as compile_module
-from crosskd.engine.checkpoint import load_checkpoint
-from crosskd.engine.compile import compile_detector, is_compiled
-from crosskd.engine.distill_trainer import DistillTrainer
-from crosskd.engine.trainer import Trainer
+from crosskd.engine.deployment.checkpoint import load_checkpoint
+from crosskd.engine.training import compile as compile_module
+from crosskd.engine.training.compile import compile_detector, is_compiled
+from crosskd.engine.training.distill_trainer import DistillTrainer
+from crosskd.engine.training.trainer import Trainer
 from crosskd.models import build_detector
 
 
@@ -97,4 +97,4 @@ def test_train_and_distill_with_compile_save_plain_checkpoints(tmp_path):
                                       "distill"))
     distill.setup()
     assert is_compiled(distill.model.backbone) and is_compiled(distill.teacher.backbone)
-    assert not any("_orig_mod" in key for key in distill.checkpoint()["model"])
+    assert not any("_orig_mod" in key for key in distill.state.checkpoint()["model"])

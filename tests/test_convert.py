@@ -9,10 +9,10 @@ import torchvision
 import yaml
 
 from crosskd.config import get_args
-from crosskd.engine import converter, exporter
-from crosskd.engine.backend import load_runtime
-from crosskd.engine.checkpoint import load_checkpoint
-from crosskd.engine.trainer import load_pretrained
+from crosskd.engine.deployment import converter, exporter
+from crosskd.engine.deployment.checkpoint import load_checkpoint
+from crosskd.engine.deployment.loader import load_runtime
+from crosskd.engine.training.trainer import load_pretrained
 from crosskd.errors import ConfigError
 from crosskd.models import build_detector
 from crosskd.models.foreign.mmdet import mmdet_key_map

@@ -12,9 +12,9 @@ import yaml
 
 from crosskd.config import get_args
 from crosskd.data.digits import generate_digits
-from crosskd.engine import ddp
-from crosskd.engine.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-from crosskd.engine.trainer import Trainer
+from crosskd.engine.deployment.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from crosskd.engine.training import ddp
+from crosskd.engine.training.trainer import Trainer
 from crosskd.models import build_detector, load_model_yaml
 
 NAMES = {i: str(i) for i in range(10)}
@@ -83,7 +83,7 @@ def test_ddp_command_reproduces_the_settings():
     args = get_args({"model": "gfl_r18t.yaml", "device": "0,1", "batch": 4, "lr_steps": [16, 22], "name": "my run",
                      "cos_lr": True}, "train")
     command = ddp.ddp_command(args, "train", 2)
-    assert command[:5] == [sys.executable, "-m", "crosskd.engine.torchrun", "--nproc_per_node", "2"]
+    assert command[:5] == [sys.executable, "-m", "crosskd.engine.training.torchrun", "--nproc_per_node", "2"]
     assert command[7:10] == ["-m", "crosskd", "train"]
     words = command[10:]
     parsed = dict(word.split("=", 1) for word in words)

@@ -10,8 +10,8 @@ from torch import nn
 
 from crosskd.config import get_args
 from crosskd.distill import Distiller
-from crosskd.engine import ddp
-from crosskd.engine.trainer import DetectorLoss, Trainer
+from crosskd.engine.training import ddp
+from crosskd.engine.training.trainer import DetectorLoss, Trainer
 from crosskd.errors import ConfigError
 from crosskd.models import build_detector
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from crosskd import cli
-from crosskd.engine import checkpoint
-from crosskd.engine.checkpoint import format_bytes, free_bytes, save_checkpoint, serialized_size
+from crosskd.engine.deployment import checkpoint
+from crosskd.engine.deployment.checkpoint import format_bytes, free_bytes, save_checkpoint, serialized_size
 from crosskd.errors import CheckpointError
 from crosskd.utils import WriteErrorRecorder
 

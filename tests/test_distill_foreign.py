@@ -16,9 +16,9 @@ from torch import nn
 from torchvision.models import detection as tv_detection
 
 from crosskd.config import get_args
-from crosskd.engine.checkpoint import load_checkpoint
-from crosskd.engine.distill_trainer import DistillTrainer
-from crosskd.engine.exporter import run as export_run
+from crosskd.engine.deployment.checkpoint import load_checkpoint
+from crosskd.engine.deployment.exporter import run as export_run
+from crosskd.engine.training.distill_trainer import DistillTrainer
 from crosskd.models import DenseDetector, build_detector
 from crosskd.models.foreign.mmdet import mmdet_key_map
 from crosskd.models.foreign.torchvision_detection import COCO80_NAMES, coco80_rows, weights_file_name

@@ -13,14 +13,14 @@ import torch
 import yaml
 
 from crosskd.config import get_args
-from crosskd.engine import ddp
-from crosskd.engine.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-from crosskd.engine.distill_trainer import ADAPTER_KEY, DistillTrainer
-from crosskd.engine.exporter import run as export_run
-from crosskd.engine.launch import trainer_class
-from crosskd.engine.predictor import Predictor
-from crosskd.engine.sources import read_image
-from crosskd.engine.validator import Validator
+from crosskd.engine.deployment.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from crosskd.engine.deployment.exporter import run as export_run
+from crosskd.engine.evaluation.validator import Validator
+from crosskd.engine.prediction.predictor import Predictor
+from crosskd.engine.prediction.sources import read_image
+from crosskd.engine.training import ddp
+from crosskd.engine.training.distill_trainer import ADAPTER_KEY, DistillTrainer
+from crosskd.engine.training.launch import trainer_class
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import build_detector
 
@@ -153,7 +153,7 @@ def test_width_adapter_is_saved_for_resume_and_dropped_from_best(work):
     resumed.add_callback("on_train_start", lambda t: restored.update(t.loss_module.adapter_state()))
     resumed.train()
     assert all(torch.equal(restored[k], v) for k, v in saved.items())
-    assert resumed.start_epoch == 1 and resumed.teacher_path == str(teacher.resolve())
+    assert resumed.state.start_epoch == 1 and resumed.teacher_path == str(teacher.resolve())
     assert ADAPTER_KEY not in load_checkpoint(resumed.weights_dir / "best.pt")
     assert ADAPTER_KEY in load_checkpoint(last)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from crosskd.engine.metrics import coco_evaluate, detections_to_coco, fitness, format_class_table
+from crosskd.engine.evaluation.metrics import coco_evaluate, detections_to_coco, fitness, format_class_table
 
 NAMES = {0: "cat", 1: "dog"}
 CATEGORY_IDS = [3, 7]  # contiguous label -> original category id

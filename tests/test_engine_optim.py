@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from crosskd.config import get_args
-from crosskd.engine.optim import (
+from crosskd.engine.training.optim import (
     AUTO_SGD_MIN_ITERS,
     DEFAULT_LR0,
     LRSchedule,

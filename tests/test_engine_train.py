@@ -11,11 +11,11 @@ import yaml
 
 from crosskd.config import get_args
 from crosskd.data.digits import generate_digits
-from crosskd.engine import validator
-from crosskd.engine.callbacks import EVENTS
-from crosskd.engine.checkpoint import load_checkpoint
-from crosskd.engine.launch import trainer_class
-from crosskd.engine.trainer import Trainer
+from crosskd.engine.deployment.checkpoint import load_checkpoint
+from crosskd.engine.evaluation import validator
+from crosskd.engine.training.callbacks import EVENTS
+from crosskd.engine.training.launch import trainer_class
+from crosskd.engine.training.trainer import Trainer
 from crosskd.errors import CheckpointError
 
 NAMES = {i: str(i) for i in range(10)}
@@ -154,7 +154,7 @@ def test_resume_true_without_runs_is_a_checkpoint_error(tmp_path, monkeypatch):
 
 
 def test_trainer_class_follows_teacher_and_mode():
-    from crosskd.engine.distill_trainer import DistillTrainer
+    from crosskd.engine.training.distill_trainer import DistillTrainer
 
     assert trainer_class(get_args({"model": "gfl_r18t.yaml"}, "train")) is Trainer
     assert trainer_class(get_args({"model": "gfl_r18t.yaml", "teacher": "t.pt"}, "train")) is DistillTrainer

@@ -13,9 +13,9 @@ from pycocotools.cocoeval import COCOeval
 from crosskd.config import get_args
 from crosskd.data import DetectionDataset, load_data_yaml
 from crosskd.data.digits import generate_digits
-from crosskd.engine import validator as validator_module
-from crosskd.engine.checkpoint import make_checkpoint, save_checkpoint
-from crosskd.engine.validator import Validator
+from crosskd.engine.deployment.checkpoint import make_checkpoint, save_checkpoint
+from crosskd.engine.evaluation import validator as validator_module
+from crosskd.engine.evaluation.validator import Validator
 from crosskd.errors import CheckpointError, DataError
 from crosskd.models import Detections, build_detector
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from crosskd.engine import metrics
-from crosskd.engine.metrics import coco_evaluate, coco_evaluator_name
+from crosskd.engine.evaluation import metrics
+from crosskd.engine.evaluation.metrics import coco_evaluate, coco_evaluator_name
 from crosskd.errors import ConfigError
 from crosskd.user_settings import update_user_settings
 

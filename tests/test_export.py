@@ -13,10 +13,12 @@ import torch
 from torch import nn
 
 from crosskd.config import get_args
-from crosskd.engine import exporter
-from crosskd.engine.backend import OnnxDetector, TorchScriptDetector, load_runtime, traced_device
-from crosskd.engine.checkpoint import make_checkpoint, save_checkpoint
-from crosskd.engine.exporter import ExportModel
+from crosskd.engine.deployment import exporter
+from crosskd.engine.deployment.checkpoint import make_checkpoint, save_checkpoint
+from crosskd.engine.deployment.exporter import ExportModel
+from crosskd.engine.deployment.loader import load_runtime
+from crosskd.engine.deployment.runtimes.onnx import OnnxDetector
+from crosskd.engine.deployment.runtimes.torchscript import TorchScriptDetector, traced_device
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import build_detector
 
@@ -282,7 +284,7 @@ def test_cli_half_on_cpu_exits_2(tmp_path, capsys):
 
 
 def test_val_of_onnx_equals_val_of_checkpoint(tmp_path):
-    from crosskd.engine.validator import Validator
+    from crosskd.engine.evaluation.validator import Validator
 
     data = tmp_path / "digits.yaml"
     data.write_text(
@@ -313,7 +315,7 @@ def test_val_of_onnx_equals_val_of_checkpoint(tmp_path):
 
 def test_openvino_export_parity_predict_and_val(tmp_path, write_digits_yaml):
     from crosskd import cli
-    from crosskd.engine.backend import OpenVinoDetector
+    from crosskd.engine.deployment.runtimes.openvino import OpenVinoDetector
 
     names = {i: str(i) for i in range(10)}
     data = write_digits_yaml(tmp_path, 2, 4)

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crosskd.config import get_args
-from crosskd.engine import exporter
-from crosskd.engine.checkpoint import make_checkpoint, save_checkpoint
-from crosskd.engine.exporter import ExportModel
+from crosskd.engine.deployment import exporter
+from crosskd.engine.deployment.checkpoint import make_checkpoint, save_checkpoint
+from crosskd.engine.deployment.exporter import ExportModel
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import build_detector
 from crosskd.models.backbones import ResNet

@@ -26,7 +26,8 @@ def loaded_heavy_modules(code: str) -> list[str]:
 
 @pytest.mark.parametrize("code", [
     "import crosskd",
-    "import crosskd.cli, crosskd.data, crosskd.engine.predictor, crosskd.engine.validator, crosskd.engine.exporter",
+    "import crosskd.cli, crosskd.data, crosskd.engine.prediction.predictor, crosskd.engine.evaluation.validator, "
+    "crosskd.engine.deployment.exporter",
     "from crosskd.cli import main; main(['help'])",
     "from crosskd.cli import main; main(['train', '--help'])",
 ])

@@ -1,4 +1,5 @@
 """Dependencies flow one way: cli → engine → distill → models → (losses, assigners) → ops; data serves engine/cli.
+Inside the engine, the job folders flow one way too: tools → training → prediction → evaluation → deployment.
 
 The import graph sees every `import` and `from ... import` anywhere in a file (function-level, TYPE_CHECKING and
 relative imports included), resolved to the crosskd module it loads, so a cycle hidden inside a function still shows.
@@ -25,6 +26,10 @@ for part in GROUND:
     BELOW[part] = set()
 for part in SETTINGS:
     BELOW[part] = set(SETTINGS)
+ENGINE_BELOW = {"deployment": set(), "evaluation": {"deployment"}}
+ENGINE_BELOW["prediction"] = ENGINE_BELOW["evaluation"] | {"evaluation"}
+ENGINE_BELOW["training"] = ENGINE_BELOW["prediction"] | {"prediction"}
+ENGINE_BELOW["tools"] = ENGINE_BELOW["training"] | {"training"}
 
 
 def module_names(root: Path) -> dict[str, Path]:
@@ -101,9 +106,31 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def layer(module: str) -> str:
-    """The layer of a crosskd module: its first name below the package (`crosskd.engine.trainer` → engine)."""
+    """The layer of a crosskd module: its first name below the package (`crosskd.engine.training.trainer` → engine)."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else "__init__"
+
+
+def engine_job(module: str) -> str | None:
+    """The job folder of an engine module (`crosskd.engine.training.trainer` → training); None outside one."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[1] == "engine" else None
+
+
+def engine_job_violations(graph: dict[str, set[str]]) -> list[str]:
+    """'a imports b' for every engine module importing a job folder above its own, or one that is in no folder."""
+    violations = []
+    for module, targets in sorted(graph.items()):
+        job = engine_job(module)
+        if layer(module) != "engine" or module == "crosskd.engine":
+            continue
+        if job not in ENGINE_BELOW:
+            violations.append(f"{module} is in no engine job folder: add it to ENGINE_BELOW in tests/test_layers.py")
+            continue
+        allowed = ENGINE_BELOW[job] | {job}
+        violations += [f"{module} imports {target}" for target in sorted(targets)
+                       if layer(target) == "engine" and engine_job(target) not in allowed]
+    return violations
 
 
 def layer_violations(graph: dict[str, set[str]]) -> list[str]:
@@ -128,22 +155,38 @@ def test_no_upward_imports_and_settings_only_in_engine_api_cli():
     assert layer_violations(import_graph(PACKAGE)) == []
 
 
+def test_engine_job_folders_import_only_downwards():
+    assert engine_job_violations(import_graph(PACKAGE)) == []
+
+
+def test_the_engine_checker_flags_an_upward_import():
+    graph = {
+        "crosskd.engine.deployment.exporter": {"crosskd.engine.evaluation.validator", "crosskd.models"},
+        "crosskd.engine.tools.info": {"crosskd.engine.deployment.loader", "crosskd.engine.training.trainer"},
+        "crosskd.engine.stray": set(),
+    }
+    assert engine_job_violations(graph) == [
+        "crosskd.engine.deployment.exporter imports crosskd.engine.evaluation.validator",
+        "crosskd.engine.stray is in no engine job folder: add it to ENGINE_BELOW in tests/test_layers.py",
+    ]
+
+
 def test_the_checker_sees_every_kind_of_import(tmp_path):
     module = tmp_path / "fake.py"
     module.write_text(
-        "from crosskd.engine.trainer import Trainer\n"
+        "from crosskd.engine.training.trainer import Trainer\n"
         "import crosskd.models.heads.base as base\n"
         "from crosskd import __version__\n"
         "from . import checkpoint\n"
-        "from ..distill import Distiller\n"
+        "from ...distill import Distiller\n"
         "def late():\n"
         "    from crosskd.config import get_args\n"
-        "    from crosskd.engine import ddp\n"
+        "    from crosskd.engine.training import ddp\n"
     )
     known = set(module_names(PACKAGE))
-    assert imported_modules(module, "crosskd.engine.fake", known) == {
-        "crosskd.engine.trainer", "crosskd.models.heads.base", "crosskd.engine.checkpoint", "crosskd.distill",
-        "crosskd.config", "crosskd.engine.ddp",
+    assert imported_modules(module, "crosskd.engine.deployment.fake", known) == {
+        "crosskd.engine.training.trainer", "crosskd.models.heads.base", "crosskd.engine.deployment.checkpoint",
+        "crosskd.distill", "crosskd.config", "crosskd.engine.training.ddp",
     }
     graph = {"crosskd.models.fake": imported_modules(module, "crosskd.models.fake", known)}
     assert "crosskd.models.fake imports crosskd.config" in layer_violations(graph)

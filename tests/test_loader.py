@@ -10,9 +10,15 @@ import yaml
 
 from crosskd.config import get_args
 from crosskd.data.digits import generate_digits
-from crosskd.engine import exporter, info, launch, predictor, validator
-from crosskd.engine.backend import OnnxDetector, Runtime, TorchScriptDetector, load_runtime
-from crosskd.engine.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from crosskd.engine.deployment import exporter
+from crosskd.engine.deployment.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from crosskd.engine.deployment.loader import Runtime, load_runtime
+from crosskd.engine.deployment.runtimes.onnx import OnnxDetector
+from crosskd.engine.deployment.runtimes.torchscript import TorchScriptDetector
+from crosskd.engine.evaluation import validator
+from crosskd.engine.prediction import predictor
+from crosskd.engine.tools import info
+from crosskd.engine.training import launch
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import DenseDetector, build_detector
 

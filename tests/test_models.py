@@ -9,8 +9,8 @@ import torch.nn.functional as F
 import yaml
 from torchvision.models import resnet18
 
-from crosskd.engine.checkpoint import make_checkpoint, save_checkpoint
-from crosskd.engine.info import gflops, model_info, run
+from crosskd.engine.deployment.checkpoint import make_checkpoint, save_checkpoint
+from crosskd.engine.tools.info import gflops, model_info, run
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import Detections, build_detector, postprocess, scale_boxes
 from crosskd.models.backbones import MobileNetV2, ResNet, SwinT

@@ -17,10 +17,10 @@ import yaml
 
 from crosskd.config import get_args
 from crosskd.data import load_data_yaml
-from crosskd.engine import ddp
-from crosskd.engine.checkpoint import make_checkpoint, save_checkpoint
-from crosskd.engine.distill_trainer import DistillTrainer
-from crosskd.engine.trainer import Trainer
+from crosskd.engine.deployment.checkpoint import make_checkpoint, save_checkpoint
+from crosskd.engine.training import ddp
+from crosskd.engine.training.distill_trainer import DistillTrainer
+from crosskd.engine.training.trainer import Trainer
 from crosskd.models import build_detector, load_model_yaml
 
 NAMES = {i: str(i) for i in range(10)}

@@ -21,9 +21,10 @@ from crosskd import cli
 from crosskd.config import get_args
 from crosskd.distill import Distiller
 from crosskd.distill.crosskd import align_scale
-from crosskd.engine.checkpoint import load_checkpoint
-from crosskd.engine.nonfinite import NonFiniteGuard
-from crosskd.engine.trainer import Trainer
+from crosskd.engine.deployment.checkpoint import load_checkpoint
+from crosskd.engine.training.nonfinite import NonFiniteGuard
+from crosskd.engine.training.run_state import RunState
+from crosskd.engine.training.trainer import Trainer
 from crosskd.losses.detection import giou_loss, iou_loss
 from crosskd.losses.distill import channel_standardize, kd_quality_focal_loss, kl_div_loss, pkd_loss
 from crosskd.ops.boxes import aligned_box_iou
@@ -206,13 +207,13 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, write_digits_yaml, c
 def test_nan_patience_stops_with_one_line_and_keeps_last_pt(tmp_path, write_digits_yaml, monkeypatch, capsys):
     data = write_digits_yaml(tmp_path, num_train=32, num_val=8)
     saved = {}
-    save_model = Trainer.save_model
+    save_epoch = RunState.save_epoch
 
-    def save_and_remember(trainer):
-        save_model(trainer)
-        saved[trainer.epoch] = (trainer.weights_dir / "last.pt").read_bytes()
+    def save_and_remember(state):
+        save_epoch(state)
+        saved[state.trainer.epoch] = (state.trainer.weights_dir / "last.pt").read_bytes()
 
-    monkeypatch.setattr(Trainer, "save_model", save_and_remember)
+    monkeypatch.setattr(RunState, "save_epoch", save_and_remember)
     build_loss_module = Trainer.build_loss_module
     poison = dict.fromkeys(range(5, 8), "nan")  # every step from epoch 2's second on
     monkeypatch.setattr(Trainer, "build_loss_module", lambda t: PoisonedLoss(t, build_loss_module(t), poison))
@@ -273,7 +274,7 @@ def decide_on_rank(rank: int, port: int, out: str) -> None:
 def test_the_decision_is_the_reduced_flag(monkeypatch, local, other, applied):
     """One rank's view: the other rank's flag (1 when its loss is not finite) enters through the all-reduce."""
     other_flag = float(not math.isfinite(other))
-    monkeypatch.setattr("crosskd.engine.nonfinite.reduce_mean", lambda flag: (flag + other_flag) / 2)
+    monkeypatch.setattr("crosskd.engine.training.nonfinite.reduce_mean", lambda flag: (flag + other_flag) / 2)
     assert NonFiniteGuard().is_finite(torch.tensor(local)) is applied
 
 

@@ -12,10 +12,11 @@ import torch
 from crosskd import cli
 from crosskd.api import Detector
 from crosskd.config import get_args
-from crosskd.engine import exporter, predictor
-from crosskd.engine.predictor import preprocess
-from crosskd.engine.results import Boxes, Results
-from crosskd.engine.sources import source_files
+from crosskd.engine.deployment import exporter
+from crosskd.engine.prediction import predictor
+from crosskd.engine.prediction.predictor import preprocess
+from crosskd.engine.prediction.results import Boxes, Results
+from crosskd.engine.prediction.sources import source_files
 from crosskd.errors import DataError
 
 TESTS = Path(__file__).resolve().parent

@@ -19,9 +19,9 @@ import yaml
 
 from crosskd import cli
 from crosskd.config import get_args
-from crosskd.engine import ddp
-from crosskd.engine.checkpoint import load_checkpoint
-from crosskd.engine.trainer import Trainer
+from crosskd.engine.deployment.checkpoint import load_checkpoint
+from crosskd.engine.training import ddp
+from crosskd.engine.training.trainer import Trainer
 from crosskd.errors import RunStopped
 
 SETTINGS = {"model": "gfl_r18t.yaml", "epochs": 2, "batch": 4, "imgsz": 64, "workers": 0, "device": "cpu",
@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from crosskd.cli import main
-from crosskd.engine.trainer import Trainer
+from crosskd.engine.training.trainer import Trainer
 
 kind, _, value = sys.argv[1].partition(":")
 if kind == "step":
@@ -53,7 +53,7 @@ if kind == "step":
         if calls[0] == int(count):
             Path(os.environ["MARKER"]).touch()
             deadline = time.monotonic() + 120
-            while not self.stop_signals.signum and time.monotonic() < deadline:
+            while not self.state.stop_signals.signum and time.monotonic() < deadline:
                 time.sleep(0.01)
         return losses
     Trainer.train_step = step
@@ -87,7 +87,7 @@ except SystemExit as stop:
 LAUNCHER = '''
 import sys
 from crosskd.config import get_args
-from crosskd.engine import ddp
+from crosskd.engine.training import ddp
 ddp.ddp_command = lambda args, mode, nproc: sys.argv[1:]
 ddp.launch(get_args({"device": "0,1"}, "train"), "train")
 '''
@@ -327,7 +327,7 @@ def test_sigterm_under_torchrun_stops_every_rank_and_rank_0_saves(tmp_path, writ
     exits.mkdir()
     settings = {**SETTINGS, "data": str(data), "project": str(project), "name": "exp", "save_period_iters": 1}
     command = ddp.ddp_command(get_args(settings, "train"), "train", 2)
-    entry = command.index("-m", 1 + command.index("crosskd.engine.torchrun"))
+    entry = command.index("-m", 1 + command.index("crosskd.engine.training.torchrun"))
     helper = tmp_path / "fault_helper.py"
     helper.write_text(HELPER)
     command[entry:entry + 2] = [str(helper), "step:2:wait"]  # each process waits for the signal after its 2nd step

@@ -30,9 +30,9 @@ from torchvision.models import (
 
 from crosskd.cli import parse_cli_args
 from crosskd.config import get_args
-from crosskd.engine.checkpoint import make_checkpoint, save_checkpoint
-from crosskd.engine.distill_trainer import DistillTrainer
-from crosskd.engine.trainer import Trainer, load_pretrained
+from crosskd.engine.deployment.checkpoint import make_checkpoint, save_checkpoint
+from crosskd.engine.training.distill_trainer import DistillTrainer
+from crosskd.engine.training.trainer import Trainer, load_pretrained
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import build_detector
 from crosskd.models.backbones import MobileNetV2, ResNet, SwinT

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from crosskd.engine.plotting import class_color
-from crosskd.engine.results import Boxes, Results
+from crosskd.engine.evaluation.plotting import class_color
+from crosskd.engine.prediction.results import Boxes, Results
 
 NAMES = {0: "cat", 2: "bird"}
 

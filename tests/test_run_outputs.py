@@ -11,10 +11,10 @@ import torch
 from rich.console import Console, Group
 
 from crosskd.config import get_args
-from crosskd.engine.callbacks import loss_column
-from crosskd.engine.pr_metrics import ImageDetections, confusion_matrix, pr_curves
-from crosskd.engine.progress import EpochProgress, epoch_header
-from crosskd.engine.trainer import Trainer
+from crosskd.engine.evaluation.pr_metrics import ImageDetections, confusion_matrix, pr_curves
+from crosskd.engine.training.callbacks import loss_column
+from crosskd.engine.training.progress import EpochProgress, epoch_header
+from crosskd.engine.training.trainer import Trainer
 
 PLOTS = ("results.png", "labels.jpg", "train_batch0.jpg", "train_batch1.jpg", "train_batch2.jpg",
          "val_batch0_labels.jpg", "val_batch0_pred.jpg", "val_batch1_labels.jpg", "val_batch1_pred.jpg",
@@ -78,7 +78,7 @@ def test_tensorboard_event_file_has_the_csv_tags(run):
 
 
 def test_tensorboard_missing_gives_one_hint(tmp_path, monkeypatch, caplog):
-    from crosskd.engine import callbacks
+    from crosskd.engine.training import callbacks
 
     monkeypatch.setattr(callbacks.importlib.util, "find_spec", lambda name: None)
     logger = callbacks.TensorBoardLogger()
@@ -90,7 +90,7 @@ def test_tensorboard_missing_gives_one_hint(tmp_path, monkeypatch, caplog):
 
 
 def test_tensorboard_default_is_the_user_setting(tmp_path, monkeypatch):
-    from crosskd.engine.callbacks import tensorboard_enabled
+    from crosskd.engine.training.callbacks import tensorboard_enabled
 
     monkeypatch.setenv("CROSSKD_CONFIG_DIR", str(tmp_path))
     assert not tensorboard_enabled(SimpleNamespace(tensorboard=None))

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from crosskd.engine import sources
-from crosskd.engine.sources import load_frames
+from crosskd.engine.prediction import sources
+from crosskd.engine.prediction.sources import load_frames
 from crosskd.errors import DataError
 
 

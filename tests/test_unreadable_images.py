@@ -8,7 +8,7 @@ import pytest
 
 from crosskd.config import get_args
 from crosskd.data import DetectionDataset, build_dataloader, load_data_yaml
-from crosskd.engine.trainer import Trainer
+from crosskd.engine.training.trainer import Trainer
 from crosskd.errors import DataError
 
 

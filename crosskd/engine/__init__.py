@@ -1,1 +1,2 @@
-"""Engines: training, validation, prediction and export, plus checkpoints, metrics, plots and callbacks."""
+"""The engine, one folder per job: training, evaluation, prediction, deployment and tools (imports flow
+tools → training → prediction → evaluation → deployment; tests/test_layers.py enforces it)."""

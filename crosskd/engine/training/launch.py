@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from crosskd.engine import ddp
-from crosskd.engine.checkpoint import load_checkpoint
-from crosskd.engine.distill_trainer import DistillTrainer
-from crosskd.engine.trainer import Trainer, resume_path
+from crosskd.engine.deployment.checkpoint import load_checkpoint
+from crosskd.engine.training import ddp
+from crosskd.engine.training.distill_trainer import DistillTrainer
+from crosskd.engine.training.run_state import resume_path
+from crosskd.engine.training.trainer import Trainer
 
 
 def trainer_class(args: Any, resumed_args: dict | None = None) -> type[Trainer]:

@@ -1,5 +1,5 @@
-"""`python -m crosskd.engine.torchrun ARGS`: torchrun (torch.distributed.run, same arguments) that ends on SIGTERM or
-SIGINT with the shell's code 143 / 130 and no traceback of its own.
+"""`python -m crosskd.engine.training.torchrun ARGS`: torchrun (torch.distributed.run, same arguments) that ends on
+SIGTERM or SIGINT with the shell's code 143 / 130 and no traceback of its own.
 
 torchrun passes the signal on to its processes and waits for them (they save last.pt and stop), then raises
 SignalException out of its main, which Python prints as a traceback before exiting 1. `ddp.launch` runs this instead.
@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.run import main as torchrun_main
 
-from crosskd.engine.interrupt import exit_code
+from crosskd.engine.training.interrupt import exit_code
 
 
 def main(argv: list[str] | None = None) -> None:

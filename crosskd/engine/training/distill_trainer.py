@@ -9,10 +9,10 @@ from torch import nn
 
 from crosskd.dist import is_main_process
 from crosskd.distill import Distiller
-from crosskd.engine.backend import Runtime, is_yaml, load_runtime
-from crosskd.engine.checkpoint import load_checkpoint, save_checkpoint
-from crosskd.engine.compile import compile_detector
-from crosskd.engine.trainer import Trainer
+from crosskd.engine.deployment.checkpoint import load_checkpoint, save_checkpoint
+from crosskd.engine.deployment.loader import Runtime, is_yaml, load_runtime
+from crosskd.engine.training.compile import compile_detector
+from crosskd.engine.training.trainer import Trainer
 from crosskd.errors import ConfigError
 from crosskd.models import DenseDetector
 from crosskd.utils import LOGGER, colorstr
@@ -56,9 +56,10 @@ class DistillTrainer(Trainer):
 
     def build_teacher(self) -> DenseDetector:
         """Load the teacher from teacher= (teacher_weights=), or from the paths recorded in the resumed checkpoint."""
-        if self.resume_ckpt is not None and self.resume_ckpt.get("teacher"):
-            saved = self.resume_ckpt.get("kd_args") or self.resume_ckpt.get("teacher_args") or {}  # older checkpoints
-            teacher, weights = self.resume_ckpt["teacher"], saved.get("teacher_weights")
+        resumed = self.state.resume_ckpt
+        if resumed is not None and resumed.get("teacher"):
+            saved = resumed.get("kd_args") or resumed.get("teacher_args") or {}  # teacher_args: older checkpoints
+            teacher, weights = resumed["teacher"], saved.get("teacher_weights")
             teacher_cfg = saved.get("teacher_cfg")
         elif self.args.teacher:
             teacher = self.args.teacher

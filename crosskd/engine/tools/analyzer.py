@@ -35,8 +35,8 @@ from crosskd.config import check_required, imgsz_hw, setting_or_model_default
 from crosskd.data import DetectionDataset, build_dataloader, load_data_yaml
 from crosskd.distill import Distiller
 from crosskd.distill.crosskd import feat_sizes, head_pass
-from crosskd.engine.backend import Runtime, load_runtime
-from crosskd.engine.distill_trainer import ADAPTER_KEY, load_teacher
+from crosskd.engine.deployment.loader import Runtime, load_runtime
+from crosskd.engine.training.distill_trainer import ADAPTER_KEY, load_teacher
 from crosskd.errors import DataError
 from crosskd.paths import make_save_dir
 from crosskd.utils import LOGGER, colorstr, console, select_device

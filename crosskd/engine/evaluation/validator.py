@@ -15,10 +15,16 @@ from torchvision.ops import clip_boxes_to_image
 from crosskd.config import imgsz_hw, setting_or_model_default
 from crosskd.data import DetectionDataset, build_dataloader, load_data_yaml
 from crosskd.dist import get_rank, get_world_size, is_dist, is_main_process, reduce_mean
-from crosskd.engine.backend import load_runtime
-from crosskd.engine.metrics import COCOResult, coco_evaluate, detections_to_coco, format_class_table, format_summary
-from crosskd.engine.plotting import plot_confusion_matrix, plot_curves, plot_images
-from crosskd.engine.pr_metrics import PRCurves, confusion_matrix, images_from_records, pr_curves
+from crosskd.engine.deployment.loader import load_runtime
+from crosskd.engine.evaluation.metrics import (
+    COCOResult,
+    coco_evaluate,
+    detections_to_coco,
+    format_class_table,
+    format_summary,
+)
+from crosskd.engine.evaluation.plotting import plot_confusion_matrix, plot_curves, plot_images
+from crosskd.engine.evaluation.pr_metrics import PRCurves, confusion_matrix, images_from_records, pr_curves
 from crosskd.errors import DataError
 from crosskd.paths import make_save_dir, newest_best
 from crosskd.utils import LOGGER, colorstr, select_device

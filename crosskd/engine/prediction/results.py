@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_convert
 
-from crosskd.engine.plotting import draw_boxes
+from crosskd.engine.evaluation.plotting import draw_boxes
 
 
 class Boxes:

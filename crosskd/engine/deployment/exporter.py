@@ -26,19 +26,16 @@ from torchvision.ops import box_convert
 
 from crosskd import __version__
 from crosskd.config import Args, imgsz_hw, setting_or_model_default
-from crosskd.engine.backend import (
-    CROSSKD_INPUT,
+from crosskd.engine.deployment.loader import is_yaml, load_runtime
+from crosskd.engine.deployment.runtimes.exported import CROSSKD_INPUT, ExportedDetector
+from crosskd.engine.deployment.runtimes.onnx import OnnxDetector
+from crosskd.engine.deployment.runtimes.openvino import (
     OPENVINO_METADATA,
     OPENVINO_SUFFIX,
-    TORCHSCRIPT_METADATA,
-    ExportedDetector,
-    OnnxDetector,
     OpenVinoDetector,
-    TorchScriptDetector,
     import_openvino,
-    is_yaml,
-    load_runtime,
 )
+from crosskd.engine.deployment.runtimes.torchscript import TORCHSCRIPT_METADATA, TorchScriptDetector
 from crosskd.errors import ConfigError
 from crosskd.models import DenseDetector
 from crosskd.models.postprocess import select_detections

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from crosskd.config import Args
 from crosskd.data import read_dataset_names
-from crosskd.engine.backend import Runtime, load_runtime
-from crosskd.engine.checkpoint import make_checkpoint, save_checkpoint
+from crosskd.engine.deployment.checkpoint import make_checkpoint, save_checkpoint
+from crosskd.engine.deployment.loader import Runtime, load_runtime
 from crosskd.errors import ConfigError
 from crosskd.models.foreign.torchvision_detection import TORCHVISION_PREFIX
 from crosskd.paths import writable_file

@@ -1,5 +1,5 @@
 """`crosskd predict` and `Detector.predict`: run a .pt, .onnx or .torchscript detector on any source
-(engine/sources.py), one batch of frames at a time, yielding a `Results` per image or frame."""
+(engine/prediction/sources.py), one batch of frames at a time, yielding a `Results` per image or frame."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ import torch
 
 from crosskd.config import Args, imgsz_hw, setting_or_model_default
 from crosskd.data.transforms import resize_long_side
-from crosskd.engine.backend import ExportedDetector, Runtime, load_runtime
-from crosskd.engine.results import Boxes, Results
-from crosskd.engine.sources import Frame, batched, describe_frame, load_frames
+from crosskd.engine.deployment.loader import Runtime, load_runtime
+from crosskd.engine.deployment.runtimes.exported import ExportedDetector
+from crosskd.engine.prediction.results import Boxes, Results
+from crosskd.engine.prediction.sources import Frame, batched, describe_frame, load_frames
 from crosskd.errors import UserError
 from crosskd.paths import make_save_dir, newest_best
 from crosskd.utils import LOGGER, colorstr, select_device

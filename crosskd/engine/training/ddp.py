@@ -1,4 +1,4 @@
-"""Multi-process training: relaunch under torchrun (engine/torchrun.py), and process-group setup inside each child."""
+"""Multi-process training: relaunch under torchrun (training/torchrun.py), and process-group setup inside each child."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from torch import nn
 from crosskd.config import get_args
 from crosskd.data import Batch, Sample, collate
 from crosskd.dist import is_dist
-from crosskd.engine.interrupt import STOP_SIGNALS, exit_code
+from crosskd.engine.training.interrupt import STOP_SIGNALS, exit_code
 from crosskd.errors import ConfigError
 from crosskd.settings import format_value
 from crosskd.utils import LOGGER, colorstr, parse_device_list
@@ -64,10 +64,10 @@ def cli_overrides(args: Any, mode: str) -> list[str]:
 
 
 def ddp_command(args: Any, mode: str, nproc: int) -> list[str]:
-    """`python -m crosskd.engine.torchrun ... -m crosskd MODE key=value ...` running `nproc` copies of this command
-    (crosskd.engine.torchrun: torchrun ending on SIGTERM/SIGINT with 143/130 instead of a traceback)."""
+    """`python -m crosskd.engine.training.torchrun ... -m crosskd MODE key=value ...` running `nproc` copies of this
+    command (training/torchrun.py: torchrun ending on SIGTERM/SIGINT with 143/130 instead of a traceback)."""
     return [
-        sys.executable, "-m", "crosskd.engine.torchrun", "--nproc_per_node", str(nproc),
+        sys.executable, "-m", "crosskd.engine.training.torchrun", "--nproc_per_node", str(nproc),
         "--master_port", str(free_port()), "-m", "crosskd", mode, *cli_overrides(args, mode),
     ]
 

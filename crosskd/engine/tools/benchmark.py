@@ -19,9 +19,10 @@ from rich.table import Table
 
 from crosskd.config import Args, setting_or_model_default
 from crosskd.data import load_data_yaml
-from crosskd.engine import exporter
-from crosskd.engine.backend import ExportedDetector, Runtime, exported_kind, is_yaml, load_runtime
-from crosskd.engine.validator import VAL_CONF, Validator
+from crosskd.engine.deployment import exporter
+from crosskd.engine.deployment.loader import Runtime, exported_kind, is_yaml, load_runtime
+from crosskd.engine.deployment.runtimes.exported import ExportedDetector
+from crosskd.engine.evaluation.validator import VAL_CONF, Validator
 from crosskd.errors import ConfigError, DataError
 from crosskd.models import DenseDetector
 from crosskd.paths import make_save_dir, newest_best

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from crosskd.config import imgsz_hw
 from crosskd.data import read_dataset_names
-from crosskd.engine.backend import load_runtime
+from crosskd.engine.deployment.loader import load_runtime
 from crosskd.errors import ConfigError
 from crosskd.models import DenseDetector
 from crosskd.utils import console

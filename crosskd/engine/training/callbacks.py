@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from crosskd.dist import is_main_process
-from crosskd.engine.plotting import plot_images, plot_labels, plot_results
+from crosskd.engine.evaluation.plotting import plot_images, plot_labels, plot_results
 from crosskd.user_settings import user_setting
 from crosskd.utils import LOGGER, colorstr, temp_path
 
@@ -80,7 +80,7 @@ def results_row(trainer: Any) -> dict[str, str]:
     for the detector's own losses (loss_*; the distillation terms need the teacher and are not validated)."""
     metrics = trainer.metrics or {}
     val_losses = trainer.validator.losses if metrics else {}
-    row = {"epoch": str(trainer.epoch + 1), "time": f"{trainer.elapsed:.1f}"}
+    row = {"epoch": str(trainer.epoch + 1), "time": f"{trainer.state.elapsed:.1f}"}
     row |= {f"train/{loss_column(name)}": format_number(trainer.epoch_losses[name]) for name in trainer.loss_names}
     row |= {column: format_number(metrics.get(key)) for key, column in METRIC_COLUMNS.items()}
     row |= {f"val/{loss_column(name)}": format_number(val_losses.get(name))

@@ -1,0 +1,190 @@
+"""What every exported model shares: its metadata, the input convention it was exported with, input shaping for
+static graphs and the post-processing of its raw output (`ExportedDetector`, the base of each runtime module)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import box_convert
+
+from crosskd.errors import CheckpointError
+from crosskd.models.postprocess import Detections, postprocess, unpad
+
+REQUIRED_METADATA = ("names", "stride", "strides", "imgsz", "batch", "num_anchors", "args")
+
+@dataclass(frozen=True)
+class InputConvention:
+    """How an image becomes the model input: the `input` metadata of an exported file, which predict follows.
+
+    crosskd's convention is the training loader's: keep-ratio resize so the long side is imgsz (an h,w imgsz: fit
+    inside it), pad bottom/right with `pad_value` (0..255) to a multiple of the largest stride (a static graph: to
+    its size), RGB, pixels / 255 (0..1), ImageNet mean/std subtracted inside the graph. Ultralytics clients instead
+    centre the image on grey 114 ("letterbox"); see docs/deploy.md.
+    """
+
+    resize: str = "keep-ratio long side"
+    pad: str = "bottom-right"
+    pad_value: int = 0
+    channels: str = "RGB"
+    scale: str = "0..1"
+    normalize: str = "in-graph"
+
+    def to_metadata(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_metadata(cls, text: str | None, path: Path) -> InputConvention:
+        """The convention of an exported file (crosskd's own for files exported before the `input` key)."""
+        if text is None:
+            return cls()
+        given = json.loads(text)
+        convention = cls(**{f.name: given[f.name] for f in fields(cls) if f.name in given})
+        differs = {f.name: getattr(convention, f.name) for f in fields(cls)
+                   if f.name != "pad_value" and getattr(convention, f.name) != getattr(CROSSKD_INPUT, f.name)}
+        if differs or not 0 <= int(convention.pad_value) <= 255:
+            raise CheckpointError(f"'{path.name}' expects input {given}, which crosskd's predictor does not produce; "
+                                  "re-export it with 'crosskd export'")
+        return convention
+
+
+CROSSKD_INPUT = InputConvention()
+
+
+def parse_metadata(metadata: dict[str, str], path: Path) -> dict:
+    """Turn the exporter's string-valued metadata back into Python values; CheckpointError if it is not ours."""
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise CheckpointError(
+            f"'{path}' has no crosskd export metadata (missing {missing}); "
+            "export it with 'crosskd export model=best.pt'"
+        )
+    values = {key: ast.literal_eval(metadata[key]) for key in ("names", "strides", "imgsz", "args")}
+    values.update({key: int(metadata[key]) for key in ("stride", "batch", "num_anchors")})
+    values["names"] = {int(k): str(v) for k, v in values["names"].items()}
+    values["head_type"] = metadata.get("head_type", "")
+    return values
+
+
+def num_per_level(height: int, width: int, strides: list[int], num_anchors: int) -> list[int]:
+    """Priors per FPN level for an input of height x width (stride-2 convs round up)."""
+    return [math.ceil(height / s) * math.ceil(width / s) * num_anchors for s in strides]
+
+
+class ExportedDetector(ABC):
+    """Metadata, input shaping and post-processing shared by the ONNX and TorchScript backends.
+
+    Subclasses set `input_shape` (B, 3, H, W with None for dynamic axes) and implement `forward`.
+    """
+
+    input_shape: tuple[int | None, ...]
+
+    def __init__(self, path: Path, metadata: dict[str, str], device: torch.device) -> None:
+        meta = parse_metadata(metadata, path)
+        self.path = path
+        self.device = device
+        self.names: dict[int, str] = meta["names"]
+        self.nc = len(self.names)
+        self.stride: int = meta["stride"]
+        self.strides: list[int] = list(meta["strides"])
+        self.imgsz: tuple[int, int] = tuple(meta["imgsz"])
+        self.batch: int = meta["batch"]
+        self.num_anchors: int = meta["num_anchors"]
+        self.head_type: str = meta["head_type"]
+        self.args: dict = meta["args"]
+        self.nms = bool(self.args.get("nms", False))
+        self.input_convention = InputConvention.from_metadata(metadata.get("input"), path)
+
+    def eval(self) -> ExportedDetector:
+        """No-op, so engines can treat every model alike."""
+        return self
+
+    @abstractmethod
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Run the graph on images already shaped for it; returns output0 as float32 on `images.device`."""
+
+    @property
+    def dynamic_size(self) -> bool:
+        return self.input_shape[2] is None or self.input_shape[3] is None
+
+    @property
+    def dynamic_batch(self) -> bool:
+        return self.input_shape[0] is None
+
+    def fit_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Pad images bottom/right with the convention's value to the static graph size; dynamic graphs pass through."""
+        if self.dynamic_size:
+            return images
+        height, width = self.input_shape[2:]
+        if images.shape[2] > height or images.shape[3] > width:
+            raise CheckpointError(
+                f"images of {images.shape[2]}x{images.shape[3]} do not fit the static input {height}x{width} of "
+                f"'{self.path.name}'; use imgsz={max(height, width)} or re-export with dynamic=True"
+            )
+        pad = (0, width - images.shape[3], 0, height - images.shape[2])
+        return F.pad(images, pad, value=self.input_convention.pad_value / 255)
+
+    def run(self, images: torch.Tensor) -> torch.Tensor:
+        """output0 for any batch size: a static batch is run in chunks, the last one zero-padded."""
+        images = self.fit_input(images)
+        if self.dynamic_batch:
+            return self.forward(images)
+        size = self.input_shape[0]
+        outputs = []
+        for chunk in images.split(size):
+            padded = F.pad(chunk, (0, 0, 0, 0, 0, 0, 0, size - len(chunk)))
+            outputs.append(self.forward(padded)[: len(chunk)])
+        return torch.cat(outputs)
+
+    def predict(
+        self,
+        images: torch.Tensor,
+        conf: float,
+        iou: float,
+        max_det: int,
+        nms_pre: int,
+        ratios: torch.Tensor | None = None,
+        multi_label: bool = True,
+    ) -> list[Detections]:
+        """Detections per image for images [B,3,H,W] (0..1 RGB); boxes divided by `ratios` when given.
+
+        `multi_label` as in `DenseDetector.predict`; an NMS-embedded graph keeps the choice made at export.
+        """
+        output = self.run(images)
+        if self.nms:
+            detections = self.filter_embedded(output, conf, max_det)
+        else:
+            hw = self.input_hw(images)
+            detections = self.postprocess_raw(output, conf, iou, max_det, nms_pre, hw, multi_label)
+        if ratios is None:
+            return detections
+        return [Detections(d.boxes / r, d.scores, d.labels) for d, r in zip(detections, ratios.tolist(), strict=True)]
+
+    def input_hw(self, images: torch.Tensor) -> tuple[int, int]:
+        """The (H, W) the graph actually ran at for these images."""
+        return tuple(images.shape[2:]) if self.dynamic_size else tuple(self.input_shape[2:])
+
+    def postprocess_raw(
+        self, output: torch.Tensor, conf: float, iou: float, max_det: int, nms_pre: int, hw: tuple[int, int],
+        multi_label: bool = True,
+    ) -> list[Detections]:
+        """Ultralytics layout output0 [B,4+C,N] (xywh, scores) -> per-level top-k, NMS, max_det."""
+        preds = output.transpose(1, 2)  # [B, N, 4+C]
+        counts = num_per_level(*hw, self.strides, self.num_anchors)
+        if sum(counts) != preds.shape[1]:
+            raise CheckpointError(
+                f"'{self.path.name}' returned {preds.shape[1]} priors, expected {sum(counts)} for input {hw}; "
+                "the metadata does not match the graph, re-export the model"
+            )
+        boxes = box_convert(preds[..., :4], "cxcywh", "xyxy")  # [B, N, 4]
+        return postprocess(boxes, preds[..., 4:], counts, conf, iou, max_det, nms_pre, multi_label)
+
+    def filter_embedded(self, output: torch.Tensor, conf: float, max_det: int) -> list[Detections]:
+        """NMS-embedded output [B,max_det,6] (x1,y1,x2,y2,score,class), score-descending: keep rows above `conf`."""
+        return unpad(output, (output[..., 4] > conf).sum(1).clamp(max=max_det))
