@@ -2,8 +2,8 @@
 
 `SECTIONS` is the only key list. `crosskd.config` validates values against it; `render_default_yaml()` and
 `render_cli_reference()` write `cfg/default.yaml` and `docs/cli.md` (`python -m crosskd.settings` regenerates both;
-tests fail when either file drifts from the spec). It imports no crosskd layer, so the CLI reads it at start without
-loading engine, models or distill.
+tests fail when either file drifts from the spec). It imports no crosskd layer but the plain-data tables it takes its
+choices from (the export format table), so the CLI reads it at start without loading torch, engine, models or distill.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from crosskd.engine.deployment.formats import export_formats
 from crosskd.paths import DEFAULT_CFG_PATH
 
 Kind = Literal["bool", "int", "float", "str", "int_list", "imgsz", "device", "source", "classes", "resume", "weights"]
@@ -32,6 +33,9 @@ MODES = ("train", "distill", "val", "predict", "export", "benchmark", "info", "c
 KD_METHOD_NAMES = (  # = crosskd.distill KD_METHODS (tested)
     "crosskd", "pm", "ld", "pkd", "crosskd+pkd", "crosskd+pm", "crosskd+ld", "none",
 )
+EXPORT_FORMAT_NAMES = tuple(fmt.name for fmt in export_formats())  # the format table's rows (a plain-data module)
+EXPORT_EXTRAS = "".join(f" ({fmt.name} needs pip install 'crosskd[{fmt.extra}]')"
+                        for fmt in export_formats() if fmt.extra)
 CLI_REFERENCE_PATH = Path(__file__).resolve().parents[1] / "docs" / "cli.md"  # exists in a source checkout
 
 
@@ -188,8 +192,7 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("vid_stride", "int", 1, "process every Nth video frame", low=1),
     )),
     ("Export", (
-        Setting("format", "str", "onnx", "export format (openvino needs pip install 'crosskd[openvino]')",
-                choices=("onnx", "torchscript", "openvino")),
+        Setting("format", "str", "onnx", f"export format{EXPORT_EXTRAS}", choices=EXPORT_FORMAT_NAMES),
         Setting("dynamic", "bool", False, "dynamic batch, height and width axes"),
         Setting("simplify", "bool", False, "simplify the ONNX graph with onnxslim"),
         Setting("opset", "int", None, "ONNX opset; empty = exporter default", low=7, example="17"),

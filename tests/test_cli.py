@@ -291,6 +291,8 @@ def test_starting_the_cli_imports_no_engine_models_or_distill():
     code = "import sys, crosskd.cli; print(sorted(m for m in sys.modules if m.startswith('crosskd.')))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
-    loaded = set(ast.literal_eval(result.stdout))
-    assert {"crosskd.settings", "crosskd.config"} <= loaded
-    assert not any(name.split(".")[1] in ("engine", "models", "distill", "data") for name in loaded), loaded
+    loaded = ast.literal_eval(result.stdout)
+    assert {"crosskd.settings", "crosskd.config"} <= set(loaded)
+    tables = {"crosskd.engine", "crosskd.engine.deployment", "crosskd.engine.deployment.formats"}  # plain data
+    heavy = [name for name in loaded if name.split(".")[1] in ("engine", "models", "distill", "data")]
+    assert set(heavy) <= tables, loaded

@@ -24,6 +24,7 @@ BELOW["__main__"] = {"cli"}
 BELOW["__init__"] = {"api"}
 for part in GROUND:
     BELOW[part] = set()
+DATA_TABLES = {"crosskd.engine.deployment.formats"}  # plain-data tables the run settings read their choices from
 for part in SETTINGS:
     BELOW[part] = set(SETTINGS)
 ENGINE_BELOW = {"deployment": set(), "evaluation": {"deployment"}}
@@ -142,7 +143,9 @@ def layer_violations(graph: dict[str, set[str]]) -> list[str]:
             violations.append(f"{module} belongs to no layer: add '{part}' to BELOW in tests/test_layers.py")
             continue
         allowed = BELOW[part] | {part} | GROUND
-        violations += [f"{module} imports {target}" for target in sorted(targets) if layer(target) not in allowed]
+        tables = DATA_TABLES if part in SETTINGS else set()
+        violations += [f"{module} imports {target}" for target in sorted(targets)
+                       if layer(target) not in allowed and target not in tables]
     return violations
 
 
@@ -153,6 +156,16 @@ def test_no_import_cycles():
 
 def test_no_upward_imports_and_settings_only_in_engine_api_cli():
     assert layer_violations(import_graph(PACKAGE)) == []
+
+
+def test_the_tables_settings_read_are_plain_data():
+    graph = import_graph(PACKAGE)
+    for table in DATA_TABLES:
+        assert {layer(target) for target in graph[table]} <= GROUND, table
+        nodes = ast.walk(ast.parse(module_names(PACKAGE)[table].read_text()))
+        imported = {(node.names[0].name if isinstance(node, ast.Import) else node.module or "").split(".")[0]
+                    for node in nodes if isinstance(node, ast.Import | ast.ImportFrom)}
+        assert not imported & {"torch", "torchvision", "numpy", "cv2"}, table
 
 
 def test_engine_job_folders_import_only_downwards():

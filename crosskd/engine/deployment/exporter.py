@@ -1,48 +1,34 @@
-"""Export a trained student DenseDetector to ONNX, TorchScript or OpenVINO with embedded metadata and a parity check.
+"""Export a trained student DenseDetector in any format of the format table, with embedded metadata and a parity check.
 
-ONNX uses torch's TorchScript-based exporter (`dynamo=False`) on purpose: on this project's CPUs it takes under a
-second against 4.5-7 s for the torch.export-based one, writes one self-contained file, supports opsets 11-20 and
-exports torchvision's NMS. Every graph starts from `ExportModel`, which holds the student only; OpenVINO converts
-the ONNX graph (its direct PyTorch conversion took 13 s here against 5 s for ONNX + conversion).
+Every graph starts from `ExportModel`, which holds the student only. The format's row (deployment/formats.py) says
+where the file goes, on which device it is traced and what it supports; its runtime module writes the file and loads
+it back for the parity check against PyTorch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import tempfile
 import time
-import warnings
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
 from crosskd import __version__
 from crosskd.config import Args, imgsz_hw, setting_or_model_default
+from crosskd.engine.deployment.formats import export_format
 from crosskd.engine.deployment.loader import is_yaml, load_runtime
 from crosskd.engine.deployment.runtimes.exported import CROSSKD_INPUT, ExportedDetector
-from crosskd.engine.deployment.runtimes.onnx import OnnxDetector
-from crosskd.engine.deployment.runtimes.openvino import (
-    OPENVINO_METADATA,
-    OPENVINO_SUFFIX,
-    OpenVinoDetector,
-    import_openvino,
-)
-from crosskd.engine.deployment.runtimes.torchscript import TORCHSCRIPT_METADATA, TorchScriptDetector
 from crosskd.errors import ConfigError
 from crosskd.models import DenseDetector
 from crosskd.models.postprocess import select_detections
 from crosskd.paths import newest_best, writable_dir, writable_file
 from crosskd.utils import LOGGER, colorstr, select_device
 
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript", "openvino": OPENVINO_SUFFIX}
 DEFAULT_OPSET, MIN_OPSET, MAX_OPSET = 17, 11, 20
 LATENCY_RUNS = 3  # timed runs (after one warm-up) for the latency comparison
 PARITY_TOL = 1e-3  # max abs difference allowed between the exported graph and PyTorch (float32)
@@ -125,78 +111,6 @@ def export_metadata(detector: DenseDetector, settings: dict, train_args: dict) -
     }
 
 
-@contextlib.contextmanager
-def quiet_export_warnings() -> Iterator[None]:
-    """Silence tracer and legacy-exporter deprecation chatter (the exporter choice is deliberate)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", message=".*(legacy TorchScript-based ONNX|deprecated|will be removed).*")
-        yield
-
-
-def dynamic_axes(nms: bool) -> dict[str, dict[int, str]]:
-    """Batch, height and width of `images` (only batch with NMS inside, whose top-k sizes are fixed)."""
-    if nms:
-        return {"images": {0: "batch"}, "output0": {0: "batch"}}
-    return {"images": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch", 2: "anchors"}}
-
-
-def export_onnx(model: ExportModel, images: Tensor, path: Path, opset: int, settings: dict, metadata: dict) -> None:
-    """Trace `model` to a self-contained .onnx with metadata, optionally slimmed, and check it."""
-    import onnx
-
-    LOGGER.info(f"{colorstr('ONNX:')} starting export with onnx {onnx.__version__} opset {opset}...")
-    with quiet_export_warnings(), torch.no_grad():
-        torch.onnx.export(
-            model, (images,), str(path), dynamo=False, opset_version=opset, input_names=["images"],
-            output_names=["output0"], dynamic_axes=dynamic_axes(model.nms) if settings["dynamic"] else None,
-        )
-    proto = onnx.load(str(path))
-    if settings["simplify"]:
-        proto = slim(proto)
-    for key, value in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))
-
-
-def slim(proto):
-    """Simplify an ONNX graph with onnxslim; on failure warn and keep the original."""
-    import onnxslim
-
-    LOGGER.info(f"{colorstr('ONNX:')} slimming with onnxslim {onnxslim.__version__}...")
-    try:
-        return onnxslim.slim(proto)
-    except Exception as error:  # any onnxslim failure must not lose a valid export
-        LOGGER.warning(f"onnxslim failed ({error}); keeping the unsimplified graph")
-        return proto
-
-
-def export_openvino(model: ExportModel, images: Tensor, path: Path, settings: dict, metadata: dict) -> None:
-    """The ONNX graph of format=onnx converted by OpenVINO into the folder `path`: <stem>.xml/.bin + metadata.yaml.
-
-    Going through ONNX keeps one traced graph for both formats (dynamic axes and embedded NMS included).
-    """
-    openvino = import_openvino()
-    LOGGER.info(f"{colorstr('OpenVINO:')} starting export with openvino {openvino.__version__.split('-')[0]}...")
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = Path(tmp) / "model.onnx"
-        export_onnx(model, images, onnx_path, settings["opset"], settings, metadata)
-        ov_model = openvino.convert_model(str(onnx_path))
-        xml = path / f"{path.name.removesuffix(OPENVINO_SUFFIX)}.xml"
-        openvino.save_model(ov_model, str(xml), compress_to_fp16=False)  # FP32 weights: parity within 1e-3
-    (path / OPENVINO_METADATA).write_text(yaml.safe_dump(metadata, sort_keys=False))
-
-
-def export_torchscript(model: ExportModel, images: Tensor, path: Path, metadata: dict) -> None:
-    """torch.jit.trace `model`; the metadata goes into the archive as config.txt (JSON)."""
-    LOGGER.info(f"{colorstr('TorchScript:')} starting export with torch {torch.__version__}...")
-    with quiet_export_warnings(), torch.no_grad():
-        traced = torch.jit.trace(model, images, strict=False)
-    traced.save(str(path), _extra_files={TORCHSCRIPT_METADATA: json.dumps(metadata)})
-
-
 def median_ms(function, images: Tensor, runs: int = LATENCY_RUNS) -> float:
     """Median wall time of `function(images)` in ms after one warm-up call (CUDA synchronised)."""
     sync = torch.cuda.synchronize if images.device.type == "cuda" else (lambda: None)
@@ -243,7 +157,7 @@ def export_settings(args: Args, detector: DenseDetector, train_args: dict, devic
         "batch": setting_or_model_default(args, "batch", 1),
         "dynamic": args.dynamic,
         "simplify": args.simplify,
-        "opset": export_opset(args.opset) if args.format in ("onnx", "openvino") else None,
+        "opset": export_opset(args.opset) if export_format(args.format).opset else None,
         "half": args.half,
         "nms": args.nms,
         "conf": EXPORT_CONF if args.conf is None else args.conf,
@@ -257,18 +171,21 @@ def export_settings(args: Args, detector: DenseDetector, train_args: dict, devic
 def export_path(model: str | Path | None, fmt: str) -> Path:
     """Next to the .pt with the same stem; `model<suffix>` in the current directory for anything else."""
     weights = Path(model or "model.pt")
-    name = weights.stem + SUFFIXES[fmt]
-    return weights.with_name(name) if weights.suffix == ".pt" else Path(name)
+    path = export_format(fmt).path_for(weights)
+    return path if weights.suffix == ".pt" else Path(path.name)
 
 
 def export_device(args: Args) -> torch.device:
-    """Where the graph is traced and checked: the CPU for OpenVINO (where its runtime runs), else device=."""
-    if args.format == "openvino":
-        import_openvino()  # a missing package ends here, before any work
-        if args.half:
-            raise ConfigError("format=openvino writes an FP32 model for the CPU; drop half=True")
+    """Where the graph is traced and checked: the CPU for a CPU-only format (where its runtime runs), else device=."""
+    fmt = export_format(args.format)
+    fmt.check_installed()  # a missing package ends here, before any work
+    if args.half and not fmt.half:
+        raise ConfigError(f"format={fmt.name} writes an FP32 model; drop half=True")
+    if fmt.cpu_only:
         return torch.device("cpu")
     device = select_device(args.device)
+    if fmt.gpu and device.type != "cuda":
+        raise ConfigError(f"format={fmt.name} needs a CUDA device; pass device=0")
     if args.half and device.type != "cuda":
         raise ConfigError("half=True needs a CUDA device (fp16 export is GPU-only); pass device=0 or half=False")
     return device
@@ -284,15 +201,10 @@ def write_export(
     model: ExportModel, images: Tensor, path: Path, settings: dict, metadata: dict, device: torch.device
 ) -> tuple[str, ExportedDetector]:
     """Write `model` to `path` in settings['format'] and load it back; returns (log prefix, inference backend)."""
-    fmt = settings["format"]
-    if fmt == "onnx":
-        export_onnx(model, images, path, settings["opset"], settings, metadata)
-        return colorstr("ONNX:"), OnnxDetector(path, device)
-    if fmt == "openvino":
-        export_openvino(model, images, path, settings, metadata)
-        return colorstr("OpenVINO:"), OpenVinoDetector(path, device)
-    export_torchscript(model, images, path, metadata)
-    return colorstr("TorchScript:"), TorchScriptDetector(path, device)
+    fmt = export_format(settings["format"])
+    runtime = fmt.runtime_module()
+    runtime.export(model, images, path, settings, metadata)
+    return colorstr(f"{fmt.title}:"), runtime.load(path, device)
 
 
 def export(detector: DenseDetector, args: Args, train_args: dict | None = None) -> Path:
@@ -309,7 +221,7 @@ def export(detector: DenseDetector, args: Args, train_args: dict | None = None) 
     model = model.to(device, dtype).eval()  # eval on the wrapper too: exporters restore the wrapper's mode
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(settings["batch"], 3, *settings["imgsz"], generator=generator).to(device, dtype)
-    writable = writable_dir if settings["format"] == "openvino" else writable_file
+    writable = writable_dir if export_format(settings["format"]).folder else writable_file
     path = writable(export_path(args.model, settings["format"]),
                     "the export is written beside model=: copy the .pt to a folder you can write to")
     with torch.no_grad():

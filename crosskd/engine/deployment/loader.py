@@ -14,10 +14,8 @@ from crosskd.engine.deployment.checkpoint import (
     is_crosskd_checkpoint,
     load_checkpoint,
 )
+from crosskd.engine.deployment.formats import export_format, exported_sources, format_of_path
 from crosskd.engine.deployment.runtimes.exported import CROSSKD_INPUT, ExportedDetector, InputConvention
-from crosskd.engine.deployment.runtimes.onnx import OnnxDetector
-from crosskd.engine.deployment.runtimes.openvino import OPENVINO_SUFFIX, OpenVinoDetector
-from crosskd.engine.deployment.runtimes.torchscript import TorchScriptDetector
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import DenseDetector, build_detector
 from crosskd.models.foreign.mapping import load_mapped
@@ -34,19 +32,10 @@ from crosskd.utils import LOGGER, read_torch_file
 
 YAML_SUFFIXES = (".yaml", ".yml")
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
-EXPORTED_BACKENDS: dict[str, type[ExportedDetector]] = {
-    "onnx": OnnxDetector, "torchscript": TorchScriptDetector, "openvino": OpenVinoDetector,
-}
-EXPORTED_SOURCES = (".onnx", ".torchscript", f"a *{OPENVINO_SUFFIX} folder")
-
-
 def exported_kind(source: str | Path) -> str | None:
-    """'onnx', 'torchscript' or 'openvino' (a *_openvino_model folder or its .xml) for an exported model, else None."""
-    text = str(source).rstrip("/\\")
-    suffix = Path(text).suffix.lower()
-    if text.endswith(OPENVINO_SUFFIX) or suffix == ".xml":
-        return "openvino"
-    return suffix[1:] if suffix in (".onnx", ".torchscript") else None
+    """The export format's name (its row in the format table) for a path that names an exported model, else None."""
+    fmt = format_of_path(source)
+    return None if fmt is None else fmt.name
 
 
 def is_yaml(source: str | Path) -> bool:
@@ -62,7 +51,7 @@ class Runtime:
 
     model: DenseDetector | ExportedDetector  # eval mode, on the requested device
     source: str  # the resolved file the model came from
-    kind: str  # "checkpoint", "yaml", "mmdetection", "torchvision", "onnx", "torchscript" or "openvino"
+    kind: str  # "checkpoint", "yaml", "mmdetection", "torchvision", or an export format's name ("onnx", ...)
     names: dict[int, str]
     imgsz: tuple[int, int] | None  # the model's own input size (h, w): training or export size; None for a YAML
     checkpoint: dict = field(default_factory=dict)  # the crosskd checkpoint dict, empty for other kinds
@@ -127,14 +116,14 @@ def load_runtime(
     elif is_yaml(source):
         runtime = _from_yaml(source, nc, weights)
     elif (kind := exported_kind(source)) is not None:
-        model = EXPORTED_BACKENDS[kind](source, device)
+        model = export_format(kind).runtime_module().load(source, device)
         return Runtime(model, str(model.path.resolve()), kind, dict(model.names), tuple(model.imgsz))
     elif suffix in CHECKPOINT_SUFFIXES:
         if not Path(source).is_file():
             raise CheckpointError(f"{role} '{source}' not found: pass {role}=path/to/best.pt (a crosskd checkpoint)")
         runtime = _from_torch_file(Path(source), model_cfg, role)
     else:
-        expected = ", ".join((".yaml", *CHECKPOINT_SUFFIXES, *EXPORTED_SOURCES, f"{TORCHVISION_PREFIX}NAME"))
+        expected = ", ".join((".yaml", *CHECKPOINT_SUFFIXES, *exported_sources(), f"{TORCHVISION_PREFIX}NAME"))
         raise CheckpointError(f"cannot load {role} '{source}': expected one of {expected}")
     if adapt_nc and nc is not None and nc != runtime.nc:
         detector = with_classes(runtime.detector("fine-tuning"), nc, text)

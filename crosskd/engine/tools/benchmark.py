@@ -19,7 +19,7 @@ from rich.table import Table
 
 from crosskd.config import Args, setting_or_model_default
 from crosskd.data import load_data_yaml
-from crosskd.engine.deployment import exporter
+from crosskd.engine.deployment import exporter, formats
 from crosskd.engine.deployment.loader import Runtime, exported_kind, is_yaml, load_runtime
 from crosskd.engine.deployment.runtimes.exported import ExportedDetector
 from crosskd.engine.evaluation.validator import VAL_CONF, Validator
@@ -28,7 +28,6 @@ from crosskd.models import DenseDetector
 from crosskd.paths import make_save_dir, newest_best
 from crosskd.utils import LOGGER, colorstr, console, select_device
 
-FORMATS = {"pytorch": "PyTorch", "torchscript": "TorchScript", "onnx": "ONNX", "openvino": "OpenVINO"}
 TIMED_RUNS = 5  # timed predict calls (after one warm-up) per format
 
 
@@ -58,7 +57,7 @@ def run(args: Args) -> list[BenchmarkRow]:
                         "benchmark on the dataset the model was trained on")
     args = benchmark_args(args, runtime)
     save_dir = make_save_dir(args, "benchmark")
-    rows = [benchmark_format(fmt, runtime, args, save_dir, device) for fmt in FORMATS]
+    rows = [benchmark_format(fmt, runtime, args, save_dir, device) for fmt in formats.FORMATS]
     height, width = args.imgsz
     size = height if height == width else f"{height},{width}"
     console.print(benchmark_table(rows, f"Benchmarks: {Path(source).name} on {Path(args.data).name} ({args.split}) "
@@ -77,7 +76,9 @@ def benchmark_args(args: Args, runtime: Runtime) -> Args:
     return Args(**{**vars(args), "imgsz": imgsz, "explicit": frozenset(explicit | {"imgsz", "batch"})})
 
 
-def benchmark_format(fmt: str, runtime: Runtime, args: Args, save_dir: Path, device: torch.device) -> BenchmarkRow:
+def benchmark_format(
+    fmt: formats.ExportFormat, runtime: Runtime, args: Args, save_dir: Path, device: torch.device
+) -> BenchmarkRow:
     """Export (unless pytorch), validate and time one format; its error, in one line, when any step fails."""
     try:
         model, path = format_model(fmt, runtime, args, save_dir, device)
@@ -85,19 +86,19 @@ def benchmark_format(fmt: str, runtime: Runtime, args: Args, save_dir: Path, dev
         speed = ms_per_image(model, args)
     except Exception as error:  # any failure of one format belongs in its row, not in a crash of the benchmark
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        LOGGER.warning(f"benchmark {FORMATS[fmt]} failed: {reason}")
-        return BenchmarkRow(FORMATS[fmt], reason)
-    return BenchmarkRow(FORMATS[fmt], "ok", str(path), exporter.file_size_mb(path), metrics["AP"], metrics["AP50"],
+        LOGGER.warning(f"benchmark {fmt.title} failed: {reason}")
+        return BenchmarkRow(fmt.title, reason)
+    return BenchmarkRow(fmt.title, "ok", str(path), exporter.file_size_mb(path), metrics["AP"], metrics["AP50"],
                         speed)
 
 
 def format_model(
-    fmt: str, runtime: Runtime, args: Args, save_dir: Path, device: torch.device
+    fmt: formats.ExportFormat, runtime: Runtime, args: Args, save_dir: Path, device: torch.device
 ) -> tuple[DenseDetector | ExportedDetector, Path]:
     """The model to validate in format `fmt` and the file it comes from (exported into `save_dir`)."""
-    if fmt == "pytorch":
+    if fmt.module is None:  # the PyTorch checkpoint itself
         return runtime.model, Path(runtime.source)
-    export_args = Args(**{**vars(args), "format": fmt, "model": str(save_dir / Path(runtime.source).name)})
+    export_args = Args(**{**vars(args), "format": fmt.name, "model": str(save_dir / Path(runtime.source).name)})
     path = exporter.export(runtime.detector("benchmark"), export_args, runtime.train_args)
     return load_runtime(path, device=device).model, path
 

@@ -4,9 +4,12 @@ static graphs and the post-processing of its raw output (`ExportedDetector`, the
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import math
+import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -188,3 +191,12 @@ class ExportedDetector(ABC):
     def filter_embedded(self, output: torch.Tensor, conf: float, max_det: int) -> list[Detections]:
         """NMS-embedded output [B,max_det,6] (x1,y1,x2,y2,score,class), score-descending: keep rows above `conf`."""
         return unpad(output, (output[..., 4] > conf).sum(1).clamp(max=max_det))
+
+
+@contextlib.contextmanager
+def quiet_export_warnings() -> Iterator[None]:
+    """Silence tracer and legacy-exporter deprecation chatter (the exporter choice is deliberate)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*(legacy TorchScript-based ONNX|deprecated|will be removed).*")
+        yield

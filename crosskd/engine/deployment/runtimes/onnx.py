@@ -1,14 +1,16 @@
-"""ONNX Runtime: an exported .onnx file behind `DenseDetector.predict()` (CUDA execution provider on CUDA)."""
+"""ONNX: the exporter of a .onnx file, and ONNX Runtime running it behind `DenseDetector.predict()` (CUDA execution
+provider on CUDA)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from crosskd.engine.deployment.runtimes.exported import ExportedDetector
+from crosskd.engine.deployment.runtimes.exported import ExportedDetector, quiet_export_warnings
 from crosskd.errors import CheckpointError
-from crosskd.utils import LOGGER
+from crosskd.utils import LOGGER, colorstr
 
 
 class OnnxDetector(ExportedDetector):
@@ -40,3 +42,52 @@ class OnnxDetector(ExportedDetector):
         array = images.detach().to("cpu", torch.float16 if self.fp16 else torch.float32).numpy()
         output = self.session.run(None, {self.input_name: array})[0]
         return torch.from_numpy(output).float().to(images.device)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> OnnxDetector:
+    return OnnxDetector(path, device)
+
+
+def export(model: nn.Module, images: torch.Tensor, path: Path, settings: dict, metadata: dict) -> None:
+    """Trace `model` to a self-contained .onnx at settings['opset'] with metadata, optionally slimmed, and check it.
+
+    torch's TorchScript-based exporter (`dynamo=False`) on purpose: on this project's CPUs it takes under a second
+    against 4.5-7 s for the torch.export-based one, writes one self-contained file, supports opsets 11-20 and
+    exports torchvision's NMS.
+    """
+    opset = settings["opset"]
+    import onnx
+
+    LOGGER.info(f"{colorstr('ONNX:')} starting export with onnx {onnx.__version__} opset {opset}...")
+    with quiet_export_warnings(), torch.no_grad():
+        torch.onnx.export(
+            model, (images,), str(path), dynamo=False, opset_version=opset, input_names=["images"],
+            output_names=["output0"], dynamic_axes=dynamic_axes(model.nms) if settings["dynamic"] else None,
+        )
+    proto = onnx.load(str(path))
+    if settings["simplify"]:
+        proto = slim(proto)
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+def slim(proto):
+    """Simplify an ONNX graph with onnxslim; on failure warn and keep the original."""
+    import onnxslim
+
+    LOGGER.info(f"{colorstr('ONNX:')} slimming with onnxslim {onnxslim.__version__}...")
+    try:
+        return onnxslim.slim(proto)
+    except Exception as error:  # any onnxslim failure must not lose a valid export
+        LOGGER.warning(f"onnxslim failed ({error}); keeping the unsimplified graph")
+        return proto
+
+
+def dynamic_axes(nms: bool) -> dict[str, dict[int, str]]:
+    """Batch, height and width of `images` (only batch with NMS inside, whose top-k sizes are fixed)."""
+    if nms:
+        return {"images": {0: "batch"}, "output0": {0: "batch"}}
+    return {"images": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch", 2: "anchors"}}

@@ -1,26 +1,29 @@
-"""OpenVINO: an IR folder (<name>.xml + .bin, metadata.yaml) compiled for the CPU behind `DenseDetector.predict()`."""
+"""OpenVINO: the exporter of an IR folder (<name>.xml + .bin, metadata.yaml) converted from the ONNX graph, and that
+folder compiled for the CPU behind `DenseDetector.predict()`."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
 import yaml
+from torch import nn
 
+from crosskd.engine.deployment.formats import export_format
+from crosskd.engine.deployment.runtimes import onnx
 from crosskd.engine.deployment.runtimes.exported import ExportedDetector
-from crosskd.errors import CheckpointError, ConfigError
-from crosskd.utils import LOGGER
+from crosskd.errors import CheckpointError
+from crosskd.utils import LOGGER, colorstr
 
 OPENVINO_SUFFIX = "_openvino_model"  # an OpenVINO export is the folder <weights stem>_openvino_model (Ultralytics')
 OPENVINO_METADATA = "metadata.yaml"
 
 def import_openvino():
-    """The openvino module, or a one-line ConfigError with the command that installs it."""
-    try:
-        import openvino
-    except ImportError:
-        raise ConfigError("OpenVINO export and inference need the openvino package; install it with: "
-                          "pip install 'crosskd[openvino]'") from None
+    """The openvino module, or a one-line ConfigError with the command that installs it (from the format table)."""
+    export_format("openvino").check_installed()
+    import openvino
+
     return openvino
 
 
@@ -58,3 +61,22 @@ class OpenVinoDetector(ExportedDetector):
         output = self.compiled(images.detach().to("cpu", torch.float32).numpy())[0]
         return torch.from_numpy(output).to(images.device)
 
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> OpenVinoDetector:
+    return OpenVinoDetector(path, device)
+
+
+def export(model: nn.Module, images: torch.Tensor, path: Path, settings: dict, metadata: dict) -> None:
+    """The ONNX graph of format=onnx converted by OpenVINO into the folder `path`: <stem>.xml/.bin + metadata.yaml.
+
+    Going through ONNX keeps one traced graph for both formats (dynamic axes and embedded NMS included).
+    """
+    openvino = import_openvino()
+    LOGGER.info(f"{colorstr('OpenVINO:')} starting export with openvino {openvino.__version__.split('-')[0]}...")
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        onnx.export(model, images, onnx_path, settings, metadata)
+        ov_model = openvino.convert_model(str(onnx_path))
+        xml = path / f"{path.name.removesuffix(OPENVINO_SUFFIX)}.xml"
+        openvino.save_model(ov_model, str(xml), compress_to_fp16=False)  # FP32 weights: parity within 1e-3
+    (path / OPENVINO_METADATA).write_text(yaml.safe_dump(metadata, sort_keys=False))

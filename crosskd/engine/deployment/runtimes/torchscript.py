@@ -1,4 +1,5 @@
-"""TorchScript: a traced crosskd export (metadata in the archive's config.txt) behind `DenseDetector.predict()`."""
+"""TorchScript: the tracer writing a .torchscript (metadata in the archive's config.txt), and the traced module run
+behind `DenseDetector.predict()`."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from crosskd.engine.deployment.runtimes.exported import ExportedDetector
+from crosskd.engine.deployment.runtimes.exported import ExportedDetector, quiet_export_warnings
 from crosskd.errors import CheckpointError
-from crosskd.utils import LOGGER
+from crosskd.utils import LOGGER, colorstr
 
 TORCHSCRIPT_METADATA = "config.txt"
 
@@ -57,3 +59,15 @@ def traced_device(path: Path, metadata: dict[str, str], requested: torch.device)
         return traced
     raise CheckpointError(f"'{path.name}' was traced on {traced} and cannot run on {requested}; "
                           f"re-export it with device={requested.type}")
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> TorchScriptDetector:
+    return TorchScriptDetector(path, device)
+
+
+def export(model: nn.Module, images: torch.Tensor, path: Path, settings: dict, metadata: dict) -> None:
+    """torch.jit.trace `model`; the metadata goes into the archive as config.txt (JSON)."""
+    LOGGER.info(f"{colorstr('TorchScript:')} starting export with torch {torch.__version__}...")
+    with quiet_export_warnings(), torch.no_grad():
+        traced = torch.jit.trace(model, images, strict=False)
+    traced.save(str(path), _extra_files={TORCHSCRIPT_METADATA: json.dumps(metadata)})
