@@ -151,7 +151,7 @@ class Compose:
         return [transform.name for transform in self.transforms]
 
     def disable(self, name: str) -> None:
-        """Skip the steps called `name` from now on."""
+        """Skip the steps called `name` from now on (loader workers keep the copy they started with)."""
         if name not in self.names:
             raise ValueError(f"no transform named {name!r} in the pipeline; it has {', '.join(self.names)}")
         self.disabled.add(name)
