@@ -12,6 +12,7 @@ import yaml
 
 from crosskd.data import Batch, DetectionDataset, Sample, build_dataloader, collate, load_data_yaml
 from crosskd.data.labels import image_size, resolve_split
+from crosskd.data.transforms import build_transforms
 from crosskd.errors import DataError
 
 SMALL = {"num_train": 16, "num_val": 16}
@@ -241,7 +242,7 @@ def test_dataloader_is_reproducible(digits_dir: Path) -> None:
     again = image_ids_in_order(build_dataloader(dataset, 4, workers=0, shuffle=True, seed=3))
     other = image_ids_in_order(build_dataloader(dataset, 4, workers=0, shuffle=True, seed=4))
     assert first == again != other and sorted(first) == dataset.image_ids
-    dataset.fliplr = 0.5  # flips drawn inside worker processes must follow the loader's seed
+    dataset.transforms = build_transforms(64, augment=True, fliplr=0.5)  # flips drawn in workers follow the seed
     runs = [[batch.images for batch in build_dataloader(dataset, 4, workers=2, shuffle=True, seed=1)] for _ in "ab"]
     assert all(torch.equal(a, b) for a, b in zip(*runs))
     distributed = build_dataloader(dataset, 4, workers=0, shuffle=True, seed=0, rank=1, world_size=2)

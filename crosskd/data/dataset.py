@@ -16,7 +16,7 @@ from crosskd.data.cache import load_labels
 from crosskd.data.digits import generate_digits
 from crosskd.data.index import ImageRecord, LabelIndex
 from crosskd.data.labels import SplitSource, problems_message, resolve_split
-from crosskd.data.transforms import load_image, random_hflip, resize_long_side, scale_boxes
+from crosskd.data.transforms import LabeledImage, build_transforms, load_image
 from crosskd.dist import barrier, is_main_process
 from crosskd.errors import DataError
 from crosskd.paths import default_datasets_dir, resolve_cfg_file
@@ -187,6 +187,7 @@ class DetectionDataset(Dataset):
         self.split, self.imgsz, self.augment, self.pad_multiple = split, imgsz, augment, pad_multiple
         self.skip_unreadable = skip_unreadable
         self.fliplr = (info.fliplr if info.fliplr is not None else fliplr) if augment else 0.0
+        self.transforms = build_transforms(imgsz, augment, self.fliplr)
         self.image_ids: list[int] = self.records.image_ids.tolist()
         self._coco_gt: COCO | None = None
         summary = self.labels_summary()
@@ -208,35 +209,44 @@ class DetectionDataset(Dataset):
         return "skipped" if self.skip_unreadable else "replaced by a black background"
 
     def __getitem__(self, index: int) -> Sample:
-        """The sample at `index`, or in its place (skip_unreadable) the first readable one after it in the list."""
+        """The sample at `index` (see `load_sample`) through the pipeline, as CHW tensors.
+
+        Random steps draw from torch's default generator: in a loader worker the DataLoader seeds it from the loader's
+        seeded generator (its base seed plus the worker id), in the main process it is the global one.
+        """
+        record, sample = self.load_sample(index)
+        sample = self.transforms(sample, torch.default_generator)
+        image = torch.from_numpy(np.ascontiguousarray(sample.image.transpose(2, 0, 1)))  # HWC -> CHW
+        return Sample(
+            image, torch.from_numpy(sample.boxes), torch.from_numpy(sample.labels.copy()), record.image_id,
+            sample.orig_size, sample.ratio, str(record.path), sample.unreadable,
+        )
+
+    def load_sample(self, index: int) -> tuple[ImageRecord, LabeledImage]:
+        """Image `index` with its boxes in original pixels, untransformed, or in its place (skip_unreadable) the first
+        readable one after it in the list; returns the record of the image actually used."""
         unreadable: list[str] = []
         for offset in range(min(MAX_FALLBACKS, len(self.records))):
             record = self.records[(index + offset) % len(self.records)]
             image = load_image(record.path)
             if image is not None:
-                return self._sample(record, image, record.boxes, record.labels, unreadable)
+                return record, self._labeled(record, image, record.boxes, record.labels, unreadable)
             unreadable.append(str(record.path))
             if not self.skip_unreadable:
                 blank = np.zeros((record.height, record.width, 3), np.uint8)
-                return self._sample(record, blank, record.boxes[:0], record.labels[:0], unreadable)
+                return record, self._labeled(record, blank, record.boxes[:0], record.labels[:0], unreadable)
         others = f" and the {len(unreadable) - 1} images after it in the list" if len(unreadable) > 1 else ""
         raise DataError(
             f"{self.split}: {unreadable[0]}{others} cannot be read any more (deleted or corrupted during the run); "
             "restore the images, then resume the run"
         )
 
-    def _sample(
-        self, record: ImageRecord, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, unreadable: list[str]
-    ) -> Sample:
-        """Resize (and maybe flip) an HWC uint8 `image` with its `[K, 4]` xyxy `boxes` in original pixels."""
-        image, ratio = resize_long_side(image, self.imgsz)
-        boxes = scale_boxes(boxes, ratio, *image.shape[:2])
-        image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))  # HWC -> CHW
-        image_t, boxes_t = random_hflip(image_t, torch.from_numpy(boxes), self.fliplr)
-        return Sample(
-            image_t, boxes_t, torch.from_numpy(labels.copy()), record.image_id, (record.height, record.width), ratio,
-            str(record.path), tuple(unreadable),
-        )
+    @staticmethod
+    def _labeled(
+        record: ImageRecord, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, unreadable: list[str]
+    ) -> LabeledImage:
+        size = (record.height, record.width)
+        return LabeledImage(image, boxes, labels, orig_size=size, valid_size=size, unreadable=tuple(unreadable))
 
     def __getstate__(self) -> dict[str, Any]:
         """Worker processes need no COCO ground truth: leave the cached one out of the pickle."""

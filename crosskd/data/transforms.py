@@ -1,12 +1,19 @@
-"""Per-sample image transforms: decoding, keep-ratio resize and horizontal flip."""
+"""Per-sample transforms: image decoding, and the pipeline of steps over (image, boxes, labels) a dataset applies.
 
+A step is a `Transform`: it takes a `LabeledImage` and a torch generator and returns a new `LabeledImage`, applied
+with its probability `p`. `Compose` runs the steps in order; `build_transforms` is the one place that turns the
+dataset's settings into the train or eval pipeline. Steps never write into the arrays they are given (a record's
+boxes are views of the label index that loader workers share).
+"""
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 # EXIF orientation is ignored on purpose: COCO annotations and the header sizes read by `labels.image_size`
 # both describe the pixels as stored in the file.
@@ -37,19 +44,125 @@ def resize_long_side(image: np.ndarray, imgsz: int) -> tuple[np.ndarray, float]:
 
 
 def scale_boxes(boxes: np.ndarray, ratio: float, height: int, width: int) -> np.ndarray:
-    """Scale xyxy boxes `[K, 4]` by `ratio` and clip them to a `height` × `width` image."""
+    """Scale xyxy boxes `[K, 4]` by `ratio` and clip them to a `height` × `width` image (a new array)."""
     scaled = boxes * np.float32(ratio)
     scaled[:, 0::2] = scaled[:, 0::2].clip(0, width)
     scaled[:, 1::2] = scaled[:, 1::2].clip(0, height)
     return scaled
 
 
-def random_hflip(image: torch.Tensor, boxes: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flip a CHW image and its xyxy boxes `[K, 4]` left-right with probability `p` (torch's global RNG)."""
-    if p <= 0:
-        return image, boxes
-    canvas = tuple(image.shape[-2:])
-    image, boxes = v2.RandomHorizontalFlip(p)(
-        tv_tensors.Image(image), tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=canvas)
-    )
-    return image.as_subclass(torch.Tensor), boxes.as_subclass(torch.Tensor)
+# ---------------------------------------------------------------------------------------------- pipeline
+@dataclass(frozen=True)
+class LabeledImage:
+    """An image with its boxes as it goes through the pipeline; steps return an updated copy (`replace`)."""
+
+    image: np.ndarray  # [H, W, 3] uint8 RGB
+    boxes: np.ndarray  # [K, 4] float32 xyxy in pixels of `image`
+    labels: np.ndarray  # [K] int64 contiguous class ids
+    orig_size: tuple[int, int]  # (h, w) of the image as stored in its file
+    valid_size: tuple[int, int]  # (h, w) of the top-left region holding pixels: the image size until a step pads
+    ratio: float = 1.0  # current = original × ratio
+    unreadable: tuple[str, ...] = ()  # image files that could not be read and were left out for this one
+
+    def replace(self, **changes: object) -> "LabeledImage":
+        """A copy with `changes` applied."""
+        return dataclasses.replace(self, **changes)
+
+
+class Transform:
+    """One pipeline step, applied with probability `p`; `name` lets `Compose.disable` switch it off.
+
+    `__call__` decides: p ≤ 0 never and p ≥ 1 always, without a draw; otherwise one `torch.rand` draw from `rng`
+    (apply when it is below p). Subclasses implement `apply`, drawing any further randomness from the same `rng`.
+    """
+
+    name = "transform"
+
+    def __init__(self, p: float = 1.0) -> None:
+        self.p = p
+
+    def __call__(self, sample: LabeledImage, rng: torch.Generator) -> LabeledImage:
+        """`apply(sample, rng)` with probability p, else `sample` unchanged."""
+        if self.p <= 0:
+            return sample
+        if self.p < 1 and torch.rand(1, generator=rng) >= self.p:  # compared in float32
+            return sample
+        return self.apply(sample, rng)
+
+    def apply(self, sample: LabeledImage, rng: torch.Generator) -> LabeledImage:
+        """The step itself."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.p})"
+
+
+class Resize(Transform):
+    """Keep-ratio resize so that the long side is `size`; boxes are scaled and clipped to the new image."""
+
+    name = "resize"
+
+    def __init__(self, size: int) -> None:
+        super().__init__(p=1.0)
+        self.size = size
+
+    def apply(self, sample: LabeledImage, rng: torch.Generator) -> LabeledImage:
+        image, ratio = resize_long_side(sample.image, self.size)
+        height, width = image.shape[:2]
+        boxes = scale_boxes(sample.boxes, ratio, height, width)
+        return sample.replace(image=image, boxes=boxes, valid_size=(height, width), ratio=sample.ratio * ratio)
+
+    def __repr__(self) -> str:
+        return f"Resize(size={self.size})"
+
+
+class RandomHFlip(Transform):
+    """Mirror the image and its boxes left-right with probability `p` (x → width − x)."""
+
+    name = "fliplr"
+
+    def apply(self, sample: LabeledImage, rng: torch.Generator) -> LabeledImage:
+        width = sample.image.shape[1]
+        boxes = sample.boxes.copy()
+        boxes[:, [0, 2]] = width - sample.boxes[:, [2, 0]]  # [K, 2] new x1, x2 from old x2, x1
+        return sample.replace(image=np.ascontiguousarray(sample.image[:, ::-1]), boxes=boxes)
+
+
+class Compose:
+    """The ordered steps of a dataset's pipeline; `disable(name)` switches steps off (e.g. for the last epochs).
+
+    A step that mixes in other images (mosaic, mixup) takes the dataset's `load_sample` when it is built.
+    """
+
+    def __init__(self, transforms: Iterable[Transform]) -> None:
+        self.transforms = list(transforms)
+        self.disabled: set[str] = set()
+
+    def __call__(self, sample: LabeledImage, rng: torch.Generator) -> LabeledImage:
+        """Run the enabled steps in order, each drawing from `rng`."""
+        for transform in self.transforms:
+            if transform.name not in self.disabled:
+                sample = transform(sample, rng)
+        return sample
+
+    @property
+    def names(self) -> list[str]:
+        """The steps' names in order, disabled ones included."""
+        return [transform.name for transform in self.transforms]
+
+    def disable(self, name: str) -> None:
+        """Skip the steps called `name` from now on (loader workers keep the copy they started with)."""
+        if name not in self.names:
+            raise ValueError(f"no transform named {name!r} in the pipeline; it has {', '.join(self.names)}")
+        self.disabled.add(name)
+
+    def __repr__(self) -> str:
+        return f"Compose({self.transforms}, disabled={sorted(self.disabled)})"
+
+
+def build_transforms(imgsz: int, augment: bool, fliplr: float = 0.5) -> Compose:
+    """The pipeline of a dataset: resize the long side to `imgsz`, then (`augment`) flip with probability `fliplr`."""
+    transforms: list[Transform] = [Resize(imgsz)]
+    if augment:
+        transforms.append(RandomHFlip(fliplr))
+    return Compose(transforms)
