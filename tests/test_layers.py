@@ -12,6 +12,7 @@ import crosskd
 PACKAGE = Path(crosskd.__file__).parent
 GROUND = {"errors", "dist", "utils", "paths", "user_settings"}  # usable from every layer
 SETTINGS = {"config", "settings"}  # run settings (schema and validation): engine, api and cli only
+NAME_TABLES = {"crosskd.distill.registry"}  # the kd= method registry: the run settings read its names (kd choices)
 ROOT_GROUND_NAMES = {"__version__"}  # `from crosskd import __version__` is ground; `Detector` is the api layer
 BELOW = {"ops": set(), "losses": {"ops"}, "assigners": {"ops"}, "data": set()}
 BELOW["models"] = {"losses", "assigners", "ops"}
@@ -115,7 +116,9 @@ def layer_violations(graph: dict[str, set[str]]) -> list[str]:
             violations.append(f"{module} belongs to no layer: add '{part}' to BELOW in tests/test_layers.py")
             continue
         allowed = BELOW[part] | {part} | GROUND
-        violations += [f"{module} imports {target}" for target in sorted(targets) if layer(target) not in allowed]
+        tables = NAME_TABLES if part in SETTINGS else set()
+        violations += [f"{module} imports {target}" for target in sorted(targets)
+                       if layer(target) not in allowed and target not in tables]
     return violations
 
 
@@ -126,6 +129,14 @@ def test_no_import_cycles():
 
 def test_no_upward_imports_and_settings_only_in_engine_api_cli():
     assert layer_violations(import_graph(PACKAGE)) == []
+
+
+def test_name_tables_the_settings_read_import_only_ground_modules():
+    graph = import_graph(PACKAGE)
+    for table in NAME_TABLES:
+        assert {layer(target) for target in graph[table]} <= GROUND, table
+    reads = {"crosskd.settings": {"crosskd.distill.registry"}, "crosskd.models.fake": {"crosskd.distill.registry"}}
+    assert layer_violations(reads) == ["crosskd.models.fake imports crosskd.distill.registry"]
 
 
 def test_the_checker_sees_every_kind_of_import(tmp_path):
