@@ -40,6 +40,7 @@ class RegisteredKDMethods(Sequence[str]):
     """
 
     def names(self) -> tuple[str, ...]:
+        """The registry's kd= names now."""
         from crosskd.distill.registry import kd_names
 
         return kd_names()

@@ -104,6 +104,7 @@ class Distiller(nn.Module):
 
     @property
     def kd_align(self) -> bool:
+        """Whether hold features fed to the other head are aligned to its per-channel statistics."""
         return self.setup.kd_align
 
     @classmethod
