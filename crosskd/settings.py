@@ -2,12 +2,14 @@
 
 `SECTIONS` is the only key list. `crosskd.config` validates values against it; `render_default_yaml()` and
 `render_cli_reference()` write `cfg/default.yaml` and `docs/cli.md` (`python -m crosskd.settings` regenerates both;
-tests fail when either file drifts from the spec). It imports no crosskd layer but the plain-data tables it takes its
-choices from (the export format table), so the CLI reads it at start without loading torch, engine, models or distill.
+tests fail when either file drifts from the spec). It imports no crosskd layer, only the plain-data tables its choices
+come from, so the CLI reads it at start without loading engine, models or distill: the export format table, and the
+`kd` choices from the torch-free `crosskd.distill.registry` when first used.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,9 +32,32 @@ KIND_NAMES: dict[str, str] = {  # how error messages and docs/cli.md describe ea
     "weights": "true/imagenet, false, a torchvision weights name or a .pth/.pt path",
 }
 MODES = ("train", "distill", "val", "predict", "export", "benchmark", "info", "convert", "analyze")
-KD_METHOD_NAMES = (  # = crosskd.distill KD_METHODS (tested)
-    "crosskd", "pm", "ld", "pkd", "crosskd+pkd", "crosskd+pm", "crosskd+ld", "none",
-)
+
+
+class RegisteredKDMethods(Sequence[str]):
+    """The `kd` choices, read from the one method registry (`crosskd.distill.registry`) whenever they are used.
+
+    The registry imports only crosskd.errors and is read on first use, so starting the CLI loads no distill module,
+    and a method registered at run time is a valid `kd=` value at once.
+    """
+
+    def names(self) -> tuple[str, ...]:
+        """The registry's kd= names now."""
+        from crosskd.distill.registry import kd_names
+
+        return kd_names()
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.names()[index]
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def __repr__(self) -> str:
+        return f"RegisteredKDMethods{self.names()}"
+
+
+KD_METHOD_NAMES = RegisteredKDMethods()
 EXPORT_FORMAT_NAMES = tuple(fmt.name for fmt in export_formats())  # the format table's rows (a plain-data module)
 EXPORT_EXTRAS = "".join(f" ({fmt.name} needs pip install 'crosskd[{fmt.extra}]')"
                         for fmt in export_formats() if fmt.extra)
@@ -52,7 +77,7 @@ class Setting:
     kind: Kind
     default: Any
     help: str
-    choices: tuple[str, ...] = ()
+    choices: Sequence[str] = ()
     low: float | None = None
     high: float | None = None
     aliases: tuple[str, ...] = ()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from crosskd.distill import Distiller, KDWeights, align_scale
-from crosskd.distill.crosskd import head_pass
+from crosskd.distill.passes import head_pass
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models.backbones import ResNet
 from crosskd.models.dense_detector import DenseDetector
@@ -107,7 +107,7 @@ def test_student_copy_of_teacher_gives_teacher_outputs_and_zero_kd(head_type):
     with torch.no_grad():
         feats = teacher.extract_features(batch.images)
         holds, expected = head_pass(teacher.head, feats, 1)
-        cross = distiller.cross_head(holds, holds)
+        cross = distiller.methods["crosskd"].cross_head(teacher.head, holds, holds)
     for got, want in zip(cross.cls_scores + cross.bbox_preds, expected.cls_scores + expected.bbox_preds):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     losses = distiller(batch)
@@ -162,11 +162,12 @@ def test_heterogeneous_retinanet_teacher_distils_gfl_student():
 def test_width_mismatch_adds_trained_adapter():
     student, teacher = tiny_detector(feat=16, seed=1), tiny_detector(feat=32, seed=2)
     distiller = Distiller(student, teacher, kd_idx=1)
-    assert distiller.adapter is not None
-    assert {"adapter.cls.weight", "adapter.reg.weight"} <= set(distiller.state_dict())
+    adapter = distiller.methods["crosskd"].adapter
+    assert adapter is not None
+    assert {"methods.crosskd.adapter.cls.weight", "methods.crosskd.adapter.reg.weight"} <= set(distiller.state_dict())
     kd_total(distiller(tiny_batch())).backward()
-    assert grad_norm(distiller.adapter.cls) > 0.0 and grad_norm(distiller.adapter.reg) > 0.0
-    assert Distiller(tiny_detector(seed=1), tiny_detector(seed=2)).adapter is None
+    assert grad_norm(adapter.cls) > 0.0 and grad_norm(adapter.reg) > 0.0
+    assert Distiller(tiny_detector(seed=1), tiny_detector(seed=2)).methods["crosskd"].adapter is None
 
 
 def test_mismatched_classes_and_strides_fail_with_one_line():
@@ -205,8 +206,62 @@ def test_pm_and_ld_refuse_different_heads():
         Distiller(tiny_detector("gfl"), tiny_detector("atss"), kd="pm")
     with pytest.raises(CheckpointError, match="kd=ld distils GFL box distributions"):
         Distiller(tiny_detector("retinanet"), tiny_detector("retinanet"), kd="ld")
-    with pytest.raises(CheckpointError, match="kd=pkd compares FPN features"):
-        Distiller(tiny_detector(feat=16), tiny_detector(feat=32), kd="pkd")
+
+
+@pytest.mark.parametrize("pkd_on", ["neck", "cls"])
+def test_pkd_between_widths_trains_a_connector_outside_the_student(pkd_on):
+    student, teacher = tiny_detector(feat=16, seed=1), tiny_detector(feat=32, seed=2)
+    distiller = Distiller(student, teacher, kd="pkd", kd_idx=1, pkd_on=pkd_on)
+    connector = distiller.methods["pkd"].connector
+    assert (connector.in_channels, connector.out_channels, connector.kernel_size) == (16, 32, (1, 1))
+    assert {"methods.pkd.connector.weight", "methods.pkd.connector.bias"} <= set(distiller.state_dict())
+    assert not any("connector" in k for k in student.state_dict())
+    loss = distiller(padded_batch())["kd_feat"]
+    loss.backward()
+    assert torch.isfinite(loss) and grad_norm(connector) > 0.0 and grad_norm(student.neck) > 0.0
+    assert Distiller(tiny_detector(seed=1), tiny_detector(seed=2), kd="pkd").methods["pkd"].connector is None
+
+
+def test_kd_align_standardises_the_student_holds_fed_to_the_teacher_head():
+    """The cross-head pass gets align_scale(student hold, teacher hold) with kd_align=true, the raw hold without."""
+    student, teacher, batch = tiny_detector(seed=1).eval(), tiny_detector(seed=2).eval(), tiny_batch()
+    with torch.no_grad():
+        s_holds, _ = head_pass(student.head, student.extract_features(batch.images), 1)
+        t_holds, _ = head_pass(teacher.head, teacher.extract_features(batch.images), 1)
+    seen, run_from = {}, teacher.head.forward_from
+
+    def recording(cls_feat, reg_feat, level, start):
+        if cls_feat.requires_grad:  # the cross-head pass, not the teacher's own (no_grad) pass
+            seen[level] = (cls_feat.detach(), reg_feat.detach())
+        return run_from(cls_feat, reg_feat, level, start)
+
+    teacher.head.forward_from = recording
+    losses = {}
+    for align in (True, False):
+        losses[align] = Distiller(student, teacher, kd_idx=1, kd_align=align).eval()(batch)["kd_cls"].item()
+        for level, ((s_cls, s_reg), (t_cls, t_reg)) in enumerate(zip(s_holds, t_holds)):
+            want = (align_scale(s_cls, t_cls), align_scale(s_reg, t_reg)) if align else (s_cls, s_reg)
+            torch.testing.assert_close(seen[level][0], want[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(seen[level][1], want[1], atol=1e-5, rtol=1e-5)
+    del teacher.head.forward_from
+    assert not torch.allclose(align_scale(s_holds[0][0], t_holds[0][0]), s_holds[0][0], atol=1e-3)
+    assert losses[True] != pytest.approx(losses[False], rel=1e-3)
+
+
+def test_kd_state_round_trips_every_methods_learnable_state():
+    def build(seed: int) -> Distiller:
+        student, teacher = tiny_detector(feat=16, seed=1), tiny_detector(feat=32, seed=2)
+        torch.manual_seed(seed)  # the adapter's and the connector's initial weights
+        return Distiller(student, teacher, kd="crosskd+pkd", kd_idx=1)
+
+    saved = build(0).kd_state()
+    assert set(saved) == {"crosskd", "pkd"}
+    assert set(saved["pkd"]) == {"connector.weight", "connector.bias"}
+    restored = build(1)
+    assert not torch.equal(restored.kd_state()["pkd"]["connector.weight"], saved["pkd"]["connector.weight"])
+    restored.load_kd_state(saved)
+    for name, state in restored.kd_state().items():
+        assert all(torch.equal(v, saved[name][k]) for k, v in state.items()), name
 
 
 @pytest.mark.parametrize("head_type", ["gfl", "atss"])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from crosskd.config import get_args
+from crosskd.distill import resolve_kd_weights
 from crosskd.distill.kd_losses import (
     DEFAULT_WEIGHTS,
     KDInputs,
@@ -17,11 +18,10 @@ from crosskd.distill.kd_losses import (
     gfl_kd,
     keep_branch,
     ld_loss,
-    parse_kd,
     renamed,
-    resolve_kd_weights,
     retina_kd,
 )
+from crosskd.distill.registry import components
 from crosskd.errors import ConfigError
 from crosskd.models.heads.base import FlatOutputs, Priors, Targets
 
@@ -229,10 +229,10 @@ def test_pkd_alone_takes_mmrazors_weight_and_ld_its_own_beside_crosskd():
 
 
 def test_parse_kd_rejects_unknown_method():
-    assert parse_kd("CrossKD+PKD") == {"crosskd", "pkd"}
-    assert parse_kd("none") == frozenset()
+    assert components("CrossKD+PKD") == ("pkd", "crosskd")
+    assert components("none") == ()
     with pytest.raises(ConfigError, match="kd='fitnet' is not a distillation method"):
-        parse_kd("fitnet")
+        components("fitnet")
 
 
 def test_bce_cls_loss_is_the_qfl_recipe_with_beta_zero():

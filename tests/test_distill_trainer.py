@@ -13,13 +13,13 @@ import torch
 import yaml
 
 from crosskd.config import get_args
-from crosskd.engine.deployment.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from crosskd.engine.deployment.checkpoint import KD_STATE_KEY, load_checkpoint, make_checkpoint, save_checkpoint
 from crosskd.engine.deployment.exporter import run as export_run
 from crosskd.engine.evaluation.validator import Validator
 from crosskd.engine.prediction.predictor import Predictor
 from crosskd.engine.prediction.sources import read_image
 from crosskd.engine.training import ddp
-from crosskd.engine.training.distill_trainer import ADAPTER_KEY, DistillTrainer
+from crosskd.engine.training.distill_trainer import DistillTrainer
 from crosskd.engine.training.launch import trainer_class
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import build_detector
@@ -145,17 +145,17 @@ def test_width_adapter_is_saved_for_resume_and_dropped_from_best(work):
     with pytest.raises(StopAfterFirstEpoch):
         first.train()
     last = first.weights_dir / "last.pt"
-    saved = load_checkpoint(last)[ADAPTER_KEY]
-    assert set(saved) == {"cls.weight", "cls.bias", "reg.weight", "reg.bias"}
-    assert saved["cls.weight"].shape == (64, 32, 1, 1)
+    saved = load_checkpoint(last)[KD_STATE_KEY]["crosskd"]
+    assert set(saved) == {"adapter.cls.weight", "adapter.cls.bias", "adapter.reg.weight", "adapter.reg.bias"}
+    assert saved["adapter.cls.weight"].shape == (64, 32, 1, 1)
     restored = {}
     resumed = DistillTrainer(distill_args(work, "adapter", resume=str(last)))
-    resumed.add_callback("on_train_start", lambda t: restored.update(t.loss_module.adapter_state()))
+    resumed.add_callback("on_train_start", lambda t: restored.update(t.loss_module.kd_state()["crosskd"]))
     resumed.train()
     assert all(torch.equal(restored[k], v) for k, v in saved.items())
     assert resumed.state.start_epoch == 1 and resumed.teacher_path == str(teacher.resolve())
-    assert ADAPTER_KEY not in load_checkpoint(resumed.weights_dir / "best.pt")
-    assert ADAPTER_KEY in load_checkpoint(last)
+    assert KD_STATE_KEY not in load_checkpoint(resumed.weights_dir / "best.pt")
+    assert KD_STATE_KEY in load_checkpoint(last)
 
 
 def test_yaml_teacher_with_weights_and_errors(work):

@@ -24,7 +24,10 @@ BELOW["__main__"] = {"cli"}
 BELOW["__init__"] = {"api"}
 for part in GROUND:
     BELOW[part] = set()
-DATA_TABLES = {"crosskd.engine.deployment.formats"}  # plain-data tables the run settings read their choices from
+DATA_TABLES = {  # plain-data tables the run settings read their choices from
+    "crosskd.engine.deployment.formats",  # the export format table (format=)
+    "crosskd.distill.registry",  # the KD method registry (kd=)
+}
 for part in SETTINGS:
     BELOW[part] = set(SETTINGS)
 ENGINE_BELOW = {"deployment": set(), "evaluation": {"deployment"}}
@@ -166,6 +169,8 @@ def test_the_tables_settings_read_are_plain_data():
         imported = {(node.names[0].name if isinstance(node, ast.Import) else node.module or "").split(".")[0]
                     for node in nodes if isinstance(node, ast.Import | ast.ImportFrom)}
         assert not imported & {"torch", "torchvision", "numpy", "cv2"}, table
+    reads = {"crosskd.settings": {"crosskd.distill.registry"}, "crosskd.models.fake": {"crosskd.distill.registry"}}
+    assert layer_violations(reads) == ["crosskd.models.fake imports crosskd.distill.registry"]
 
 
 def test_engine_job_folders_import_only_downwards():

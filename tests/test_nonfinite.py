@@ -20,7 +20,7 @@ from torchvision.ops import generalized_box_iou_loss
 from crosskd import cli
 from crosskd.config import get_args
 from crosskd.distill import Distiller
-from crosskd.distill.crosskd import align_scale
+from crosskd.distill.passes import align_scale
 from crosskd.engine.deployment.checkpoint import load_checkpoint
 from crosskd.engine.training.nonfinite import NonFiniteGuard
 from crosskd.engine.training.run_state import RunState

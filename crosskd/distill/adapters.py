@@ -1,4 +1,5 @@
-"""Teacher/student compatibility: checks with one-line errors, the hold-point index and 1x1 width adapters."""
+"""Teacher/student compatibility: checks with one-line errors, the hold-point index, 1x1 width adapters (CrossKD) and
+connectors (feature methods)."""
 
 from __future__ import annotations
 
@@ -15,20 +16,18 @@ if TYPE_CHECKING:
     from crosskd.models.heads.base import DenseHead
 
 
-def check_ablation(kd: frozenset[str], kd_branch: str, pkd_on: str, kd_strategy: str) -> None:
-    """One-line ConfigErrors for ablation settings that are unknown or that the `kd` components cannot honour."""
+def check_ablation(kd_branch: str, pkd_on: str, kd_strategy: str, cross_head: bool) -> None:
+    """One-line ConfigErrors for ablation settings that are unknown, or kd_strategy without a cross-head method."""
     check_choice("kd_branch", kd_branch, KD_BRANCHES)
     check_choice("pkd_on", pkd_on, PKD_POSITIONS)
     check_choice("kd_strategy", kd_strategy, KD_STRATEGIES)
-    if kd_strategy != "a" and "crosskd" not in kd:
+    if kd_strategy != "a" and not cross_head:
         raise ConfigError(f"kd_strategy={kd_strategy} is a cross-head strategy: use it with kd=crosskd (or a "
                           "crosskd+ method)")
-    if kd_branch == "cls" and kd == frozenset({"ld"}):
-        raise ConfigError("kd=ld has no classification term, so kd_branch=cls keeps nothing: use kd=pm kd_branch=cls")
 
 
-def check_compatible(student: DenseDetector, teacher: DenseDetector, kd: frozenset[str], pkd_on: str = "neck") -> None:
-    """Raise a one-line CheckpointError when the teacher cannot distil this student with `kd`."""
+def check_compatible(student: DenseDetector, teacher: DenseDetector) -> None:
+    """Raise a one-line CheckpointError when the teacher cannot distil this student (classes, FPN levels)."""
     if teacher.nc != student.nc:
         raise CheckpointError(
             f"teacher has {teacher.nc} classes but the student's data has {student.nc}: "
@@ -40,13 +39,6 @@ def check_compatible(student: DenseDetector, teacher: DenseDetector, kd: frozens
             f"teacher strides {t_strides} ({len(t_strides)} levels) differ from the student's {s_strides} "
             f"({len(s_strides)} levels): give both model YAMLs the same FPN levels"
         )
-    if kd & {"pm", "ld"}:
-        check_same_head(student.head, teacher.head, "kd=pm" if "pm" in kd else "kd=ld")
-    if "pkd" in kd and pkd_on == "neck" and feature_channels(teacher) != feature_channels(student):
-        raise CheckpointError(
-            f"kd=pkd compares FPN features, but the teacher's have {feature_channels(teacher)} channels and the "
-            f"student's {feature_channels(student)}: use the same FPN width or kd=crosskd"
-        )
 
 
 def check_same_head(student_head: DenseHead, teacher_head: DenseHead, setting: str) -> None:
@@ -54,9 +46,6 @@ def check_same_head(student_head: DenseHead, teacher_head: DenseHead, setting: s
 
     `setting` names what asks for it in the message, e.g. 'kd=pm' or 'kd_strategy=c'.
     """
-    if setting == "kd=ld" and teacher_head.head_type != "gfl":
-        raise CheckpointError(f"kd=ld distils GFL box distributions, but the teacher is {teacher_head.head_type}: "
-                              "use a GFL teacher or kd=crosskd")
     s_layout = (student_head.head_type, student_head.num_anchors, getattr(student_head, "reg_max", None))
     t_layout = (teacher_head.head_type, teacher_head.num_anchors, getattr(teacher_head, "reg_max", None))
     if s_layout != t_layout:
@@ -133,3 +122,13 @@ def build_adapter(student_head: DenseHead, teacher_head: DenseHead, idx: int) ->
     LOGGER.info(f"CrossKD: student hold features have {s_channels} channels, the teacher's {t_channels}; "
                 "adding learned 1x1 adapters (cls, reg)")
     return TowerAdapter(s_channels, t_channels)
+
+
+def build_connector(student_channels: int, teacher_channels: int, owner: str) -> nn.Conv2d | None:
+    """A learned 1x1 conv mapping student features to the teacher's width when they differ (as MMRazor's
+    connectors), else None; it trains with the student and is no part of it."""
+    if student_channels == teacher_channels:
+        return None
+    LOGGER.info(f"{owner}: student features have {student_channels} channels, the teacher's {teacher_channels}; "
+                "adding a learned 1x1 connector")
+    return nn.Conv2d(student_channels, teacher_channels, kernel_size=1)

@@ -11,7 +11,7 @@ another image's batch padding) never contribute.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import astuple, dataclass, replace
+from dataclasses import astuple, dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 from torch import Tensor
@@ -23,16 +23,6 @@ from crosskd.losses.distill import kd_quality_focal_loss, kl_div_loss, pkd_loss
 if TYPE_CHECKING:
     from crosskd.models.heads.base import DenseHead, FlatOutputs, Priors, Targets
 
-KD_METHODS = {  # kd= method -> components; the same names as crosskd.settings.KD_METHOD_NAMES (tested)
-    "crosskd": frozenset({"crosskd"}),
-    "pm": frozenset({"pm"}),
-    "ld": frozenset({"ld"}),
-    "pkd": frozenset({"pkd"}),
-    "crosskd+pkd": frozenset({"crosskd", "pkd"}),
-    "crosskd+pm": frozenset({"crosskd", "pm"}),
-    "crosskd+ld": frozenset({"crosskd", "ld"}),
-    "none": frozenset(),
-}
 KD_BRANCHES = ("both", "cls", "reg")  # paper Table 3
 KD_CLS_LOSSES = {"qfl": 1.0, "bce": 0.0}  # paper Table 9: the KD quality focal loss's beta (0 is plain soft BCE)
 KD_REGIONS = ("all", "pos", "neg")  # paper Table 9
@@ -109,41 +99,6 @@ class KDInputs(NamedTuple):
     target: FlatOutputs  # the teacher's predictions (no graph)
     priors: Priors  # the teacher head's priors (anchors or points)
     targets: Targets  # assigner output of the teacher's head type (regions and normalisers)
-
-
-def parse_kd(kd: str) -> frozenset[str]:
-    """The set of KD components of a `kd=` value, e.g. 'crosskd+pkd' -> {'crosskd', 'pkd'}."""
-    key = str(kd).strip().lower()
-    if key not in KD_METHODS:
-        raise ConfigError(f"kd={kd!r} is not a distillation method; use one of {', '.join(KD_METHODS)}")
-    return KD_METHODS[key]
-
-
-def resolve_kd_weights(
-    head_type: str,
-    kd: str = "crosskd",
-    cls: float | None = None,
-    reg: float | None = None,
-    ctr: float | None = None,
-    feat: float | None = None,
-    kd_weight: float = 1.0,
-) -> KDWeights:
-    """Per-term weights: the teacher head type's defaults (LD's for kd=ld), overridden where given, × kd_weight.
-
-    PKD takes CrossKD+PKD's per-head weight when combined with CrossKD and MMRazor's (PKD_ALONE_WEIGHT) for kd=pkd.
-    LD's term weighs LD_WEIGHTS.reg (0.25); for kd=ld alone `reg` overrides it (its only term is a regression one).
-    """
-    base = LD_WEIGHTS if kd == "ld" else DEFAULT_WEIGHTS[head_type]
-    default_feat = PKD_ALONE_WEIGHT if kd == "pkd" else DEFAULT_WEIGHTS[head_type].feat
-    picked = KDWeights(
-        cls=base.cls if cls is None else float(cls),
-        reg=base.reg if reg is None else float(reg),
-        ctr=base.ctr if ctr is None else float(ctr),
-        feat=default_feat if feat is None else float(feat),
-    )
-    if "ld" in parse_kd(kd):
-        picked = replace(picked, ld=picked.reg if kd == "ld" else LD_WEIGHTS.reg)
-    return picked.scaled(float(kd_weight))
 
 
 def region_mask(targets: Targets, region: str = "all") -> Tensor:

@@ -19,6 +19,8 @@ from crosskd.utils import LOGGER, atomic_save, read_torch_file
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("model", "model_yaml", "nc", "format_version")
 TRAINING_STATE_KEYS = ("optimizer", "scaler", "ema", "scheduler")
+KD_STATE_KEY = "kd_state"  # distilled last.pt: {kd method name: its state_dict} (width adapters, connectors)
+LEGACY_KD_KEYS = {"kd_adapter": ("crosskd", "adapter.")}  # older files: key -> (method, prefix in its state_dict)
 
 
 def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
@@ -168,6 +170,22 @@ def make_checkpoint(
     }
     ckpt.update(extra)
     return ckpt
+
+
+def read_kd_state(ckpt: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """The KD methods' learnable state saved in a checkpoint, by method name; an older file's `kd_adapter` is
+    CrossKD's width adapter."""
+    states = dict(ckpt.get(KD_STATE_KEY) or {})
+    for key, (method, prefix) in LEGACY_KD_KEYS.items():
+        if ckpt.get(key) is not None and method not in states:
+            states[method] = {prefix + name: value for name, value in ckpt[key].items()}
+    return states
+
+
+def drop_kd_state(ckpt: dict) -> bool:
+    """Remove the KD methods' state (no part of the deployed student) from `ckpt`; True when it held some."""
+    dropped = [ckpt.pop(key, None) for key in (KD_STATE_KEY, *LEGACY_KD_KEYS)]
+    return any(value is not None for value in dropped)
 
 
 def is_resumable(ckpt: dict) -> bool:

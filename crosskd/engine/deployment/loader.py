@@ -200,3 +200,18 @@ def _from_yaml(source: str | Path, nc: int | None, weights: str | Path | None) -
 
 def _hw_or_none(imgsz: int | list[int] | None) -> tuple[int, int] | None:
     return None if imgsz is None else imgsz_hw(imgsz)
+
+
+def load_teacher(teacher: str, teacher_weights: str | None, teacher_cfg: str | None = None) -> Runtime:
+    """The trained teacher: any PyTorch model source of the loader (a crosskd .pt, an MMDetection .pth or a torchvision
+    detector, mapped onto `teacher_cfg` when given), or a model YAML with `teacher_weights=` (a crosskd .pt of it)."""
+    if is_yaml(teacher) and not teacher_weights:
+        raise ConfigError(
+            f"teacher={teacher} is a model YAML without weights: add teacher_weights=path/to/teacher.pt "
+            "or pass the trained checkpoint as teacher="
+        )
+    if not is_yaml(teacher) and teacher_weights:
+        raise ConfigError(f"teacher_weights= is only for a YAML teacher; teacher={teacher} already holds weights")
+    runtime = load_runtime(teacher, weights=teacher_weights, model_cfg=teacher_cfg, role="teacher")
+    runtime.detector("the distillation teacher")
+    return runtime

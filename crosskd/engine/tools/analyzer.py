@@ -34,9 +34,9 @@ from torch import Tensor
 from crosskd.config import check_required, imgsz_hw, setting_or_model_default
 from crosskd.data import DetectionDataset, build_dataloader, load_data_yaml
 from crosskd.distill import Distiller
-from crosskd.distill.crosskd import feat_sizes, head_pass
-from crosskd.engine.deployment.loader import Runtime, load_runtime
-from crosskd.engine.training.distill_trainer import ADAPTER_KEY, load_teacher
+from crosskd.distill.passes import feat_sizes, head_pass
+from crosskd.engine.deployment.checkpoint import read_kd_state
+from crosskd.engine.deployment.loader import Runtime, load_runtime, load_teacher
 from crosskd.errors import DataError
 from crosskd.paths import make_save_dir
 from crosskd.utils import LOGGER, colorstr, console, select_device
@@ -223,11 +223,11 @@ class Analyzer:
         kd_align = setting_or_model_default(self.args, "kd_align", kd_args.get("kd_align"))
         torch.manual_seed(self.args.seed)
         distiller = Distiller(student.detector("analyze"), teacher, kd="crosskd", kd_idx=kd_idx, kd_align=kd_align)
-        saved = student.checkpoint.get(ADAPTER_KEY)
-        distiller.load_adapter_state(saved)
-        if distiller.adapter is None:
+        saved = read_kd_state(student.checkpoint)
+        distiller.load_kd_state(saved)
+        if distiller.methods["crosskd"].adapter is None:
             self.adapter_status = "none (equal widths)"
-        elif saved:
+        elif "crosskd" in saved:
             self.adapter_status = "trained (from the student checkpoint)"
         else:
             self.adapter_status = "untrained (fresh 1x1 convs)"
@@ -245,7 +245,7 @@ class Analyzer:
         priors = s_head.priors(feat_sizes(s_feats), s_feats[0].device)
         targets = s_head.get_targets(priors, batch)
         t_holds, t_out = head_pass(t_head, d.teacher.extract_features(batch.images), d.kd_idx)
-        cross = d.cross_head(s_holds, t_holds)
+        cross = d.methods["crosskd"].cross_head(t_head, s_holds, t_holds)
         anchors = (t_head.num_anchors, s_head.num_anchors)
         p_student = s_head.flatten_outputs(s_out).cls.sigmoid()  # [B, N, C]
         p_teacher = to_student_priors(t_head.flatten_outputs(t_out).cls.sigmoid(), *anchors)

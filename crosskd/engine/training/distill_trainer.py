@@ -9,37 +9,26 @@ from torch import nn
 
 from crosskd.dist import is_main_process
 from crosskd.distill import Distiller
-from crosskd.engine.deployment.checkpoint import load_checkpoint, save_checkpoint
-from crosskd.engine.deployment.loader import Runtime, is_yaml, load_runtime
+from crosskd.engine.deployment.checkpoint import (
+    KD_STATE_KEY,
+    drop_kd_state,
+    load_checkpoint,
+    read_kd_state,
+    save_checkpoint,
+)
+from crosskd.engine.deployment.loader import load_teacher
 from crosskd.engine.training.compile import compile_detector
 from crosskd.engine.training.trainer import Trainer
 from crosskd.errors import ConfigError
 from crosskd.models import DenseDetector
 from crosskd.utils import LOGGER, colorstr
 
-ADAPTER_KEY = "kd_adapter"  # last.pt only: the learned width adapter, needed to resume
-
-
-def load_teacher(teacher: str, teacher_weights: str | None, teacher_cfg: str | None = None) -> Runtime:
-    """The trained teacher: any PyTorch model source of the loader (a crosskd .pt, an MMDetection .pth or a torchvision
-    detector, mapped onto `teacher_cfg` when given), or a model YAML with `teacher_weights=` (a crosskd .pt of it)."""
-    if is_yaml(teacher) and not teacher_weights:
-        raise ConfigError(
-            f"teacher={teacher} is a model YAML without weights: add teacher_weights=path/to/teacher.pt "
-            "or pass the trained checkpoint as teacher="
-        )
-    if not is_yaml(teacher) and teacher_weights:
-        raise ConfigError(f"teacher_weights= is only for a YAML teacher; teacher={teacher} already holds weights")
-    runtime = load_runtime(teacher, weights=teacher_weights, model_cfg=teacher_cfg, role="teacher")
-    runtime.detector("the distillation teacher")
-    return runtime
-
 
 class DistillTrainer(Trainer):
     """Trains the student like Trainer, with KD terms from a frozen teacher added to its loss.
 
-    The optimizer, EMA, DDP and checkpoints hold the student (plus a width adapter when the heads differ);
-    checkpoints also record the teacher's path and KD settings so that resume rebuilds the teacher.
+    The optimizer, EMA, DDP and checkpoints hold the student (plus the KD methods' learnable state: width adapters,
+    connectors); checkpoints also record the teacher's path and KD settings so that resume rebuilds the teacher.
     """
 
     mode = "distill"
@@ -77,8 +66,8 @@ class DistillTrainer(Trainer):
         return Distiller.from_args(self.model, self.teacher, self.args)
 
     def checkpoint_extras(self) -> dict:
-        """teacher (path), kd_args (KD settings as resolved, ablation settings included) and, with a width adapter,
-        its weights."""
+        """teacher (path), kd_args (KD settings as resolved, ablation settings included) and the KD methods'
+        learnable state (kd_state), if any."""
         distiller: Distiller = self.loss_module
         kd_args = {
             "teacher_weights": self.teacher_weights,
@@ -87,17 +76,17 @@ class DistillTrainer(Trainer):
             "head_type": self.teacher.head_type,
         }
         extras = {"teacher": self.teacher_path, "kd_args": kd_args}
-        adapter = distiller.adapter_state()
-        return extras if adapter is None else {**extras, ADAPTER_KEY: adapter}
+        kd_state = distiller.kd_state()
+        return {**extras, KD_STATE_KEY: kd_state} if kd_state else extras
 
     def restore_extras(self, ckpt: dict) -> None:
-        self.loss_module.load_adapter_state(ckpt.get(ADAPTER_KEY))
+        self.loss_module.load_kd_state(read_kd_state(ckpt))
 
     def finish(self) -> None:
-        """Drop the adapter from best.pt (only the student is deployed), then finish as Trainer."""
+        """Drop the KD methods' state from best.pt (only the student is deployed), then finish as Trainer."""
         best = self.weights_dir / "best.pt"
         if is_main_process() and best.exists():
             ckpt = load_checkpoint(best)
-            if ckpt.pop(ADAPTER_KEY, None) is not None:
+            if drop_kd_state(ckpt):
                 save_checkpoint(ckpt, best)
         super().finish()

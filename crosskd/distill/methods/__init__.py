@@ -1,0 +1,1 @@
+"""KD methods as objects: one file per method (crosskd, pm, ld, pkd), each a `KDMethod` named in the registry."""
