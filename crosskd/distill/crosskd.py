@@ -257,7 +257,7 @@ class Distiller(nn.Module):
         s_feats = self.student.extract_features(batch.images)
         holds, outputs = head_pass(s_head, s_feats, self.kd_idx)
         priors = s_head.priors(feat_sizes(s_feats), s_feats[0].device)
-        targets = s_head.get_targets(priors, batch)
+        targets = s_head.get_targets(priors, batch, outputs)
         losses = dict(s_head.loss(outputs, priors, targets))
         if not self.methods:
             return losses
