@@ -178,6 +178,9 @@ def _check_towers(norm: str, act: str, num_groups: int, widths: dict[str, int], 
         raise ConfigError(f"head.norm '{norm}' is not one of {', '.join(NORMS)}")
     if act not in ACTS:
         raise ConfigError(f"head.act '{act}' is not one of {', '.join(ACTS)}")
+    for key, value in {**widths, **depths}.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"head.{key} {value!r} must be int")
     for key, width in widths.items():
         if width < 1:
             raise ConfigError(f"head.{key} {width} must be >= 1")
