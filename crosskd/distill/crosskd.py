@@ -301,7 +301,7 @@ class Distiller(nn.Module):
         t_head, s_head = self.teacher.head, self.student.head
         t_flat = t_head.flatten_outputs(teacher.outputs)
         own = s_head.flatten_outputs(student.outputs)
-        t_priors, kd_targets = self.kd_targets(teacher.feats, batch, student.priors, student.targets)
+        t_priors, kd_targets = self.kd_targets(teacher.feats, batch, student.priors, student.targets, teacher.outputs)
         with_cross = "crosskd" in self.methods
         losses = {}
         if with_cross:
@@ -363,7 +363,7 @@ class Distiller(nn.Module):
         return stack_levels(levels)
 
     def kd_targets(
-        self, t_feats: list[Tensor], batch: Any, s_priors: Priors, s_targets: Targets
+        self, t_feats: list[Tensor], batch: Any, s_priors: Priors, s_targets: Targets, t_outputs: HeadOutputs
     ) -> tuple[Priors, Targets]:
         """Priors and region/normaliser targets of the teacher's head type (the student's when they coincide)."""
         t_head = self.teacher.head
@@ -371,7 +371,7 @@ class Distiller(nn.Module):
         same_type = t_head.head_type == self.student.head.head_type
         if same_type and self.same_priors(t_priors, s_priors):
             return t_priors, s_targets
-        return t_priors, t_head.get_targets(t_priors, batch)
+        return t_priors, t_head.get_targets(t_priors, batch, t_outputs)
 
     def same_priors(self, t_priors: Priors, s_priors: Priors) -> bool:
         """Whether the two heads' priors (boxes [N, 4]) are equal; remembered for the last pair, since the heads

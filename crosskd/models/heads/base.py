@@ -510,7 +510,7 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
         Args:
             outputs (HeadOutputs): `forward` of the batch's features.
             priors (Priors): N priors of the outputs' feature sizes.
-            targets (Targets): `get_targets(priors, batch)`, [B, N] per prior.
+            targets (Targets): `get_targets(priors, batch, outputs)`, [B, N] per prior.
 
         Returns:
             dict[str, Tensor]: scalar losses (zero with a graph when there are no positives).
