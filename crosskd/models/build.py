@@ -115,7 +115,7 @@ def _assigner(head_cls: type[nn.Module], head_kwargs: dict[str, Any], source: st
     if shorthand:
         raise ConfigError(
             f"{source}: head.{shorthand[0]} sets the head's default assigner, which head.assigner replaces: "
-            f"give it inside head.assigner or drop it"
+            "give it inside head.assigner or drop it"
         )
     kwargs = _checked_kwargs(spec, ASSIGNERS, "head.assigner", set(), source)
     return {**head_kwargs, "assigner": _construct(ASSIGNERS[spec["type"]], source, **kwargs)}
