@@ -268,9 +268,10 @@ def test_gfl_uses_the_shared_dfl():
 
 
 # ----- CrossKD through uneven towers ---------------------------------------------------------------------------------
-def test_crosskd_distills_through_uneven_towers():
-    teacher_head = {"type": "gfl", "cls_channels": 16, "reg_channels": 24, "cls_depth": 2, "reg_depth": 3}
-    student_head = {"type": "gfl", "act": "silu", "norm": "bn", **UNEVEN}
+@pytest.mark.parametrize("kind", HEADS)
+def test_crosskd_distills_through_uneven_towers(kind):
+    teacher_head = {"type": kind, "norm": "gn", "cls_channels": 16, "reg_channels": 24, "cls_depth": 2, "reg_depth": 3}
+    student_head = {"type": kind, "act": "silu", "norm": "bn", **UNEVEN}
     torch.manual_seed(0)
     teacher = build_detector(tiny_cfg(teacher_head), NC)
     student = build_detector(tiny_cfg(student_head), NC)

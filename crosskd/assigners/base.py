@@ -22,11 +22,6 @@ class Predictions:
     def __init__(self, decode: Callable[[], tuple[Tensor, Tensor]]) -> None:
         self._decode = decode
 
-    @classmethod
-    def of(cls, boxes: Tensor, scores: Tensor) -> "Predictions":
-        """Predictions from already decoded `boxes [B, N, 4]` and `scores [B, N, C]`."""
-        return cls(lambda: (boxes, scores))
-
     @cached_property
     def _decoded(self) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
