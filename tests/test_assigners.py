@@ -4,8 +4,19 @@ import numpy as np
 import pytest
 import torch
 
-from crosskd.assigners import BACKGROUND, IGNORED, AssignResult, atss_assign, fcos_assign, max_iou_assign
-from crosskd.ops.boxes import anchors_per_level, make_anchors, make_points
+from crosskd.assigners import (
+    BACKGROUND,
+    IGNORED,
+    AssignResult,
+    ATSSAssigner,
+    FCOSAssigner,
+    MaxIoUAssigner,
+    Predictions,
+    atss_assign,
+    fcos_assign,
+    max_iou_assign,
+)
+from crosskd.ops.boxes import Priors, anchors_per_level, make_anchors, make_points
 
 INF = 1e8
 
@@ -281,6 +292,36 @@ def test_fcos_matches_per_image_reference_on_random_padded_batch():
         assert np.array_equal(result.assigned_gt[image].numpy(), expected)
     assert result.pos_mask.sum() > 10
     check_labels(result, gt_labels)
+    from_point_strides = fcos_assign(points, anchors_per_level(sizes), point_strides, ranges, gt_boxes, gt_labels)
+    assert torch.equal(from_point_strides.assigned_gt, result.assigned_gt)
+
+
+def no_decode() -> tuple[torch.Tensor, torch.Tensor]:
+    raise AssertionError("an assigner decoded the predictions")
+
+
+def test_assigner_objects_run_their_functions_on_the_priors():
+    sizes, strides = [(4, 4), (2, 2)], [8, 16]
+    anchors = make_anchors(sizes, strides, [32.0, 64.0], [1.0], [1.0], "cpu")
+    points, point_strides = make_points(sizes, strides, "cpu")
+    counts = anchors_per_level(sizes)
+    gt_boxes = tensor([[[2, 2, 30, 30], [20, 10, 60, 50]], [[8, 8, 40, 24], [0, 0, 0, 0]]])
+    gt_labels = torch.tensor([[0, 3], [1, -1]])
+    valid = torch.rand(2, sum(counts), generator=torch.Generator().manual_seed(0)) > 0.2
+    anchor_priors = Priors(anchors, (anchors[:, :2] + anchors[:, 2:]) / 2, point_strides, counts)
+    point_priors = Priors(torch.cat([points, points], 1), points, point_strides, counts)
+    unused = Predictions(no_decode)  # geometric assigners never read the predictions
+    ranges = [(-1, 32), (32, INF)]
+    pairs = [
+        (ATSSAssigner(topk=3)(anchor_priors, gt_boxes, gt_labels, valid, unused),
+         atss_assign(anchors, counts, gt_boxes, gt_labels, topk=3, valid=valid)),
+        (MaxIoUAssigner(0.4, 0.3)(anchor_priors, gt_boxes, gt_labels, valid, unused),
+         max_iou_assign(anchors, gt_boxes, gt_labels, 0.4, 0.3, valid=valid)),
+        (FCOSAssigner(ranges, True, 1.0)(point_priors, gt_boxes, gt_labels, valid, unused),
+         fcos_assign(points, counts, strides, ranges, gt_boxes, gt_labels, True, 1.0)),
+    ]
+    for ours, reference in pairs:
+        assert torch.equal(ours.assigned_gt, reference.assigned_gt) and ours.pos_mask.any()
 
 
 # All assigners ----------------------------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ of each GT only. Candidate tensors are laid out `[B, M, K]`.
 import torch
 from torch import Tensor
 
+from crosskd.assigners.base import Assigner, Predictions
 from crosskd.assigners.result import BACKGROUND, IGNORED, AssignResult
-from crosskd.ops.boxes import aligned_box_iou, box_centers
+from crosskd.ops.boxes import Priors, aligned_box_iou, box_centers
 
 INSIDE_EPS = 0.01
 
@@ -100,3 +101,19 @@ def atss_assign(
     if valid is not None:
         assigned = torch.where(valid, assigned, IGNORED)
     return AssignResult.build(assigned, gt_labels, assigned_iou)
+
+
+class ATSSAssigner(Assigner):
+    """`atss_assign` with `topk` candidates per level (GFL and ATSS heads' default)."""
+
+    name = "atss"
+    uses_boxes = True
+
+    def __init__(self, topk: int = 9) -> None:
+        self.topk = topk
+
+    def __call__(
+        self, priors: Priors, gt_boxes: Tensor, gt_labels: Tensor, valid: Tensor | None, predictions: Predictions
+    ) -> AssignResult:
+        """ATSS on the anchor boxes; the predictions are not used."""
+        return atss_assign(priors.boxes, priors.num_per_level, gt_boxes, gt_labels, topk=self.topk, valid=valid)

@@ -1,10 +1,17 @@
 """FCOS point assignment (Tian et al. 2019), MMDet FCOSHead target semantics, batched."""
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
+from crosskd.assigners.base import Assigner, Predictions
 from crosskd.assigners.result import BACKGROUND, AssignResult
-from crosskd.ops.boxes import box_centers, box_sizes
+from crosskd.errors import ConfigError
+from crosskd.ops.boxes import Priors, box_centers, box_sizes
+
+INF = 1e8
+REGRESS_RANGES = ((-1, 64), (64, 128), (128, 256), (256, 512), (512, INF))  # MMDet FCOS, strides 8..128
 
 
 def _near_centre(px: Tensor, py: Tensor, gt_boxes: Tensor, point_strides: Tensor, radius: float) -> Tensor:
@@ -21,7 +28,7 @@ def _near_centre(px: Tensor, py: Tensor, gt_boxes: Tensor, point_strides: Tensor
 def fcos_assign(
     points: Tensor,
     num_per_level: list[int],
-    strides: list[int],
+    strides: Sequence[int] | Tensor,
     regress_ranges: list[tuple[float, float]],
     gt_boxes: Tensor,
     gt_labels: Tensor,
@@ -32,7 +39,8 @@ def fcos_assign(
 
     A point is a candidate for a GT when it lies inside the box (and, with center sampling, inside the box's centre
     region of radius `center_sample_radius · stride`) and its largest distance to the box sides is within its
-    level's regress range. Of several candidates it takes the GT with the smallest area.
+    level's regress range. Of several candidates it takes the GT with the smallest area. `strides` are per level,
+    or each point's stride `[N]`.
     """
     batch, num_gt = gt_labels.shape
     if num_gt == 0:
@@ -47,9 +55,51 @@ def fcos_assign(
     in_range = (reach >= ranges[None, :, None, 0]) & (reach <= ranges[None, :, None, 1])
     candidate = inside & in_range & (gt_labels >= 0)[:, None]  # [B, N, M]
     if center_sampling:
-        point_strides = torch.tensor(strides, dtype=points.dtype, device=points.device).repeat_interleave(counts)
+        point_strides = (
+            strides
+            if isinstance(strides, Tensor)
+            else torch.tensor(strides, dtype=points.dtype, device=points.device).repeat_interleave(counts)
+        )  # [N]
         candidate &= _near_centre(px, py, gt_boxes, point_strides, center_sample_radius)
     areas = box_sizes(gt_boxes).prod(-1)[:, None].expand_as(candidate)  # [B, N, M]
     smallest_area, smallest_gt = areas.masked_fill(~candidate, float("inf")).min(dim=2)  # [B, N]
     assigned = torch.where(torch.isfinite(smallest_area), smallest_gt, BACKGROUND)
     return AssignResult.build(assigned, gt_labels)
+
+
+class FCOSAssigner(Assigner):
+    """`fcos_assign` with per-level regress ranges and optional center sampling (FCOS head's default)."""
+
+    name = "fcos"
+
+    def __init__(
+        self,
+        regress_ranges: Sequence[Sequence[float]] = REGRESS_RANGES,
+        center_sampling: bool = False,
+        center_sample_radius: float = 1.5,
+    ) -> None:
+        self.regress_ranges = [tuple(float(v) for v in r) for r in regress_ranges]
+        self.center_sampling, self.center_sample_radius = center_sampling, center_sample_radius
+
+    def check_levels(self, num_levels: int) -> None:
+        """One regress range per FPN level."""
+        if len(self.regress_ranges) != num_levels:
+            raise ConfigError(
+                f"head.assigner.regress_ranges has {len(self.regress_ranges)} ranges for {num_levels} strides"
+            )
+
+    def __call__(
+        self, priors: Priors, gt_boxes: Tensor, gt_labels: Tensor, valid: Tensor | None, predictions: Predictions
+    ) -> AssignResult:
+        """FCOS assignment of the prior centres; `valid` and the predictions are not needed (a point outside its
+        image lies inside no GT box, and `get_targets` ignores invalid points afterwards)."""
+        return fcos_assign(
+            priors.points,
+            priors.num_per_level,
+            priors.strides,
+            self.regress_ranges,
+            gt_boxes,
+            gt_labels,
+            center_sampling=self.center_sampling,
+            center_sample_radius=self.center_sample_radius,
+        )

@@ -3,8 +3,9 @@
 import torch
 from torch import Tensor
 
+from crosskd.assigners.base import Assigner, Predictions
 from crosskd.assigners.result import BACKGROUND, IGNORED, AssignResult
-from crosskd.ops.boxes import batched_box_iou
+from crosskd.ops.boxes import Priors, batched_box_iou
 
 
 def _low_quality_matches(overlaps: Tensor, min_pos_iou: float) -> Tensor:
@@ -55,3 +56,35 @@ def max_iou_assign(
     assigned_iou = overlaps.gather(2, assigned.clamp(min=0)[..., None]).squeeze(-1)  # [B, N]
     max_overlaps = torch.where(assigned >= 0, assigned_iou, best_iou).clamp(min=0)
     return AssignResult.build(assigned, gt_labels, max_overlaps)
+
+
+class MaxIoUAssigner(Assigner):
+    """`max_iou_assign` with its thresholds (RetinaNet's default)."""
+
+    name = "max_iou"
+    uses_boxes = True
+
+    def __init__(
+        self,
+        pos_iou_thr: float = 0.5,
+        neg_iou_thr: float = 0.4,
+        min_pos_iou: float = 0.0,
+        match_low_quality: bool = True,
+    ) -> None:
+        self.pos_iou_thr, self.neg_iou_thr, self.min_pos_iou = pos_iou_thr, neg_iou_thr, min_pos_iou
+        self.match_low_quality = match_low_quality
+
+    def __call__(
+        self, priors: Priors, gt_boxes: Tensor, gt_labels: Tensor, valid: Tensor | None, predictions: Predictions
+    ) -> AssignResult:
+        """Max-IoU on the anchor boxes; the predictions are not used."""
+        return max_iou_assign(
+            priors.boxes,
+            gt_boxes,
+            gt_labels,
+            pos_iou_thr=self.pos_iou_thr,
+            neg_iou_thr=self.neg_iou_thr,
+            min_pos_iou=self.min_pos_iou,
+            match_low_quality=self.match_low_quality,
+            valid=valid,
+        )

@@ -60,8 +60,9 @@ def check_hold_widths(student_head: DenseHead, teacher_head: DenseHead, idx: int
     s_channels, t_channels = hold_channels(student_head, idx), hold_channels(teacher_head, idx)
     if s_channels != t_channels:
         raise CheckpointError(
-            f"{setting} needs equal head widths at kd_idx={idx}, but the teacher's tower features have {t_channels} "
-            f"channels and the student's {s_channels}: use the same feat_channels or kd_strategy=a"
+            f"{setting} needs equal head widths at kd_idx={idx}, but the teacher's tower features have "
+            f"{_widths(t_channels)} channels and the student's {_widths(s_channels)}: use the same feat_channels or "
+            "kd_strategy=a"
         )
 
 
@@ -96,18 +97,22 @@ def resolve_kd_idx(kd_idx: int | None, student_head: DenseHead, teacher_head: De
     return kd_idx
 
 
-def hold_channels(head: DenseHead, idx: int) -> int:
-    """Channels of the tower feature after step `idx` (the head input when idx is 0)."""
-    return int(head.in_channels) if idx == 0 else int(head.feat_channels)
+def hold_channels(head: DenseHead, idx: int) -> tuple[int, int]:
+    """Channels (cls, reg) of the tower features after step `idx` (the head input where a tower has not begun)."""
+    return head.hold_channels(idx)
+
+
+def _widths(channels: tuple[int, int]) -> str:
+    return str(channels[0]) if channels[0] == channels[1] else f"{channels[0]} (cls) / {channels[1]} (reg)"
 
 
 class TowerAdapter(nn.Module):
     """Learned 1x1 convs mapping the student's cls and reg hold features to the teacher's width."""
 
-    def __init__(self, student_channels: int, teacher_channels: int) -> None:
+    def __init__(self, student_channels: tuple[int, int], teacher_channels: tuple[int, int]) -> None:
         super().__init__()
-        self.cls = nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
-        self.reg = nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
+        self.cls = nn.Conv2d(student_channels[0], teacher_channels[0], kernel_size=1)
+        self.reg = nn.Conv2d(student_channels[1], teacher_channels[1], kernel_size=1)
 
     def forward(self, cls_feat: Tensor, reg_feat: Tensor) -> tuple[Tensor, Tensor]:
         """[B, C_student, H, W] hold features → [B, C_teacher, H, W] each."""
@@ -119,8 +124,8 @@ def build_adapter(student_head: DenseHead, teacher_head: DenseHead, idx: int) ->
     s_channels, t_channels = hold_channels(student_head, idx), hold_channels(teacher_head, idx)
     if s_channels == t_channels:
         return None
-    LOGGER.info(f"CrossKD: student hold features have {s_channels} channels, the teacher's {t_channels}; "
-                "adding learned 1x1 adapters (cls, reg)")
+    LOGGER.info(f"CrossKD: student hold features have {_widths(s_channels)} channels, the teacher's "
+                f"{_widths(t_channels)}; adding learned 1x1 adapters (cls, reg)")
     return TowerAdapter(s_channels, t_channels)
 
 

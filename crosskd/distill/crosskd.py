@@ -17,7 +17,7 @@ from crosskd.utils import LOGGER
 
 if TYPE_CHECKING:
     from crosskd.models import DenseDetector
-    from crosskd.models.heads.base import Priors, Targets
+    from crosskd.models.heads.base import HeadOutputs, Priors, Targets
 
 
 def resolve_kd_weights(
@@ -180,7 +180,7 @@ class Distiller(nn.Module):
         s_feats = self.student.extract_features(batch.images)
         holds, outputs = head_pass(s_head, s_feats, self.kd_idx)
         priors = s_head.priors(feat_sizes(s_feats), s_feats[0].device)
-        targets = s_head.get_targets(priors, batch)
+        targets = s_head.get_targets(priors, batch, outputs)
         losses = dict(s_head.loss(outputs, priors, targets))
         if not self.methods:
             return losses
@@ -212,11 +212,12 @@ class Distiller(nn.Module):
         """Both heads' flat predictions and the KD priors and targets, built once a step when a method asks."""
         t_flat = ctx.teacher_head.flatten_outputs(ctx.teacher.outputs)
         own = ctx.student_head.flatten_outputs(ctx.student.outputs)
-        t_priors, kd_targets = self.kd_targets(ctx.teacher.feats, ctx.batch, ctx.student.priors, ctx.student.targets)
+        t_priors, kd_targets = self.kd_targets(ctx.teacher.feats, ctx.batch, ctx.student.priors, ctx.student.targets,
+                                               ctx.teacher.outputs)
         return PredictionInputs(own, t_flat, t_priors, kd_targets)
 
     def kd_targets(
-        self, t_feats: list[Tensor], batch: Any, s_priors: Priors, s_targets: Targets
+        self, t_feats: list[Tensor], batch: Any, s_priors: Priors, s_targets: Targets, t_outputs: HeadOutputs
     ) -> tuple[Priors, Targets]:
         """Priors and region/normaliser targets of the teacher's head type (the student's when they coincide)."""
         t_head = self.teacher.head
@@ -224,7 +225,7 @@ class Distiller(nn.Module):
         same_type = t_head.head_type == self.student.head.head_type
         if same_type and self.same_priors(t_priors, s_priors):
             return t_priors, s_targets
-        return t_priors, t_head.get_targets(t_priors, batch)
+        return t_priors, t_head.get_targets(t_priors, batch, t_outputs)
 
     def same_priors(self, t_priors: Priors, s_priors: Priors) -> bool:
         """Whether the two heads' priors (boxes [N, 4]) are equal; remembered for the last pair, since the heads

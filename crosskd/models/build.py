@@ -1,4 +1,7 @@
-"""Build a DenseDetector from a model YAML: each section is `type:` plus constructor keyword arguments (no registry)."""
+"""Build a DenseDetector from a model YAML: each section is `type:` plus constructor keyword arguments (no registry).
+
+The head section may hold an `assigner:` section of the same form (`type:` plus the assigner's keyword arguments).
+"""
 
 import difflib
 import inspect
@@ -8,6 +11,7 @@ from typing import Any
 import yaml
 from torch import nn
 
+from crosskd.assigners import ASSIGNERS
 from crosskd.errors import ConfigError
 from crosskd.paths import resolve_cfg_file
 
@@ -20,7 +24,8 @@ BACKBONES = {"resnet": ResNet, "mobilenetv2": MobileNetV2, "swin_t": SwinT}
 NECKS = {"fpn": FPN}
 HEADS = {"gfl": GFLHead, "retinanet": RetinaHead, "fcos": FCOSHead, "atss": ATSSHead}
 SECTIONS: dict[str, dict[str, type[nn.Module]]] = {"backbone": BACKBONES, "neck": NECKS, "head": HEADS}
-AUTO_ARGS = {"backbone": set(), "neck": {"in_channels"}, "head": {"num_classes", "in_channels"}}
+AUTO_ARGS = {"backbone": set(), "neck": {"in_channels"}, "head": {"num_classes", "in_channels", "layout"}}
+FORWARDED = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 INPUT_KEYS = ("mean", "std", "bgr")  # the optional `input` section: DenseDetector's normalisation arguments
 TOP_KEYS = (*SECTIONS, "input", "nc", "name")
 
@@ -58,25 +63,62 @@ def _check_value(source: str, field: str, value: Any, default: Any) -> None:
         raise ConfigError(f"{source}: {field} {value!r} must be {names}")
 
 
+def constructor_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """Named constructor parameters of `cls`, with the base class's where its `*args, **kwargs` forward to them."""
+    params: dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:
+        if klass is nn.Module or "__init__" not in vars(klass):
+            continue
+        signature = inspect.signature(klass.__init__).parameters
+        for name, param in list(signature.items())[1:]:
+            if param.kind not in FORWARDED:
+                params.setdefault(name, param)
+        if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in signature.values()):
+            break
+    return params
+
+
+def _checked_kwargs(spec: dict, table: dict[str, type], label: str, skip: set[str], source: str) -> dict[str, Any]:
+    """Keyword arguments of a `type:` section `label` (e.g. 'head'), checked against the chosen class's signature."""
+    kwargs = dict(spec)
+    kind = kwargs.pop("type")
+    if kind not in table:
+        raise ConfigError(f"{source}: {label}.type '{kind}' is not one of {', '.join(table)}")
+    params = {k: p for k, p in constructor_parameters(table[kind]).items() if k not in skip}
+    for key, value in kwargs.items():
+        if key not in params:
+            raise ConfigError(f"{source}: {label}.{key} is not an argument of {kind}{_suggest(key, list(params))}")
+        _check_value(source, f"{label}.{key}", value, params[key].default)
+    missing = [k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in kwargs]
+    if missing:
+        raise ConfigError(f"{source}: {label}.{missing[0]} is required for {kind}")
+    return kwargs
+
+
 def _section_kwargs(cfg: dict, section: str, source: str) -> tuple[type[nn.Module], dict[str, Any]]:
     """The class and checked keyword arguments of one YAML section."""
     spec = cfg.get(section)
     if not isinstance(spec, dict) or "type" not in spec:
         raise ConfigError(f"{source}: missing '{section}' section with a 'type' key")
-    kwargs = dict(spec)
-    kind, table = kwargs.pop("type"), SECTIONS[section]
-    if kind not in table:
-        raise ConfigError(f"{source}: {section}.type '{kind}' is not one of {', '.join(table)}")
-    cls = table[kind]
-    params = {k: p for k, p in inspect.signature(cls).parameters.items() if k not in AUTO_ARGS[section]}
-    for key, value in kwargs.items():
-        if key not in params:
-            raise ConfigError(f"{source}: {section}.{key} is not an argument of {kind}{_suggest(key, list(params))}")
-        _check_value(source, f"{section}.{key}", value, params[key].default)
-    missing = [k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in kwargs]
-    if missing:
-        raise ConfigError(f"{source}: {section}.{missing[0]} is required for {kind}")
-    return cls, kwargs
+    kwargs = _checked_kwargs(spec, SECTIONS[section], section, AUTO_ARGS[section], source)
+    return SECTIONS[section][spec["type"]], kwargs
+
+
+def _assigner(head_cls: type[nn.Module], head_kwargs: dict[str, Any], source: str) -> dict[str, Any]:
+    """The head's keyword arguments with a YAML `assigner:` section replaced by the assigner it builds."""
+    spec = head_kwargs.get("assigner")
+    if spec is None:
+        return head_kwargs
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ConfigError(f"{source}: head.assigner must be a mapping with a 'type' key, one of {', '.join(ASSIGNERS)}")
+    shorthand = [k for k in getattr(head_cls, "assigner_keys", ()) if k in head_kwargs]
+    if shorthand:
+        raise ConfigError(
+            f"{source}: head.{shorthand[0]} sets the head's default assigner, which head.assigner replaces: "
+            "give it inside head.assigner or drop it"
+        )
+    kwargs = _checked_kwargs(spec, ASSIGNERS, "head.assigner", set(), source)
+    return {**head_kwargs, "assigner": _construct(ASSIGNERS[spec["type"]], source, **kwargs)}
 
 
 def _is_three_numbers(value: Any) -> bool:
@@ -131,6 +173,7 @@ def build_detector(model_cfg: dict | str | Path, nc: int) -> DenseDetector:
     normalisation = _input_kwargs(cfg, source)
     backbone = _construct(parts["backbone"][0], source, **parts["backbone"][1])
     neck = _construct(parts["neck"][0], source, in_channels=backbone.out_channels, **parts["neck"][1])
-    head = _construct(parts["head"][0], source, num_classes=nc, in_channels=neck.out_channels, **parts["head"][1])
+    head_cls, head_kwargs = parts["head"][0], _assigner(*parts["head"], source)
+    head = _construct(head_cls, source, num_classes=nc, in_channels=neck.out_channels, **head_kwargs)
     _check_strides(source, backbone, neck, head)
     return DenseDetector(backbone, neck, head, yaml={**cfg, "nc": nc}, **normalisation)

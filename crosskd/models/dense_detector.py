@@ -85,7 +85,7 @@ class DenseDetector(nn.Module):
         """Detection losses (scalars) of a `Batch`: images [B, 3, H, W], gt_boxes [B, M, 4] xyxy, gt_labels [B, M]."""
         outputs = self(batch.images)
         priors = self.priors_for(outputs)
-        targets = self.head.get_targets(priors, batch)
+        targets = self.head.get_targets(priors, batch, outputs)
         return self.head.loss(outputs, priors, targets)
 
     def decode(self, images: Tensor) -> Decoded:
@@ -125,7 +125,7 @@ class DenseDetector(nn.Module):
         validation losses at the cost of the assigner only. Boxes [K, 4] xyxy in original-image pixels."""
         outputs = self(batch.images)
         priors = self.priors_for(outputs)
-        losses = self.head.loss(outputs, priors, self.head.get_targets(priors, batch))
+        losses = self.head.loss(outputs, priors, self.head.get_targets(priors, batch, outputs))
         decoded = decode_outputs(self.head, outputs, batch.images.shape[-2:])
         dets = postprocess(*decoded, conf, iou, max_det, nms_pre, multi_label)
         return [d._replace(boxes=scale_boxes(d.boxes, r)) for d, r in zip(dets, batch.ratios)], losses

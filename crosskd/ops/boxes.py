@@ -5,6 +5,7 @@ Prior ordering everywhere: level-major, then y, x, then anchor within a location
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -85,6 +86,15 @@ def clip_boxes(boxes: Tensor, max_shape: tuple[int, int] | Tensor) -> Tensor:
 
 
 # Priors ------------------------------------------------------------------------------------------------------------
+
+
+class Priors(NamedTuple):
+    """Anchors or points of all levels, ordered level-major, then y, x, then anchor."""
+
+    boxes: Tensor  # [N, 4] xyxy anchors (zero-size boxes at points for point heads)
+    points: Tensor  # [N, 2] centres
+    strides: Tensor  # [N]
+    num_per_level: list[int]
 
 
 def _grid_centres(height: int, width: int, stride: int, offset: float, device: Device) -> Tensor:

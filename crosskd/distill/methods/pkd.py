@@ -30,7 +30,9 @@ class PKD(KDMethod):
         if setup.pkd_on == "neck":
             widths = feature_channels(student), feature_channels(teacher)
         else:
-            widths = hold_channels(student.head, setup.kd_idx), hold_channels(teacher.head, setup.kd_idx)
+            branch = TOWER[setup.pkd_on]  # hold_channels gives the (cls, reg) widths
+            widths = (hold_channels(student.head, setup.kd_idx)[branch],
+                      hold_channels(teacher.head, setup.kd_idx)[branch])
         self.connector = build_connector(*widths, f"PKD ({setup.pkd_on})")
 
     @classmethod

@@ -243,7 +243,7 @@ class Analyzer:
         s_feats = d.student.extract_features(batch.images)
         s_holds, s_out = head_pass(s_head, s_feats, d.kd_idx)
         priors = s_head.priors(feat_sizes(s_feats), s_feats[0].device)
-        targets = s_head.get_targets(priors, batch)
+        targets = s_head.get_targets(priors, batch, s_out)
         t_holds, t_out = head_pass(t_head, d.teacher.extract_features(batch.images), d.kd_idx)
         cross = d.methods["crosskd"].cross_head(t_head, s_holds, t_holds)
         anchors = (t_head.num_anchors, s_head.num_anchors)

@@ -17,7 +17,6 @@ its EMA copy outside `state_dict`, in `ema_state_dict`, which is not read).
 from __future__ import annotations
 
 import ast
-import inspect
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,7 +26,7 @@ from torch import Tensor
 
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models.backbones import ResNet, SwinT
-from crosskd.models.build import HEADS, build_detector, load_model_yaml
+from crosskd.models.build import HEADS, build_detector, constructor_parameters, load_model_yaml
 from crosskd.models.dense_detector import DenseDetector
 
 from .mapping import load_mapped
@@ -264,7 +263,7 @@ def _model_yaml(model: dict, img_norm_cfg: Any = None) -> dict:
     suffix = "swint" if backbone["type"] == "swin_t" else f"r{backbone['depth']}"
     suffix += "_caffe" if backbone.get("style") == "caffe" else ""
     base = _base_yaml(head_type, suffix)
-    accepted = inspect.signature(HEADS[head_type]).parameters
+    accepted = constructor_parameters(HEADS[head_type])
     overrides = {k: v for k, v in _head_overrides(head, model.get("train_cfg") or {}).items() if k in accepted}
     normalisation = _input_section(model, img_norm_cfg)
     return {
@@ -363,7 +362,7 @@ def mmdet_state_dict(ckpt: Mapping) -> dict[str, Tensor]:
 
 
 def _anchors_per_location(head: dict) -> int:
-    params = inspect.signature(HEADS[head["type"]]).parameters
+    params = constructor_parameters(HEADS[head["type"]])
     if "scales_per_octave" not in params:
         return 1
     scales = head.get("scales_per_octave", params["scales_per_octave"].default)

@@ -1,7 +1,7 @@
 """Dense detection heads sharing one contract (see base.py)."""
 
 from .atss import ATSSHead
-from .base import ConvBlock, DenseHead, FlatOutputs, HeadOutputs, LevelOutput, Priors, Scale, Targets
+from .base import ConvBlock, DenseHead, FlatOutputs, HeadLayout, HeadOutputs, LevelOutput, Priors, Scale, Targets
 from .fcos import FCOSHead
 from .gfl import GFLHead
 from .retinanet import RetinaHead
@@ -13,6 +13,7 @@ __all__ = [
     "FCOSHead",
     "FlatOutputs",
     "GFLHead",
+    "HeadLayout",
     "HeadOutputs",
     "LevelOutput",
     "Priors",

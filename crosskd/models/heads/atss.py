@@ -1,35 +1,34 @@
 """ATSS head: one anchor per location, ATSS assignment, focal loss, GIoU on decoded deltas and centerness."""
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
-from crosskd.assigners import AssignResult, atss_assign
+from crosskd.assigners import ATSSAssigner
 from crosskd.losses.detection import giou_loss, weight_reduce
 from crosskd.ops.boxes import delta_xywh_decode
 
-from .base import DEFAULT_STRIDES, DenseHead, HeadOutputs, LevelOutput, Priors, Targets, anchor_scales
+from .base import DenseHead, HeadLayout, HeadOutputs, LevelOutput, Priors, Targets, anchor_scales
 
 
 class ATSSHead(DenseHead):
     """ATSS head (MMDet defaults): GN towers, Scale on deltas (stds 0.1/0.2), centerness from the reg branch.
 
     Per level: cls_score [B, A*C, H, W] logits (A = 1 anchor), bbox_pred [B, A*4, H, W] (dx, dy, dw, dh) deltas
-    after the level's Scale, centerness [B, A, H, W] logits.
+    after the level's Scale, centerness [B, A, H, W] logits. Takes the `DenseHead` arguments plus its own below;
+    `topk` sets the default ATSS assigner.
     """
 
     head_type = "atss"
     with_centerness = True
+    assigner_keys = ("topk",)
 
     def __init__(
         self,
         num_classes: int,
         in_channels: int,
-        feat_channels: int = 256,
-        stacked_convs: int = 4,
-        norm: str = "gn",
-        num_groups: int = 32,
-        strides: Sequence[int] = DEFAULT_STRIDES,
+        *args: Any,
         octave_base_scale: float = 8.0,
         scales_per_octave: int = 1,
         ratios: Sequence[float] = (1.0,),
@@ -40,17 +39,17 @@ class ATSSHead(DenseHead):
         loss_cls_weight: float = 1.0,
         loss_box_weight: float = 2.0,
         loss_ctr_weight: float = 1.0,
+        **kwargs: Any,
     ) -> None:
         scales = anchor_scales(octave_base_scale, scales_per_octave)
-        super().__init__(
-            num_classes, in_channels, feat_channels, stacked_convs, norm, num_groups, strides, scales, ratios, True
-        )
+        layout = HeadLayout(ATSSAssigner(topk), scales, ratios)
+        super().__init__(num_classes, in_channels, *args, layout=layout, **kwargs)
         self.topk, self.box_stds = topk, tuple(box_stds)
         self.focal_gamma, self.focal_alpha = focal_gamma, focal_alpha
         self.loss_weights = {"loss_cls": loss_cls_weight, "loss_box": loss_box_weight, "loss_ctr": loss_ctr_weight}
-        self.atss_cls = nn.Conv2d(self.out_channels, self.num_anchors * num_classes, 3, padding=1)
-        self.atss_reg = nn.Conv2d(self.out_channels, self.num_anchors * 4, 3, padding=1)
-        self.atss_centerness = nn.Conv2d(self.out_channels, self.num_anchors, 3, padding=1)
+        self.atss_cls = nn.Conv2d(self.cls_out_channels, self.num_anchors * num_classes, 3, padding=1)
+        self.atss_reg = nn.Conv2d(self.reg_out_channels, self.num_anchors * 4, 3, padding=1)
+        self.atss_centerness = nn.Conv2d(self.reg_out_channels, self.num_anchors, 3, padding=1)
         self.init_weights(self.atss_cls)
 
     def predict_level(self, cls_feat: Tensor, reg_feat: Tensor, level: int) -> LevelOutput:
@@ -60,9 +59,6 @@ class ATSSHead(DenseHead):
     def decode_boxes(self, reg: Tensor, priors: Priors) -> Tensor:
         """Deltas [B, N, 4] applied to the anchors → [B, N, 4] xyxy."""
         return delta_xywh_decode(priors.boxes, reg, stds=self.box_stds)
-
-    def assign(self, priors: Priors, gt_boxes: Tensor, gt_labels: Tensor, valid: Tensor | None = None) -> AssignResult:
-        return atss_assign(priors.boxes, priors.num_per_level, gt_boxes, gt_labels, topk=self.topk, valid=valid)
 
     def loss(self, outputs: HeadOutputs, priors: Priors, targets: Targets) -> dict[str, Tensor]:
         flat = self.flatten_outputs(outputs)

@@ -1,9 +1,11 @@
 """The dense-head contract shared by GFL, RetinaNet, FCOS and ATSS (the CrossKD seam).
 
-A head is a shared conv tower per branch (`cls_convs`, `reg_convs` of `ConvBlock`), its predictors and per-level
-`scales`. `forward_tower` stops inside the tower (pre-activation) and `forward_from` finishes the pass, so a
-distiller can route a student feature through the rest of a teacher head. Target building and the loss terms
-used by several heads live here once; each head file adds its predictors, assigner, coder and loss recipe.
+A head is a conv tower per branch (`cls_convs`, `reg_convs` of `ConvBlock`, each with its own width and depth), its
+predictors and per-level `scales`. `forward_tower` stops inside the towers (pre-activation) and `forward_from`
+finishes the pass, so a distiller can route a student feature through the rest of a teacher head. Every head takes
+the `DenseHead` constructor arguments plus its own; the assigner is an object the model YAML may choose
+(`head.assigner`), called with the head's decoded predictions. Target building and the loss terms used by several
+heads live here once; each head file adds its predictors, coder and loss recipe.
 """
 
 import math
@@ -15,13 +17,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from crosskd.assigners import IGNORED, AssignResult
+from crosskd.assigners import IGNORED, Assigner, AssignResult, Predictions
 from crosskd.dist import reduce_mean
 from crosskd.errors import ConfigError
 from crosskd.losses.detection import bce_with_logits, focal_loss, weight_reduce
-from crosskd.ops.boxes import centerness_target, distance_encode, make_anchors, make_points
+from crosskd.ops.boxes import Priors, centerness_target, distance_encode, make_anchors, make_points
 
-NORMS = ("gn", "none")
+from .towers import ConvBlock, check_towers, finish_tower, run_tower
+
 DEFAULT_STRIDES = (8, 16, 32, 64, 128)
 PRIOR_PROB = 0.01
 PRIOR_CACHE_SIZE = 16  # feature-size sets kept by DenseHead.priors (multi-scale training meets a few)
@@ -44,15 +47,6 @@ class LevelOutput(NamedTuple):
     centerness: Tensor | None  # [B, A, H, W]
 
 
-class Priors(NamedTuple):
-    """Anchors or points of all levels, ordered level-major, then y, x, then anchor."""
-
-    boxes: Tensor  # [N, 4] xyxy anchors (zero-size boxes at points for FCOS)
-    points: Tensor  # [N, 2] centres
-    strides: Tensor  # [N]
-    num_per_level: list[int]
-
-
 class FlatOutputs(NamedTuple):
     """Head outputs of all levels flattened to the prior order, in float32."""
 
@@ -73,27 +67,6 @@ class Targets:
     num_pos: Tensor  # scalar float, averaged over ranks, >= 1
     centerness_targets: Tensor | None = None  # [B, N] (FCOS, ATSS), zeros on non-positives
     centerness_denorm: Tensor | None = None  # scalar: averaged sum of positive centerness targets
-
-
-class ConvBlock(nn.Module):
-    """3×3 conv → GroupNorm (or nothing) → ReLU.
-
-    The conv has a bias only without a norm unless `bias` says otherwise (MMDet ConvModule `bias='auto'`).
-    """
-
-    def __init__(
-        self, in_channels: int, out_channels: int, norm: str = "gn", num_groups: int = 32, bias: bool | None = None
-    ) -> None:
-        super().__init__()
-        bias = norm == "none" if bias is None else bias
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias)
-        self.norm = nn.GroupNorm(num_groups, out_channels) if norm == "gn" else nn.Identity()
-        self.act = nn.ReLU()
-
-    def forward(self, x: Tensor, activate: bool = True) -> Tensor:
-        """[B, C_in, H, W] → [B, C_out, H, W]; `activate=False` returns the pre-activation (after the norm)."""
-        x = self.norm(self.conv(x))
-        return self.act(x) if activate else x
 
 
 class Scale(nn.Module):
@@ -148,13 +121,27 @@ def _check_anchor_sizes(anchor_sizes: Sequence[Sequence[float]] | None, strides:
     return sizes
 
 
-def _check_head_args(feat_channels: int, stacked_convs: int, norm: str, num_groups: int) -> None:
-    if norm not in NORMS:
-        raise ConfigError(f"head.norm '{norm}' is not one of {', '.join(NORMS)}")
-    if norm == "gn" and (num_groups < 1 or feat_channels % num_groups):
-        raise ConfigError(f"head.num_groups {num_groups} must divide head.feat_channels {feat_channels}")
-    if stacked_convs < 0:
-        raise ConfigError(f"head.stacked_convs {stacked_convs} must be >= 0")
+def _branch(key: str, value: int | None, shared_key: str, shared: int) -> tuple[str, int]:
+    """A branch's setting and the key that set it: its own key when given, else the shared one."""
+    return (shared_key, shared) if value is None else (key, value)
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """What a head type fixes for the `DenseHead` constructor: its priors, per-level Scales and default assigner.
+
+    Anchors: `anchor_scales` (octave scales × stride) or `anchor_sizes` (pixels per level), times `anchor_ratios` per
+    location, corners rounded with `round_anchors`. Points (`anchor_scales` None): one per location at
+    (index + `point_offset`) × stride.
+    """
+
+    default_assigner: Assigner
+    anchor_scales: Sequence[float] | None = None
+    anchor_ratios: Sequence[float] = (1.0,)
+    anchor_sizes: Sequence[Sequence[float]] | None = None
+    round_anchors: bool = False
+    point_offset: float = 0.5
+    use_scale: bool = True
 
 
 class DenseHead(nn.Module, metaclass=ABCMeta):
@@ -174,47 +161,89 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
         self,
         num_classes: int,
         in_channels: int,
-        feat_channels: int,
-        stacked_convs: int,
-        norm: str,
-        num_groups: int,
-        strides: Sequence[int],
-        anchor_scales: Sequence[float] | None,
-        anchor_ratios: Sequence[float],
-        use_scales: bool,
-        conv_bias: bool | None = None,
+        feat_channels: int = 256,
+        stacked_convs: int = 4,
+        norm: str = "gn",
+        num_groups: int = 32,
+        strides: Sequence[int] = DEFAULT_STRIDES,
         *,
-        anchor_sizes: Sequence[Sequence[float]] | None = None,
-        round_anchors: bool = False,
-        point_offset: float = 0.5,
+        act: str = "relu",
+        cls_channels: int | None = None,
+        reg_channels: int | None = None,
+        cls_depth: int | None = None,
+        reg_depth: int | None = None,
+        conv_bias: bool | None = None,
+        assigner: Assigner | None = None,
+        layout: HeadLayout,
     ) -> None:
-        """Prior options for exact torchvision equivalence (the defaults keep MMDet's priors): `anchor_sizes`
-        (explicit per-level anchor sizes in pixels instead of octave scales × stride), `round_anchors` (base anchor
-        corners rounded to whole pixels) and `point_offset` (points at (index + offset) × stride; torchvision 0)."""
-        super().__init__()
-        _check_head_args(feat_channels, stacked_convs, norm, num_groups)
-        self.num_classes, self.in_channels, self.feat_channels = num_classes, in_channels, feat_channels
-        self.stacked_convs, self.strides = stacked_convs, list(strides)
-        self.anchor_scales = None if anchor_scales is None else list(anchor_scales)
-        self.anchor_sizes = _check_anchor_sizes(anchor_sizes, self.strides)
-        self.anchor_ratios = list(anchor_ratios)
-        self.round_anchors, self.point_offset = round_anchors, point_offset
-        per_location = self.anchor_sizes[0] if self.anchor_sizes else self.anchor_scales
-        self.num_anchors = 1 if anchor_scales is None else len(per_location) * len(self.anchor_ratios)
-        self.cls_convs = self._tower(norm, num_groups, conv_bias)
-        self.reg_convs = self._tower(norm, num_groups, conv_bias)
-        self.scales = nn.ModuleList(Scale(1.0) for _ in self.strides) if use_scales else None
+        """Towers, priors, Scales and assigner shared by every head; a head passes its own `layout`.
 
-    def _tower(self, norm: str, num_groups: int, conv_bias: bool | None) -> nn.ModuleList:
-        chans = [self.in_channels] + [self.feat_channels] * self.stacked_convs
-        return nn.ModuleList(
-            ConvBlock(chans[i], chans[i + 1], norm, num_groups, conv_bias) for i in range(self.stacked_convs)
-        )
+        Args:
+            num_classes, in_channels: classes C and FPN width (the model builder fills both).
+            feat_channels, stacked_convs: width and depth of both towers, unless `cls_channels` / `reg_channels`
+                and `cls_depth` / `reg_depth` set a branch's own.
+            norm, num_groups, act, conv_bias: every tower block: 'gn' (with `num_groups`), 'bn' or 'none';
+                'relu' or 'silu'; conv bias (None: only without a norm).
+            strides: one per FPN level.
+            assigner: None takes the layout's default (the head's own assignment settings).
+        """
+        super().__init__()
+        widths = dict([_branch("cls_channels", cls_channels, "feat_channels", feat_channels),
+                       _branch("reg_channels", reg_channels, "feat_channels", feat_channels)])
+        depths = dict([_branch("cls_depth", cls_depth, "stacked_convs", stacked_convs),
+                       _branch("reg_depth", reg_depth, "stacked_convs", stacked_convs)])
+        check_towers(norm, act, num_groups, widths, depths)
+        self.num_classes, self.in_channels, self.feat_channels = num_classes, in_channels, feat_channels
+        self.cls_channels = feat_channels if cls_channels is None else cls_channels
+        self.reg_channels = feat_channels if reg_channels is None else reg_channels
+        self.cls_depth = stacked_convs if cls_depth is None else cls_depth
+        self.reg_depth = stacked_convs if reg_depth is None else reg_depth
+        self.stacked_convs = max(self.cls_depth, self.reg_depth)  # tower steps a hold point may take
+        self.strides = list(strides)
+        self._set_priors(layout)
+        block = {"norm": norm, "num_groups": num_groups, "bias": conv_bias, "act": act}
+        self.cls_convs = self._tower(self.cls_channels, self.cls_depth, block)
+        self.reg_convs = self._tower(self.reg_channels, self.reg_depth, block)
+        self.scales = nn.ModuleList(Scale(1.0) for _ in self.strides) if layout.use_scale else None
+        self.assigner = layout.default_assigner if assigner is None else assigner
+        if assigner is not None:  # the head checks its own settings of the default one
+            self._check_assigner()
+
+    def _set_priors(self, layout: HeadLayout) -> None:
+        self.anchor_scales = None if layout.anchor_scales is None else list(layout.anchor_scales)
+        self.anchor_sizes = _check_anchor_sizes(layout.anchor_sizes, self.strides)
+        self.anchor_ratios = list(layout.anchor_ratios)
+        self.round_anchors, self.point_offset = layout.round_anchors, layout.point_offset
+        per_location = self.anchor_sizes[0] if self.anchor_sizes else self.anchor_scales
+        self.num_anchors = 1 if self.anchor_scales is None else len(per_location) * len(self.anchor_ratios)
+
+    def _tower(self, width: int, depth: int, block: dict) -> nn.ModuleList:
+        chans = [self.in_channels] + [width] * depth
+        return nn.ModuleList(ConvBlock(chans[i], chans[i + 1], **block) for i in range(depth))
+
+    def _check_assigner(self) -> None:
+        if self.anchor_scales is None and self.assigner.uses_boxes:
+            raise ConfigError(
+                f"head.assigner {self.assigner.name} matches anchor boxes, but {self.head_type} has points: "
+                "use an assigner that matches points (fcos)"
+            )
+        self.assigner.check_levels(len(self.strides))
+
+    def hold_channels(self, step: int) -> tuple[int, int]:
+        """Channels (cls, reg) of `forward_tower(x, step)`'s features (the head input where a tower has not begun)."""
+        cls = self.cls_channels if min(step, self.cls_depth) else self.in_channels
+        reg = self.reg_channels if min(step, self.reg_depth) else self.in_channels
+        return cls, reg
 
     @property
-    def out_channels(self) -> int:
-        """Channels entering the predictors."""
-        return self.feat_channels if self.stacked_convs else self.in_channels
+    def cls_out_channels(self) -> int:
+        """Channels entering the classification predictor."""
+        return self.hold_channels(self.stacked_convs)[0]
+
+    @property
+    def reg_out_channels(self) -> int:
+        """Channels entering the regression (and reg-side centerness) predictor."""
+        return self.hold_channels(self.stacked_convs)[1]
 
     @property
     def default_kd_idx(self) -> int:
@@ -234,40 +263,33 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
     def forward_tower(self, x: Tensor, stop: int) -> tuple[Tensor, Tensor]:
         """Cls and reg tower features after step `stop`, before its activation; `stop=0` returns (x, x).
 
+        A tower shallower than `stop` returns its last step's pre-activation (x itself when it has no steps).
+
         Args:
             x (Tensor[B, in_channels, H, W]): one FPN level.
-            stop (int): tower step, 0 ≤ stop ≤ stacked_convs.
+            stop (int): tower step, 0 ≤ stop ≤ stacked_convs (the deeper tower's depth).
 
         Returns:
-            (cls_feat, reg_feat): each Tensor[B, feat_channels, H, W] (x itself when `stop=0`).
+            (cls_feat, reg_feat): Tensor[B, C_cls, H, W], Tensor[B, C_reg, H, W], widths `hold_channels(stop)`.
         """
         if not 0 <= stop <= self.stacked_convs:
             raise ValueError(f"tower step {stop} outside 0..{self.stacked_convs}")
-        cls_feat = reg_feat = x
-        for i in range(stop):
-            activate = i < stop - 1
-            cls_feat = self.cls_convs[i](cls_feat, activate)
-            reg_feat = self.reg_convs[i](reg_feat, activate)
-        return cls_feat, reg_feat
+        return run_tower(self.cls_convs, x, stop), run_tower(self.reg_convs, x, stop)
 
     def forward_from(self, cls_feat: Tensor, reg_feat: Tensor, level: int, start: int) -> LevelOutput:
         """Finish the head from pre-activation tower features of step `start` (raw input when `start=0`).
 
         Args:
             cls_feat, reg_feat (Tensor[B, C, H, W]): what `forward_tower(x, start)` returns (or a student's
-                features of the same width).
+                features of the same widths, `hold_channels(start)`).
             level (int): FPN level index, selects the level's Scale.
             start (int): tower step the features come from.
 
         Returns:
             LevelOutput: cls_score [B, A*C, H, W], bbox_pred [B, A*R, H, W], centerness [B, A, H, W] or None.
         """
-        if start > 0:
-            cls_feat = self.cls_convs[start - 1].act(cls_feat)
-            reg_feat = self.reg_convs[start - 1].act(reg_feat)
-        for i in range(start, self.stacked_convs):
-            cls_feat = self.cls_convs[i](cls_feat)
-            reg_feat = self.reg_convs[i](reg_feat)
+        cls_feat = finish_tower(self.cls_convs, cls_feat, start)
+        reg_feat = finish_tower(self.reg_convs, reg_feat, start)
         return self.predict_level(cls_feat, reg_feat, level)
 
     @abstractmethod
@@ -336,8 +358,27 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
         """Regression outputs [B, N, R] → boxes [B, N, 4] xyxy input pixels (differentiable)."""
 
     # ----- targets --------------------------------------------------------------------------------------
-    @abstractmethod
-    def assign(self, priors: Priors, gt_boxes: Tensor, gt_labels: Tensor, valid: Tensor | None = None) -> AssignResult:
+    def predictions(self, outputs: HeadOutputs | None, priors: Priors) -> Predictions:
+        """The decoded boxes [B, N, 4] and scores [B, N, C] of `outputs` for the assigner, decoded on first use."""
+
+        def decode() -> tuple[Tensor, Tensor]:
+            if outputs is None:
+                raise ValueError(
+                    f"assigner {self.assigner.name} scores the predictions: call get_targets(priors, batch, outputs)"
+                )
+            flat = self.flatten_outputs(outputs)
+            return self.decode_boxes(flat.reg, priors), self.scores(flat)
+
+        return Predictions(decode)
+
+    def assign(
+        self,
+        priors: Priors,
+        gt_boxes: Tensor,
+        gt_labels: Tensor,
+        valid: Tensor | None = None,
+        predictions: Predictions | None = None,
+    ) -> AssignResult:
         """Run the head's assigner on the padded batch.
 
         Args:
@@ -345,10 +386,13 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
             gt_boxes (Tensor[B, M, 4]): xyxy input pixels, zero rows for padding.
             gt_labels (Tensor[B, M]): class ids, -1 for padding.
             valid (Tensor[B, N] | None): False for priors outside their image (see `valid_prior_mask`).
+            predictions (Predictions | None): the head's decoded predictions (`self.predictions`); None: none.
 
         Returns:
             AssignResult: assigned_gt, labels and max_overlaps, each [B, N].
         """
+        predictions = self.predictions(None, priors) if predictions is None else predictions
+        return self.assigner(priors, gt_boxes, gt_labels, valid, predictions)
 
     def count_positives(self, pos_mask: Tensor) -> Tensor:
         """num_pos of `pos_mask` [B, N]: Σ_img max(num_pos_img, 1) for anchor heads (MMDet's SamplingResult
@@ -359,16 +403,18 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
         return reduce_mean(per_image.sum()).clamp(min=1.0)
 
     @torch.no_grad()
-    def get_targets(self, priors: Priors, batch) -> Targets:
+    def get_targets(self, priors: Priors, batch, outputs: HeadOutputs | None = None) -> Targets:
         """Assign priors to the batch's `gt_boxes` [B, M, 4] / `gt_labels` [B, M] and gather their targets.
 
-        Priors outside their own image (`batch.img_sizes` [B, 2] (h, w); a batch without it is all image) are
-        ignored: never positive, label weight 0, so no detection or KD loss sees them (the reference's valid flags).
+        The assigner sees the decoded predictions of `outputs` (the head's `forward` of the batch; an assigner that
+        scores predictions needs them). Priors outside their own image (`batch.img_sizes` [B, 2] (h, w); a batch
+        without it is all image) are ignored: never positive, label weight 0, so no detection or KD loss sees them
+        (the reference's valid flags).
         """
         gt_boxes = batch.gt_boxes.float()
         img_sizes = getattr(batch, "img_sizes", None)
         valid = None if img_sizes is None else valid_prior_mask(priors, img_sizes)  # [B, N]
-        result = self.assign(priors, gt_boxes, batch.gt_labels, valid)
+        result = self.assign(priors, gt_boxes, batch.gt_labels, valid, self.predictions(outputs, priors))
         assigned, labels = result.assigned_gt, result.labels  # [B, N]
         if valid is not None:
             assigned = torch.where(valid, assigned, IGNORED)
@@ -394,7 +440,7 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
         Args:
             outputs (HeadOutputs): `forward` of the batch's features.
             priors (Priors): N priors of the outputs' feature sizes.
-            targets (Targets): `get_targets(priors, batch)`, [B, N] per prior.
+            targets (Targets): `get_targets(priors, batch, outputs)`, [B, N] per prior.
 
         Returns:
             dict[str, Tensor]: scalar losses (zero with a graph when there are no positives).

@@ -1,18 +1,19 @@
 """FCOS head: anchor-free points, per-level regress ranges, focal loss, IoU loss and centerness."""
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from crosskd.assigners import AssignResult, fcos_assign
+from crosskd.assigners import FCOSAssigner
+from crosskd.assigners.fcos import REGRESS_RANGES
 from crosskd.errors import ConfigError
 from crosskd.losses.detection import giou_loss, iou_loss, weight_reduce
 from crosskd.ops.boxes import distance_decode
 
-from .base import DEFAULT_STRIDES, DenseHead, FlatOutputs, HeadOutputs, LevelOutput, Priors, Targets
+from .base import DenseHead, FlatOutputs, HeadLayout, HeadOutputs, LevelOutput, Priors, Targets
 
-INF = 1e8
 BOX_LOSSES = ("iou", "giou")
 
 
@@ -20,8 +21,9 @@ class FCOSHead(DenseHead):
     """FCOS head (MMDet defaults): GN towers, exp(Scale(reg)) distances (relu and stride units with norm_on_bbox).
 
     Per level: cls_score [B, C, H, W] logits, bbox_pred [B, 4, H, W] ltrb distances (pixels, or stride units
-    with `norm_on_bbox`), centerness [B, 1, H, W] logits. `conv_bias=True` keeps a bias on the GN tower convs
-    (MMDet `conv_bias=True` configs); None gives a bias only without a norm (MMDet's 'auto').
+    with `norm_on_bbox`), centerness [B, 1, H, W] logits. Takes the `DenseHead` arguments plus its own below;
+    `regress_ranges`, `center_sampling`, `center_sample_radius` set the default FCOS assigner. `conv_bias=True`
+    keeps a bias on the GN tower convs (MMDet `conv_bias=True` configs); None gives a bias only without a norm.
     torchvision's FCOS is `norm_on_bbox`, `centerness_on_reg`, `conv_bias=True`, plus `use_scale=False` (no
     learnable Scale), `point_offset=0` (points at index × stride) and `sqrt_scores` (score = sqrt(cls · ctr)).
     """
@@ -31,22 +33,18 @@ class FCOSHead(DenseHead):
     with_centerness = True
     centerness_denorm_min = 1e-6
     min_one_pos_per_image = False  # MMDet FCOS: num_pos = max(reduce_mean(total positives), 1)
+    assigner_keys = ("regress_ranges", "center_sampling", "center_sample_radius")
 
     def __init__(
         self,
         num_classes: int,
         in_channels: int,
-        feat_channels: int = 256,
-        stacked_convs: int = 4,
-        norm: str = "gn",
-        num_groups: int = 32,
-        strides: Sequence[int] = DEFAULT_STRIDES,
-        regress_ranges: Sequence[Sequence[float]] = ((-1, 64), (64, 128), (128, 256), (256, 512), (512, INF)),
+        *args: Any,
+        regress_ranges: Sequence[Sequence[float]] = REGRESS_RANGES,
         center_sampling: bool = False,
         center_sample_radius: float = 1.5,
         norm_on_bbox: bool = False,
         centerness_on_reg: bool = False,
-        conv_bias: bool | None = None,
         use_scale: bool = True,
         point_offset: float = 0.5,
         sqrt_scores: bool = False,
@@ -56,24 +54,25 @@ class FCOSHead(DenseHead):
         loss_cls_weight: float = 1.0,
         loss_box_weight: float = 1.0,
         loss_ctr_weight: float = 1.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            num_classes, in_channels, feat_channels, stacked_convs, norm, num_groups, strides, None, (1.0,), use_scale,
-            conv_bias, point_offset=point_offset,
-        )
+        assigner = FCOSAssigner(regress_ranges, center_sampling, center_sample_radius)
+        layout = HeadLayout(assigner, point_offset=point_offset, use_scale=use_scale)
+        super().__init__(num_classes, in_channels, *args, layout=layout, **kwargs)
         if len(regress_ranges) != len(self.strides):
             raise ConfigError(f"head.regress_ranges has {len(regress_ranges)} ranges for {len(self.strides)} strides")
         if box_loss not in BOX_LOSSES:
             raise ConfigError(f"head.box_loss '{box_loss}' is not one of {', '.join(BOX_LOSSES)}")
-        self.regress_ranges = [tuple(float(v) for v in r) for r in regress_ranges]
+        self.regress_ranges = assigner.regress_ranges
         self.center_sampling, self.center_sample_radius = center_sampling, center_sample_radius
         self.norm_on_bbox, self.centerness_on_reg, self.box_loss = norm_on_bbox, centerness_on_reg, box_loss
         self.sqrt_scores = sqrt_scores
         self.focal_gamma, self.focal_alpha = focal_gamma, focal_alpha
         self.loss_weights = {"loss_cls": loss_cls_weight, "loss_box": loss_box_weight, "loss_ctr": loss_ctr_weight}
-        self.conv_cls = nn.Conv2d(self.out_channels, num_classes, 3, padding=1)
-        self.conv_reg = nn.Conv2d(self.out_channels, 4, 3, padding=1)
-        self.conv_centerness = nn.Conv2d(self.out_channels, 1, 3, padding=1)
+        ctr_channels = self.reg_out_channels if centerness_on_reg else self.cls_out_channels
+        self.conv_cls = nn.Conv2d(self.cls_out_channels, num_classes, 3, padding=1)
+        self.conv_reg = nn.Conv2d(self.reg_out_channels, 4, 3, padding=1)
+        self.conv_centerness = nn.Conv2d(ctr_channels, 1, 3, padding=1)
         self.init_weights(self.conv_cls)
 
     def predict_level(self, cls_feat: Tensor, reg_feat: Tensor, level: int) -> LevelOutput:
@@ -95,20 +94,6 @@ class FCOSHead(DenseHead):
     def decode_boxes(self, reg: Tensor, priors: Priors) -> Tensor:
         """ltrb distances [B, N, 4] from the points → [B, N, 4] xyxy."""
         return distance_decode(priors.points, self._pixels(reg, priors.strides))
-
-    def assign(self, priors: Priors, gt_boxes: Tensor, gt_labels: Tensor, valid: Tensor | None = None) -> AssignResult:
-        """FCOS assignment; `valid` is not needed here: a point outside its image lies inside no GT box, and
-        `get_targets` ignores invalid points afterwards."""
-        return fcos_assign(
-            priors.points,
-            priors.num_per_level,
-            self.strides,
-            self.regress_ranges,
-            gt_boxes,
-            gt_labels,
-            center_sampling=self.center_sampling,
-            center_sample_radius=self.center_sample_radius,
-        )
 
     def loss(self, outputs: HeadOutputs, priors: Priors, targets: Targets) -> dict[str, Tensor]:
         flat = self.flatten_outputs(outputs)
