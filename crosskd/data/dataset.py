@@ -170,7 +170,7 @@ class DetectionDataset(Dataset):
 
     def __init__(
         self, info: DataInfo, split: str, imgsz: int, augment: bool, pad_multiple: int = 128,
-        fliplr: float = 0.5, fraction: float = 1.0, skip_unreadable: bool = False,
+        fliplr: float = 0.5, fraction: float = 1.0, skip_unreadable: bool = False, **augmentations: Any,
     ) -> None:
         self.source = info.source(split)
         labels = load_labels(self.source, info.nc)
@@ -187,7 +187,7 @@ class DetectionDataset(Dataset):
         self.split, self.imgsz, self.augment, self.pad_multiple = split, imgsz, augment, pad_multiple
         self.skip_unreadable = skip_unreadable
         self.fliplr = (info.fliplr if info.fliplr is not None else fliplr) if augment else 0.0
-        self.transforms = build_transforms(imgsz, augment, self.fliplr)
+        self.transforms = build_transforms(imgsz, augment, fliplr=self.fliplr, **augmentations)
         self.image_ids: list[int] = self.records.image_ids.tolist()
         self._coco_gt: COCO | None = None
         summary = self.labels_summary()

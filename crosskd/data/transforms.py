@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -160,8 +161,20 @@ class Compose:
         return f"Compose({self.transforms}, disabled={sorted(self.disabled)})"
 
 
+AUGMENTATION_KEYS = ("fliplr",)  # the run settings that build_transforms takes by name (the trainer passes them)
+
+
+def augmentation_settings(settings: Any) -> dict[str, Any]:
+    """The augmentation keys of the run settings `settings` (any object with them as attributes), by name."""
+    return {key: getattr(settings, key) for key in AUGMENTATION_KEYS}
+
+
 def build_transforms(imgsz: int, augment: bool, fliplr: float = 0.5) -> Compose:
-    """The pipeline of a dataset: resize the long side to `imgsz`, then (`augment`) flip with probability `fliplr`."""
+    """The pipeline of a dataset: resize the long side to `imgsz`, then (`augment`) flip with probability `fliplr`.
+
+    Every keyword is a run setting named in AUGMENTATION_KEYS, so a new augmentation is its Transform, its keyword
+    here and its setting in crosskd/settings.py.
+    """
     transforms: list[Transform] = [Resize(imgsz)]
     if augment:
         transforms.append(RandomHFlip(fliplr))

@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from crosskd.config import imgsz_hw
 from crosskd.data import DetectionDataset, build_dataloader, load_data_yaml, skip_batches
+from crosskd.data.transforms import augmentation_settings
 from crosskd.dist import barrier, get_rank, get_world_size, is_dist, is_main_process, reduce_mean
 from crosskd.engine.deployment.checkpoint import (
     detector_from_checkpoint,
@@ -149,7 +150,7 @@ class Trainer:
         imgsz = max(imgsz_hw(args.imgsz))  # the loaders resize the long side
         stride = max(self.model.strides)
         train_set = DetectionDataset(self.data_info, "train", imgsz, augment=True, pad_multiple=stride,
-                                     fliplr=args.fliplr, fraction=args.fraction, skip_unreadable=True)
+                                     fraction=args.fraction, skip_unreadable=True, **augmentation_settings(args))
         val_set = DetectionDataset(self.data_info, args.split, imgsz, augment=False, pad_multiple=stride)
         common = {"workers": args.workers, "seed": args.seed, "rank": self.rank, "world_size": self.world_size}
         train_loader = build_dataloader(train_set, per_rank, shuffle=True, **common)
