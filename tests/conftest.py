@@ -12,7 +12,7 @@ from crosskd.engine.deployment.checkpoint import make_checkpoint, save_checkpoin
 from crosskd.models import build_detector
 
 DIGIT_NAMES = {i: str(i) for i in range(10)}
-TINY_GFL = {  # quarter-width ResNet-18, FPN 16, one head conv: ~50 ms per training step on 4 images at 64 px
+TINY_GFL = {  # quarter-width ResNet-18, FPN 16, one head conv: ~50 ms per training step on 4 images at 128 px
     "backbone": {"type": "resnet", "depth": 18, "width": 0.25},
     "neck": {"type": "fpn", "out_channels": 16, "num_outs": 5, "add_extra_convs": "on_output"},
     "head": {"type": "gfl", "stacked_convs": 1, "feat_channels": 16, "num_groups": 4},
@@ -48,10 +48,10 @@ def write_digits_yaml():
 
 class TrainedDigits(NamedTuple):
     data: Path  # data.yaml: 2 train and 4 val digits images of 96 px (seed 0)
-    weights: Path  # best.pt of TINY_GFL overfitted to the 4 val images at imgsz=64 (boxes scaled back by 1.5)
+    weights: Path  # best.pt of TINY_GFL overfitted to the 4 val images at imgsz=128 (boxes scaled back by 0.75)
 
 
-TRAINED_IMGSZ = 64
+TRAINED_IMGSZ = 128
 TRAINED_STEPS = 40
 
 
@@ -59,7 +59,7 @@ TRAINED_STEPS = 40
 def trained_digits(tmp_path_factory, write_digits_yaml) -> TrainedDigits:
     """A tiny GFL that scores between 0 and 1 (val AP ~0.6): 40 AdamW steps on the val images, seed 0, ~3 s.
 
-    The images are 96 px and the model sees them at 64, so a validator that forgot to scale boxes back to original
+    The images are 96 px and the model sees them at 128, so a validator that forgot to scale boxes back to original
     pixels scores far lower. Copy `weights` before exporting next to it: the fixture is shared by the session.
     """
     root = tmp_path_factory.mktemp("trained_digits")

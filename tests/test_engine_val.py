@@ -83,7 +83,7 @@ def test_duck_typed_model_with_ground_truth_boxes_scores_ap_one(data_yaml, tmp_p
 
 
 def test_printed_ap_equals_a_separate_cocoeval_of_predictions_json(trained_digits, tmp_path):
-    args = val_args(trained_digits.data, tmp_path, model=str(trained_digits.weights), imgsz=64, save_json=True,
+    args = val_args(trained_digits.data, tmp_path, model=str(trained_digits.weights), imgsz=128, save_json=True,
                     conf=0.001, name="json")
     validator = Validator(args, model=args.model)
     metrics = validator.run()
