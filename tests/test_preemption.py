@@ -352,8 +352,8 @@ def test_sigterm_under_torchrun_stops_every_rank_and_rank_0_saves(tmp_path, writ
     ckpt = load_checkpoint(last)
     assert ckpt["epoch"] == 0 and ckpt["partial_epoch"]["batches"] == 2 and ckpt["scheduler"]["iteration"] == 2
 
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(ddp.free_port()), "-m"]  # `-m crosskd train resume=...`: the printed command
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                "-m"]  # `-m crosskd train resume=...`: the printed command
     resumed = subprocess.run([*torchrun, *shlex.split(resume)], capture_output=True, text=True, timeout=300, env=env,
                              cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
