@@ -1,10 +1,22 @@
 """Shared test settings."""
 
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
 import yaml
+
+from crosskd.data import DetectionDataset, collate, load_data_yaml
+from crosskd.engine.deployment.checkpoint import make_checkpoint, save_checkpoint
+from crosskd.models import build_detector
+
+DIGIT_NAMES = {i: str(i) for i in range(10)}
+TINY_GFL = {  # quarter-width ResNet-18, FPN 16, one head conv: ~50 ms per training step on 4 images at 128 px
+    "backbone": {"type": "resnet", "depth": 18, "width": 0.25},
+    "neck": {"type": "fpn", "out_channels": 16, "num_outs": 5, "add_extra_convs": "on_output"},
+    "head": {"type": "gfl", "stacked_convs": 1, "feat_channels": 16, "num_groups": 4},
+}
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -18,16 +30,50 @@ def one_intra_op_thread():
 
 @pytest.fixture(scope="session")
 def write_digits_yaml():
-    """A function writing `root/data.yaml`: digits generated on first use (64 px, 1-2 digits, seed 0), classes 0-9."""
+    """A function writing `root/data.yaml`: digits generated on first use (64 px unless told, 1-2 digits, seed 0),
+    classes 0-9."""
 
-    def write(root: Path, num_train: int, num_val: int) -> Path:
+    def write(root: Path, num_train: int, num_val: int, imgsz: int = 64) -> Path:
         data = {
             "path": str(root / "digits"), "train": "annotations/instances_train.json",
             "val": "annotations/instances_val.json", "names": {i: str(i) for i in range(10)}, "fliplr": 0,
-            "generate": {"num_train": num_train, "num_val": num_val, "imgsz": 64, "objects": [1, 2], "seed": 0},
+            "generate": {"num_train": num_train, "num_val": num_val, "imgsz": imgsz, "objects": [1, 2], "seed": 0},
         }
         path = root / "data.yaml"
         path.write_text(yaml.safe_dump(data))
         return path
 
     return write
+
+
+class TrainedDigits(NamedTuple):
+    data: Path  # data.yaml: 2 train and 4 val digits images of 96 px (seed 0)
+    weights: Path  # best.pt of TINY_GFL overfitted to the 4 val images at imgsz=128 (boxes scaled back by 0.75)
+
+
+TRAINED_IMGSZ = 128
+TRAINED_STEPS = 40
+
+
+@pytest.fixture(scope="session")
+def trained_digits(tmp_path_factory, write_digits_yaml) -> TrainedDigits:
+    """A tiny GFL that scores between 0 and 1 (val AP 0.68, AP50 0.75): 40 AdamW steps on the val images, seed 0, ~3 s.
+
+    The images are 96 px and the model sees them at 128, so a validator that forgot to scale boxes back to original
+    pixels scores far lower. Copy `weights` before exporting next to it: the fixture is shared by the session.
+    """
+    root = tmp_path_factory.mktemp("trained_digits")
+    data = write_digits_yaml(root, 2, 4, imgsz=96)
+    dataset = DetectionDataset(load_data_yaml(data), "val", TRAINED_IMGSZ, augment=False, pad_multiple=128)
+    batch = collate([dataset[i] for i in range(len(dataset))], pad_multiple=128)  # [4, 3, 128, 128] as val pads
+    torch.manual_seed(0)
+    detector = build_detector(TINY_GFL, nc=len(DIGIT_NAMES)).train()
+    optimizer = torch.optim.AdamW(detector.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(TRAINED_STEPS):
+        loss = sum(detector.loss(batch).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    ckpt = make_checkpoint(detector.eval(), epoch=-1, best_fitness=None, names=DIGIT_NAMES,
+                           train_args={"imgsz": TRAINED_IMGSZ, "data": str(data), "model": "gfl.yaml"})
+    return TrainedDigits(data, save_checkpoint(ckpt, root / "best.pt"))

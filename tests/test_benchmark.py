@@ -22,15 +22,16 @@ def benchmark_args(tmp_path, data, weights, **overrides):
     return get_args(settings, "benchmark")
 
 
-def test_benchmark_every_format_end_to_end(tmp_path, write_digits_yaml, capsys):
-    data = write_digits_yaml(tmp_path, 2, 4)
-    weights = write_checkpoint(tmp_path / "best.pt", "gfl", names=DIGIT_NAMES)
-    rows = benchmark.run(benchmark_args(tmp_path, data, weights))
+def test_benchmark_every_format_end_to_end(tmp_path, trained_digits, capsys):
+    weights = tmp_path / "best.pt"
+    weights.write_bytes(trained_digits.weights.read_bytes())
+    rows = benchmark.run(benchmark_args(tmp_path, trained_digits.data, weights, imgsz=128))
     assert [row.format for row in rows] == ["PyTorch", "TorchScript", "ONNX", "OpenVINO"]
     for row in rows:
         assert row.status == "ok", row
         assert row.size_mb > 0.5 and row.ms_per_image > 0 and math.isfinite(row.ap) and math.isfinite(row.ap50)
     assert len({row.ap for row in rows}) == 1  # the same detections through every runtime
+    assert 0.3 < rows[0].ap < rows[0].ap50 < 1.0  # a trained model: a runtime that drifts changes its AP
     run_dir = tmp_path / "runs" / "bench"
     assert rows[0].file == str(weights.resolve())
     assert (run_dir / "best.onnx").is_file() and (run_dir / "best_openvino_model" / "best.xml").is_file()

@@ -57,8 +57,8 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     Trainer(get_args(settings(data, model, tmp_path, "single"), "train")).train()
 
     words = [f"{k}={v}" for k, v in settings(data, model, tmp_path, "ddp").items()]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(ddp.free_port()), "-m", "crosskd", "train", *words]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "crosskd",
+               "train", *words]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -83,9 +83,10 @@ def test_ddp_command_reproduces_the_settings():
     args = get_args({"model": "gfl_r18t.yaml", "device": "0,1", "batch": 4, "lr_steps": [16, 22], "name": "my run",
                      "cos_lr": True}, "train")
     command = ddp.ddp_command(args, "train", 2)
-    assert command[:5] == [sys.executable, "-m", "crosskd.engine.training.torchrun", "--nproc_per_node", "2"]
-    assert command[7:10] == ["-m", "crosskd", "train"]
-    words = command[10:]
+    assert command[:6] == [sys.executable, "-m", "crosskd.engine.training.torchrun", "--nproc_per_node", "2",
+                           "--standalone"]  # torchrun binds its own ports: no free-port race
+    assert command[6:9] == ["-m", "crosskd", "train"]
+    words = command[9:]
     parsed = dict(word.split("=", 1) for word in words)
     assert parsed == {"model": "gfl_r18t.yaml", "batch": "4", "device": "0,1", "name": "my run",
                       "cos_lr": "true", "lr_steps": "[16,22]"}

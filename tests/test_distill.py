@@ -6,9 +6,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from crosskd.data import DetectionDataset, collate, load_data_yaml
 from crosskd.distill import Distiller, KDWeights, align_scale
 from crosskd.distill.passes import head_pass
+from crosskd.engine.deployment.checkpoint import detector_from_checkpoint, load_checkpoint
 from crosskd.errors import CheckpointError, ConfigError
+from crosskd.models import build_detector
 from crosskd.models.backbones import ResNet
 from crosskd.models.dense_detector import DenseDetector
 from crosskd.models.heads import ATSSHead, FCOSHead, GFLHead, RetinaHead
@@ -471,3 +474,41 @@ def test_priors_are_cached_per_size_and_device_and_usable_after_inference_mode()
     fresh = head.make_priors([(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)], "cpu")
     assert torch.equal(fresh.boxes, first.boxes) and torch.equal(fresh.strides, first.strides)
     assert head.priors([(4, 4), (2, 2), (1, 1), (1, 1), (1, 1)], "cpu").boxes.shape[0] < first.boxes.shape[0]
+
+
+# ----- distillation helps ---------------------------------------------------------------------------------------
+KD_STEPS = 20
+
+
+def train_student(teacher: DenseDetector, batch, kd: str, seed: int) -> DenseDetector:
+    """The TINY_GFL student from `seed`, KD_STEPS AdamW steps on `batch` as a Distiller with `kd`."""
+    from conftest import TINY_GFL
+
+    torch.manual_seed(seed)
+    distiller = Distiller(build_detector(TINY_GFL, nc=teacher.nc), teacher, kd=kd).train()
+    optimizer = torch.optim.AdamW(distiller.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(KD_STEPS):
+        loss = sum(distiller.loss(batch).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return distiller.student
+
+
+def crosskd_terms(student: DenseDetector, teacher: DenseDetector, batch) -> float:
+    """kd_cls + kd_reg of the teacher head on the student's hold features against the teacher: one yardstick for
+    students trained with and without distillation."""
+    with torch.no_grad():
+        losses = Distiller(student, teacher, kd="crosskd").eval().loss(batch)
+    return float(losses["kd_cls"] + losses["kd_reg"])
+
+
+def test_a_crosskd_student_matches_its_teacher_far_better_than_one_trained_alone(trained_digits):
+    """The fixture's overfitted GFL teaches a fresh student of its size on its 4 images for 20 steps: with CrossKD
+    the KD terms end 5-20x below those of the same student, seed and steps with kd=none (seeds 1-4: at most 0.25x)."""
+    teacher = detector_from_checkpoint(load_checkpoint(trained_digits.weights))
+    dataset = DetectionDataset(load_data_yaml(trained_digits.data), "val", 128, augment=False, pad_multiple=128)
+    batch = collate([dataset[i] for i in range(len(dataset))], pad_multiple=128)
+    distilled = crosskd_terms(train_student(teacher, batch, "crosskd", seed=1), teacher, batch)
+    alone = crosskd_terms(train_student(teacher, batch, "none", seed=1), teacher, batch)
+    assert distilled < 0.4 * alone, (distilled, alone)

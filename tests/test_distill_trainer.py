@@ -18,7 +18,6 @@ from crosskd.engine.deployment.exporter import run as export_run
 from crosskd.engine.evaluation.validator import Validator
 from crosskd.engine.prediction.predictor import Predictor
 from crosskd.engine.prediction.sources import read_image
-from crosskd.engine.training import ddp
 from crosskd.engine.training.distill_trainer import DistillTrainer
 from crosskd.engine.training.launch import trainer_class
 from crosskd.errors import CheckpointError, ConfigError
@@ -198,8 +197,8 @@ def test_torchrun_two_processes_distil(work):
     teacher = teacher_pt(work, "gfl")
     words = [f"teacher={teacher}", f"model={model_yaml(work, 'gfl')}", f"data={work / 'data.yaml'}", "imgsz=64",
              "epochs=1", "batch=4", "workers=0", "device=cpu", f"project={work / 'ddp'}", "name=run", "plots=false"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(ddp.free_port()), "-m", "crosskd", "distill", *words]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "crosskd",
+               "distill", *words]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -23,7 +23,9 @@ from crosskd.models.foreign.mmdet import (
     is_mmdet_checkpoint,
     load_mmdet,
     mmdet_class_names,
+    mmdet_key_map,
     mmdet_model_cfg,
+    mmdet_transforms,
 )
 
 Shapes = dict[str, tuple[int, ...]]
@@ -409,6 +411,32 @@ def test_full_size_resnet_models_every_tensor_lands(yaml_name, kind, backbone):
     derived = 1 if kind == "gfl" else 0
     assert detector.nc == 80 and check_every_tensor_lands(detector, source) == len(source) - derived
     assert len(detector.state_dict()) == len(source) - derived
+
+
+def test_swin_t_key_names_and_patch_merging_reorder_on_tiny_tensors():
+    """The slow full-size Swin-T test below on no weights: the shipped model built on the meta device gives the real
+    key map, and the PatchMerging 4C reorder and the position index are checked on a 4-channel merge."""
+    from torchvision.models.swin_transformer import PatchMerging, ShiftedWindowAttention
+
+    with torch.device("meta"):
+        detector = build_detector("retinanet_swint.yaml", nc=80)
+    key_map = mmdet_key_map(detector)
+    spec, _ = mmdet_swin_t()
+    assert {k: v for k, v in key_map.items() if k.startswith("backbone.")} == {k: expected_target(k) for k in spec}
+    transforms = mmdet_transforms(key_map)
+    assert sum("downsample" in key for key in transforms) == 9  # 3 PatchMergings x (reduction, norm weight, bias)
+    gen = torch.Generator().manual_seed(0)
+    channels, p = 4, "backbone.stages.0.downsample"
+    source = {f"{p}.norm.weight": torch.randn(4 * channels, generator=gen),
+              f"{p}.norm.bias": torch.randn(4 * channels, generator=gen),
+              f"{p}.reduction.weight": torch.randn(2 * channels, 4 * channels, generator=gen)}
+    merging = PatchMerging(channels)  # torchvision's, as in swin_t's features
+    merging.load_state_dict({key.removeprefix(f"{p}."): transforms[key](t) for key, t in source.items()})
+    x = torch.randn(2, 4, 6, channels, generator=gen)  # [B, H, W, C]
+    torch.testing.assert_close(merging(x), mmdet_patch_merging(x, *source.values()), rtol=1e-5, atol=1e-5)
+    index = transforms["backbone.stages.0.blocks.0.attn.w_msa.relative_position_index"]
+    attention = ShiftedWindowAttention(8, [7, 7], [0, 0], num_heads=2)
+    assert torch.equal(index(mmdet_relative_position_index(7)), attention.relative_position_index)
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ import csv
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -74,22 +75,46 @@ def settings(inputs: SimpleNamespace, mode: str, **overrides) -> dict:
     return {**common, **overrides}
 
 
+def reserve_port() -> socket.socket:
+    """A socket bound to a free port of 127.0.0.1 with SO_REUSEADDR, never listening. While it is open no other
+    process's port-0 bind or outgoing connection gets that port, yet node 0's rendezvous store (libuv binds with
+    SO_REUSEADDR too) can bind it; a probe socket closed before the launch would leave the port to whoever asks next."""
+    reservation = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    reservation.bind(("127.0.0.1", 0))
+    return reservation
+
+
+def listening(port: int) -> bool:
+    """Whether some socket of this machine listens on TCP `port` (/proc/net/tcp and tcp6: state 0A is LISTEN)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        rows = Path(table).read_text().splitlines()[1:] if Path(table).exists() else []
+        if any(f"{row.split()[1].rsplit(':', 1)[1]} {row.split()[3]}" == f"{port:04X} 0A" for row in rows):
+            return True
+    return False
+
+
 def launch_nodes(root: Path, mode: str, config: dict) -> list[subprocess.Popen]:
     """Node 0 then node 1, each a torchrun of one process in its own folder (root/node0, root/node1); node 0's
-    launcher hosts the rendezvous store (on one machine both would try), as the endpoint's host does on a cluster."""
-    port = ddp.free_port()
+    launcher hosts the rendezvous store (on one machine both would try), as the endpoint's host does on a cluster.
+    The endpoint's port stays reserved until node 0's store listens on it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", ddp.TIMEOUT_ENV: "60"}
     words = [f"{key}={value}" for key, value in config.items()]
     nodes = []
-    for node_rank in (0, 1):
-        cwd = root / f"node{node_rank}"
-        cwd.mkdir(parents=True)
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-                   f"--node_rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-                   f"--rdzv-conf=is_host={int(node_rank == 0)}", "-m", "crosskd", mode, *words]
-        nodes.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, start_new_session=True))
-        time.sleep(0.5)  # started first (a lower pid), node 0 is given rank 0 by the c10d rendezvous
+    with reserve_port() as reservation:
+        port = reservation.getsockname()[1]
+        for node_rank in (0, 1):
+            cwd = root / f"node{node_rank}"
+            cwd.mkdir(parents=True)
+            command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                       f"--node_rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                       f"--rdzv-conf=is_host={int(node_rank == 0)}", "-m", "crosskd", mode, *words]
+            nodes.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True, start_new_session=True))
+            time.sleep(0.5)  # started first (a lower pid), node 0 is given rank 0 by the c10d rendezvous
+        deadline = time.monotonic() + 120
+        while not listening(port) and nodes[0].poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
     return nodes
 
 

@@ -5,7 +5,6 @@ import csv
 import logging
 import math
 import re
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -253,14 +252,9 @@ def test_amp_skip_keeps_the_grad_scaler_usable():
 
 
 # ------------------------------------------------------------------ the same decision on every rank
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def decide_on_rank(rank: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def decide_on_rank(rank: int, out: str) -> None:
+    store = Path(out, "store")  # a file rendezvous: no port to choose, so none another process can take first
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     guard = NonFiniteGuard()
     loss_nan_on_1 = torch.tensor(NAN if rank == 1 else 1.0)
     grad_inf_on_0 = [torch.tensor([INF if rank == 0 else 1.0])]
@@ -281,5 +275,5 @@ def test_the_decision_is_the_reduced_flag(monkeypatch, local, other, applied):
 @pytest.mark.slow
 def test_every_rank_takes_the_same_decision(tmp_path):
     """Two gloo processes: a NaN loss on rank 1 only, an Inf gradient on rank 0 only; both skip both steps."""
-    mp.spawn(decide_on_rank, args=(free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(decide_on_rank, args=(str(tmp_path),), nprocs=2)
     assert (tmp_path / "rank0").read_text() == (tmp_path / "rank1").read_text() == "[False, False, True]"

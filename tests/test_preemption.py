@@ -352,8 +352,8 @@ def test_sigterm_under_torchrun_stops_every_rank_and_rank_0_saves(tmp_path, writ
     ckpt = load_checkpoint(last)
     assert ckpt["epoch"] == 0 and ckpt["partial_epoch"]["batches"] == 2 and ckpt["scheduler"]["iteration"] == 2
 
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(ddp.free_port()), "-m"]  # `-m crosskd train resume=...`: the printed command
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                "-m"]  # `-m crosskd train resume=...`: the printed command
     resumed = subprocess.run([*torchrun, *shlex.split(resume)], capture_output=True, text=True, timeout=300, env=env,
                              cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -363,3 +363,24 @@ def test_sigterm_under_torchrun_stops_every_rank_and_rank_0_saves(tmp_path, writ
     assert load_checkpoint(last)["epoch"] == -1  # finished (stripped)
     print(f"SIGTERM after {signalled - start:.1f} s, all stopped {stopped - signalled:.1f} s later (exit 143), "
           f"resumed run {time.monotonic() - stopped:.1f} s; {stop_lines[0]}")
+
+
+@pytest.mark.parametrize(("partial", "kept"), [(None, ["1", "2"]), ({"batches": 3, "loss_sums": {}}, ["1"])])
+def test_restore_trims_results_csv_to_the_checkpoints_finished_epochs(tmp_path, partial, kept):
+    """The fast share of the kill-anywhere tests: RunState.restore of a last.pt whose epoch index is 1 (0-based),
+    finished or mid-epoch, over a results.csv that a killed run left with later epochs, a repeat and a torn line."""
+    from crosskd.engine.training.run_state import RunState
+
+    header = ["epoch", "train/box_loss", "lr/pg0"]
+    rows = [["1", "0.9", "0.01"], ["2", "0.8", "0.01"], ["2", "0.7", "0.01"], ["3", "0.6", "0.01"], ["4", "0.5"]]
+    (tmp_path / "results.csv").write_text("\n".join(",".join(row) for row in [header, *rows]) + "\n")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    trainer = SimpleNamespace(
+        optimizer=optimizer, scaler=torch.amp.GradScaler("cpu", enabled=False), ema=None, world_size=1,
+        save_dir=tmp_path, weights_dir=tmp_path, args=SimpleNamespace(epochs=5), restore_extras=lambda ckpt: None,
+    )
+    state = RunState(trainer)
+    state.restore({"optimizer": optimizer.state_dict(), "epoch": 1, "partial_epoch": partial})
+    assert state.start_epoch == len(kept)
+    with open(tmp_path / "results.csv", newline="") as f:
+        assert list(csv.reader(f)) == [header, *rows[: len(kept)]]  # the first row of an epoch wins

@@ -12,7 +12,7 @@ from rich.console import Console, Group
 
 from crosskd.config import get_args
 from crosskd.engine.evaluation.pr_metrics import ImageDetections, confusion_matrix, pr_curves
-from crosskd.engine.training.callbacks import loss_column
+from crosskd.engine.training.callbacks import loss_column, results_row
 from crosskd.engine.training.progress import EpochProgress, epoch_header
 from crosskd.engine.training.trainer import Trainer
 
@@ -62,6 +62,27 @@ def test_results_csv_has_ultralytics_columns(run):
     assert float(last["lr/pg0"]) == pytest.approx(run.trainer.lr, rel=1e-5)
     assert float(last["metrics/mAP50-95(B)"]) == pytest.approx(run.trainer.metrics["AP"], abs=1e-4)
     assert 0.0 <= run.metrics["precision"] <= 1.0 and 0.0 <= run.metrics["recall"] <= 1.0
+
+
+def test_each_metric_lands_in_its_results_csv_column():
+    """The 2-epoch run above scores AP 0, so its mAP50-95 == AP check is 0 == 0: here every metric differs."""
+    metrics = {"precision": 0.11, "recall": 0.22, "AP50": 0.33, "AP": 0.44, "AP75": 0.55, "APs": 0.66, "APm": 0.77,
+               "APl": 0.88, "AR100": 0.99}
+    losses = {"loss_cls": 1.5, "loss_box": 2.5, "loss_dfl": 3.5}
+    trainer = SimpleNamespace(
+        metrics=metrics, validator=SimpleNamespace(losses={k: v / 10 for k, v in losses.items()}), epoch=1,
+        state=SimpleNamespace(elapsed=12.34), epoch_losses=losses, loss_names=list(losses),
+        optimizer=SimpleNamespace(param_groups=[{"lr": 0.004}]), train_loader=None,
+        nonfinite=SimpleNamespace(epoch_skips=0),
+    )
+    row = results_row(trainer)
+    assert list(row) == HEADER
+    expected = {"epoch": "2", "time": "12.3", "train/cls_loss": "1.5", "train/box_loss": "2.5", "train/dfl_loss": "3.5",
+                "metrics/precision(B)": "0.11", "metrics/recall(B)": "0.22", "metrics/mAP50(B)": "0.33",
+                "metrics/mAP50-95(B)": "0.44", "val/cls_loss": "0.15", "val/box_loss": "0.25", "val/dfl_loss": "0.35",
+                "lr/pg0": "0.004", "metrics/mAP75(B)": "0.55", "metrics/APs(B)": "0.66", "metrics/APm(B)": "0.77",
+                "metrics/APl(B)": "0.88", "metrics/AR100(B)": "0.99", "nonfinite_steps": "0", "unreadable_images": "0"}
+    assert row == expected
 
 
 def test_tensorboard_event_file_has_the_csv_tags(run):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -45,13 +44,6 @@ def needs_launch(args: Any) -> bool:
     return len(parse_device_list(args.device)) > 1 and "LOCAL_RANK" not in os.environ
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now, for torchrun's rendezvous."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cli_overrides(args: Any, mode: str) -> list[str]:
     """key=value words reproducing `args`: every setting the user gave or that differs from the defaults."""
     defaults = get_args({}, mode).to_dict()
@@ -65,10 +57,13 @@ def cli_overrides(args: Any, mode: str) -> list[str]:
 
 def ddp_command(args: Any, mode: str, nproc: int) -> list[str]:
     """`python -m crosskd.engine.training.torchrun ... -m crosskd MODE key=value ...` running `nproc` copies of this
-    command (training/torchrun.py: torchrun ending on SIGTERM/SIGINT with 143/130 instead of a traceback)."""
+    command (training/torchrun.py: torchrun ending on SIGTERM/SIGINT with 143/130 instead of a traceback).
+
+    `--standalone`: torchrun's own stores bind port 0 and stay open, so no other process can take the port between
+    choosing it and binding it (as with a port number found free by a probe socket and closed again)."""
     return [
-        sys.executable, "-m", "crosskd.engine.training.torchrun", "--nproc_per_node", str(nproc),
-        "--master_port", str(free_port()), "-m", "crosskd", mode, *cli_overrides(args, mode),
+        sys.executable, "-m", "crosskd.engine.training.torchrun", "--nproc_per_node", str(nproc), "--standalone",
+        "-m", "crosskd", mode, *cli_overrides(args, mode),
     ]
 
 
