@@ -13,6 +13,7 @@ from crosskd import Detector, cli
 from crosskd.config import get_args
 from crosskd.engine.deployment.runtimes.exported import CROSSKD_INPUT, InputConvention
 from crosskd.engine.deployment.runtimes.onnx import OnnxDetector
+from crosskd.engine.evaluation.validator import Validator
 from crosskd.engine.prediction import predictor
 from crosskd.engine.prediction.predictor import Predictor, preprocess
 from crosskd.errors import CheckpointError, ConfigError
@@ -51,6 +52,15 @@ def test_train_val_predict_export_info_and_distill(tmp_path, write_digits_yaml):
     student.distill(teacher=str(model.source), data=data, epochs=1, project=str(tmp_path / "runs"), name="student",
                     **TINY)
     assert student.source == str(tmp_path / "runs" / "student" / "weights" / "best.pt")
+
+
+def test_val_through_the_api_scores_what_the_validator_scores(trained_digits, tmp_path):
+    settings = {"data": str(trained_digits.data), "imgsz": 128, "workers": 0, "device": "cpu", "plots": False,
+                "project": str(tmp_path)}
+    api = Detector(str(trained_digits.weights)).val(name="api", **settings)
+    direct = Validator(get_args({**settings, "model": str(trained_digits.weights), "name": "direct"}, "val")).run()
+    assert 0.3 < api["AP"] < api["AP50"] < 1.0  # a model that scores: neither all misses nor all hits
+    assert api == pytest.approx(direct)
 
 
 def test_keys_are_validated_like_the_cli(weights, tmp_path):
