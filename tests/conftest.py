@@ -55,6 +55,18 @@ TRAINED_IMGSZ = 128
 TRAINED_STEPS = 40
 
 
+def fit(model: torch.nn.Module, batch, steps: int, lr: float = 3e-3) -> torch.nn.Module:
+    """`steps` AdamW steps of `model` (a detector or a Distiller: anything with .loss(batch)) on one batch."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    for _ in range(steps):
+        loss = sum(model.loss(batch).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model
+
+
 @pytest.fixture(scope="session")
 def trained_digits(tmp_path_factory, write_digits_yaml) -> TrainedDigits:
     """A tiny GFL that scores between 0 and 1 (val AP 0.68, AP50 0.75): 40 AdamW steps on the val images, seed 0, ~3 s.
@@ -67,13 +79,7 @@ def trained_digits(tmp_path_factory, write_digits_yaml) -> TrainedDigits:
     dataset = DetectionDataset(load_data_yaml(data), "val", TRAINED_IMGSZ, augment=False, pad_multiple=128)
     batch = collate([dataset[i] for i in range(len(dataset))], pad_multiple=128)  # [4, 3, 128, 128] as val pads
     torch.manual_seed(0)
-    detector = build_detector(TINY_GFL, nc=len(DIGIT_NAMES)).train()
-    optimizer = torch.optim.AdamW(detector.parameters(), lr=3e-3, weight_decay=0.0)
-    for _ in range(TRAINED_STEPS):
-        loss = sum(detector.loss(batch).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    detector = fit(build_detector(TINY_GFL, nc=len(DIGIT_NAMES)), batch, TRAINED_STEPS)
     ckpt = make_checkpoint(detector.eval(), epoch=-1, best_fitness=None, names=DIGIT_NAMES,
                            train_args={"imgsz": TRAINED_IMGSZ, "data": str(data), "model": "gfl.yaml"})
     return TrainedDigits(data, save_checkpoint(ckpt, root / "best.pt"))

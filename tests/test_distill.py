@@ -482,17 +482,10 @@ KD_STEPS = 20
 
 def train_student(teacher: DenseDetector, batch, kd: str, seed: int) -> DenseDetector:
     """The TINY_GFL student from `seed`, KD_STEPS AdamW steps on `batch` as a Distiller with `kd`."""
-    from conftest import TINY_GFL
+    from conftest import TINY_GFL, fit
 
     torch.manual_seed(seed)
-    distiller = Distiller(build_detector(TINY_GFL, nc=teacher.nc), teacher, kd=kd).train()
-    optimizer = torch.optim.AdamW(distiller.parameters(), lr=3e-3, weight_decay=0.0)
-    for _ in range(KD_STEPS):
-        loss = sum(distiller.loss(batch).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return distiller.student
+    return fit(Distiller(build_detector(TINY_GFL, nc=teacher.nc), teacher, kd=kd), batch, KD_STEPS).student
 
 
 def crosskd_terms(student: DenseDetector, teacher: DenseDetector, batch) -> float:
