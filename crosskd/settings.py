@@ -124,6 +124,8 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("kd_idx", "int", None, "CrossKD hold point (head conv index 0..stacked_convs); empty = detector "
                 "default (3, FCOS 2)", low=0, example="2"),
         Setting("kd_align", "bool", True, "align student hold features to the teacher's per-channel mean/std"),
+        Setting("kd_hold", "str", "post", "CrossKD hold features of student and teacher: post = after head conv "
+                "kd_idx's activation (what the reference code computes), pre = before it", choices=("post", "pre")),
         Setting("kd_weight", "float", 1.0, "global multiplier of every distillation loss", low=0, aliases=("dis",)),
         Setting("kd_cls_weight", "float", None, "classification KD weight; empty = the teacher head type's default",
                 low=0, example="1.0"),

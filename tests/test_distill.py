@@ -47,7 +47,7 @@ def kd_args(**overrides) -> SimpleNamespace:
     """The distillation run settings at their defaults, with `overrides`."""
     settings = dict(kd="crosskd", kd_idx=None, kd_align=True, kd_weight=1.0, kd_cls_weight=None, kd_reg_weight=None,
                     kd_ctr_weight=None, kd_feat_weight=None, kd_branch="both", kd_cls_loss="qfl", kd_region="all",
-                    pkd_on="neck", kd_strategy="a")
+                    pkd_on="neck", kd_strategy="a", kd_hold="post")
     return SimpleNamespace(**{**settings, **overrides})
 
 
@@ -222,23 +222,25 @@ def test_pkd_between_widths_trains_a_connector_outside_the_student(pkd_on):
     assert Distiller(tiny_detector(seed=1), tiny_detector(seed=2), kd="pkd").methods["pkd"].connector is None
 
 
-def test_kd_align_standardises_the_student_holds_fed_to_the_teacher_head():
+@pytest.mark.parametrize("hold", ["post", "pre"])
+def test_kd_align_standardises_the_student_holds_fed_to_the_teacher_head(hold):
     """The cross-head pass gets align_scale(student hold, teacher hold) with kd_align=true, the raw hold without."""
     student, teacher, batch = tiny_detector(seed=1).eval(), tiny_detector(seed=2).eval(), tiny_batch()
     with torch.no_grad():
-        s_holds, _ = head_pass(student.head, student.extract_features(batch.images), 1)
-        t_holds, _ = head_pass(teacher.head, teacher.extract_features(batch.images), 1)
+        s_holds, _ = head_pass(student.head, student.extract_features(batch.images), 1, hold)
+        t_holds, _ = head_pass(teacher.head, teacher.extract_features(batch.images), 1, hold)
     seen, run_from = {}, teacher.head.forward_from
 
-    def recording(cls_feat, reg_feat, level, start):
+    def recording(cls_feat, reg_feat, level, start, **kwargs):
         if cls_feat.requires_grad:  # the cross-head pass, not the teacher's own (no_grad) pass
             seen[level] = (cls_feat.detach(), reg_feat.detach())
-        return run_from(cls_feat, reg_feat, level, start)
+        return run_from(cls_feat, reg_feat, level, start, **kwargs)
 
     teacher.head.forward_from = recording
     losses = {}
     for align in (True, False):
-        losses[align] = Distiller(student, teacher, kd_idx=1, kd_align=align).eval()(batch)["kd_cls"].item()
+        distiller = Distiller(student, teacher, kd_idx=1, kd_align=align, kd_hold=hold).eval()
+        losses[align] = distiller(batch)["kd_cls"].item()
         for level, ((s_cls, s_reg), (t_cls, t_reg)) in enumerate(zip(s_holds, t_holds)):
             want = (align_scale(s_cls, t_cls), align_scale(s_reg, t_reg)) if align else (s_cls, s_reg)
             torch.testing.assert_close(seen[level][0], want[0], atol=1e-5, rtol=1e-5)

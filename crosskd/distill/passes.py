@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from crosskd.models.heads.base import DenseHead, LevelOutput
 
 ALIGN_EPS = 1e-6
-HoldFeatures = list[tuple[Tensor, Tensor]]  # per level: (cls, reg) pre-activation tower features at the hold point
+KD_HOLDS = ("post", "pre")  # the hold feature: after step kd_idx's activation (what the reference computes) or before
+HoldFeatures = list[tuple[Tensor, Tensor]]  # per level: (cls, reg) tower features at the hold point (kd_hold)
 
 
 class StudentPass(NamedTuple):
@@ -68,17 +69,27 @@ def stack_levels(levels: list[LevelOutput]) -> HeadOutputs:
     )
 
 
-def head_pass(head: DenseHead, feats: list[Tensor], idx: int) -> tuple[HoldFeatures, HeadOutputs]:
+def head_pass(
+    head: DenseHead, feats: list[Tensor], idx: int, hold: str = "post"
+) -> tuple[HoldFeatures, HeadOutputs]:
     """Run a head split at tower step `idx`: the hold features per level and the (identical to forward) outputs.
+
+    `hold='post'` takes the features after step idx's activation, as the reference computes them (mmcv's in-place
+    ReLU rewrites its stored pre-activation); 'pre' keeps the pre-activation. At idx 0 both are the FPN feature.
 
     Args:
         feats (list[Tensor[B, C, H_l, W_l]]): FPN outputs, one per level.
 
     Returns:
-        holds: per level (cls, reg), each [B, feat_channels, H_l, W_l] pre-activation; outputs: HeadOutputs.
+        holds: per level (cls, reg), each [B, feat_channels, H_l, W_l]; outputs: HeadOutputs.
     """
-    holds = [head.forward_tower(x, idx) for x in feats]
-    outputs = [head.forward_from(cls_feat, reg_feat, level, idx) for level, (cls_feat, reg_feat) in enumerate(holds)]
+    pre = [head.forward_tower(x, idx) for x in feats]
+    if hold == "pre":
+        outputs = [head.forward_from(cls_feat, reg_feat, level, idx) for level, (cls_feat, reg_feat) in enumerate(pre)]
+        return pre, stack_levels(outputs)
+    holds = [head.activate_hold(cls_feat, reg_feat, idx) for cls_feat, reg_feat in pre]
+    outputs = [head.forward_from(cls_feat, reg_feat, level, idx, activated=True)
+               for level, (cls_feat, reg_feat) in enumerate(holds)]
     return holds, stack_levels(outputs)
 
 

@@ -23,7 +23,7 @@ from crosskd.errors import ConfigError
 from crosskd.losses.detection import bce_with_logits, focal_loss, weight_reduce
 from crosskd.ops.boxes import Priors, centerness_target, distance_encode, make_anchors, make_points
 
-from .towers import ConvBlock, check_towers, finish_tower, run_tower
+from .towers import ConvBlock, activate_step, check_towers, finish_tower, run_tower
 
 DEFAULT_STRIDES = (8, 16, 32, 64, 128)
 PRIOR_PROB = 0.01
@@ -276,7 +276,9 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
             raise ValueError(f"tower step {stop} outside 0..{self.stacked_convs}")
         return run_tower(self.cls_convs, x, stop), run_tower(self.reg_convs, x, stop)
 
-    def forward_from(self, cls_feat: Tensor, reg_feat: Tensor, level: int, start: int) -> LevelOutput:
+    def forward_from(
+        self, cls_feat: Tensor, reg_feat: Tensor, level: int, start: int, *, activated: bool = False
+    ) -> LevelOutput:
         """Finish the head from pre-activation tower features of step `start` (raw input when `start=0`).
 
         Args:
@@ -284,13 +286,20 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
                 features of the same widths, `hold_channels(start)`).
             level (int): FPN level index, selects the level's Scale.
             start (int): tower step the features come from.
+            activated (bool): the features are `activate_hold`'s (past step start−1's activation), which is then
+                not applied again.
 
         Returns:
             LevelOutput: cls_score [B, A*C, H, W], bbox_pred [B, A*R, H, W], centerness [B, A, H, W] or None.
         """
-        cls_feat = finish_tower(self.cls_convs, cls_feat, start)
-        reg_feat = finish_tower(self.reg_convs, reg_feat, start)
+        cls_feat = finish_tower(self.cls_convs, cls_feat, start, activated)
+        reg_feat = finish_tower(self.reg_convs, reg_feat, start, activated)
         return self.predict_level(cls_feat, reg_feat, level)
+
+    def activate_hold(self, cls_feat: Tensor, reg_feat: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        """The activation of tower step `step` on `forward_tower(x, step)`'s features (unchanged at step 0 and for a
+        tower without steps): the post-activation hold features, [B, C, H, W] each."""
+        return activate_step(self.cls_convs, cls_feat, step), activate_step(self.reg_convs, reg_feat, step)
 
     @abstractmethod
     def predict_level(self, cls_feat: Tensor, reg_feat: Tensor, level: int) -> LevelOutput:
