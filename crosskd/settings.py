@@ -175,6 +175,10 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("amp", "bool", True, "automatic mixed precision on CUDA"),
         Setting("compile", "bool", False, "torch.compile the model's backbone, neck and head (and the teacher's); "
                 "falls back to eager with one warning where compilation fails"),
+        Setting("valid_region", "str", "mmdet", "priors that count in the detection and KD losses: mmdet = each "
+                "image padded up to a multiple of 32 (MMDetection's valid flags; every point for FCOS, as "
+                "MMDetection's FCOS and the CrossKD reference), image = only the unpadded image (stricter)",
+                choices=("mmdet", "image")),
         Setting("clip_grad", "float", 0.0, "gradient clipping max norm; 0 disables", low=0),
         Setting("nan_patience", "int", 10, "a step with a NaN/Inf loss is skipped; stop after this many in a row "
                 "(0 never stops)", low=0),

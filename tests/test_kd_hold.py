@@ -212,10 +212,14 @@ def test_student_outputs_and_hold_settings_follow_kd_hold():
 
 
 def test_resuming_a_run_saved_before_kd_hold_keeps_the_pre_activation_hold(tmp_path):
-    """A checkpoint's train_args without kd_hold resume with `pre` (how it ran); with the key, its own value."""
+    """A checkpoint's train_args without kd_hold / valid_region resume with `pre` / `image` (how it ran); with the
+    keys, their own values."""
     args = get_args({"resume": str(tmp_path / "last.pt")}, "distill")
-    saved = get_args({"teacher": "teacher.pt", "kd_hold": "post"}, "distill").to_dict()
-    assert resume_args(args, saved, tmp_path / "last.pt", "distill").kd_hold == "post"
-    del saved["kd_hold"]
-    assert resume_args(args, saved, tmp_path / "last.pt", "distill").kd_hold == "pre"
-    assert get_args({"teacher": "teacher.pt"}, "distill").kd_hold == "post"
+    saved = get_args({"teacher": "teacher.pt", "kd_hold": "post", "valid_region": "mmdet"}, "distill").to_dict()
+    resumed = resume_args(args, saved, tmp_path / "last.pt", "distill")
+    assert (resumed.kd_hold, resumed.valid_region) == ("post", "mmdet")
+    del saved["kd_hold"], saved["valid_region"]
+    resumed = resume_args(args, saved, tmp_path / "last.pt", "distill")
+    assert (resumed.kd_hold, resumed.valid_region) == ("pre", "image")
+    defaults = get_args({"teacher": "teacher.pt"}, "distill")
+    assert (defaults.kd_hold, defaults.valid_region) == ("post", "mmdet")

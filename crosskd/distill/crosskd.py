@@ -59,6 +59,8 @@ class Distiller(nn.Module):
         kd_hold: the hold features of both heads, 'post' (after step kd_idx's activation, as the reference
             computes them) or 'pre' (before it); every method reading hold features (strategies, PKD on towers) and
             `analyze` use them.
+        valid_region: the priors (and PKD positions) that count, set on both heads: 'mmdet' or 'image'
+            (`DenseHead.use_valid_region`).
         kd_branch: 'both', or only the 'cls' / 'reg' (+ctr) prediction-KD terms (paper Table 3).
         kd_cls_loss, kd_region: the classification KD loss ('qfl' | 'bce') and the KD region ('all' | 'pos' |
             'neg') of the prediction-KD recipes (paper Table 9).
@@ -81,6 +83,7 @@ class Distiller(nn.Module):
         pkd_on: str = "neck",
         kd_strategy: str = "a",
         kd_hold: str = "post",
+        valid_region: str = "mmdet",
     ) -> None:
         super().__init__()
         names = components(kd)
@@ -90,6 +93,8 @@ class Distiller(nn.Module):
         check_ablation(kd_branch, pkd_on, kd_strategy, any(c.cross_head_pass for c in classes))
         check_choice("kd_hold", kd_hold, KD_HOLDS)
         check_compatible(student, teacher)
+        student.head.use_valid_region(valid_region)
+        teacher.head.use_valid_region(valid_region)
         self.student = student
         object.__setattr__(self, "teacher", teacher)
         teacher.requires_grad_(False).train(False)
@@ -99,7 +104,7 @@ class Distiller(nn.Module):
         idx = resolve_kd_idx(kd_idx, student.head, teacher.head) if "holds" in self.needs else 0
         self.setup = KDSetup(kd_idx=idx, kd_align=bool(kd_align), weights=self.weights, options=options,
                              kd_branch=kd_branch, pkd_on=pkd_on, kd_strategy=kd_strategy, alone=len(names) == 1,
-                             kd_hold=kd_hold)
+                             kd_hold=kd_hold, valid_region=valid_region)
         self.methods = nn.ModuleDict({name: c(student, teacher, self.setup) for name, c in zip(names, classes)})
         self.log_setup()
 
@@ -130,7 +135,7 @@ class Distiller(nn.Module):
         return cls(
             student, teacher, kd=kd, kd_idx=args.kd_idx, kd_align=args.kd_align, weights=weights,
             kd_branch=args.kd_branch, kd_cls_loss=args.kd_cls_loss, kd_region=args.kd_region, pkd_on=args.pkd_on,
-            kd_strategy=args.kd_strategy, kd_hold=args.kd_hold,
+            kd_strategy=args.kd_strategy, kd_hold=args.kd_hold, valid_region=args.valid_region,
         )
 
     def settings(self) -> dict[str, Any]:
@@ -140,7 +145,7 @@ class Distiller(nn.Module):
             "kd": self.kd, "kd_idx": setup.kd_idx, "kd_align": setup.kd_align, "kd_hold": setup.kd_hold,
             "kd_weights": {"cls": w.cls, "reg": w.reg, "ctr": w.ctr, "feat": w.feat, "ld": w.ld},
             "kd_branch": setup.kd_branch, "kd_cls_loss": setup.options.cls_loss, "kd_region": setup.options.region,
-            "pkd_on": setup.pkd_on, "kd_strategy": setup.kd_strategy,
+            "pkd_on": setup.pkd_on, "kd_strategy": setup.kd_strategy, "valid_region": setup.valid_region,
         }
 
     def log_setup(self) -> None:

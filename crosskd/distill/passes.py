@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from crosskd.models.heads.base import HeadOutputs, Priors, Targets
+from crosskd.models.heads.base import HeadOutputs, Priors, Targets, padded_size, region_sizes
 
 if TYPE_CHECKING:
     from crosskd.models.heads.base import DenseHead, LevelOutput
@@ -96,6 +96,12 @@ def head_pass(
 def feat_sizes(feats: list[Tensor]) -> list[tuple[int, int]]:
     """(H, W) of every [B, C, H, W] feature map."""
     return [(int(x.shape[-2]), int(x.shape[-1])) for x in feats]
+
+
+def batch_region_sizes(batch, region: str) -> Tensor | None:
+    """(h, w) [B, 2] of each image's valid region (`region_sizes`) of a batch; None without `img_sizes`."""
+    img_sizes = getattr(batch, "img_sizes", None)
+    return None if img_sizes is None else region_sizes(img_sizes, padded_size(batch), region)
 
 
 def feature_masks(img_sizes: Tensor | None, maps: list[Tensor], strides: list[int]) -> list[Tensor] | None:

@@ -42,6 +42,7 @@ class KDSetup:
     kd_strategy: str
     alone: bool
     kd_hold: str = "post"
+    valid_region: str = "mmdet"  # the heads' valid region, also PKD's (DenseHead.use_valid_region)
 
 
 class PredictionInputs(NamedTuple):

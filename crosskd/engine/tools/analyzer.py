@@ -226,7 +226,7 @@ class Analyzer:
         kd_hold = setting_or_model_default(self.args, "kd_hold", saved_hold)
         torch.manual_seed(self.args.seed)
         distiller = Distiller(student.detector("analyze"), teacher, kd="crosskd", kd_idx=kd_idx, kd_align=kd_align,
-                              kd_hold=kd_hold)
+                              kd_hold=kd_hold, valid_region=self.args.valid_region)
         saved = read_kd_state(student.checkpoint)
         distiller.load_kd_state(saved)
         if distiller.methods["crosskd"].adapter is None:

@@ -23,6 +23,7 @@ from crosskd.utils import LOGGER, remove_stale_temp_files
 
 OLDER_RUN_VALUES = {  # settings added after runs were saved -> the value a checkpoint without the key ran with
     "kd_hold": "pre",  # before kd_hold the hold features were the pre-activation ones
+    "valid_region": "image",  # before valid_region only priors inside the unpadded image counted
 }
 RESUME_WHITELIST = (  # may change when resuming
     "device", "workers", "val", "plots", "tensorboard", "save_period", "save_period_iters", "nan_patience", "compile",

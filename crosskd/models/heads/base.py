@@ -29,6 +29,8 @@ DEFAULT_STRIDES = (8, 16, 32, 64, 128)
 PRIOR_PROB = 0.01
 PRIOR_CACHE_SIZE = 16  # feature-size sets kept by DenseHead.priors (multi-scale training meets a few)
 CELL_EPS = 1e-3  # absorbs float error in anchor centres (x1 + x2) / 2 that sit exactly on a cell's start
+VALID_REGIONS = ("mmdet", "image")  # the valid_region setting: MMDetection's valid flags, or the unpadded image
+PAD_SIZE_DIVISOR = 32  # MMDetection's pad_size_divisor: its valid flags cover each image padded to a multiple of it
 
 
 class HeadOutputs(NamedTuple):
@@ -109,6 +111,29 @@ def valid_prior_mask(priors: Priors, img_sizes: Tensor) -> Tensor:
     return inside_x & inside_y
 
 
+def region_sizes(img_sizes: Tensor, padded_hw: Sequence[int] | None, region: str = "mmdet") -> Tensor:
+    """(h, w) [B, 2] of each image's valid region in a batch padded to `padded_hw` (H, W; None: no cap).
+
+    'mmdet': the image rounded up to a multiple of 32, capped at the batch (MMDetection's per-image `pad_shape`, which
+    its valid flags cover); 'image': the unpadded image itself.
+
+    Args:
+        img_sizes (Tensor[B, 2]): (h, w) of each image's unpadded region in input pixels.
+    """
+    if region == "image":
+        return img_sizes
+    rounded = torch.div(img_sizes + PAD_SIZE_DIVISOR - 1, PAD_SIZE_DIVISOR, rounding_mode="floor") * PAD_SIZE_DIVISOR
+    if padded_hw is None:
+        return rounded
+    return torch.minimum(rounded, torch.tensor([int(v) for v in padded_hw], device=img_sizes.device))  # [B, 2]
+
+
+def padded_size(batch) -> tuple[int, int] | None:
+    """(H, W) of a batch's padded images [B, 3, H, W]; None for a batch without images."""
+    images = getattr(batch, "images", None)
+    return None if images is None else tuple(images.shape[-2:])
+
+
 def _check_anchor_sizes(anchor_sizes: Sequence[Sequence[float]] | None, strides: list[int]) -> list[list[float]] | None:
     """Explicit anchor sizes: one equally long list of pixel sizes per stride."""
     if anchor_sizes is None:
@@ -155,6 +180,8 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
     kd_offset = 1  # default CrossKD hold point = stacked_convs - kd_offset (3 of 4 convs; FCOS uses 2)
     with_centerness = False  # FCOS, ATSS: centerness targets of positives from prior centres
     min_one_pos_per_image = True  # num_pos counts an image without positives as 1 (MMDet anchor heads; not FCOS)
+    mmdet_valid_flags = True  # MMDet marks priors outside each image's pad_shape invalid (its anchor heads; not FCOS)
+    valid_region = "mmdet"  # run setting valid_region (VALID_REGIONS), set by `use_valid_region`
     centerness_denorm_min = 1.0
 
     def __init__(
@@ -403,6 +430,21 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
         predictions = self.predictions(None, priors) if predictions is None else predictions
         return self.assigner(priors, gt_boxes, gt_labels, valid, predictions)
 
+    def use_valid_region(self, region: str) -> None:
+        """Which priors count in the targets and losses: 'mmdet' (MMDetection's valid flags: each image padded up to
+        a multiple of 32; every point for FCOS) or 'image' (only priors whose cell starts inside the unpadded image)."""
+        if region not in VALID_REGIONS:
+            raise ConfigError(f"valid_region={region!r} is not valid; use one of {', '.join(VALID_REGIONS)}")
+        self.valid_region = region
+
+    def valid_mask(self, priors: Priors, batch) -> Tensor | None:
+        """[B, N] True for the priors of `batch` that may be assigned and count in the losses (`valid_region`); None
+        when all do (a batch without `img_sizes`, or MMDet's FCOS, which has no valid flags)."""
+        img_sizes = getattr(batch, "img_sizes", None)
+        if img_sizes is None or (self.valid_region == "mmdet" and not self.mmdet_valid_flags):
+            return None
+        return valid_prior_mask(priors, region_sizes(img_sizes, padded_size(batch), self.valid_region))
+
     def count_positives(self, pos_mask: Tensor) -> Tensor:
         """num_pos of `pos_mask` [B, N]: Σ_img max(num_pos_img, 1) for anchor heads (MMDet's SamplingResult
         counts an image without positives as 1) or the plain total (FCOS), averaged over ranks, at least 1."""
@@ -416,13 +458,12 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
         """Assign priors to the batch's `gt_boxes` [B, M, 4] / `gt_labels` [B, M] and gather their targets.
 
         The assigner sees the decoded predictions of `outputs` (the head's `forward` of the batch; an assigner that
-        scores predictions needs them). Priors outside their own image (`batch.img_sizes` [B, 2] (h, w); a batch
-        without it is all image) are ignored: never positive, label weight 0, so no detection or KD loss sees them
-        (the reference's valid flags).
+        scores predictions needs them). Priors outside their image's valid region (`valid_mask`: from
+        `batch.img_sizes` [B, 2] (h, w) and `valid_region`; a batch without sizes is all image) are ignored: never
+        positive, label weight 0, so no detection or KD loss sees them (the reference's valid flags).
         """
         gt_boxes = batch.gt_boxes.float()
-        img_sizes = getattr(batch, "img_sizes", None)
-        valid = None if img_sizes is None else valid_prior_mask(priors, img_sizes)  # [B, N]
+        valid = self.valid_mask(priors, batch)  # [B, N] or None
         result = self.assign(priors, gt_boxes, batch.gt_labels, valid, self.predictions(outputs, priors))
         assigned, labels = result.assigned_gt, result.labels  # [B, N]
         if valid is not None:
