@@ -86,10 +86,11 @@ def gt_one_hot(labels: Tensor, pos_mask: Tensor, num_classes: int) -> Tensor:
 
 
 def region_index(pos_mask: Tensor, label_weights: Tensor) -> Tensor:
-    """Per prior [B, N]: 0 positive, 1 negative, −1 left out (label weight 0: ignored, or in another image's padding).
+    """Per prior [B, N]: 0 positive, 1 negative, −1 left out (label weight 0: ignored, or outside its image's valid
+    region).
 
     `pos_mask` and `label_weights` ([B, N]) come from the student's `get_targets`, which gives the priors outside
-    their own image (`valid_prior_mask`) label weight 0.
+    their image's valid region (`valid_region`, `DenseHead.valid_mask`) label weight 0.
     """
     return torch.where(label_weights > 0, torch.where(pos_mask, 0, 1), -1)
 
