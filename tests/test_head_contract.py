@@ -276,7 +276,7 @@ def test_crosskd_distills_through_uneven_towers(kind):
     teacher = build_detector(tiny_cfg(teacher_head), NC)
     student = build_detector(tiny_cfg(student_head), NC)
     distiller = Distiller(student, teacher, kd="crosskd", kd_idx=2)
-    adapter = distiller.adapter  # student hold (8, 24) → teacher hold (16, 24)
+    adapter = distiller.methods["crosskd"].adapter  # student hold (8, 24) → teacher hold (16, 24)
     assert (adapter.cls.in_channels, adapter.cls.out_channels) == (8, 16)
     assert (adapter.reg.in_channels, adapter.reg.out_channels) == (24, 24)
     torch.manual_seed(1)
