@@ -124,6 +124,8 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("kd_idx", "int", None, "CrossKD hold point (head conv index 0..stacked_convs); empty = detector "
                 "default (3, FCOS 2)", low=0, example="2"),
         Setting("kd_align", "bool", True, "align student hold features to the teacher's per-channel mean/std"),
+        Setting("kd_hold", "str", "post", "CrossKD hold features of student and teacher: post = after head conv "
+                "kd_idx's activation (what the reference code computes), pre = before it", choices=("post", "pre")),
         Setting("kd_weight", "float", 1.0, "global multiplier of every distillation loss", low=0, aliases=("dis",)),
         Setting("kd_cls_weight", "float", None, "classification KD weight; empty = the teacher head type's default",
                 low=0, example="1.0"),
@@ -173,6 +175,10 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("amp", "bool", True, "automatic mixed precision on CUDA"),
         Setting("compile", "bool", False, "torch.compile the model's backbone, neck and head (and the teacher's); "
                 "falls back to eager with one warning where compilation fails"),
+        Setting("valid_region", "str", "mmdet", "priors that count in the detection and KD losses: mmdet = each "
+                "image padded up to a multiple of 32 (MMDetection's valid flags; every point for FCOS, as "
+                "MMDetection's FCOS and the CrossKD reference), image = only the unpadded image (stricter)",
+                choices=("mmdet", "image")),
         Setting("clip_grad", "float", 0.0, "gradient clipping max norm; 0 disables", low=0),
         Setting("nan_patience", "int", 10, "a step with a NaN/Inf loss is skipped; stop after this many in a row "
                 "(0 never stops)", low=0),

@@ -40,7 +40,7 @@ def draw(path: Path) -> None:
     box(ax, 8.5, 0.5, 1.4, 0.7, "teacher\npredictions", TEACHER)
     # cross-head branch (middle)
     box(ax, 3.8, 2.3, 1.7, 0.8, "1x1 adapter (if widths\ndiffer) + align_scale\nto teacher mean/std", "#d9ead3")
-    box(ax, 6.0, 2.3, 1.9, 0.8, "teacher convs i+1..n,\npredictors, Scale\n(frozen, shared)", FROZEN, dashed=True)
+    box(ax, 6.0, 2.3, 1.9, 0.8, "ReLU, teacher convs\ni+1..n, predictors,\nScale (frozen, shared)", FROZEN, dashed=True)
     box(ax, 8.5, 2.3, 1.4, 0.8, "cross-head\npredictions", FROZEN)
     box(ax, 10.3, 2.3, 1.5, 0.8, "KD losses\nkd_cls, kd_reg,\nkd_ctr", LOSS)
     for start, end in [((1.4, 4.45), (1.8, 4.45)), ((3.4, 4.45), (3.8, 4.45)), ((5.5, 4.45), (6.0, 4.45)),
@@ -50,7 +50,7 @@ def draw(path: Path) -> None:
                        ((9.9, 2.7), (10.3, 2.7)), ((9.2, 1.2), (10.6, 2.3))]:
         arrow(ax, start, end)
     arrow(ax, (4.65, 1.2), (4.65, 2.3), color="#999999", ls="--")
-    ax.text(4.55, 3.6, "hold feature i\n(pre-activation)", fontsize=8, va="center", ha="right")
+    ax.text(4.55, 3.6, "hold feature i\n(post-activation)", fontsize=8, va="center", ha="right")
     ax.text(4.55, 1.6, "teacher stats\n(detached)", fontsize=8, va="center", ha="right", color="#666666")
     arrow(ax, (11.05, 2.3), (4.2, 2.3), color="#cc0000", ls=":", rad=-0.2)
     ax.text(7.4, 1.75, "KD gradient flows back through the frozen teacher layers\ninto student convs 1..i, FPN and "

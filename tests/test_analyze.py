@@ -159,3 +159,24 @@ def test_bad_input_is_one_line(capsys, work, words, fragment):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ERROR: ") and fragment in err[0]
+
+
+def test_kd_hold_comes_from_the_setting_else_the_distilled_students_checkpoint(work):
+    """A plain student gets the default (post); a distilled one its kd_args' hold, `pre` when they predate kd_hold;
+    kd_hold= on the command line wins. The hold changes the cross-head numbers."""
+    torch.manual_seed(1)
+    student = build_detector("gfl_r18t", NC)
+    for name, kd_args in (("plain", None), ("old", {"kd_idx": 1}), ("new", {"kd_idx": 1, "kd_hold": "post"})):
+        ckpt = make_checkpoint(student, epoch=-1, best_fitness=None, names={i: str(i) for i in range(NC)},
+                               train_args={})
+        if kd_args is not None:
+            ckpt["kd_args"] = kd_args
+        save_checkpoint(ckpt, work / f"student_{name}.pt")
+    holds, cross_means = {}, {}
+    for name, overrides in (("plain", {}), ("old", {}), ("new", {}), ("old", {"kd_hold": "post"})):
+        run = f"hold_{name}_{len(overrides)}"
+        report = analyze(analyze_args(work, run, student=str(work / f"student_{name}.pt"), kd_idx=1, **overrides))
+        holds[run] = report["setup"]["kd_hold"]
+        cross_means[run] = report["levels"][-1]["neg"]["cross_head"]["mean"]
+    assert holds == {"hold_plain_0": "post", "hold_old_0": "pre", "hold_new_0": "post", "hold_old_1": "post"}
+    assert cross_means["hold_old_1"] == cross_means["hold_new_0"] != cross_means["hold_old_0"]

@@ -50,7 +50,7 @@ def kd_args(**overrides) -> SimpleNamespace:
     """The distillation run settings at their defaults, with `overrides`."""
     settings = dict(kd="crosskd", kd_idx=None, kd_align=True, kd_weight=1.0, kd_cls_weight=None, kd_reg_weight=None,
                     kd_ctr_weight=None, kd_feat_weight=None, kd_branch="both", kd_cls_loss="qfl", kd_region="all",
-                    pkd_on="neck", kd_strategy="a")
+                    pkd_on="neck", kd_strategy="a", kd_hold="post", valid_region="mmdet")
     return SimpleNamespace(**{**settings, **overrides})
 
 
@@ -225,23 +225,25 @@ def test_pkd_between_widths_trains_a_connector_outside_the_student(pkd_on):
     assert Distiller(tiny_detector(seed=1), tiny_detector(seed=2), kd="pkd").methods["pkd"].connector is None
 
 
-def test_kd_align_standardises_the_student_holds_fed_to_the_teacher_head():
+@pytest.mark.parametrize("hold", ["post", "pre"])
+def test_kd_align_standardises_the_student_holds_fed_to_the_teacher_head(hold):
     """The cross-head pass gets align_scale(student hold, teacher hold) with kd_align=true, the raw hold without."""
     student, teacher, batch = tiny_detector(seed=1).eval(), tiny_detector(seed=2).eval(), tiny_batch()
     with torch.no_grad():
-        s_holds, _ = head_pass(student.head, student.extract_features(batch.images), 1)
-        t_holds, _ = head_pass(teacher.head, teacher.extract_features(batch.images), 1)
+        s_holds, _ = head_pass(student.head, student.extract_features(batch.images), 1, hold)
+        t_holds, _ = head_pass(teacher.head, teacher.extract_features(batch.images), 1, hold)
     seen, run_from = {}, teacher.head.forward_from
 
-    def recording(cls_feat, reg_feat, level, start):
+    def recording(cls_feat, reg_feat, level, start, **kwargs):
         if cls_feat.requires_grad:  # the cross-head pass, not the teacher's own (no_grad) pass
             seen[level] = (cls_feat.detach(), reg_feat.detach())
-        return run_from(cls_feat, reg_feat, level, start)
+        return run_from(cls_feat, reg_feat, level, start, **kwargs)
 
     teacher.head.forward_from = recording
     losses = {}
     for align in (True, False):
-        losses[align] = Distiller(student, teacher, kd_idx=1, kd_align=align).eval()(batch)["kd_cls"].item()
+        distiller = Distiller(student, teacher, kd_idx=1, kd_align=align, kd_hold=hold).eval()
+        losses[align] = distiller(batch)["kd_cls"].item()
         for level, ((s_cls, s_reg), (t_cls, t_reg)) in enumerate(zip(s_holds, t_holds)):
             want = (align_scale(s_cls, t_cls), align_scale(s_reg, t_reg)) if align else (s_cls, s_reg)
             torch.testing.assert_close(seen[level][0], want[0], atol=1e-5, rtol=1e-5)
@@ -314,8 +316,9 @@ PREDICTORS = {"gfl": ("gfl_cls", "gfl_reg"), "retinanet": ("retina_cls", "retina
     ("retinanet", "crosskd"), ("atss", "crosskd"), ("fcos", "crosskd"), ("atss", "pm"),
 ])
 def test_predictions_at_padded_priors_change_no_loss(head_type, kd):
+    """valid_region=image: predictions in another image's padding change no detection or KD loss."""
     student, teacher = tiny_detector(head_type, seed=1), tiny_detector(head_type, seed=2)
-    distiller, batch = Distiller(student, teacher, kd=kd, kd_idx=1), padded_batch()
+    distiller, batch = Distiller(student, teacher, kd=kd, kd_idx=1, valid_region="image"), padded_batch()
     clean = {k: v.item() for k, v in distiller(batch).items()}
     handles = [perturb_padding(getattr(model.head, name)) for model in (student, teacher)
                for name in PREDICTORS[head_type]]
@@ -335,10 +338,35 @@ def test_predictions_at_padded_priors_change_no_loss(head_type, kd):
     assert changed["loss_cls"] != pytest.approx(plain["loss_cls"], rel=1e-4)
 
 
+@pytest.mark.parametrize("head_type", list(HEADS))
+def test_mmdet_valid_region_counts_padding_up_to_32_and_every_fcos_point(head_type):
+    """valid_region=mmdet (default): image 1 (24×40) counts as 32×64. Predictions beyond that change no loss of an
+    anchor head; FCOS's detection and KD terms (the reference's: every point) change; the 24..32 band counts."""
+    student, teacher = tiny_detector(head_type, seed=1), tiny_detector(head_type, seed=2)
+    distiller, batch = Distiller(student, teacher, kd_idx=1), padded_batch()
+    clean = {k: v.item() for k, v in distiller(batch).items()}
+    strict_pair = copy.deepcopy(student), copy.deepcopy(teacher)  # a Distiller sets its heads' valid region
+    strict = {k: v.item() for k, v in Distiller(*strict_pair, kd_idx=1, valid_region="image")(batch).items()}
+    assert clean["kd_cls"] != pytest.approx(strict["kd_cls"], rel=1e-5)  # the regions differ
+    handles = [perturb_padding_beyond(getattr(model.head, name), (32, 64)) for model in (student, teacher)
+               for name in PREDICTORS[head_type]]
+    noisy = {k: v.item() for k, v in distiller(batch).items()}
+    for handle in handles:
+        handle.remove()
+    changed = {k for k in clean if noisy[k] != pytest.approx(clean[k], rel=1e-5, abs=1e-6)}
+    assert changed == ({"loss_cls", "kd_cls", "kd_reg"} if head_type == "fcos" else set()), changed
+
+
+def perturb_padding_beyond(module: torch.nn.Module, region_hw: tuple[int, int], value: float = 3.0):
+    """Hook `module` so that its [2, K, H, W] output changes where image 1's cells start outside `region_hw`."""
+    return module.register_forward_hook(lambda _m, _i, out: perturb_map(out, region_hw, value))
+
+
 @pytest.mark.parametrize("pkd_on", ["neck", "cls"])
 def test_features_at_padded_positions_change_no_pkd(pkd_on):
     student, teacher = tiny_detector(seed=1), tiny_detector(seed=2)
-    distiller, batch = Distiller(student, teacher, kd="crosskd+pkd", kd_idx=1, pkd_on=pkd_on), padded_batch()
+    distiller = Distiller(student, teacher, kd="crosskd+pkd", kd_idx=1, pkd_on=pkd_on, valid_region="image")
+    batch = padded_batch()
     clean = distiller(batch)["kd_feat"].item()
     if pkd_on == "neck":  # every FPN output of the student
         handle = student.neck.register_forward_hook(lambda _m, _i, outs: [perturb_map(x, (24, 40), 5.0) for x in outs])

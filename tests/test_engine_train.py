@@ -160,3 +160,12 @@ def test_trainer_class_follows_teacher_and_mode():
     assert trainer_class(get_args({"model": "gfl_r18t.yaml", "teacher": "t.pt"}, "train")) is DistillTrainer
     assert trainer_class(get_args({"model": "gfl_r18t.yaml"}, "distill")) is DistillTrainer
     assert trainer_class(get_args({"resume": "last.pt"}, "train"), {"teacher": "t.pt"}) is DistillTrainer
+
+
+def test_valid_region_setting_reaches_the_trained_head(trained, tmp_path):
+    """valid_region= is applied to the model's head (its detection losses); mmdet by default."""
+    assert trained.trainer.model.head.valid_region == "mmdet"
+    strict = Trainer(train_args(trained.data, tmp_path, name="strict", valid_region="image"))
+    strict.data_info = trained.trainer.data_info
+    strict.names = dict(strict.data_info.names)
+    assert strict.build_model().head.valid_region == "image"

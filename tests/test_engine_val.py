@@ -57,8 +57,9 @@ class GroundTruthModel:
     def eval(self):
         return self
 
-    def predict(self, images, conf, iou, max_det, nms_pre, ratios=None, multi_label=True):
+    def predict(self, images, conf, iou, max_det, nms_pre, ratios=None, multi_label=True, img_sizes=None):
         assert ratios is not None  # the validator asks for original-pixel boxes
+        assert img_sizes is not None and img_sizes.shape == (len(images), 2)  # and clips to each image before NMS
         records = self.records[self.seen : self.seen + len(images)]
         self.seen += len(images)
         return [

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from crosskd.models.heads import ATSSHead, FCOSHead, GFLHead, HeadOutputs, RetinaHead
-from crosskd.models.heads.base import valid_prior_mask
+from crosskd.models.heads.regions import region_sizes, valid_prior_mask
 from crosskd.ops.boxes import delta_xywh_encode, distance_encode
 
 NC = 3
@@ -307,7 +307,9 @@ def test_valid_prior_mask_keeps_the_cells_that_start_inside_each_image():
 
 @pytest.mark.parametrize("kind", HEADS)
 def test_priors_in_another_images_padding_are_ignored_and_change_no_loss(kind):
+    """valid_region=image: every prior whose cell starts outside its own unpadded image is ignored."""
     head = make_head(kind)
+    head.use_valid_region("image")
     img_hw = (24, 40)  # image 1 is small: the rest of the 64×64 input is padding
     batch = make_batch([[[8.0, 12.0, 40.0, 44.0]], [[4.0, 4.0, 20.0, 22.0]]], [[1], [2]])
     batch.img_sizes = torch.tensor([[64, 64], list(img_hw)])
@@ -324,6 +326,38 @@ def test_priors_in_another_images_padding_are_ignored_and_change_no_loss(kind):
     assert not torch.equal(noisy.cls_scores[0], out.cls_scores[0])
     for key, value in head.loss(noisy, priors, targets).items():
         assert value.item() == pytest.approx(losses[key].item(), rel=1e-6, abs=1e-7), key
+
+
+@pytest.mark.parametrize("kind", HEADS)
+def test_the_mmdet_valid_region_is_each_image_padded_up_to_32_and_every_point_for_fcos(kind):
+    """valid_region=mmdet (the default): a 24×40 image counts as 32×64 (MMDet's pad_shape with pad_size_divisor 32);
+    predictions beyond that change no loss of an anchor head, while FCOS, like MMDet's, assigns every point."""
+    head = make_head(kind)
+    assert head.valid_region == "mmdet"
+    batch = make_batch([[[8.0, 12.0, 40.0, 44.0]], [[4.0, 4.0, 20.0, 22.0]]], [[1], [2]])
+    batch.img_sizes = torch.tensor([[64, 64], [24, 40]])
+    assert region_sizes(batch.img_sizes, (64, 64)).tolist() == [[64, 64], [32, 64]]
+    assert region_sizes(batch.img_sizes, (64, 48)).tolist() == [[64, 48], [32, 48]]  # capped at the batch
+    priors = head.priors(FEAT_SIZES, "cpu")
+    targets = head.get_targets(priors, batch)
+    region = valid_prior_mask(priors, torch.tensor([[64, 64], [32, 64]]))
+    weights = targets.label_weights == 1
+    if kind == "fcos":
+        assert weights.all()
+    else:
+        assert not weights[~region].any() and (targets.assigned_gt[~region] == -2).all()
+        band = ~valid_prior_mask(priors, batch.img_sizes) & region  # rows 24..32 of image 1: padding that counts
+        assert band.any() and weights[band].any()
+    out = head(make_feats())
+    losses = head.loss(out, priors, targets)
+    masks = padding_mask((32, 64))
+    noisy = HeadOutputs(add_at(out.cls_scores, masks, 5.0), add_at(out.bbox_preds, masks, 0.5),
+                        add_at(out.centerness, masks, 3.0))
+    noisy_cls = head.loss(noisy, priors, targets)["loss_cls"].item()
+    if kind == "fcos":
+        assert noisy_cls != pytest.approx(losses["loss_cls"].item(), rel=1e-4)
+    else:
+        assert noisy_cls == pytest.approx(losses["loss_cls"].item(), rel=1e-6, abs=1e-7)
 
 
 @pytest.mark.parametrize("kind", HEADS)

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from crosskd.distill.adapters import check_ablation, check_compatible, resolve_kd_idx
-from crosskd.distill.kd_losses import ABLATION_DEFAULTS, DEFAULT_WEIGHTS, KDOptions, KDWeights
+from crosskd.distill.kd_losses import ABLATION_DEFAULTS, DEFAULT_WEIGHTS, KDOptions, KDWeights, check_choice
 from crosskd.distill.methods.base import KDContext, KDSetup, PredictionInputs
-from crosskd.distill.passes import StudentPass, TeacherPass, feat_sizes, head_pass
+from crosskd.distill.passes import KD_HOLDS, StudentPass, TeacherPass, feat_sizes, head_pass
 from crosskd.distill.registry import components, method_class
 from crosskd.utils import LOGGER
 
@@ -56,6 +56,11 @@ class Distiller(nn.Module):
             sizes (same strides), while widths may differ (1x1 adapters and connectors).
         kd_idx (int | None): CrossKD hold point, a tower step; None takes the teacher head's default.
         kd_align (bool): standardise the hold features fed to the other head to its own per-channel statistics.
+        kd_hold: the hold features of both heads, 'post' (after step kd_idx's activation, as the reference
+            computes them) or 'pre' (before it); every method reading hold features (strategies, PKD on towers) and
+            `analyze` use them.
+        valid_region: the priors (and PKD positions) that count, set on both heads: 'mmdet' or 'image'
+            (`DenseHead.use_valid_region`).
         kd_branch: 'both', or only the 'cls' / 'reg' (+ctr) prediction-KD terms (paper Table 3).
         kd_cls_loss, kd_region: the classification KD loss ('qfl' | 'bce') and the KD region ('all' | 'pos' |
             'neg') of the prediction-KD recipes (paper Table 9).
@@ -77,6 +82,8 @@ class Distiller(nn.Module):
         kd_region: str = "all",
         pkd_on: str = "neck",
         kd_strategy: str = "a",
+        kd_hold: str = "post",
+        valid_region: str = "mmdet",
     ) -> None:
         super().__init__()
         names = components(kd)
@@ -84,7 +91,10 @@ class Distiller(nn.Module):
         self.kd = str(kd).strip().lower()
         options = KDOptions(cls_loss=kd_cls_loss, region=kd_region)
         check_ablation(kd_branch, pkd_on, kd_strategy, any(c.cross_head_pass for c in classes))
+        check_choice("kd_hold", kd_hold, KD_HOLDS)
         check_compatible(student, teacher)
+        student.head.use_valid_region(valid_region)
+        teacher.head.use_valid_region(valid_region)
         self.student = student
         object.__setattr__(self, "teacher", teacher)
         teacher.requires_grad_(False).train(False)
@@ -93,7 +103,8 @@ class Distiller(nn.Module):
         self.weights = weights if weights is not None else resolve_kd_weights(teacher.head.head_type, self.kd)
         idx = resolve_kd_idx(kd_idx, student.head, teacher.head) if "holds" in self.needs else 0
         self.setup = KDSetup(kd_idx=idx, kd_align=bool(kd_align), weights=self.weights, options=options,
-                             kd_branch=kd_branch, pkd_on=pkd_on, kd_strategy=kd_strategy, alone=len(names) == 1)
+                             kd_branch=kd_branch, pkd_on=pkd_on, kd_strategy=kd_strategy, alone=len(names) == 1,
+                             kd_hold=kd_hold, valid_region=valid_region)
         self.methods = nn.ModuleDict({name: c(student, teacher, self.setup) for name, c in zip(names, classes)})
         self.log_setup()
 
@@ -107,10 +118,15 @@ class Distiller(nn.Module):
         """Whether hold features fed to the other head are aligned to its per-channel statistics."""
         return self.setup.kd_align
 
+    @property
+    def kd_hold(self) -> str:
+        """The hold features: 'post' (after step kd_idx's activation, the reference's) or 'pre'."""
+        return self.setup.kd_hold
+
     @classmethod
     def from_args(cls, student: DenseDetector, teacher: DenseDetector, args: Any) -> Distiller:
-        """Build from run settings (kd, kd_idx, kd_align, the weights, kd_branch, kd_cls_loss, kd_region, pkd_on,
-        kd_strategy)."""
+        """Build from run settings (kd, kd_idx, kd_align, kd_hold, the weights, kd_branch, kd_cls_loss, kd_region,
+        pkd_on, kd_strategy)."""
         kd = str(args.kd).strip().lower()
         weights = resolve_kd_weights(
             teacher.head.head_type, kd, cls=args.kd_cls_weight, reg=args.kd_reg_weight, ctr=args.kd_ctr_weight,
@@ -119,17 +135,17 @@ class Distiller(nn.Module):
         return cls(
             student, teacher, kd=kd, kd_idx=args.kd_idx, kd_align=args.kd_align, weights=weights,
             kd_branch=args.kd_branch, kd_cls_loss=args.kd_cls_loss, kd_region=args.kd_region, pkd_on=args.pkd_on,
-            kd_strategy=args.kd_strategy,
+            kd_strategy=args.kd_strategy, kd_hold=args.kd_hold, valid_region=args.valid_region,
         )
 
     def settings(self) -> dict[str, Any]:
         """The resolved KD settings (kept in checkpoints' kd_args)."""
         w, setup = self.weights, self.setup
         return {
-            "kd": self.kd, "kd_idx": setup.kd_idx, "kd_align": setup.kd_align,
+            "kd": self.kd, "kd_idx": setup.kd_idx, "kd_align": setup.kd_align, "kd_hold": setup.kd_hold,
             "kd_weights": {"cls": w.cls, "reg": w.reg, "ctr": w.ctr, "feat": w.feat, "ld": w.ld},
             "kd_branch": setup.kd_branch, "kd_cls_loss": setup.options.cls_loss, "kd_region": setup.options.region,
-            "pkd_on": setup.pkd_on, "kd_strategy": setup.kd_strategy,
+            "pkd_on": setup.pkd_on, "kd_strategy": setup.kd_strategy, "valid_region": setup.valid_region,
         }
 
     def log_setup(self) -> None:
@@ -140,7 +156,7 @@ class Distiller(nn.Module):
         t_type, s_type = self.teacher.head.head_type, self.student.head.head_type
         w = self.weights
         cross_head = any(method.cross_head_pass for method in self.methods.values())
-        cross = f", kd_idx={self.kd_idx}, align={self.kd_align}" if cross_head else ""
+        cross = f", kd_idx={self.kd_idx}, hold={self.kd_hold}, align={self.kd_align}" if cross_head else ""
         changed = {k: v for k, v in self.settings().items() if k in ABLATION_DEFAULTS and v != ABLATION_DEFAULTS[k]}
         ablation = "".join(f", {k}={v}" for k, v in changed.items())
         LOGGER.info(
@@ -178,7 +194,7 @@ class Distiller(nn.Module):
         """
         s_head = self.student.head
         s_feats = self.student.extract_features(batch.images)
-        holds, outputs = head_pass(s_head, s_feats, self.kd_idx)
+        holds, outputs = head_pass(s_head, s_feats, self.kd_idx, self.kd_hold)
         priors = s_head.priors(feat_sizes(s_feats), s_feats[0].device)
         targets = s_head.get_targets(priors, batch, outputs)
         losses = dict(s_head.loss(outputs, priors, targets))
@@ -205,7 +221,7 @@ class Distiller(nn.Module):
             t_feats = [f.clone() for f in t_feats]
         if not self.needs & {"holds", "teacher_outputs"}:
             return TeacherPass(t_feats, None, None)
-        t_holds, t_out = head_pass(self.teacher.head, t_feats, self.kd_idx)
+        t_holds, t_out = head_pass(self.teacher.head, t_feats, self.kd_idx, self.kd_hold)
         return TeacherPass(t_feats, t_holds, t_out)
 
     def prediction_inputs(self, ctx: KDContext) -> PredictionInputs:

@@ -4,8 +4,8 @@ Every recipe compares predictions in the teacher head's layout (`pred`: cross-he
 student's own outputs for prediction mimicking) with the teacher's outputs (`target`), and returns already
 weighted scalar terms keyed `kd_cls`, `kd_reg` and `kd_ctr`. Flat outputs are cls [B, N, C] logits, reg [B, N, R]
 and ctr [B, N] logits over the N priors of the teacher head. `KDOptions` holds the ablation settings of the paper
-(Table 9: the classification KD loss and the region where KD applies); priors with label weight 0 (ignored, or in
-another image's batch padding) never contribute.
+(Table 9: the classification KD loss and the region where KD applies); priors with label weight 0 (ignored, or outside
+their image's valid region, `valid_region`) never contribute.
 """
 
 from __future__ import annotations
@@ -185,7 +185,8 @@ def fcos_kd(
 ) -> dict[str, Tensor]:
     """FCOS: KD-QFL and w-weighted −log IoU of decoded boxes over every valid point, both / centerness_denorm.
 
-    The reference uses every point, padding included; here points in another image's padding are left out.
+    With valid_region=mmdet every point counts, padding included, as in the reference; with 'image' points in
+    another image's padding are left out (their label weight is 0).
     """
     denorm = inputs.targets.centerness_denorm
     mask = region_mask(inputs.targets, options.region)  # [B,N]

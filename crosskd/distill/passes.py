@@ -10,12 +10,14 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from crosskd.models.heads.base import HeadOutputs, Priors, Targets
+from crosskd.models.heads.regions import padded_size, region_sizes
 
 if TYPE_CHECKING:
     from crosskd.models.heads.base import DenseHead, LevelOutput
 
 ALIGN_EPS = 1e-6
-HoldFeatures = list[tuple[Tensor, Tensor]]  # per level: (cls, reg) pre-activation tower features at the hold point
+KD_HOLDS = ("post", "pre")  # the hold feature: after step kd_idx's activation (what the reference computes) or before
+HoldFeatures = list[tuple[Tensor, Tensor]]  # per level: (cls, reg) tower features at the hold point (kd_hold)
 
 
 class StudentPass(NamedTuple):
@@ -68,23 +70,39 @@ def stack_levels(levels: list[LevelOutput]) -> HeadOutputs:
     )
 
 
-def head_pass(head: DenseHead, feats: list[Tensor], idx: int) -> tuple[HoldFeatures, HeadOutputs]:
+def head_pass(
+    head: DenseHead, feats: list[Tensor], idx: int, hold: str = "post"
+) -> tuple[HoldFeatures, HeadOutputs]:
     """Run a head split at tower step `idx`: the hold features per level and the (identical to forward) outputs.
+
+    `hold='post'` takes the features after step idx's activation, as the reference computes them (mmcv's in-place
+    ReLU rewrites its stored pre-activation); 'pre' keeps the pre-activation. At idx 0 both are the FPN feature.
 
     Args:
         feats (list[Tensor[B, C, H_l, W_l]]): FPN outputs, one per level.
 
     Returns:
-        holds: per level (cls, reg), each [B, feat_channels, H_l, W_l] pre-activation; outputs: HeadOutputs.
+        holds: per level (cls, reg), each [B, feat_channels, H_l, W_l]; outputs: HeadOutputs.
     """
-    holds = [head.forward_tower(x, idx) for x in feats]
-    outputs = [head.forward_from(cls_feat, reg_feat, level, idx) for level, (cls_feat, reg_feat) in enumerate(holds)]
+    pre = [head.forward_tower(x, idx) for x in feats]
+    if hold == "pre":
+        outputs = [head.forward_from(cls_feat, reg_feat, level, idx) for level, (cls_feat, reg_feat) in enumerate(pre)]
+        return pre, stack_levels(outputs)
+    holds = [head.activate_hold(cls_feat, reg_feat, idx) for cls_feat, reg_feat in pre]
+    outputs = [head.forward_from(cls_feat, reg_feat, level, idx, activated=True)
+               for level, (cls_feat, reg_feat) in enumerate(holds)]
     return holds, stack_levels(outputs)
 
 
 def feat_sizes(feats: list[Tensor]) -> list[tuple[int, int]]:
     """(H, W) of every [B, C, H, W] feature map."""
     return [(int(x.shape[-2]), int(x.shape[-1])) for x in feats]
+
+
+def batch_region_sizes(batch, region: str) -> Tensor | None:
+    """(h, w) [B, 2] of each image's valid region (`region_sizes`) of a batch; None without `img_sizes`."""
+    img_sizes = getattr(batch, "img_sizes", None)
+    return None if img_sizes is None else region_sizes(img_sizes, padded_size(batch), region)
 
 
 def feature_masks(img_sizes: Tensor | None, maps: list[Tensor], strides: list[int]) -> list[Tensor] | None:

@@ -105,13 +105,15 @@ class DenseDetector(nn.Module):
         nms_pre: int = 1000,
         ratios: Tensor | None = None,
         multi_label: bool = True,
+        img_sizes: Tensor | None = None,
     ) -> list[Detections]:
         """Detections per image for 0..1 RGB images [B, 3, H, W] (score threshold, top-k per level, NMS, max_det).
 
         Boxes [K, 4] xyxy are in input pixels or, with `ratios` [B], in original-image pixels. `multi_label`: every
-        class above `conf` per prior (COCO evaluation) or only the best one (one class per box).
+        class above `conf` per prior (COCO evaluation) or only the best one (one class per box). `img_sizes` [B, 2]
+        (h, w) of each image inside the padded input: boxes are clipped to it before NMS (else to the input).
         """
-        dets = postprocess(*self.decode(images), conf, iou, max_det, nms_pre, multi_label)
+        dets = postprocess(*self.decode(images), conf, iou, max_det, nms_pre, multi_label, img_sizes)
         if ratios is not None:
             dets = [d._replace(boxes=scale_boxes(d.boxes, r)) for d, r in zip(dets, ratios)]
         return dets
@@ -121,11 +123,12 @@ class DenseDetector(nn.Module):
         self, batch: Any, conf: float = 0.05, iou: float = 0.6, max_det: int = 100, nms_pre: int = 1000,
         multi_label: bool = True,
     ) -> tuple[list[Detections], dict[str, Tensor]]:
-        """`predict(batch.images, ..., ratios=batch.ratios)` and `loss(batch)` from one forward pass: the
-        validation losses at the cost of the assigner only. Boxes [K, 4] xyxy in original-image pixels."""
+        """`predict(batch.images, ..., ratios=batch.ratios, img_sizes=batch.img_sizes)` and `loss(batch)` from one
+        forward pass: the validation losses at the cost of the assigner only. Boxes [K, 4] xyxy in original-image
+        pixels."""
         outputs = self(batch.images)
         priors = self.priors_for(outputs)
         losses = self.head.loss(outputs, priors, self.head.get_targets(priors, batch, outputs))
         decoded = decode_outputs(self.head, outputs, batch.images.shape[-2:])
-        dets = postprocess(*decoded, conf, iou, max_det, nms_pre, multi_label)
+        dets = postprocess(*decoded, conf, iou, max_det, nms_pre, multi_label, getattr(batch, "img_sizes", None))
         return [d._replace(boxes=scale_boxes(d.boxes, r)) for d, r in zip(dets, batch.ratios)], losses

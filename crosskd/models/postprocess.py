@@ -1,5 +1,12 @@
 """Inference post-processing: decode and clamp, top-k per level, score threshold, class-aware NMS, max_det.
 
+Boxes are clipped to each image's own (h, w) before NMS when the caller knows it (`img_sizes`, as MMDetection's
+`max_shape` and torchvision do): a box reaching into a smaller image's batch padding would otherwise survive NMS
+beside its clipped twin and come out identical to it after the final clip. A traced graph has only the padded
+input's size, so an NMS-embedded graph's rows are clipped and suppressed again on the host (`reclip_detections`).
+Boxes without area after the clip (lying wholly in the padding; MMDetection's `min_bbox_size=0` check) are dropped:
+two of them never overlap, so NMS could not merge them.
+
 One path serves `DenseDetector.predict`, the exported graphs (`ExportModel`) and the exported-model backends. Every
 step is trace-safe: under torch.jit.trace and the ONNX exporter the batch, H and W stay graph inputs (sizes read from
 tensor shapes are traced 0-dim tensors there, plain ints in eager mode). `select_detections` is the core: it returns
@@ -140,6 +147,7 @@ def select_detections(
         counts [B] int64, the number of detections per image.
     """
     batch, _, num_classes = scores.shape
+    scores = scores * has_area(boxes)[..., None]  # [B, N, C]: a box without area scores 0, below any conf
     if multi_label:
         cand_scores, prior_index, labels = topk_per_level(scores, num_per_level, nms_pre)  # [B, K] each
     else:
@@ -151,14 +159,50 @@ def select_detections(
     valid = cand_scores.reshape(-1) > conf  # [B*K]
     cand_boxes, cand_scores = cand_boxes.reshape(-1, 4)[valid], cand_scores.reshape(-1)[valid]  # [P, 4], [P]
     labels, image_index = labels.reshape(-1)[valid], image_index.reshape(-1)[valid]  # [P] each
-    keep = grouped_nms(cand_boxes, cand_scores, image_index * num_classes + labels, iou)  # [M] by score
-    image_index = image_index[keep]
+    return nms_rows(Candidates(cand_boxes, cand_scores, labels, image_index), batch, num_classes, iou, max_det)
+
+
+class Candidates(NamedTuple):
+    """Detection candidates of a batch, one row each."""
+
+    boxes: Tensor  # [P, 4] xyxy
+    scores: Tensor  # [P]
+    labels: Tensor  # [P] int64
+    image_index: Tensor  # [P] int64, the image of each row
+
+
+def nms_rows(
+    cand: Candidates, batch: int | Tensor, num_classes: int, iou: float, max_det: int
+) -> tuple[Tensor, Tensor]:
+    """Class-aware NMS per image over `cand`, then the `max_det` best per image as rows [B, max_det, 6] (x1, y1, x2,
+    y2, score, class; zero rows after the detections) and counts [B]."""
+    keep = grouped_nms(cand.boxes, cand.scores, cand.image_index * num_classes + cand.labels, iou)  # [M] by score
+    image_index = cand.image_index[keep]
     rank, counts = rank_in_image(image_index, batch)  # [M], [B]
     kept = rank < max_det
-    found = torch.cat([cand_boxes[keep], cand_scores[keep, None], labels[keep, None].to(boxes.dtype)], dim=1)
-    rows = boxes.new_zeros(batch, max_det, 6)
+    found = torch.cat([cand.boxes[keep], cand.scores[keep, None], cand.labels[keep, None].to(cand.boxes.dtype)], 1)
+    rows = cand.boxes.new_zeros(batch, max_det, 6)
     rows[image_index[kept], rank[kept]] = found[kept]
     return rows, counts.clamp(max=max_det)
+
+
+def reclip_detections(
+    rows: Tensor, counts: Tensor, img_sizes: Tensor, num_classes: int, iou: float
+) -> tuple[Tensor, Tensor]:
+    """Detection rows [B, K, 6] (`counts` [B] per image) clipped to each image's (h, w) `img_sizes` [B, 2] and
+    suppressed again per image and class: for an NMS-embedded graph, which clipped only to its padded input."""
+    batch, max_det = rows.shape[:2]
+    boxes = clip_boxes(rows[..., :4], img_sizes)  # [B, K, 4]
+    present = (torch.arange(max_det, device=rows.device)[None] < counts[:, None]) & has_area(boxes)  # [B, K]
+    image_index = torch.arange(batch, device=rows.device)[:, None].expand(-1, max_det)[present]  # [P]
+    boxes = boxes[present]  # [P, 4]
+    cand = Candidates(boxes, rows[..., 4][present], rows[..., 5][present].long(), image_index)
+    return nms_rows(cand, batch, num_classes, iou, max_det)
+
+
+def has_area(boxes: Tensor) -> Tensor:
+    """[...] True where xyxy boxes [..., 4] have positive width and height."""
+    return (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
 
 
 def unpad(rows: Tensor, counts: Tensor) -> list[Detections]:
@@ -175,8 +219,13 @@ def postprocess(
     max_det: int = 100,
     nms_pre: int = 1000,
     multi_label: bool = True,
+    img_sizes: Tensor | None = None,
 ) -> list[Detections]:
-    """Detections per image from boxes [B, N, 4] xyxy and scores [B, N, C]: `select_detections`, split per image."""
+    """Detections per image from boxes [B, N, 4] xyxy and scores [B, N, C]: `select_detections`, split per image.
+
+    `img_sizes` [B, 2] (h, w): each image's own region of the padded input; its boxes are clipped to it before NMS.
+    """
+    boxes = boxes if img_sizes is None else clip_boxes(boxes, img_sizes)
     return unpad(*select_detections(boxes, scores, num_per_level, conf, iou, max_det, nms_pre, multi_label))
 
 

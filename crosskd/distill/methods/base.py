@@ -29,7 +29,8 @@ NEEDS = frozenset({"holds", "teacher_outputs", "neck"})  # what a method may ask
 class KDSetup:
     """The resolved KD settings every method of a run sees.
 
-    kd_idx: the hold point (0 when no method needs hold features); alone: the method is the only one of `kd`.
+    kd_idx: the hold point (0 when no method needs hold features); alone: the method is the only one of `kd`;
+    kd_hold: 'post' or 'pre' activation hold features (already applied to the passes' holds).
     """
 
     kd_idx: int
@@ -40,6 +41,8 @@ class KDSetup:
     pkd_on: str
     kd_strategy: str
     alone: bool
+    kd_hold: str = "post"
+    valid_region: str = "mmdet"  # the heads' valid region, also PKD's (DenseHead.use_valid_region)
 
 
 class PredictionInputs(NamedTuple):

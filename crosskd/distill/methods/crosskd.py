@@ -62,7 +62,8 @@ class CrossKD(KDMethod):
         return (inputs.own, reverse, s_head) if strategy == "b" else (reverse, inputs.teacher, s_head)
 
     def cross_head(self, teacher_head: DenseHead, s_holds: HoldFeatures, t_holds: HoldFeatures) -> HeadOutputs:
-        """Student hold features (adapted, aligned to the teacher's) through the rest of the teacher's head.
+        """Student hold features (adapted, aligned to the teacher's) through the rest of the teacher's head, which
+        starts with step kd_idx's activation (the reference's ReLU after align_scale, also on post-activation holds).
 
         Not under no_grad: the KD gradient flows through the frozen teacher layers into the student. Hold features
         are per level (cls, reg) pairs: the student's [B, C_s, H_l, W_l], the teacher's [B, C_t, H_l, W_l].

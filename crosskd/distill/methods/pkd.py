@@ -10,7 +10,7 @@ from torch import Tensor
 from crosskd.distill.adapters import build_connector, feature_channels, hold_channels
 from crosskd.distill.kd_losses import PKD_ALONE_LEVELS, PKD_ALONE_WEIGHT, KDWeights, feature_kd
 from crosskd.distill.methods.base import KDContext, KDMethod, KDSetup
-from crosskd.distill.passes import feature_masks
+from crosskd.distill.passes import batch_region_sizes, feature_masks
 
 if TYPE_CHECKING:
     from crosskd.models import DenseDetector
@@ -19,8 +19,9 @@ TOWER = {"cls": 0, "reg": 1}  # pkd_on -> index of the (cls, reg) hold feature p
 
 
 class PKD(KDMethod):
-    """kd_feat on the features of `pkd_on`, padding masked out; kd=pkd alone takes MMRazor's first 4 levels and
-    weight 10. Owns a 1x1 width connector (student -> teacher channels, shared by the levels) when widths differ."""
+    """kd_feat on the features of `pkd_on` inside the valid region (valid_region); kd=pkd alone takes MMRazor's first 4
+    levels and weight 10. Owns a 1x1 width connector (student -> teacher channels, shared by the levels) when widths
+    differ."""
 
     needs = frozenset({"neck"})
 
@@ -53,7 +54,7 @@ class PKD(KDMethod):
             branch = TOWER[self.setup.pkd_on]
             s_maps, t_maps = [h[branch] for h in ctx.student.holds], [h[branch] for h in ctx.teacher.holds]
         s_maps, t_maps = s_maps[: self.levels], t_maps[: self.levels]
-        masks = feature_masks(getattr(ctx.batch, "img_sizes", None), s_maps, ctx.strides)
+        masks = feature_masks(batch_region_sizes(ctx.batch, self.setup.valid_region), s_maps, ctx.strides)
         if self.connector is not None:
             s_maps = [self.connector(x) for x in s_maps]  # [B, C_s, H, W] -> [B, C_t, H, W]
         return {"kd_feat": feature_kd(s_maps, t_maps, self.setup.weights.feat, masks)}

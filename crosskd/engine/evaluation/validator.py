@@ -145,7 +145,7 @@ class Validator:
                         loss_sums[name] = loss_sums.get(name, 0.0) + value.detach().float()
                 else:
                     detections = self.model.predict(batch.images, *options, ratios=batch.ratios,
-                                                    multi_label=self.multi_label)
+                                                    multi_label=self.multi_label, img_sizes=batch.img_sizes)
             records.update(self.batch_records(batch, detections))
             if plots and i < PLOT_BATCHES and self.save_dir is not None:
                 self.plot_batch(i, batch, detections)

@@ -42,7 +42,16 @@ def resize_to_fit(image: np.ndarray, imgsz: tuple[int, int]) -> tuple[np.ndarray
 def preprocess(
     images: Sequence[np.ndarray], imgsz: tuple[int, int], pad_multiple: int, device: torch.device, pad_value: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """BGR uint8 images [H, W, 3] -> model input [B, 3, H', W'] 0..1 RGB and resize ratios [B].
+    """BGR uint8 images [H, W, 3] -> model input [B, 3, H', W'] 0..1 RGB and resize ratios [B] (`letterbox`)."""
+    images, ratios, _ = letterbox(images, imgsz, pad_multiple, device, pad_value)
+    return images, ratios
+
+
+def letterbox(
+    images: Sequence[np.ndarray], imgsz: tuple[int, int], pad_multiple: int, device: torch.device, pad_value: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BGR uint8 images [H, W, 3] -> model input [B, 3, H', W'] 0..1 RGB, resize ratios [B] and each resized
+    image's (h, w) [B, 2] inside the input.
 
     crosskd's input convention (backend.InputConvention): keep-ratio resize, padding with `pad_value` bottom/right to
     a multiple of `pad_multiple`.
@@ -54,7 +63,8 @@ def preprocess(
     for i, (image, _) in enumerate(resized):
         batch[i, :, : image.shape[0], : image.shape[1]] = torch.from_numpy(image).permute(2, 0, 1).flip(0)  # RGB
     ratios = torch.tensor([ratio for _, ratio in resized], dtype=torch.float32)
-    return batch.to(device).float().div_(255), ratios.to(device)
+    sizes = torch.tensor([image.shape[:2] for image, _ in resized], dtype=torch.int64)  # [B, 2] (h, w)
+    return batch.to(device).float().div_(255), ratios.to(device), sizes.to(device)
 
 
 def to_results(frame: Frame, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
@@ -103,10 +113,10 @@ class Predictor:
         args = self.args
         times = [time.perf_counter()]
         pad_value = self.runtime.input_convention.pad_value
-        images, ratios = preprocess([f.image for f in frames], self.imgsz, self.stride, self.device, pad_value)
+        images, ratios, sizes = letterbox([f.image for f in frames], self.imgsz, self.stride, self.device, pad_value)
         times.append(self.synchronized_time())
         detections = self.model.predict(images, self.conf, args.iou, args.max_det, args.nms_pre, ratios=ratios,
-                                        multi_label=self.multi_label)
+                                        multi_label=self.multi_label, img_sizes=sizes)
         times.append(self.synchronized_time())
         results = [to_results(f, *d, self.names, args.classes) for f, d in zip(frames, detections, strict=True)]
         times.append(time.perf_counter())

@@ -86,10 +86,11 @@ def gt_one_hot(labels: Tensor, pos_mask: Tensor, num_classes: int) -> Tensor:
 
 
 def region_index(pos_mask: Tensor, label_weights: Tensor) -> Tensor:
-    """Per prior [B, N]: 0 positive, 1 negative, −1 left out (label weight 0: ignored, or in another image's padding).
+    """Per prior [B, N]: 0 positive, 1 negative, −1 left out (label weight 0: ignored, or outside its image's valid
+    region).
 
     `pos_mask` and `label_weights` ([B, N]) come from the student's `get_targets`, which gives the priors outside
-    their own image (`valid_prior_mask`) label weight 0.
+    their image's valid region (`valid_region`, `DenseHead.valid_mask`) label weight 0.
     """
     return torch.where(label_weights > 0, torch.where(pos_mask, 0, 1), -1)
 
@@ -213,7 +214,8 @@ class Analyzer:
         self.imgsz = imgsz
 
     def build_distiller(self, student: Runtime, teacher: Any) -> Distiller:
-        """The cross-head pass: kd_idx / kd_align from the settings, else from a distilled student's checkpoint.
+        """The cross-head pass: kd_idx / kd_align / kd_hold from the settings, else from a distilled student's
+        checkpoint (one saved before kd_hold existed used the pre-activation holds).
 
         A width adapter comes from the student's last.pt when it holds one; otherwise it is freshly initialised
         (seeded) and untrained, which the report says.
@@ -221,8 +223,11 @@ class Analyzer:
         kd_args = student.checkpoint.get("kd_args") or {}
         kd_idx = self.args.kd_idx if self.args.kd_idx is not None else kd_args.get("kd_idx")
         kd_align = setting_or_model_default(self.args, "kd_align", kd_args.get("kd_align"))
+        saved_hold = kd_args.get("kd_hold", "pre" if kd_args else None)
+        kd_hold = setting_or_model_default(self.args, "kd_hold", saved_hold)
         torch.manual_seed(self.args.seed)
-        distiller = Distiller(student.detector("analyze"), teacher, kd="crosskd", kd_idx=kd_idx, kd_align=kd_align)
+        distiller = Distiller(student.detector("analyze"), teacher, kd="crosskd", kd_idx=kd_idx, kd_align=kd_align,
+                              kd_hold=kd_hold, valid_region=self.args.valid_region)
         saved = read_kd_state(student.checkpoint)
         distiller.load_kd_state(saved)
         if distiller.methods["crosskd"].adapter is None:
@@ -241,10 +246,10 @@ class Analyzer:
         d = self.distiller
         s_head, t_head = d.student.head, d.teacher.head
         s_feats = d.student.extract_features(batch.images)
-        s_holds, s_out = head_pass(s_head, s_feats, d.kd_idx)
+        s_holds, s_out = head_pass(s_head, s_feats, d.kd_idx, d.kd_hold)
         priors = s_head.priors(feat_sizes(s_feats), s_feats[0].device)
         targets = s_head.get_targets(priors, batch, s_out)
-        t_holds, t_out = head_pass(t_head, d.teacher.extract_features(batch.images), d.kd_idx)
+        t_holds, t_out = head_pass(t_head, d.teacher.extract_features(batch.images), d.kd_idx, d.kd_hold)
         cross = d.methods["crosskd"].cross_head(t_head, s_holds, t_holds)
         anchors = (t_head.num_anchors, s_head.num_anchors)
         p_student = s_head.flatten_outputs(s_out).cls.sigmoid()  # [B, N, C]
@@ -279,7 +284,7 @@ class Analyzer:
             "teacher": self.teacher_source, "student": self.student_runtime.source, "data": str(self.args.data),
             "split": self.args.split, "images": len(self.loader.dataset), "imgsz": self.imgsz,
             "teacher_head": d.teacher.head_type, "student_head": d.student.head_type, "kd_idx": d.kd_idx,
-            "kd_align": d.kd_align, "adapter": self.adapter_status,
+            "kd_align": d.kd_align, "kd_hold": d.kd_hold, "adapter": self.adapter_status,
         }
         return {"setup": setup, "definitions": DEFINITIONS, "conflict_threshold": CONFLICT_THRESHOLD,
                 "thresholds": list(THRESHOLDS), "levels": level_records(summary, names)}
@@ -319,7 +324,8 @@ def _cell(x: Tensor) -> str:
 def results_table(summary: Summary, names: list[str], setup: dict[str, Any]) -> Table:
     """Rich table: a row per level × region with |Δ| mean / median / p90 of the student and the cross-head."""
     title = (f"Target conflict: teacher {setup['teacher_head']} → student {setup['student_head']}, "
-             f"kd_idx={setup['kd_idx']}, adapter {setup['adapter']}, {setup['images']} {setup['split']} images")
+             f"kd_idx={setup['kd_idx']} ({setup['kd_hold']}), adapter {setup['adapter']}, {setup['images']} "
+             f"{setup['split']} images")
     caption = (f"|Δ| = max over classes |p_teacher − p| of the student's own head and of the cross-head; conflict: "
                f"max |one-hot GT − p_teacher| > {CONFLICT_THRESHOLD}; Fig. 3 = conflicting locations / positives")
     table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, padding=(0, 1))

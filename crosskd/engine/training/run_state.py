@@ -21,6 +21,10 @@ from crosskd.errors import CheckpointError, RunStopped
 from crosskd.paths import newest_file, runs_dir
 from crosskd.utils import LOGGER, remove_stale_temp_files
 
+OLDER_RUN_VALUES = {  # settings added after runs were saved -> the value a checkpoint without the key ran with
+    "kd_hold": "pre",  # before kd_hold the hold features were the pre-activation ones
+    "valid_region": "image",  # before valid_region only priors inside the unpadded image counted
+}
 RESUME_WHITELIST = (  # may change when resuming
     "device", "workers", "val", "plots", "tensorboard", "save_period", "save_period_iters", "nan_patience", "compile",
 )
@@ -205,7 +209,9 @@ class RunState:
 
 
 def resume_args(args: Any, train_args: dict, path: Path, mode: str) -> Any:
-    """The checkpoint's args plus the whitelisted keys the user changed; other changes are warned and ignored."""
+    """The checkpoint's args plus the whitelisted keys the user changed; other changes are warned and ignored.
+
+    A setting the checkpoint predates takes the value its run used (`OLDER_RUN_VALUES`), not today's default."""
     defaults = get_args({}, mode).to_dict()
     skip = ("resume", "mode", "cfg", "student")
     changed = {k: v for k, v in args.to_dict().items() if args.typed(k) and k not in skip}
@@ -214,6 +220,7 @@ def resume_args(args: Any, train_args: dict, path: Path, mode: str) -> Any:
     if ignored:
         LOGGER.warning(f"Resume ignores {ignored}, using the checkpoint's values; start a new run to change them")
     settings = {k: v for k, v in train_args.items() if k in defaults and k not in ("cfg", "mode")}
+    settings = {**{k: v for k, v in OLDER_RUN_VALUES.items() if k not in train_args}, **settings}
     return get_args({**settings, **kept, "resume": str(path)}, mode)
 
 

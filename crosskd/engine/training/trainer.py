@@ -119,6 +119,7 @@ class Trainer:
             if runtime.kind == "yaml" or self.args.pretrained is not None:  # YAML backbone.pretrained, or pretrained=
                 load_pretrained(model, self.args.pretrained, self.args.model_cfg)
         model.names = self.names
+        model.head.use_valid_region(self.args.valid_region)
         return compile_detector(model, self.args.compile)
 
     def build_loss_module(self) -> nn.Module:

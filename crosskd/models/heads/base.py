@@ -23,12 +23,12 @@ from crosskd.losses.detection import bce_with_logits, focal_loss, weight_reduce
 from crosskd.ops.boxes import Priors, centerness_target, distance_encode, make_anchors, make_points
 
 from .outputs import FlatOutputs, HeadOutputs, LevelOutput, Targets
-from .towers import ConvBlock, check_towers, finish_tower, run_tower
+from .regions import VALID_REGIONS, padded_size, region_sizes, valid_prior_mask
+from .towers import ConvBlock, activate_step, check_towers, finish_tower, run_tower
 
 DEFAULT_STRIDES = (8, 16, 32, 64, 128)
 PRIOR_PROB = 0.01
 PRIOR_CACHE_SIZE = 16  # feature-size sets kept by DenseHead.priors (multi-scale training meets a few)
-CELL_EPS = 1e-3  # absorbs float error in anchor centres (x1 + x2) / 2 that sit exactly on a cell's start
 
 
 class Scale(nn.Module):
@@ -51,24 +51,6 @@ def anchor_scales(octave_base_scale: float, scales_per_octave: int) -> list[floa
 def flatten_levels(maps: Sequence[Tensor], channels: int) -> Tensor:
     """Per-level [B, A*K, H, W] maps → [B, sum(H*W*A), K] in prior order."""
     return torch.cat([m.permute(0, 2, 3, 1).reshape(m.shape[0], -1, channels) for m in maps], dim=1)
-
-
-def valid_prior_mask(priors: Priors, img_sizes: Tensor) -> Tensor:
-    """[B, N] True where a prior's grid cell starts inside its image's valid region (MMDet's valid flags).
-
-    A prior at grid index (i, j) of stride s is valid for an image of (h, w) when i·s < h and j·s < w, i.e. its
-    level keeps ceil(h / s) rows and ceil(w / s) columns; the rest lies in the batch padding of another image.
-
-    Args:
-        priors (Priors): points [N, 2] (x, y) at (index + offset)·stride with 0 ≤ offset < 1, strides [N].
-        img_sizes (Tensor[B, 2]): (h, w) of each image's unpadded region in input pixels.
-    """
-    strides = priors.strides[:, None]  # [N, 1]
-    cell_start = torch.floor(priors.points / strides + CELL_EPS) * strides  # [N, 2] (x, y)
-    sizes = img_sizes.to(cell_start)  # [B, 2] (h, w)
-    inside_x = cell_start[None, :, 0] < sizes[:, None, 1]  # [B, N]
-    inside_y = cell_start[None, :, 1] < sizes[:, None, 0]  # [B, N]
-    return inside_x & inside_y
 
 
 def _check_anchor_sizes(anchor_sizes: Sequence[Sequence[float]] | None, strides: list[int]) -> list[list[float]] | None:
@@ -117,6 +99,8 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
     kd_offset = 1  # default CrossKD hold point = stacked_convs - kd_offset (3 of 4 convs; FCOS uses 2)
     with_centerness = False  # FCOS, ATSS: centerness targets of positives from prior centres
     min_one_pos_per_image = True  # num_pos counts an image without positives as 1 (MMDet anchor heads; not FCOS)
+    mmdet_valid_flags = True  # MMDet marks priors outside each image's pad_shape invalid (its anchor heads; not FCOS)
+    valid_region = "mmdet"  # run setting valid_region (VALID_REGIONS), set by `use_valid_region`
     centerness_denorm_min = 1.0
 
     def __init__(
@@ -238,7 +222,9 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
             raise ValueError(f"tower step {stop} outside 0..{self.stacked_convs}")
         return run_tower(self.cls_convs, x, stop), run_tower(self.reg_convs, x, stop)
 
-    def forward_from(self, cls_feat: Tensor, reg_feat: Tensor, level: int, start: int) -> LevelOutput:
+    def forward_from(
+        self, cls_feat: Tensor, reg_feat: Tensor, level: int, start: int, *, activated: bool = False
+    ) -> LevelOutput:
         """Finish the head from pre-activation tower features of step `start` (raw input when `start=0`).
 
         Args:
@@ -246,13 +232,20 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
                 features of the same widths, `hold_channels(start)`).
             level (int): FPN level index, selects the level's Scale.
             start (int): tower step the features come from.
+            activated (bool): the features are `activate_hold`'s (past step start−1's activation), which is then
+                not applied again.
 
         Returns:
             LevelOutput: cls_score [B, A*C, H, W], bbox_pred [B, A*R, H, W], centerness [B, A, H, W] or None.
         """
-        cls_feat = finish_tower(self.cls_convs, cls_feat, start)
-        reg_feat = finish_tower(self.reg_convs, reg_feat, start)
+        cls_feat = finish_tower(self.cls_convs, cls_feat, start, activated)
+        reg_feat = finish_tower(self.reg_convs, reg_feat, start, activated)
         return self.predict_level(cls_feat, reg_feat, level)
+
+    def activate_hold(self, cls_feat: Tensor, reg_feat: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        """The activation of tower step `step` on `forward_tower(x, step)`'s features (unchanged at step 0 and for a
+        tower without steps): the post-activation hold features, [B, C, H, W] each."""
+        return activate_step(self.cls_convs, cls_feat, step), activate_step(self.reg_convs, reg_feat, step)
 
     @abstractmethod
     def predict_level(self, cls_feat: Tensor, reg_feat: Tensor, level: int) -> LevelOutput:
@@ -356,6 +349,21 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
         predictions = self.predictions(None, priors) if predictions is None else predictions
         return self.assigner(priors, gt_boxes, gt_labels, valid, predictions)
 
+    def use_valid_region(self, region: str) -> None:
+        """Which priors count in the targets and losses: 'mmdet' (MMDetection's valid flags: each image padded up to
+        a multiple of 32; every point for FCOS) or 'image' (only priors whose cell starts inside the unpadded image)."""
+        if region not in VALID_REGIONS:
+            raise ConfigError(f"valid_region={region!r} is not valid; use one of {', '.join(VALID_REGIONS)}")
+        self.valid_region = region
+
+    def valid_mask(self, priors: Priors, batch) -> Tensor | None:
+        """[B, N] True for the priors of `batch` that may be assigned and count in the losses (`valid_region`); None
+        when all do (a batch without `img_sizes`, or MMDet's FCOS, which has no valid flags)."""
+        img_sizes = getattr(batch, "img_sizes", None)
+        if img_sizes is None or (self.valid_region == "mmdet" and not self.mmdet_valid_flags):
+            return None
+        return valid_prior_mask(priors, region_sizes(img_sizes, padded_size(batch), self.valid_region))
+
     def count_positives(self, pos_mask: Tensor) -> Tensor:
         """num_pos of `pos_mask` [B, N]: Σ_img max(num_pos_img, 1) for anchor heads (MMDet's SamplingResult
         counts an image without positives as 1) or the plain total (FCOS), averaged over ranks, at least 1."""
@@ -369,13 +377,12 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
         """Assign priors to the batch's `gt_boxes` [B, M, 4] / `gt_labels` [B, M] and gather their targets.
 
         The assigner sees the decoded predictions of `outputs` (the head's `forward` of the batch; an assigner that
-        scores predictions needs them). Priors outside their own image (`batch.img_sizes` [B, 2] (h, w); a batch
-        without it is all image) are ignored: never positive, label weight 0, so no detection or KD loss sees them
-        (the reference's valid flags).
+        scores predictions needs them). Priors outside their image's valid region (`valid_mask`: from
+        `batch.img_sizes` [B, 2] (h, w) and `valid_region`; a batch without sizes is all image) are ignored: never
+        positive, label weight 0, so no detection or KD loss sees them (the reference's valid flags).
         """
         gt_boxes = batch.gt_boxes.float()
-        img_sizes = getattr(batch, "img_sizes", None)
-        valid = None if img_sizes is None else valid_prior_mask(priors, img_sizes)  # [B, N]
+        valid = self.valid_mask(priors, batch)  # [B, N] or None
         result = self.assign(priors, gt_boxes, batch.gt_labels, valid, self.predictions(outputs, priors))
         assigned, labels = result.assigned_gt, result.labels  # [B, N]
         if valid is not None:

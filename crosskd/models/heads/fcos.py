@@ -33,6 +33,7 @@ class FCOSHead(DenseHead):
     with_centerness = True
     centerness_denorm_min = 1e-6
     min_one_pos_per_image = False  # MMDet FCOS: num_pos = max(reduce_mean(total positives), 1)
+    mmdet_valid_flags = False  # MMDet FCOS assigns every point, padding included (its KD terms too)
     assigner_keys = ("regress_ranges", "center_sampling", "center_sample_radius")
 
     def __init__(

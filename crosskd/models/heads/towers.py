@@ -49,12 +49,17 @@ def run_tower(tower: nn.ModuleList, x: Tensor, stop: int) -> Tensor:
     return x
 
 
-def finish_tower(tower: nn.ModuleList, x: Tensor, start: int) -> Tensor:
-    """The activation of step start−1 (when `start` > 0), then the steps from `start` on (clamped to the depth)."""
-    start = min(start, len(tower))
-    if start > 0:
-        x = tower[start - 1].act(x)
-    for block in tower[start:]:
+def activate_step(tower: nn.ModuleList, x: Tensor, step: int) -> Tensor:
+    """The activation of step step−1 (clamped to the depth) on its pre-activation `x`; `x` itself at step 0."""
+    step = min(step, len(tower))
+    return tower[step - 1].act(x) if step > 0 else x
+
+
+def finish_tower(tower: nn.ModuleList, x: Tensor, start: int, activated: bool = False) -> Tensor:
+    """The activation of step start−1 (unless `x` is `activated` already), then the steps from `start` on (clamped
+    to the depth)."""
+    x = x if activated else activate_step(tower, x, start)
+    for block in tower[min(start, len(tower)):]:
         x = block(x)
     return x
 

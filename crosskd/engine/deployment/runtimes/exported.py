@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torchvision.ops import box_convert
 
 from crosskd.errors import CheckpointError
-from crosskd.models.postprocess import Detections, postprocess, unpad
+from crosskd.models.postprocess import Detections, postprocess, reclip_detections, unpad
 
 REQUIRED_METADATA = ("names", "stride", "strides", "imgsz", "batch", "num_anchors", "args")
 
@@ -154,17 +154,20 @@ class ExportedDetector(ABC):
         nms_pre: int,
         ratios: torch.Tensor | None = None,
         multi_label: bool = True,
+        img_sizes: torch.Tensor | None = None,
     ) -> list[Detections]:
         """Detections per image for images [B,3,H,W] (0..1 RGB); boxes divided by `ratios` when given.
 
         `multi_label` as in `DenseDetector.predict`; an NMS-embedded graph keeps the choice made at export.
+        `img_sizes` [B, 2] (h, w) of each image inside the padded input: boxes are clipped to it before NMS here; an
+        NMS-embedded graph only knows its padded input, so its rows are clipped and suppressed again on the host.
         """
         output = self.run(images)
         if self.nms:
-            detections = self.filter_embedded(output, conf, max_det)
+            detections = self.filter_embedded(output, conf, max_det, img_sizes, iou)
         else:
             hw = self.input_hw(images)
-            detections = self.postprocess_raw(output, conf, iou, max_det, nms_pre, hw, multi_label)
+            detections = self.postprocess_raw(output, conf, iou, max_det, nms_pre, hw, multi_label, img_sizes)
         if ratios is None:
             return detections
         return [Detections(d.boxes / r, d.scores, d.labels) for d, r in zip(detections, ratios.tolist(), strict=True)]
@@ -175,9 +178,10 @@ class ExportedDetector(ABC):
 
     def postprocess_raw(
         self, output: torch.Tensor, conf: float, iou: float, max_det: int, nms_pre: int, hw: tuple[int, int],
-        multi_label: bool = True,
+        multi_label: bool = True, img_sizes: torch.Tensor | None = None,
     ) -> list[Detections]:
-        """Ultralytics layout output0 [B,4+C,N] (xywh, scores) -> per-level top-k, NMS, max_det."""
+        """Ultralytics layout output0 [B,4+C,N] (xywh, scores) -> boxes clipped to `img_sizes` [B, 2] (h, w) when
+        given, per-level top-k, NMS, max_det."""
         preds = output.transpose(1, 2)  # [B, N, 4+C]
         counts = num_per_level(*hw, self.strides, self.num_anchors)
         if sum(counts) != preds.shape[1]:
@@ -186,11 +190,20 @@ class ExportedDetector(ABC):
                 "the metadata does not match the graph, re-export the model"
             )
         boxes = box_convert(preds[..., :4], "cxcywh", "xyxy")  # [B, N, 4]
-        return postprocess(boxes, preds[..., 4:], counts, conf, iou, max_det, nms_pre, multi_label)
+        return postprocess(boxes, preds[..., 4:], counts, conf, iou, max_det, nms_pre, multi_label, img_sizes)
 
-    def filter_embedded(self, output: torch.Tensor, conf: float, max_det: int) -> list[Detections]:
-        """NMS-embedded output [B,max_det,6] (x1,y1,x2,y2,score,class), score-descending: keep rows above `conf`."""
-        return unpad(output, (output[..., 4] > conf).sum(1).clamp(max=max_det))
+    def filter_embedded(
+        self, output: torch.Tensor, conf: float, max_det: int, img_sizes: torch.Tensor | None = None,
+        iou: float = 0.6,
+    ) -> list[Detections]:
+        """NMS-embedded output [B,max_det,6] (x1,y1,x2,y2,score,class), score-descending: keep rows above `conf`;
+        with `img_sizes` [B, 2] (h, w) clip them to each image and suppress again with the graph's IoU threshold
+        (`iou` if the metadata lacks it): two rows that differed only inside the padding become one."""
+        counts = (output[..., 4] > conf).sum(1).clamp(max=max_det)
+        if img_sizes is not None:
+            iou = float(self.args.get("iou", iou))
+            output, counts = reclip_detections(output[:, :max_det], counts, img_sizes.to(output.device), self.nc, iou)
+        return unpad(output, counts)
 
 
 @contextlib.contextmanager
