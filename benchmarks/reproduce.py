@@ -4,6 +4,19 @@
     python benchmarks/reproduce.py --summary                         # tables + AP-per-epoch plot of what has finished
     python benchmarks/reproduce.py --rows 1 --rows CrossKD --seeds 0 # some tables / labels, some seeds
     python benchmarks/reproduce.py --scale coco                      # print the paper's COCO runs (--run runs them)
+    python benchmarks/reproduce.py --rows issue20                    # issue 20 point 3: Tables 5, 1, 3, 12, 7
+    python benchmarks/reproduce.py --scale cpu-long                  # issue 20 point 4: Table 5, students 32 epochs
+
+Issue 20 changed two crosskd defaults (kd_hold pre -> post, valid_region image -> mmdet). The results of the old
+defaults stay in `benchmarks/results/reproduce/` (read only: training there is refused); new runs go to
+`benchmarks/results/reproduce-v2/` (scale cpu) and `reproduce-v2-<scale>/`. Each results folder records the defaults
+it was trained with in `defaults.json`, and a run refuses a folder of other defaults, so a metrics JSON of old
+defaults is never taken for a finished training of the new ones. Row sets for `--rows`: `issue20` (Tables 5, 1, 3,
+12, 7, with CrossKD and CrossKD+PKD at kd_hold=pre beside post) and `main` (Table 5). The cpu-long scale is the cpu
+scale with students trained 4x longer (32 epochs, near their plateau); it distils from the cpu scale's teachers
+(linked from its folder, never retrained: run the cpu scale first). After a cpu or cpu-long run (or `--summary`),
+`<out>/comparison.md` sets the old cpu results, the new cpu results and cpu-long side by side with the paper, and
+states which of the paper's orderings hold in each.
 
 Every experiment is a row (paper table, label, crosskd settings). Rows with equal settings share one training, and
 each finished (training, seed) leaves `<out>/metrics/<run>-seed<k>.json` (final and per-epoch AP, AP50, AP75, read from
@@ -40,12 +53,15 @@ from crosskd.data import load_data_yaml
 from crosskd.engine.deployment.checkpoint import is_resumable, load_checkpoint
 from crosskd.engine.evaluation.plotting import read_results
 from crosskd.engine.training import launch
-from crosskd.paths import CFG_DIR
+from crosskd.paths import CFG_DIR, DEFAULT_CFG_PATH
 from crosskd.settings import format_value
 from crosskd.utils import LOGGER
 
 ROOT = Path(__file__).resolve().parent
-RESULTS_DIR = ROOT / "results" / "reproduce"
+RESULTS_DIR = ROOT / "results" / "reproduce-v2"  # results of the current defaults (issue 20)
+OLD_RESULTS_DIR = ROOT / "results" / "reproduce"  # results of kd_hold=pre, valid_region=image: the comparison
+DEFAULTS_FILE = "defaults.json"  # in each results folder: the crosskd defaults its trainings ran with
+TRACKED_DEFAULTS = ("kd_hold", "valid_region")  # defaults that changed the results and are not in the run keys
 SEEDS = (0, 1, 2)
 TEACHER_SEED = 0  # teachers are trained once
 TEACHER_ROLES = ("teacher", "atss_teacher")  # model roles trained for teacher_epochs and distilled from
@@ -90,6 +106,8 @@ class Scale:
     teacher_epochs: int
     train: dict[str, Any] = field(default_factory=dict)  # further crosskd settings of every run
     runs_by_default: bool = True  # False: print the commands unless --run
+    teachers_from: str | None = None  # the scale whose trained teachers this one distils from (never trains its own)
+    default_rows: tuple[str, ...] = ()  # the --rows filters when none are given (all rows without)
 
 
 CONFIGS = ROOT / "configs"
@@ -101,6 +119,14 @@ SCALES = {
                 "atss_teacher": "atss_r18s.yaml"},
         stacked_convs=2, imgsz=128, batch=8, epochs=8, teacher_epochs=24,
         train={"optimizer": "AdamW", "lr0": 0.004, "warmup_iters": 100, "device": "cpu", "workers": 1},
+    ),
+    "cpu-long": Scale(
+        name="cpu-long",
+        data={"num_train": 1024, "num_val": 256, "imgsz": 128, "objects": [1, 4], "seed": 0},
+        models={"teacher": "gfl_r18s.yaml", "student": str(CONFIGS / "gfl_r18q_student.yaml")},
+        stacked_convs=2, imgsz=128, batch=8, epochs=32, teacher_epochs=24,
+        train={"optimizer": "AdamW", "lr0": 0.004, "warmup_iters": 100, "device": "cpu", "workers": 1},
+        teachers_from="cpu", default_rows=("main",),
     ),
     "smoke": Scale(
         name="smoke",
@@ -131,7 +157,9 @@ def experiment_rows(stacked_convs: int) -> list[Row]:
     student, teacher = Row("5", "student", STUDENT), Row("5", "teacher", {"model": "teacher"})
     rows = [
         teacher, student, Row("5", "PM", PM), Row("5", "LD", LD), Row("5", "PKD", PKD), Row("5", "CrossKD", CROSSKD),
+        Row("5", "CrossKD (pre)", {**CROSSKD, "kd_hold": "pre"}, "CrossKD"),
         Row("5", "CrossKD+PKD", {**KD, "kd": "crosskd+pkd"}),
+        Row("5", "CrossKD+PKD (pre)", {**KD, "kd": "crosskd+pkd", "kd_hold": "pre"}, "CrossKD+PKD"),
     ]
     rows += [Row("1", "student", STUDENT), Row("1", "PM", PM)]
     rows += [Row("1", f"kd_idx={i}", CROSSKD if i == default_idx else {**CROSSKD, "kd_idx": i},
@@ -159,6 +187,7 @@ def paper_kd_idx(kd_idx: int, stacked_convs: int) -> int:
     return 0 if kd_idx == 0 else kd_idx + PAPER_HEAD_CONVS - stacked_convs
 
 
+ROW_SETS = {"issue20": ("5", "1", "3", "12", "7"), "main": ("5",)}  # named --rows filters (issue 20 points 3, 4)
 SMOKE_ROWS = [Row("5", "teacher", {"model": "teacher"}), Row("5", "CrossKD", CROSSKD)]
 
 TABLE_TITLES = {
@@ -197,11 +226,25 @@ PAPER: dict[tuple[str, str], tuple[float, float, float]] = {
 }
 
 
+# The paper's orderings (table, better row, worse row) that the comparison checks in each regime.
+ORDERINGS = [
+    ("5", "CrossKD", "PKD"), ("5", "CrossKD", "LD"), ("5", "CrossKD", "PM"), ("5", "PKD", "LD"),
+    ("5", "CrossKD+PKD", "CrossKD"), ("5", "CrossKD+PKD", "PKD"), ("5", "LD", "student"),
+    ("1", "kd_idx=1", "kd_idx=0"), ("1", "kd_idx=1", "kd_idx=2"), ("1", "kd_idx=1", "PM"),
+    ("3", "CrossKD cls", "PM cls"), ("3", "CrossKD reg", "PM reg"), ("3", "CrossKD both", "CrossKD cls"),
+    ("3", "CrossKD both", "CrossKD reg"),
+    ("12", "(a)", "(b)"), ("12", "(b)", "(c)"), ("12", "(c)", "(d)"), ("12", "student", "(b)"),
+    ("7", "CrossKD", "student"),
+]
+
+
 # ---------------------------------------------------------------------------------------------------- planning
-def select_rows(rows: list[Row], filters: list[str] | None) -> list[Row]:
-    """Rows whose table ('1', 'T1', 'table1') or label (case-insensitive) matches a filter; all rows without filters."""
+def select_rows(rows: list[Row], filters: list[str] | tuple[str, ...] | None) -> list[Row]:
+    """Rows whose table ('1', 'T1', 'table1') or label (case-insensitive) matches a filter, a ROW_SETS name standing
+    for its tables; all rows without filters."""
     if not filters:
         return rows
+    filters = [table for f in filters for table in ROW_SETS.get(f.lower(), (f,))]
     wanted = {f.lower().removeprefix("table").removeprefix("t").strip() for f in filters} | {f.lower() for f in filters}
     return [row for row in rows if row.table in wanted or row.label.lower() in wanted]
 
@@ -231,6 +274,44 @@ def runs_by_identity(runs: list[Run]) -> dict[tuple[str, int], Run]:
     for run in runs:
         unique.setdefault((run.key, run.seed), run)
     return unique
+
+
+# ---------------------------------------------------------------------------------------------------- folders
+def default_out(scale: Scale) -> Path:
+    """The results folder of a scale: RESULTS_DIR for cpu, RESULTS_DIR-<scale> for the others."""
+    return RESULTS_DIR if scale.name == "cpu" else RESULTS_DIR.with_name(f"{RESULTS_DIR.name}-{scale.name}")
+
+
+def current_defaults() -> dict[str, Any]:
+    """The crosskd defaults of TRACKED_DEFAULTS, as this code trains with them."""
+    defaults = yaml.safe_load(DEFAULT_CFG_PATH.read_text())
+    return {key: defaults[key] for key in TRACKED_DEFAULTS}
+
+
+def claim_folder(out: Path) -> None:
+    """Record the current defaults in out/defaults.json; refuse a folder of other (or unrecorded) defaults that holds
+    results, whose metrics JSONs would pass for finished trainings of the current defaults."""
+    marker, defaults = out / DEFAULTS_FILE, current_defaults()
+    recorded = json.loads(marker.read_text()) if marker.is_file() else None
+    has_results = any((out / "metrics").glob("*.json"))
+    if recorded != defaults and (recorded is not None or has_results):
+        raise SystemExit(f"reproduce: {out} holds results of other crosskd defaults ({recorded or 'unrecorded'}, now "
+                         f"{defaults}); choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(marker, defaults)
+
+
+def link_teachers(runs: list[Run], out: Path, source: Path) -> None:
+    """Make the teachers trained in `source` this folder's: a link to each run folder and a copy of its metrics
+    JSON. A teacher that has not finished there is left out (its students then fail as 'no teacher')."""
+    for run in runs:
+        if run.settings["model"] not in TEACHER_ROLES or not metrics_path(source, run).is_file():
+            continue
+        folder = run_dir(out, run)
+        if not folder.exists():
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            folder.symlink_to(run_dir(source, run).resolve(), target_is_directory=True)
+        write_json(metrics_path(out, run), json.loads(metrics_path(source, run).read_text()))
 
 
 # ---------------------------------------------------------------------------------------------------- running
@@ -470,6 +551,74 @@ def spread_line(rows: list[Row], records: dict, seeds: tuple[int, ...]) -> str:
             f"{statistics.median(stds):.2f} AP (gap / largest std = {gap / max(max(stds), 1e-9):.1f}).")
 
 
+def ap_stats(rows: list[Row], table: str, label: str, records: dict,
+             seeds: tuple[int, ...]) -> tuple[float, float] | None:
+    """Mean and std of a row's AP over the finished seeds; None for a row that is not in `rows` or has no results."""
+    row = next((r for r in rows if (r.table, r.label) == (table, label)), None)
+    values = row_values(row, records, seeds) if row else []
+    return mean_std([v["AP"] for v in values]) if values else None
+
+
+def ordering_cell(better: tuple[float, float] | None, worse: tuple[float, float] | None) -> str:
+    """'holds (23.5 > 12.8)' or 'does not hold (...)', marked 'within std' when the gap is under the larger std."""
+    if better is None or worse is None:
+        return "—"
+    verdict = "holds" if better[0] > worse[0] else "does not hold"
+    noise = ", within std" if abs(better[0] - worse[0]) < max(better[1], worse[1]) else ""
+    return f"{verdict} ({better[0]:.1f} vs {worse[0]:.1f}{noise})"
+
+
+def paper_ap(rows: list[Row], table: str, label: str) -> str:
+    """The paper's AP of the row labelled `label` in `table` (through its paper_label), '—' when it has none."""
+    row = next((r for r in rows if (r.table, r.label) == (table, label)), None)
+    paper = PAPER.get((table, row.paper_label or row.label)) if row else None
+    return f"{paper[0]:.1f}" if paper else "—"
+
+
+def orderings_markdown(rows: list[Row], columns: dict[str, dict], seeds: tuple[int, ...]) -> list[str]:
+    """The paper's orderings (ORDERINGS) among `rows`, one column per regime (name -> its metrics records)."""
+    lines = ["### The paper's orderings", "", "| table | ordering (paper AP) | " + " | ".join(columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for table, better, worse in ORDERINGS:
+        if not any(r.table == table and r.label in (better, worse) for r in rows):
+            continue
+        paper = [paper_ap(rows, table, label) for label in (better, worse)]
+        cells = [ordering_cell(ap_stats(rows, table, better, records, seeds),
+                               ap_stats(rows, table, worse, records, seeds)) for records in columns.values()]
+        lines.append(f"| {table} | {better} > {worse} ({paper[0]} vs {paper[1]}) | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def comparison_markdown(rows: list[Row], folders: dict[str, Path], seeds: tuple[int, ...]) -> str:
+    """Regimes side by side (name -> results folder): per paper table the AP of each (mean ± std over seeds) beside
+    the paper's, then which of the paper's orderings hold in each."""
+    columns = {name: load_records(folder) for name, folder in folders.items()}
+    lines = ["# CrossKD reproduction: regimes side by side", "",
+             "Last-epoch COCO AP ×100 on the digits val split, mean ± std over seeds; — where a regime has no result. "
+             "Regimes: " + "; ".join(f"{name}: `{shown(folder)}`" for name, folder in folders.items()) + ".", ""]
+    for table in dict.fromkeys(row.table for row in rows):
+        lines += [f"### {TABLE_TITLES[table]}", "", "| row | " + " | ".join(columns) + " | paper AP |",
+                  "|---|" + "---|" * (len(columns) + 1)]
+        for row in (r for r in rows if r.table == table):
+            cells = [format_cell([v["AP"] for v in row_values(row, records, seeds)]) for records in columns.values()]
+            paper = PAPER.get((row.table, row.paper_label or row.label))
+            lines.append(f"| {row.label} | " + " | ".join(cells) + f" | {f'{paper[0]:.1f}' if paper else '—'} |")
+        lines.append("")
+    return "\n".join(lines + orderings_markdown(rows, columns, seeds))
+
+
+def shown(folder: Path) -> Path:
+    """A folder relative to the repository when it is inside it."""
+    root = ROOT.parent
+    return folder.resolve().relative_to(root) if folder.resolve().is_relative_to(root) else folder
+
+
+def comparison_folders() -> dict[str, Path]:
+    """The regimes of issue 20: the old defaults at cpu scale, the new ones at cpu scale and at cpu-long."""
+    return {"cpu, old (pre, image)": OLD_RESULTS_DIR, "cpu, new (post, mmdet)": default_out(SCALES["cpu"]),
+            "cpu-long, new": default_out(SCALES["cpu-long"])}
+
+
 def plot_curves(rows: list[Row], records: dict, seeds: tuple[int, ...], path: Path) -> Path | None:
     """AP per epoch (mean over seeds, min-max band) of student alone, PM, LD and CrossKD (paper Fig. 6c)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -510,6 +659,7 @@ def summarise(rows: list[Row], scale: Scale, out: Path, seeds: tuple[int, ...]) 
              "", spread_line(rows, records, seeds), ""]
     for table in dict.fromkeys(row.table for row in rows):
         lines += table_markdown(table, [r for r in rows if r.table == table], records, seeds)
+    lines += orderings_markdown(rows, {scale.name: records}, seeds)
     plot = plot_curves(rows, records, seeds, out / "ap_per_epoch.png")
     lines.append(f"![AP per epoch]({plot.name})" if plot else "No AP-per-epoch curves yet.")
     text = "\n".join(lines) + "\n"
@@ -521,14 +671,19 @@ def summarise(rows: list[Row], scale: Scale, out: Path, seeds: tuple[int, ...]) 
 # ---------------------------------------------------------------------------------------------------- command line
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", choices=("cpu", "coco"), default="cpu", help="cpu: digits on 2 cores; coco: paper")
-    parser.add_argument("--rows", action="append", help="only these tables (1, T9) or labels (CrossKD); repeatable")
+    parser.add_argument("--scale", choices=("cpu", "cpu-long", "coco"), default="cpu",
+                        help="cpu: digits on 2 cores; cpu-long: cpu with 4x longer students; coco: paper")
+    parser.add_argument("--rows", action="append",
+                        help=f"only these tables (1, T9), labels (CrossKD) or row sets ({', '.join(ROW_SETS)}); "
+                             "repeatable")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="student seeds (default 0 1 2)")
     parser.add_argument("--smoke", action="store_true", help="CI: two tiny configs, one seed, a few iterations")
     parser.add_argument("--summary", action="store_true", help="only summarise the finished trainings")
     parser.add_argument("--run", action="store_true", help="with --scale coco: train instead of printing commands")
     parser.add_argument("--jobs", type=int, default=2, help="trainings at a time, each on cpus/jobs threads")
     parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS_DIR}[-<scale>])")
+    parser.add_argument("--teachers", type=Path, default=None,
+                        help="with a scale that distils from another's teachers: that results folder (default its)")
     return parser.parse_args(argv)
 
 
@@ -537,8 +692,9 @@ def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     scale = SCALES["smoke" if opts.smoke else opts.scale]
     seeds = (TEACHER_SEED,) if opts.smoke else tuple(opts.seeds)
-    rows = SMOKE_ROWS if opts.smoke else select_rows(experiment_rows(scale.stacked_convs), opts.rows)
-    out = opts.out or (RESULTS_DIR if scale.name == "cpu" else RESULTS_DIR.with_name(f"reproduce-{scale.name}"))
+    rows = SMOKE_ROWS if opts.smoke else select_rows(experiment_rows(scale.stacked_convs),
+                                                     opts.rows or scale.default_rows)
+    out = opts.out or default_out(scale)
     out.mkdir(parents=True, exist_ok=True)
     (out / ".gitignore").write_text("data/\n*.pt\n")
     runs = plan_runs(rows, seeds)
@@ -548,9 +704,16 @@ def main(argv: list[str] | None = None) -> int:
             print(command_line(*run_settings(run, scale, out)))
         return 0
     if not opts.summary:
+        claim_folder(out)
+        if scale.teachers_from:
+            link_teachers(runs, out, opts.teachers or default_out(SCALES[scale.teachers_from]))
+            runs = [run for run in runs if run.settings["model"] not in TEACHER_ROLES]
         signal.signal(signal.SIGTERM, stop_with_workers)
         failed = execute(runs, scale, out, max(1, opts.jobs))
     print(summarise(rows, scale, out, seeds))
+    if scale.name in ("cpu", "cpu-long"):
+        issue_rows = select_rows(experiment_rows(scale.stacked_convs), ["issue20"])
+        (out / "comparison.md").write_text(comparison_markdown(issue_rows, comparison_folders(), seeds) + "\n")
     if failed:
         LOGGER.error(f"reproduce: {len(failed)} trainings failed: {', '.join(failed)}; rerun to retry them")
     return 1 if failed else 0
