@@ -187,7 +187,12 @@ def paper_kd_idx(kd_idx: int, stacked_convs: int) -> int:
     return 0 if kd_idx == 0 else kd_idx + PAPER_HEAD_CONVS - stacked_convs
 
 
-ROW_SETS = {"issue20": ("5", "1", "3", "12", "7"), "main": ("5",)}  # named --rows filters (issue 20 points 3, 4)
+# Named --rows filters: issue 20 point 3 (the findings) and point 4 (the main rows, at cpu-long).
+ROW_SETS = {
+    "issue20": ("5", "1", "3", "12", "7"),
+    "main": tuple(f"5/{label}" for label in ("teacher", "student", "PM", "LD", "PKD", "CrossKD", "CrossKD (pre)",
+                                              "CrossKD+PKD")),
+}
 SMOKE_ROWS = [Row("5", "teacher", {"model": "teacher"}), Row("5", "CrossKD", CROSSKD)]
 
 TABLE_TITLES = {
@@ -240,13 +245,13 @@ ORDERINGS = [
 
 # ---------------------------------------------------------------------------------------------------- planning
 def select_rows(rows: list[Row], filters: list[str] | tuple[str, ...] | None) -> list[Row]:
-    """Rows whose table ('1', 'T1', 'table1') or label (case-insensitive) matches a filter, a ROW_SETS name standing
-    for its tables; all rows without filters."""
+    """Rows that a filter matches (case-insensitive): a table ('1', 'T1', 'table1'), a label ('CrossKD', in every
+    table), a table's label ('5/CrossKD'), or a ROW_SETS name standing for its filters; all rows without filters."""
     if not filters:
         return rows
-    filters = [table for f in filters for table in ROW_SETS.get(f.lower(), (f,))]
-    wanted = {f.lower().removeprefix("table").removeprefix("t").strip() for f in filters} | {f.lower() for f in filters}
-    return [row for row in rows if row.table in wanted or row.label.lower() in wanted]
+    filters = [f.lower() for name in filters for f in ROW_SETS.get(name.lower(), (name,))]
+    wanted = {f.removeprefix("table").removeprefix("t").strip() for f in filters} | set(filters)
+    return [row for row in rows if {row.table, row.label.lower(), f"{row.table}/{row.label.lower()}"} & wanted]
 
 
 def run_key(settings: dict[str, Any]) -> str:

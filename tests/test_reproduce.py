@@ -60,8 +60,8 @@ def test_coco_scale_prints_the_paper_setting(reproduce, tmp_path, capsys):
     assert reproduce.main(["--scale", "coco", "--rows", "5", "--seeds", "0", "--out", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("crosskd train ") and "model=gfl_r101.yaml" in lines[0] and "epochs=24" in lines[0]
-    distill = [line for line in lines if line.startswith("crosskd distill ")]
-    assert len(distill) == 5 and all("model=gfl_r50.yaml" in line and "imgsz=1333" in line for line in distill)
+    distill = [line for line in lines if line.startswith("crosskd distill ")]  # PM, LD, PKD, CrossKD(+PKD) post, pre
+    assert len(distill) == 7 and all("model=gfl_r50.yaml" in line and "imgsz=1333" in line for line in distill)
     assert not (tmp_path / "metrics").exists()  # printed, not run
 
 
@@ -89,3 +89,95 @@ def test_smoke_end_to_end_then_resume_skips_finished(reproduce, tmp_path, capsys
     assert json.loads((out / "metrics" / metrics[0]).read_text())["final"] == student["final"]
     assert reproduce.main(["--smoke", "--out", str(out), "--jobs", "1"]) == 0
     assert "2 of 2 trainings finished earlier, 0 to run" in capsys.readouterr().out
+
+
+def test_issue20_rows_put_kd_hold_pre_beside_post(reproduce):
+    rows = reproduce.select_rows(reproduce.experiment_rows(stacked_convs=2), ["issue20"])
+    assert list(dict.fromkeys(row.table for row in rows)) == ["5", "1", "3", "12", "7"]
+    table5 = {row.label: row for row in rows if row.table == "5"}
+    for label in ("CrossKD", "CrossKD+PKD"):
+        post, pre = table5[label], table5[f"{label} (pre)"]
+        assert pre.settings == {**post.settings, "kd_hold": "pre"} and "kd_hold" not in post.settings
+        assert reproduce.run_key(pre.settings) == reproduce.run_key(post.settings) + "-kd_hold=pre"
+        assert pre.paper_label == label
+    runs = reproduce.plan_runs(rows, seeds=(0, 1, 2))
+    assert len(runs) == 2 + 18 * 3  # two teachers, 18 student settings at 3 seeds
+
+
+def test_cpu_long_scale_plans_the_main_rows_from_the_cpu_teacher(reproduce, tmp_path):
+    scale = reproduce.SCALES["cpu-long"]
+    cpu = reproduce.SCALES["cpu"]
+    assert (scale.data, scale.models["teacher"], scale.teacher_epochs) == (cpu.data, cpu.models["teacher"], 24)
+    assert scale.epochs == 4 * cpu.epochs and scale.teachers_from == "cpu"
+    rows = reproduce.select_rows(reproduce.experiment_rows(scale.stacked_convs), scale.default_rows)
+    assert [row.label for row in rows] == ["teacher", "student", "PM", "LD", "PKD", "CrossKD", "CrossKD (pre)",
+                                           "CrossKD+PKD"]
+    runs = reproduce.plan_runs(rows, seeds=(0, 1, 2))
+    assert len(runs) == 1 + 7 * 3 and runs[0].key == "teacher"
+    for run in runs[1:]:
+        mode, settings = reproduce.run_settings(run, scale, tmp_path)
+        args = get_args(settings, mode)
+        assert args.epochs == 32 and args.kd_hold == run.settings.get("kd_hold", "post")
+
+
+def test_results_folders_of_old_and_new_defaults_never_mix(reproduce, tmp_path):
+    folders = {reproduce.default_out(scale) for scale in reproduce.SCALES.values()}
+    assert len(folders) == len(reproduce.SCALES) and reproduce.OLD_RESULTS_DIR not in folders
+    assert reproduce.current_defaults() == {"kd_hold": "post", "valid_region": "mmdet"}
+    old = tmp_path / "old"
+    reproduce.write_json(old / "metrics" / "student-seed0.json", {"key": "student", "seed": 0})
+    with pytest.raises(SystemExit, match="other crosskd defaults"):
+        reproduce.claim_folder(old)  # results without defaults.json: trained before the defaults were recorded
+    new = tmp_path / "new"
+    reproduce.claim_folder(new)
+    reproduce.claim_folder(new)  # a restart resumes its own folder
+    assert json.loads((new / "defaults.json").read_text()) == reproduce.current_defaults()
+    reproduce.write_json(new / "defaults.json", {"kd_hold": "pre", "valid_region": "image"})
+    with pytest.raises(SystemExit):
+        reproduce.claim_folder(new)
+
+
+def test_link_teachers_reuses_the_source_scales_teacher(reproduce, tmp_path):
+    source, out = tmp_path / "cpu", tmp_path / "cpu-long"
+    teacher = reproduce.teacher_run("teacher")
+    (reproduce.run_dir(source, teacher) / "weights").mkdir(parents=True)
+    reproduce.write_json(reproduce.metrics_path(source, teacher), {"key": "teacher", "seed": 0, "final": {"AP": 48.7}})
+    student = reproduce.Run("student", 0, reproduce.STUDENT)
+    reproduce.link_teachers([teacher, reproduce.teacher_run("atss_teacher"), student], out, source)
+    assert (reproduce.run_dir(out, teacher) / "weights").is_dir()
+    assert json.loads(reproduce.metrics_path(out, teacher).read_text())["final"] == {"AP": 48.7}
+    assert sorted(p.name for p in (out / "metrics").iterdir()) == ["teacher-seed0.json"]  # unfinished: left out
+    crosskd = reproduce.Run(reproduce.run_key(reproduce.CROSSKD), 0, reproduce.CROSSKD)
+    assert not reproduce.teacher_missing(crosskd, out)
+
+
+def fake_results(reproduce, folder, aps):
+    """Metrics JSONs of the given final AP per (run key, seed)."""
+    for (key, seed), ap in aps.items():
+        reproduce.write_json(folder / "metrics" / f"{key}-seed{seed}.json",
+                             {"key": key, "seed": seed, "final": {"AP": ap, "AP50": ap, "AP75": ap}})
+
+
+def test_comparison_sets_regimes_side_by_side_with_the_orderings(reproduce, tmp_path):
+    crosskd, pkd = reproduce.run_key(reproduce.CROSSKD), reproduce.run_key(reproduce.PKD)
+    fake_results(reproduce, tmp_path / "old", {(crosskd, 0): 23.0, (crosskd, 1): 24.0, (pkd, 0): 27.4, (pkd, 1): 27.4})
+    fake_results(reproduce, tmp_path / "new", {(crosskd, 0): 30.0, (crosskd, 1): 30.0, (pkd, 0): 26.0})
+    rows = reproduce.select_rows(reproduce.experiment_rows(stacked_convs=2), ["issue20"])
+    text = reproduce.comparison_markdown(rows, {"old": tmp_path / "old", "new": tmp_path / "new"}, (0, 1))
+    assert "| row | old | new | paper AP |" in text
+    assert "| CrossKD | 23.5 ± 0.7 | 30.0 ± 0.0 | 43.7 |" in text and "| CrossKD (pre) | — | — | 43.7 |" in text
+    assert ("| 5 | CrossKD > PKD (43.7 vs 43.3) | does not hold (23.5 vs 27.4) | holds (30.0 vs 26.0) |" in text)
+    assert "| 1 | kd_idx=1 > kd_idx=2 (38.7 vs 38.2) | holds (23.5 vs —" not in text  # a missing row gives —
+    assert "| 1 | kd_idx=1 > kd_idx=2 (38.7 vs 38.2) | — | — |" in text
+    assert reproduce.ordering_cell((23.5, 1.3), (22.0, 2.0)) == "holds (23.5 vs 22.0, within std)"
+
+
+def test_cpu_long_summary_writes_the_main_table_and_the_comparison(reproduce, tmp_path, capsys):
+    assert reproduce.main(["--scale", "cpu-long", "--summary", "--out", str(tmp_path)]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "scale 'cpu-long'" in summary and "| CrossKD (pre) (paper CrossKD) | 0 |" in summary
+    assert "### Table 1" not in summary and "| 5 | CrossKD > PKD (43.7 vs 43.3) | — |" in summary
+    comparison = (tmp_path / "comparison.md").read_text()
+    assert "| row | cpu, old (pre, image) | cpu, new (post, mmdet) | cpu-long, new | paper AP |" in comparison
+    assert "| student | 9.5 ± 1.2 |" in comparison  # the old results, read from benchmarks/results/reproduce
+    assert not (tmp_path / "defaults.json").exists()  # summarising claims no folder
