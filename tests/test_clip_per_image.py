@@ -43,6 +43,28 @@ def test_boxes_reaching_into_the_padding_are_clipped_before_nms():
     assert after[0].boxes.tolist() == [[0.0, 0, 50, 50]] and after[0].scores.tolist() == [pytest.approx(0.9)]
 
 
+def test_min_bbox_size_drops_boxes_without_area_unless_none_as_torchvision():
+    """Two boxes wholly in the padding clip to the same line x = 50: MMDetection's min_bbox_size=0 drops both,
+    torchvision's detectors (None) keep both, as torchvision does; 10 also drops the 8-pixel-wide box."""
+    boxes = torch.tensor([[[0.0, 0, 40, 40], [60, 0, 90, 40], [70, 0, 100, 40], [0, 0, 8, 40]]])  # [1, 4, 4]
+    scores = torch.tensor([[[0.9], [0.8], [0.7], [0.6]]])  # [1, 4, 1]
+    sizes = torch.tensor([[50, 50]])
+    kept = {size: postprocess(boxes, scores, [4], conf=0.05, iou=IOU, img_sizes=sizes, min_bbox_size=size)[0]
+            for size in (0.0, None, 10.0)}
+    assert kept[0.0].scores.tolist() == pytest.approx([0.9, 0.6])
+    assert kept[None].scores.tolist() == pytest.approx([0.9, 0.8, 0.7, 0.6])
+    assert kept[None].boxes[1].tolist() == kept[None].boxes[2].tolist() == [50.0, 0, 50, 40]
+    assert kept[10.0].scores.tolist() == pytest.approx([0.9])
+
+
+def test_torchvision_detectors_keep_boxes_without_area_and_crosskd_models_drop_them():
+    from crosskd.models import build_detector
+
+    assert build_detector("fcos_r50_tv.yaml", 80).head.min_bbox_size is None
+    assert build_detector("retinanet_r50_tv.yaml", 80).head.min_bbox_size is None
+    assert build_detector("gfl_r18t.yaml", 3).head.min_bbox_size == 0.0
+
+
 def test_embedded_nms_rows_are_clipped_and_suppressed_again_on_the_host():
     rows = torch.zeros(2, 4, 6)
     rows[0, :3] = torch.tensor([[0.0, 0, 128, 50, 0.9, 1], [0, 0, 50, 128, 0.8, 1], [0, 0, 50, 128, 0.7, 2]])

@@ -113,7 +113,8 @@ class DenseDetector(nn.Module):
         class above `conf` per prior (COCO evaluation) or only the best one (one class per box). `img_sizes` [B, 2]
         (h, w) of each image inside the padded input: boxes are clipped to it before NMS (else to the input).
         """
-        dets = postprocess(*self.decode(images), conf, iou, max_det, nms_pre, multi_label, img_sizes)
+        dets = postprocess(*self.decode(images), conf, iou, max_det, nms_pre, multi_label, img_sizes,
+                           self.head.min_bbox_size)
         if ratios is not None:
             dets = [d._replace(boxes=scale_boxes(d.boxes, r)) for d, r in zip(dets, ratios)]
         return dets
@@ -130,5 +131,6 @@ class DenseDetector(nn.Module):
         priors = self.priors_for(outputs)
         losses = self.head.loss(outputs, priors, self.head.get_targets(priors, batch, outputs))
         decoded = decode_outputs(self.head, outputs, batch.images.shape[-2:])
-        dets = postprocess(*decoded, conf, iou, max_det, nms_pre, multi_label, getattr(batch, "img_sizes", None))
+        dets = postprocess(*decoded, conf, iou, max_det, nms_pre, multi_label, getattr(batch, "img_sizes", None),
+                           self.head.min_bbox_size)
         return [d._replace(boxes=scale_boxes(d.boxes, r)) for d, r in zip(dets, batch.ratios)], losses

@@ -4,8 +4,9 @@ Boxes are clipped to each image's own (h, w) before NMS when the caller knows it
 `max_shape` and torchvision do): a box reaching into a smaller image's batch padding would otherwise survive NMS
 beside its clipped twin and come out identical to it after the final clip. A traced graph has only the padded
 input's size, so an NMS-embedded graph's rows are clipped and suppressed again on the host (`reclip_detections`).
-Boxes without area after the clip (lying wholly in the padding; MMDetection's `min_bbox_size=0` check) are dropped:
-two of them never overlap, so NMS could not merge them.
+Boxes whose clipped width or height is not above `min_bbox_size` are dropped (MMDetection's test_cfg check; 0, its
+default, drops boxes without area, e.g. lying wholly in the padding: two of them never overlap, so NMS could not
+merge them); `min_bbox_size=None` keeps every box, as torchvision's detectors do.
 
 One path serves `DenseDetector.predict`, the exported graphs (`ExportModel`) and the exported-model backends. Every
 step is trace-safe: under torch.jit.trace and the ONNX exporter the batch, H and W stay graph inputs (sizes read from
@@ -131,6 +132,7 @@ def select_detections(
     max_det: int = 100,
     nms_pre: int = 1000,
     multi_label: bool = True,
+    min_bbox_size: float | None = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """The batch's detections as one zero-padded tensor: the core of eager and exported post-processing.
 
@@ -147,7 +149,8 @@ def select_detections(
         counts [B] int64, the number of detections per image.
     """
     batch, _, num_classes = scores.shape
-    scores = scores * has_area(boxes)[..., None]  # [B, N, C]: a box without area scores 0, below any conf
+    if min_bbox_size is not None:  # a box too small scores 0, below any conf
+        scores = scores * large_enough(boxes, min_bbox_size)[..., None]  # [B, N, C]
     if multi_label:
         cand_scores, prior_index, labels = topk_per_level(scores, num_per_level, nms_pre)  # [B, K] each
     else:
@@ -187,22 +190,24 @@ def nms_rows(
 
 
 def reclip_detections(
-    rows: Tensor, counts: Tensor, img_sizes: Tensor, num_classes: int, iou: float
+    rows: Tensor, counts: Tensor, img_sizes: Tensor, num_classes: int, iou: float, min_bbox_size: float | None = 0.0
 ) -> tuple[Tensor, Tensor]:
     """Detection rows [B, K, 6] (`counts` [B] per image) clipped to each image's (h, w) `img_sizes` [B, 2] and
     suppressed again per image and class: for an NMS-embedded graph, which clipped only to its padded input."""
     batch, max_det = rows.shape[:2]
     boxes = clip_boxes(rows[..., :4], img_sizes)  # [B, K, 4]
-    present = (torch.arange(max_det, device=rows.device)[None] < counts[:, None]) & has_area(boxes)  # [B, K]
+    present = torch.arange(max_det, device=rows.device)[None] < counts[:, None]  # [B, K]
+    if min_bbox_size is not None:
+        present = present & large_enough(boxes, min_bbox_size)
     image_index = torch.arange(batch, device=rows.device)[:, None].expand(-1, max_det)[present]  # [P]
     boxes = boxes[present]  # [P, 4]
     cand = Candidates(boxes, rows[..., 4][present], rows[..., 5][present].long(), image_index)
     return nms_rows(cand, batch, num_classes, iou, max_det)
 
 
-def has_area(boxes: Tensor) -> Tensor:
-    """[...] True where xyxy boxes [..., 4] have positive width and height."""
-    return (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+def large_enough(boxes: Tensor, min_bbox_size: float) -> Tensor:
+    """[...] True where xyxy boxes [..., 4] are wider and higher than `min_bbox_size`."""
+    return (boxes[..., 2] - boxes[..., 0] > min_bbox_size) & (boxes[..., 3] - boxes[..., 1] > min_bbox_size)
 
 
 def unpad(rows: Tensor, counts: Tensor) -> list[Detections]:
@@ -220,13 +225,15 @@ def postprocess(
     nms_pre: int = 1000,
     multi_label: bool = True,
     img_sizes: Tensor | None = None,
+    min_bbox_size: float | None = 0.0,
 ) -> list[Detections]:
     """Detections per image from boxes [B, N, 4] xyxy and scores [B, N, C]: `select_detections`, split per image.
 
     `img_sizes` [B, 2] (h, w): each image's own region of the padded input; its boxes are clipped to it before NMS.
     """
     boxes = boxes if img_sizes is None else clip_boxes(boxes, img_sizes)
-    return unpad(*select_detections(boxes, scores, num_per_level, conf, iou, max_det, nms_pre, multi_label))
+    return unpad(*select_detections(boxes, scores, num_per_level, conf, iou, max_det, nms_pre, multi_label,
+                                    min_bbox_size))
 
 
 def scale_boxes(boxes: Tensor, ratio: float | Tensor) -> Tensor:

@@ -64,7 +64,7 @@ class ExportModel(nn.Module):
         boxes, scores, num_per_level = self.detector.decode(images)  # [B, N, 4] xyxy, [B, N, C]
         if self.nms:
             return select_detections(boxes, scores, num_per_level, self.conf, self.iou, self.max_det, self.nms_pre,
-                                     self.multi_label)[0]
+                                     self.multi_label, self.detector.head.min_bbox_size)[0]
         return torch.cat([box_convert(boxes, "xyxy", "cxcywh"), scores], dim=-1).transpose(1, 2)  # [B, 4+C, N]
 
 
@@ -105,6 +105,7 @@ def export_metadata(detector: DenseDetector, settings: dict, train_args: dict) -
         "input": CROSSKD_INPUT.to_metadata(),
         "head_type": detector.head_type,
         "num_anchors": str(detector.head.num_anchors),
+        "min_bbox_size": str(detector.head.min_bbox_size),
         "args": str(settings),
         "model_yaml": json.dumps(detector.yaml),
         "train_args": json.dumps(train_args, default=str),

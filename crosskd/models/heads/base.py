@@ -120,6 +120,7 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
         reg_depth: int | None = None,
         conv_bias: bool | None = None,
         assigner: Assigner | None = None,
+        min_bbox_size: float | None = 0.0,
         layout: HeadLayout,
     ) -> None:
         """Towers, priors, Scales and assigner shared by every head; a head passes its own `layout`.
@@ -132,6 +133,8 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
                 'relu' or 'silu'; conv bias (None: only without a norm).
             strides: one per FPN level.
             assigner: None takes the layout's default (the head's own assignment settings).
+            min_bbox_size: inference drops boxes whose clipped width or height is not above it (MMDetection's
+                test_cfg key; 0 drops boxes without area); None keeps every box (torchvision's detectors).
         """
         super().__init__()
         widths = dict([_branch("cls_channels", cls_channels, "feat_channels", feat_channels),
@@ -152,6 +155,7 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
         self.reg_convs = self._tower(self.reg_channels, self.reg_depth, block)
         self.scales = nn.ModuleList(Scale(1.0) for _ in self.strides) if layout.use_scale else None
         self.assigner = layout.default_assigner if assigner is None else assigner
+        self.min_bbox_size = min_bbox_size
         if assigner is not None:  # the head checks its own settings of the default one
             self._check_assigner()
 

@@ -72,6 +72,7 @@ def parse_metadata(metadata: dict[str, str], path: Path) -> dict:
     values.update({key: int(metadata[key]) for key in ("stride", "batch", "num_anchors")})
     values["names"] = {int(k): str(v) for k, v in values["names"].items()}
     values["head_type"] = metadata.get("head_type", "")
+    values["min_bbox_size"] = ast.literal_eval(metadata.get("min_bbox_size", "0.0"))  # files before the key: 0
     return values
 
 
@@ -100,6 +101,7 @@ class ExportedDetector(ABC):
         self.batch: int = meta["batch"]
         self.num_anchors: int = meta["num_anchors"]
         self.head_type: str = meta["head_type"]
+        self.min_bbox_size: float | None = meta["min_bbox_size"]
         self.args: dict = meta["args"]
         self.nms = bool(self.args.get("nms", False))
         self.input_convention = InputConvention.from_metadata(metadata.get("input"), path)
@@ -190,7 +192,8 @@ class ExportedDetector(ABC):
                 "the metadata does not match the graph, re-export the model"
             )
         boxes = box_convert(preds[..., :4], "cxcywh", "xyxy")  # [B, N, 4]
-        return postprocess(boxes, preds[..., 4:], counts, conf, iou, max_det, nms_pre, multi_label, img_sizes)
+        return postprocess(boxes, preds[..., 4:], counts, conf, iou, max_det, nms_pre, multi_label, img_sizes,
+                           self.min_bbox_size)
 
     def filter_embedded(
         self, output: torch.Tensor, conf: float, max_det: int, img_sizes: torch.Tensor | None = None,
@@ -202,7 +205,8 @@ class ExportedDetector(ABC):
         counts = (output[..., 4] > conf).sum(1).clamp(max=max_det)
         if img_sizes is not None:
             iou = float(self.args.get("iou", iou))
-            output, counts = reclip_detections(output[:, :max_det], counts, img_sizes.to(output.device), self.nc, iou)
+            output, counts = reclip_detections(output[:, :max_det], counts, img_sizes.to(output.device), self.nc, iou,
+                                               self.min_bbox_size)
         return unpad(output, counts)
 
 
