@@ -32,6 +32,7 @@ from crosskd.distill import Distiller
 from crosskd.distill.adapters import resolve_kd_idx
 from crosskd.distill.passes import head_pass
 from crosskd.engine.deployment.loader import load_teacher
+from crosskd.losses.distill import pkd_loss
 from crosskd.models import build_detector
 
 ROOT = Path(__file__).resolve().parent
@@ -40,7 +41,7 @@ METHODS = ("crosskd", "pkd", "crosskd+pkd")
 GROUPS = {"det": None, "ckd": ("kd_cls", "kd_reg", "kd_ctr"), "pkd": ("kd_feat",)}  # det: every non-KD key
 TABLE_COLUMNS = ("det", "ckd", "pkd", "gfeat_ckd", "gfeat_pkd", "gfeat_pkd_P7", "gneck_det", "gneck_ckd", "gneck_pkd",
                  "gbb_det", "gbb_ckd", "gbb_pkd", "cos_feat", "cos_neck", "hold_std_ratio", "hold_mean_gap",
-                 "fpn_std_ratio", "fpn_mean_gap")
+                 "fpn_std_ratio", "fpn_mean_gap", "pkd_P3", "pkd_P6", "pkd_P7")
 
 
 def grad_norm(grads: list[Tensor | None]) -> float:
@@ -122,7 +123,8 @@ class NeckTap:
 @torch.no_grad()
 def feature_gaps(distiller: Distiller, images: Tensor, kd_idx: int) -> dict[str, float]:
     """Student vs teacher per-channel statistics of the hold features at kd_idx (what align_scale maps) and of the
-    FPN outputs, whatever methods are configured."""
+    FPN outputs, and the unweighted PKD loss of every FPN level (pkd_P3...; whole maps, as the padding-free digits
+    batches are), whatever methods are configured."""
     student, teacher = distiller.student, distiller.teacher
     s_feats, t_feats = student.extract_features(images), teacher.extract_features(images)
     s_holds, _ = head_pass(student.head, s_feats, kd_idx, distiller.kd_hold)
@@ -130,8 +132,9 @@ def feature_gaps(distiller: Distiller, images: Tensor, kd_idx: int) -> dict[str,
     hold_pairs = [(s, t) for s_level, t_level in zip(s_holds, t_holds) for s, t in zip(s_level, t_level)]
     hold_ratio, hold_gap = mean_gap(hold_pairs)
     fpn_ratio, fpn_gap = mean_gap(list(zip(s_feats, t_feats)))
+    per_level = {f"pkd_P{level + 3}": float(pkd_loss(s, t)) for level, (s, t) in enumerate(zip(s_feats, t_feats))}
     return {"hold_std_ratio": hold_ratio, "hold_mean_gap": hold_gap,
-            "fpn_std_ratio": fpn_ratio, "fpn_mean_gap": fpn_gap}
+            "fpn_std_ratio": fpn_ratio, "fpn_mean_gap": fpn_gap, **per_level}
 
 
 def measure(distiller: Distiller, tap: NeckTap, losses: dict[str, Tensor]) -> dict[str, Any]:
