@@ -67,7 +67,7 @@ def test_an_unknown_format_and_a_missing_runtime_are_one_line(monkeypatch):
 
 
 def test_a_format_added_to_the_table_alone_is_exported_loaded_and_benchmarked(tmp_path, fake_format,
-                                                                              write_digits_yaml):
+                                                                              write_digits_yaml, monkeypatch):
     weights = write_checkpoint(tmp_path / "best.pt", "gfl", names=DIGIT_NAMES)
     runtime = load_runtime(weights)
     args = Args(**{**vars(export_args(weights, imgsz=64)), "format": "fakets"})
@@ -83,8 +83,10 @@ def test_a_format_added_to_the_table_alone_is_exported_loaded_and_benchmarked(tm
     assert torch.allclose(ours, eager, atol=1e-4)
 
     data = write_digits_yaml(tmp_path, 2, 4)
+    keep = ("pytorch", "torchscript", "fakets")  # the benchmark of every shipped format is test_benchmark's
+    monkeypatch.setattr(formats, "FORMATS", tuple(fmt for fmt in formats.FORMATS if fmt.name in keep))
     rows = benchmark.run(benchmark_args(tmp_path, data, weights))
-    assert [row.format for row in rows] == ["PyTorch", "TorchScript", "ONNX", "OpenVINO", "FakeTS"]
+    assert [row.format for row in rows] == ["PyTorch", "TorchScript", "FakeTS"]
     fake = rows[-1]
     assert fake.status == "ok" and fake.file.endswith("best.fakets") and math.isfinite(fake.ap)
     assert fake.ap == rows[1].ap  # the same TorchScript graph under another row gives the same detections
