@@ -87,7 +87,8 @@ def test_numbers_are_finite_in_unit_interval_and_files_are_written(work):
 
 def test_a_student_that_is_the_teacher_has_zero_discrepancy_and_an_untrained_teacher_conflicts_on_positives(work):
     for kd_idx in (0, 1):
-        report = analyze(analyze_args(work, f"same_{kd_idx}", student=str(work / "teacher.pt"), kd_idx=kd_idx))
+        report = analyze(analyze_args(work, f"same_{kd_idx}", student=str(work / "teacher.pt"), kd_idx=kd_idx,
+                                       plots=False))
         for _, _, record in measured_groups(report):
             assert record["student"]["max"] < 1e-5
             assert record["cross_head"]["max"] < 1e-4  # align_scale's eps leaves ~1e-7
@@ -104,7 +105,7 @@ def test_a_wider_retinanet_teacher_is_mapped_to_the_student_priors_and_its_adapt
     path = work / "retina.yaml"
     path.write_text(yaml.safe_dump(cfg))
     save_teacher(path, work / "retina.pt", seed=1)
-    report = analyze(analyze_args(work, "retina", teacher=str(work / "retina.pt"), kd_idx=1))
+    report = analyze(analyze_args(work, "retina", teacher=str(work / "retina.pt"), kd_idx=1, plots=False))
     assert report["setup"]["teacher_head"] == "retinanet" and report["setup"]["adapter"].startswith("untrained")
     for _, _, record in measured_groups(report):
         assert all(0.0 <= record[kind]["mean"] <= 1.0 for kind in KINDS)
@@ -175,7 +176,8 @@ def test_kd_hold_comes_from_the_setting_else_the_distilled_students_checkpoint(w
     holds, cross_means = {}, {}
     for name, overrides in (("plain", {}), ("old", {}), ("new", {}), ("old", {"kd_hold": "post"})):
         run = f"hold_{name}_{len(overrides)}"
-        report = analyze(analyze_args(work, run, student=str(work / f"student_{name}.pt"), kd_idx=1, **overrides))
+        args = analyze_args(work, run, student=str(work / f"student_{name}.pt"), kd_idx=1, plots=False, **overrides)
+        report = analyze(args)
         holds[run] = report["setup"]["kd_hold"]
         cross_means[run] = report["levels"][-1]["neg"]["cross_head"]["mean"]
     assert holds == {"hold_plain_0": "post", "hold_old_0": "pre", "hold_new_0": "post", "hold_old_1": "post"}
