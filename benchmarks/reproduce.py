@@ -442,7 +442,7 @@ def train_and_record(run: Run, scale: Scale, out: Path) -> str | None:
 
 def execute(runs: list[Run], scale: Scale, out: Path, jobs: int) -> list[str]:
     """Train every run whose metrics JSON is missing, `jobs` at a time, teachers first; returns the failed runs."""
-    todo = [run for run in runs if not metrics_path(out, run).is_file()]
+    todo = [run for run in runs if not metrics_path(out, run).is_file() or teacher_to_retrain(run, runs, out)]
     LOGGER.info(f"reproduce: {len(runs) - len(todo)} of {len(runs)} trainings finished earlier, {len(todo)} to run, "
                 f"{jobs} at a time; each training logs to <run dir>/train.log")
     load_data_yaml(data_yaml(scale, out))  # generate the digits once, before parallel trainings read them
@@ -464,6 +464,15 @@ def stop_with_workers(signum: int, frame: Any) -> None:
     for child in active_children():
         child.terminate()
     sys.exit(128 + signum)
+
+
+def teacher_to_retrain(run: Run, runs: list[Run], out: Path) -> bool:
+    """A finished teacher whose checkpoint is gone (a fresh clone holds its metrics JSON, never its .pt) while a
+    student that distils from it has still to run: it is trained again (same settings and seed)."""
+    role = run.settings["model"]
+    if role not in TEACHER_ROLES or (run_dir(out, run) / "weights" / "best.pt").is_file():
+        return False
+    return any(r.settings.get("teacher") == role and not metrics_path(out, r).is_file() for r in runs)
 
 
 def teacher_missing(run: Run, out: Path) -> bool:

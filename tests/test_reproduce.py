@@ -181,3 +181,20 @@ def test_cpu_long_summary_writes_the_main_table_and_the_comparison(reproduce, tm
     assert "| row | cpu, old (pre, image) | cpu, new (post, mmdet) | cpu-long, new | paper AP |" in comparison
     assert "| student | 9.5 ± 1.2 |" in comparison  # the old results, read from benchmarks/results/reproduce
     assert not (tmp_path / "defaults.json").exists()  # summarising claims no folder
+
+
+def test_a_teacher_without_its_checkpoint_is_trained_again_while_a_student_needs_it(reproduce, tmp_path):
+    """A fresh clone has the teachers' metrics JSONs but not their .pt: students still to run need it retrained."""
+    runs = reproduce.plan_runs([reproduce.Row("5", "teacher", {"model": "teacher"}),
+                                reproduce.Row("5", "CrossKD", reproduce.CROSSKD)], seeds=(0,))
+    teacher, student = runs
+    reproduce.write_json(reproduce.metrics_path(tmp_path, teacher), {"AP": 40.0})
+    assert reproduce.teacher_to_retrain(teacher, runs, tmp_path)
+    weights = reproduce.run_dir(tmp_path, teacher) / "weights"
+    weights.mkdir(parents=True)
+    (weights / "best.pt").write_bytes(b"")
+    assert not reproduce.teacher_to_retrain(teacher, runs, tmp_path)
+    (weights / "best.pt").unlink()
+    reproduce.write_json(reproduce.metrics_path(tmp_path, student), {"AP": 20.0})
+    assert not reproduce.teacher_to_retrain(teacher, runs, tmp_path)  # every student of it has finished
+    assert not reproduce.teacher_to_retrain(student, runs, tmp_path)
