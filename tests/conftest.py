@@ -1,6 +1,9 @@
 """Shared test settings."""
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import NamedTuple
 
 import pytest
@@ -53,6 +56,21 @@ class TrainedDigits(NamedTuple):
 
 TRAINED_IMGSZ = 128
 TRAINED_STEPS = 40
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """benchmarks/<name>.py imported as the module `name`, as when run as a script (its folder on sys.path, for
+    sibling imports; registered in sys.modules, where dataclasses look their module up)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def fit(model: torch.nn.Module, batch, steps: int, lr: float = 3e-3) -> torch.nn.Module:

@@ -1,24 +1,16 @@
 """benchmarks/kd_balance.py: its pure helpers (gradient norms and cosines, term groups, statistics gaps, windows)."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kd_balance.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def kd_balance():
     """The diagnostic script imported as a module."""
-    spec = importlib.util.spec_from_file_location("kd_balance", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["kd_balance"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("kd_balance")
 
 
 def test_grad_norm_and_cosine_treat_unreached_tensors_as_zero(kd_balance):

@@ -1,25 +1,17 @@
 """benchmarks/reproduce.py: the experiment plan, and its smoke mode end to end (results, summary, resume)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 from crosskd.config import get_args
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
 
 
 @pytest.fixture(scope="module")
 def reproduce():
     """The harness script imported as a module."""
-    spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("reproduce")
 
 
 def test_plan_shares_equal_settings_and_trains_teachers_once(reproduce):

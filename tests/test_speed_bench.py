@@ -1,12 +1,10 @@
 """benchmarks/speed.py --quick end to end (the CI smoke run): every section measured, finite numbers, JSON written."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
-SPEED = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+from conftest import load_benchmark
+
 NUMBERS = {  # per section: the keys that must hold a finite number in every row
     "a": ("ours_ms", "torchvision_ms", "ratio"),
     "b": ("distill_ms", "floor_ms", "time_ratio", "distill_peak_mb", "floor_peak_mb"),
@@ -18,12 +16,7 @@ NUMBERS = {  # per section: the keys that must hold a finite number in every row
 
 
 def load_speed():
-    sys.path.insert(0, str(SPEED.parent))  # as when run as a script: speed.py imports its sibling step_cost
-    spec = importlib.util.spec_from_file_location("speed", SPEED)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("speed")  # speed.py imports its sibling step_cost, as when run as a script
 
 
 def test_quick_run_writes_every_section_with_finite_numbers(tmp_path):
