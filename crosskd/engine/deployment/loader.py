@@ -14,7 +14,7 @@ from crosskd.engine.deployment.checkpoint import (
     is_crosskd_checkpoint,
     load_checkpoint,
 )
-from crosskd.engine.deployment.formats import export_format, exported_sources, format_of_path
+from crosskd.engine.deployment.formats import exported_sources, format_of_path
 from crosskd.engine.deployment.runtimes.exported import CROSSKD_INPUT, ExportedDetector, InputConvention
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import DenseDetector, build_detector
@@ -115,9 +115,9 @@ def load_runtime(
         runtime = _foreign_runtime(load_torchvision_detector(torchvision_name(text)), text, "torchvision")
     elif is_yaml(source):
         runtime = _from_yaml(source, nc, weights)
-    elif (kind := exported_kind(source)) is not None:
-        model = export_format(kind).runtime_module().load(source, device)
-        return Runtime(model, str(model.path.resolve()), kind, dict(model.names), tuple(model.imgsz))
+    elif (fmt := format_of_path(source)) is not None:
+        model = fmt.runtime_module().load(source, device)
+        return Runtime(model, str(model.path.resolve()), fmt.name, dict(model.names), tuple(model.imgsz))
     elif suffix in CHECKPOINT_SUFFIXES:
         if not Path(source).is_file():
             raise CheckpointError(f"{role} '{source}' not found: pass {role}=path/to/best.pt (a crosskd checkpoint)")
