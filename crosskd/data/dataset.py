@@ -24,7 +24,7 @@ from crosskd.paths import default_datasets_dir, resolve_cfg_file
 from crosskd.utils import LOGGER
 
 SPLITS = ("train", "val", "test")
-GENERATE_KEYS = ("num_train", "num_val", "imgsz", "objects", "seed")
+GENERATE_KEYS = ("num_train", "num_val", "imgsz", "objects", "seed", "background")  # generate_digits() arguments
 MAX_FALLBACKS = 16  # unreadable images in a row that a sample may skip before the run stops
 
 
