@@ -17,6 +17,9 @@ Sections (each compares two sides called alternately, so machine noise falls on 
      training steps at the same batch and size
   e  validation images/s including COCO evaluation (the Validator) vs the model's predictions alone
   compile  a train step with and without `compile=True` (crosskd.engine.training.compile), plus the first call's cost
+  loader  the training loader at COCO image size (640, mosaic 1.0, Ultralytics' default augmentation) with workers 1
+     and 2 and cache none/ram/disk, vs Ultralytics' own loader on the same images when a Python with ultralytics is
+     found (--ultralytics-python; see loader_bench.py), and the demo student's training images/s beside it
 
 On CUDA every side runs under AMP with channels_last. Results: benchmarks/results/speed/<cpu|cuda>.json (written after
 each section, so an interrupted run keeps what it finished; --sections reruns only those and merges).
@@ -39,15 +42,16 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision
+from loader_bench import LoaderPlan, run_loader_benchmark  # benchmarks/ is on sys.path when run as a script
 from rich.console import Console
 from rich.table import Table
-from step_cost import synthetic_batch  # benchmarks/ is on sys.path when run as a script
+from step_cost import synthetic_batch
 from torchvision.models import detection
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
@@ -62,11 +66,12 @@ from crosskd.models import DenseDetector, build_detector, load_model_yaml
 from crosskd.utils import LOGGER
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results" / "speed"
-SECTIONS = ("a", "b", "c", "d", "e", "compile")
+SECTIONS = ("a", "b", "c", "d", "e", "compile", "loader")
 NUM_CLASSES = 80
 CONF, IOU, MAX_DET, NMS_PRE = 0.05, 0.5, 100, 1000  # the same post-processing on both sides of section a
 LR = 1e-5  # small enough that random-init models stay finite over the timed steps
 DEMO = {"model": "gfl_r18t.yaml", "imgsz": 128, "batch": 16, "workers": 4, "train": 256, "val": 64}
+DEMO_SCRIPT_BATCH = 8  # scripts/demo.py trains the student at DEMO's imgsz with batch 8
 VAL_CONF = 0.001  # section e: random weights score ~0.01 everywhere, so every image keeps max_det boxes to evaluate
 
 
@@ -88,6 +93,7 @@ class Plan:
     demo_val: int = DEMO["val"]
     export_batches: tuple[int, ...] = (1, 8)
     kds: tuple[str, ...] = tuple(k for k in KD_METHODS if k != "none")
+    loader: LoaderPlan = field(default_factory=LoaderPlan)
     quick: bool = False
 
 
@@ -448,6 +454,13 @@ TABLES = {  # section -> (title, columns: (JSON key, header, format))
     "e": ("e. validation incl. COCO evaluation vs predictions alone", [
         ("model", "model", "{}"), ("images", "images", "{}"), ("val_ips", "val img/s", "{:.1f}"),
         ("predict_ips", "predict img/s", "{:.1f}"), ("ratio", "val/predict", "{:.2f}")]),
+    "loader": ("loader. training loader images/s at COCO size (mosaic), crosskd vs Ultralytics; training beside it", [
+        ("cache", "cache", "{}"), ("workers", "workers", "{}"), ("crosskd_ips", "crosskd img/s", "{:.1f}"),
+        ("ultralytics_ips", "ultralytics img/s", "{:.1f}"), ("ratio", "crosskd/ultra", "{:.2f}"),
+        ("ultralytics_infinite_ips", "ultra infinite img/s", "{:.1f}"),
+        ("crosskd_build_s", "crosskd build s", "{:.1f}"), ("ultralytics_build_s", "ultra build s", "{:.1f}"),
+        ("train_ips_demo", "train img/s demo", "{:.1f}"),
+        ("train_ips_loader_size", "train img/s at loader size", "{:.2f}")]),
     "compile": ("compile=True vs eager train step", [
         ("model", "model", "{}"), ("status", "status", "{}"), ("eager_ms", "eager ms", "{:.1f}"),
         ("compiled_ms", "compiled ms", "{:.1f}"), ("speedup", "eager/compiled", "{:.2f}"),
@@ -506,7 +519,8 @@ def run_sections(plan: Plan, device: torch.device, sections: list[str], out: Pat
         data_yaml = digits_data(Path(tmp) / "digits", plan) if {"d", "e"} & set(sections) else None
         for section in sections:
             start = time.perf_counter()
-            results["sections"][section] = run_section(section, plan, device, data_yaml)
+            data = out.parent / "data" / "loader" if section == "loader" else data_yaml
+            results["sections"][section] = run_section(section, plan, device, data)
             results.setdefault("seconds", {})[section] = round(time.perf_counter() - start, 1)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(results, indent=1) + "\n")
@@ -514,9 +528,12 @@ def run_sections(plan: Plan, device: torch.device, sections: list[str], out: Pat
     return results
 
 
-def run_section(section: str, plan: Plan, device: torch.device, data_yaml: Path | None) -> list[dict]:
+def run_section(section: str, plan: Plan, device: torch.device, data: Path | None) -> list[dict]:
+    """Section `section`; `data` is the digits YAML of sections d and e, the data folder of section loader."""
+    if section == "loader":
+        return section_loader(plan, device, data)
     if section in ("d", "e"):
-        return {"d": section_d, "e": section_e}[section](plan, device, data_yaml)
+        return {"d": section_d, "e": section_e}[section](plan, device, data)
     if section == "compile":
         return section_compile(plan, device)
     return {"a": section_a, "b": section_b, "c": section_c}[section](plan, device)
@@ -541,12 +558,47 @@ def section_compile(plan: Plan, device: torch.device) -> list[dict]:
              "speedup": ratio(result["eager"].seconds, result["compiled"].seconds), "first_call_s": first_call}]
 
 
+# ---------------------------------------------------------------------------------------------- section loader
+def section_loader(plan: Plan, device: torch.device, folder: Path) -> list[dict]:
+    """The training loader at COCO size, crosskd vs Ultralytics (loader_bench.py), with training images/s beside it."""
+    rows = run_loader_benchmark(plan.loader, folder)
+    training = train_throughput(plan, device)
+    for row in rows:
+        row.update(training)
+        row["loader_over_train_demo"] = ratio(row["crosskd_ips"], training["train_ips_demo"])
+        row["loader_over_train_loader_size"] = ratio(row["crosskd_ips"], training["train_ips_loader_size"])
+    return rows
+
+
+def train_throughput(plan: Plan, device: torch.device) -> dict:
+    """Images/s of the demo student's train step at the demo's imgsz and batch (scripts/demo.py) and at the loader's
+    imgsz, with one torch thread per core as a demo run has (synthetic batches: the step does not depend on pixels)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        result = {"train_model": DEMO["model"], "train_batch": DEMO_SCRIPT_BATCH,
+                  "train_threads": torch.get_num_threads()}
+        for key, size in (("train_ips_demo", DEMO["imgsz"]), ("train_ips_loader_size", plan.loader.imgsz)):
+            model = on_device(our_detector(DEMO["model"], 10), device).train()
+            batch = synthetic_batch(DEMO_SCRIPT_BATCH, size, 10).to(device)
+            step = train_step(lambda m=model, b=batch: m.loss(b), list(model.parameters()), device)
+            result[key] = DEMO_SCRIPT_BATCH / alternate({"train": step}, plan, device)["train"].seconds
+    finally:
+        torch.set_num_threads(threads)
+    return result
+
+
 def make_plan(opts: argparse.Namespace) -> Plan:
-    if opts.quick:
+    if opts.quick:  # the loader on 8 images of 64 px, 2 batches; Ultralytics only when its Python is given
+        loader = LoaderPlan(images=8, imgsz=64, batch=4, workers=(1,), rounds=1, warmup=0, objects=(1, 3),
+                            ultralytics=None if opts.ultralytics_python == "auto" else opts.ultralytics_python,
+                            infinite_epochs=1)
         return Plan(size=64, batch=opts.batch or 2, repeats=1, warmup=0, threads=opts.threads, depth=18,
                     student="gfl_r18t.yaml", teacher="gfl_r18t.yaml", demo_train=8, demo_val=4,
-                    export_batches=(1,), kds=("crosskd", "crosskd+pkd"), quick=True)
-    return Plan(size=opts.size, batch=opts.batch or 2, repeats=opts.repeats, warmup=1, threads=opts.threads)
+                    export_batches=(1,), kds=("crosskd", "crosskd+pkd"), loader=loader, quick=True)
+    loader = LoaderPlan(images=opts.loader_images, rounds=opts.repeats, ultralytics=opts.ultralytics_python)
+    return Plan(size=opts.size, batch=opts.batch or 2, repeats=opts.repeats, warmup=1, threads=opts.threads,
+                loader=loader)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -560,6 +612,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: the CPU, then CUDA when present")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder of the JSON files")
+    parser.add_argument("--loader-images", type=int, default=256, help="section loader: images of 640 px")
+    parser.add_argument("--ultralytics-python", default="auto",
+                        help="section loader: a Python that imports ultralytics (auto: $ULTRALYTICS_PYTHON, then this "
+                             "one; --quick only when given)")
     return parser.parse_args(argv)
 
 

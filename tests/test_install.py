@@ -47,6 +47,8 @@ def test_dependencies_keep_demo_and_unused_libraries_out():
     extras = project["optional-dependencies"]
     assert {"scikit-learn>=1.3", "scikit-image>=0.22"} <= set(extras["demo"])
     assert "crosskd[all]" in extras["dev"] and "demo" in extras["all"][0]
+    assert extras["compare"] == ["ultralytics>=8.3"] and "ultralytics" not in names  # AGPL: benchmarks only
+    assert "compare" not in extras["all"][0] and not any("ultralytics" in dep for dep in extras["dev"])
 
 
 def test_digits_without_the_demo_extra_is_one_line_with_the_fix(tmp_path, monkeypatch):

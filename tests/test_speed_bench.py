@@ -12,6 +12,7 @@ NUMBERS = {  # per section: the keys that must hold a finite number in every row
     "d": ("loader_first_pass_ips", "loader_ips", "train_ips", "ratio"),
     "e": ("val_ips", "predict_ips", "ratio"),
     "compile": ("eager_ms", "compiled_ms", "speedup", "first_call_s"),
+    "loader": ("crosskd_ips", "crosskd_build_s", "train_ips_demo", "train_ips_loader_size", "loader_over_train_demo"),
 }
 
 
@@ -36,3 +37,4 @@ def test_quick_run_writes_every_section_with_finite_numbers(tmp_path):
     assert {row["what"] for row in written["sections"]["a"]} == {"train step", "inference"}
     assert [row["kd"] for row in written["sections"]["b"]] == ["crosskd", "crosskd+pkd"]
     assert written["sections"]["compile"][0]["status"] == "eager"  # the quick run traces with the eager backend
+    assert [row["cache"] for row in written["sections"]["loader"]] == ["none", "ram", "disk"]
