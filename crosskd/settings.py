@@ -61,7 +61,7 @@ class RegisteredKDMethods(Sequence[str]):
 
 
 KD_METHOD_NAMES = RegisteredKDMethods()
-RECIPE_NOTE = "; not given: the model's recipe decides (dense heads: the paper's; docs/training.md)"
+RECIPE_NOTE = "; not given: the model's recipe (docs/training.md)"
 EXPORT_FORMAT_NAMES = tuple(fmt.name for fmt in export_formats())  # the format table's rows (a plain-data module)
 EXPORT_EXTRAS = "".join(f" ({fmt.name} needs pip install 'crosskd[{fmt.extra}]')"
                         for fmt in export_formats() if fmt.extra)
@@ -306,15 +306,18 @@ def _comment(setting: Setting) -> str:
     return text + (f" (alias {', '.join(setting.aliases)})" if setting.aliases else "")
 
 
-def render_mode_help(mode: str) -> str:
-    """`crosskd MODE --help`: the mode's keys as `key=default  # help`, grouped by section."""
+def render_mode_help(mode: str, values: dict[str, Any] | None = None) -> str:
+    """`crosskd MODE --help`: the mode's keys as `key=value  # help`, grouped by section; `values` replaces the
+    defaults shown (the values a run would use, e.g. the model's recipe after `crosskd train model=x.yaml --help`)."""
+    values = values or {}
     lines = [f"crosskd {mode} key=value ...  (every key: crosskd cfg; reference: docs/cli.md)"]
     sections = MODE_SECTIONS.get(mode, tuple(title for title, _ in SECTIONS))
     for title, group in SECTIONS:
         shown = [s for s in group if s.name != "mode" and (title in sections or s.name in MODE_COMMON_KEYS)]
         if shown:
             lines += ["", f"{title}:"]
-            lines += [f"  {s.name + '=' + format_value(s.default):<22} # {_comment(s)}" for s in shown]
+            lines += [f"  {s.name + '=' + format_value(values.get(s.name, s.default)):<22} # {_comment(s)}"
+                      for s in shown]
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from crosskd.cli import dispatch
 from crosskd.config import get_args
 from crosskd.data import Batch, collate
 from crosskd.data.dataset import MIXING_STEPS, DetectionDataset, Sample, SampleKey
@@ -119,3 +120,11 @@ def test_args_yaml_shows_the_resolved_recipe(tmp_path, write_digits_yaml) -> Non
     trainer.setup()
     saved = yaml.safe_load((trainer.save_dir / "args.yaml").read_text())
     assert saved["mosaic"] == 0 and saved["hsv_s"] == 0 and saved["hsv_v"] == 0.2 and saved["fliplr"] == 0.5
+
+
+def test_help_with_a_model_shows_its_resolved_recipe(capsys) -> None:
+    dispatch(["train", "model=gfl_r18t.yaml", "hsv_v=0.3", "--help"])
+    resolved = capsys.readouterr().out
+    assert "  mosaic=0.0 " in resolved and "  hsv_v=0.3 " in resolved and "  fliplr=0.5 " in resolved
+    dispatch(["train", "--help"])
+    assert "  mosaic=1.0 " in capsys.readouterr().out  # no model: the settings' defaults (Ultralytics')

@@ -1,6 +1,7 @@
 """A run's augmentation settings: the model's recipe under the keys the user gave, the per-image multi-scale sizes
 and the per-batch input size of `multi_scale`."""
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -8,7 +9,9 @@ import torch
 
 from crosskd.config import Args
 from crosskd.data.recipes import DEFAULT_RECIPE, RECIPES
+from crosskd.engine.deployment.checkpoint import load_checkpoint
 from crosskd.errors import ConfigError
+from crosskd.models.build import load_model_yaml
 from crosskd.utils import LOGGER
 
 STEP_STREAM = 1  # tells the step draws' seeds apart from the samples' (loader.sample_seed)
@@ -23,6 +26,25 @@ def apply_recipe(args: Args, model_yaml: dict[str, Any]) -> Args:
     resolved = args.with_values(**{key: value for key, value in RECIPES[name].items() if key not in given})
     LOGGER.info(f"augmentation: the {name} recipe" + (f", with {', '.join(sorted(given))} as given" if given else ""))
     return resolved
+
+
+def model_yaml_of(model: str | None) -> dict[str, Any]:
+    """The model YAML dict of a model= value: a YAML file or shipped name, or a crosskd checkpoint's `model_yaml`;
+    {} when there is none (no model=, a foreign checkpoint)."""
+    if not model:
+        return {}
+    if str(model).endswith((".yaml", ".yml")):
+        return load_model_yaml(model)[0]
+    if Path(model).is_file():
+        return dict(load_checkpoint(model).get("model_yaml") or {})
+    return {}
+
+
+def resolved_help_values(args: Args) -> dict[str, Any]:
+    """The augmentation keys as a run of `args` would use them (the model's recipe under the keys given), for
+    `crosskd train model=... --help`."""
+    resolved = apply_recipe(args, model_yaml_of(args.model or args.student))
+    return {key: getattr(resolved, key) for key in RECIPES[DEFAULT_RECIPE]}
 
 
 def multiscale_sizes(args: Args, head_mstrain: tuple[tuple[int, ...], str], imgsz: int) -> tuple[tuple[int, ...], str]:
