@@ -5,8 +5,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
+import yaml
 
-from crosskd.data import generate_digits
+from crosskd.data import generate_digits, load_data_yaml
+from crosskd.errors import DataError
+from crosskd.paths import resolve_cfg_file
 
 SMALL = {"num_train": 12, "num_val": 8, "imgsz": 96}
 
@@ -68,3 +72,54 @@ def test_regenerates_only_when_parameters_change(tmp_path: Path) -> None:
     generate_digits(tmp_path, **{**SMALL, "num_train": 3})
     assert len(list((root / "images/train").iterdir())) == 3 and len(list((root / "labels/train").iterdir())) == 3
     assert json.loads(marker.read_text())["num_train"] == 3
+
+
+def image_files(root: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.glob("images/*/*.jpg"))}
+
+
+def test_photo_backgrounds_are_deterministic_per_seed_with_boxes_inside(tmp_path: Path) -> None:
+    first = generate_digits(tmp_path / "a", seed=3, background="photos", **SMALL)
+    second = generate_digits(tmp_path / "b", seed=3, background="photos", **SMALL)
+    closeup = generate_digits(tmp_path / "c", seed=3, **SMALL)
+    assert image_files(first) == image_files(second) and label_bytes(first) == label_bytes(second)
+    assert image_files(first) != image_files(closeup)
+    assert json.loads((first / ".done").read_text())["background"] == "photos"
+    assert "background" not in json.loads((closeup / ".done").read_text())  # older closeup data stays valid
+    coco = json.loads((first / "annotations/instances_train.json").read_text())
+    sizes = {image["id"]: (image["width"], image["height"]) for image in coco["images"]}
+    assert len(coco["annotations"]) >= len(coco["images"])
+    for ann in coco["annotations"]:
+        x, y, w, h = ann["bbox"]
+        width, height = sizes[ann["image_id"]]
+        assert 0 <= x and x + w <= width and 0 <= y and y + h <= height and w > 0 and h > 0
+
+
+def background_detail(root: Path) -> tuple[float, float]:
+    """Mean over the train images of the pixel standard deviation and of the Laplacian's variance (local detail)."""
+    images = [cv2.imread(str(path)) for path in sorted(root.glob("images/train/*.jpg"))]
+    grey = [cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) for image in images]
+    return (float(np.mean([g.std() for g in grey])),
+            float(np.mean([cv2.Laplacian(g, cv2.CV_32F).var() for g in grey])))
+
+
+def test_photo_backgrounds_are_busier_than_closeup_ones(tmp_path: Path) -> None:
+    params = {"num_train": 32, "num_val": 1, "imgsz": 64, "objects": (0, 0)}  # backgrounds alone
+    closeup_std, closeup_detail = background_detail(generate_digits(tmp_path / "c", **params))
+    photos_std, photos_detail = background_detail(generate_digits(tmp_path / "p", background="photos", **params))
+    assert photos_std > 1.15 * closeup_std  # measured: 44 vs 32
+    assert photos_detail > 2.5 * closeup_detail  # measured: 3,252 vs 691
+
+
+def test_unknown_background_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"digits: background='plain' is not known; use closeup or photos"):
+        generate_digits(tmp_path, background="plain", **SMALL)
+
+
+def test_dataset_yaml_generate_block_takes_the_background(tmp_path: Path) -> None:
+    shipped = yaml.safe_load(resolve_cfg_file("digits_photos.yaml", "datasets").read_text())
+    assert shipped["generate"]["background"] == "photos" and shipped["path"] == "digits_photos"
+    data = {**shipped, "path": str(tmp_path / "photos"), "generate": {**SMALL, "background": "photos", "seed": 1}}
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(data))
+    info = load_data_yaml(tmp_path / "data.yaml")
+    assert json.loads((info.path / ".done").read_text())["background"] == "photos"

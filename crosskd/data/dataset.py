@@ -14,16 +14,17 @@ from torch.utils.data import Dataset
 
 from crosskd.data.cache import load_labels
 from crosskd.data.digits import generate_digits
+from crosskd.data.image_cache import build_image_cache
 from crosskd.data.index import ImageRecord, LabelIndex
 from crosskd.data.labels import SplitSource, problems_message, resolve_split
-from crosskd.data.transforms import LabeledImage, build_transforms, load_image
+from crosskd.data.transforms import LabeledImage, build_transforms, load_image, scale_boxes
 from crosskd.dist import barrier, is_main_process
 from crosskd.errors import DataError
 from crosskd.paths import default_datasets_dir, resolve_cfg_file
 from crosskd.utils import LOGGER
 
 SPLITS = ("train", "val", "test")
-GENERATE_KEYS = ("num_train", "num_val", "imgsz", "objects", "seed")
+GENERATE_KEYS = ("num_train", "num_val", "imgsz", "objects", "seed", "background")  # generate_digits() arguments
 MAX_FALLBACKS = 16  # unreadable images in a row that a sample may skip before the run stops
 
 
@@ -178,11 +179,15 @@ class DetectionDataset(Dataset):
     (training) the next readable image of the list takes its place, otherwise (evaluation, where every image id must
     be seen once) it becomes a black background. Either way the sample lists it in `unreadable`, and the loader warns
     once per file and counts them (`loader.DetectionLoader`).
+
+    `cache` ('ram', 'disk', True = 'ram', False) keeps the decoded images resized to `imgsz` between epochs
+    (`image_cache.py`): it is filled here, in the main process, before loader workers start.
     """
 
     def __init__(
         self, info: DataInfo, split: str, imgsz: int, augment: bool, pad_multiple: int = 128,
-        fliplr: float = 0.5, fraction: float = 1.0, skip_unreadable: bool = False, **augmentations: Any,
+        fliplr: float = 0.5, fraction: float = 1.0, skip_unreadable: bool = False, cache: str | bool = False,
+        **augmentations: Any,
     ) -> None:
         self.source = info.source(split)
         labels = load_labels(self.source, info.nc)
@@ -211,6 +216,7 @@ class DetectionDataset(Dataset):
             f"{split}: {summary['images']} images, {summary['backgrounds']} backgrounds, "
             f"{summary['instances']} boxes ({self.source.format} labels from {self.source.annotations})"
         )
+        self.image_cache = build_image_cache(self.records, imgsz, cache, split)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -247,8 +253,14 @@ class DetectionDataset(Dataset):
         readable one after it in the list; returns the record of the image actually used."""
         unreadable: list[str] = []
         for offset in range(min(MAX_FALLBACKS, len(self.records))):
-            record = self.records[(index + offset) % len(self.records)]
-            image = load_image(record.path)
+            position = (index + offset) % len(self.records)
+            record = self.records[position]
+            cached = self.image_cache.get(position) if self.image_cache is not None else None
+            if cached is not None:  # already resized to imgsz: boxes scaled as Resize would, which then does nothing
+                image, ratio = cached
+                boxes = scale_boxes(record.boxes, ratio, *image.shape[:2])
+                return record, self._labeled(record, image, boxes, record.labels, unreadable, ratio)
+            image = load_image(record.path) if self.image_cache is None else None
             if image is not None:
                 return record, self._labeled(record, image, record.boxes, record.labels, unreadable)
             unreadable.append(str(record.path))
@@ -263,10 +275,12 @@ class DetectionDataset(Dataset):
 
     @staticmethod
     def _labeled(
-        record: ImageRecord, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, unreadable: list[str]
+        record: ImageRecord, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, unreadable: list[str],
+        ratio: float = 1.0,
     ) -> LabeledImage:
         size = (record.height, record.width)
-        return LabeledImage(image, boxes, labels, orig_size=size, valid_size=size, unreadable=tuple(unreadable))
+        return LabeledImage(image, boxes, labels, orig_size=size, valid_size=image.shape[:2], ratio=ratio,
+                            unreadable=tuple(unreadable))
 
     def __getstate__(self) -> dict[str, Any]:
         """Worker processes need no COCO ground truth: leave the cached one out of the pickle."""

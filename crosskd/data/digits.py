@@ -1,9 +1,14 @@
 """Demo detection data made offline: real handwritten digits pasted onto real textures and photos.
 
 Glyphs are scikit-learn's 1,797 8×8 `load_digits` images, split into disjoint train and val pools (no glyph is in
-both splits). Backgrounds are random crops of scikit-image's bundled textures and photos. Each glyph is upscaled,
-drawn as ink through an alpha mask taken from its intensity, in a random colour that contrasts with the
-background under it, at a non-overlapping position; its box is the tight box of the drawn ink.
+both splits). Each glyph is upscaled, drawn as ink through an alpha mask taken from its intensity, at a
+non-overlapping position; its box is the tight box of the drawn ink. Two looks (`background=`):
+
+  closeup (the default, digits.yaml) close-up crops of scikit-image's textures and photos, at most 1.5× the image,
+          so most backgrounds are smooth; opaque ink, near-black on light backgrounds and near-white on dark ones.
+  photos  (harder) wide crops of whole photos (scikit-image's and scikit-learn's `load_sample_images`), flipped at
+          random, with brightness and contrast jitter, so backgrounds are cluttered; ink of any colour (pushed away in
+          brightness from the background under it when closer than MIN_INK_CONTRAST), 60-100% opaque.
 
 Layout under `root` (both label formats describe the same images; file stems are the COCO image ids):
   images/{train,val}/000001.jpg          JPEG, quality 95
@@ -28,6 +33,14 @@ BACKGROUNDS = (
     "brick", "grass", "gravel", "camera", "coins", "moon",
     "astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
 )
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "brick", "grass", "gravel")  # skimage.data
+SAMPLE_IMAGES = ("china.jpg", "flower.jpg")  # sklearn.datasets.load_sample_images
+BACKGROUND_STYLES = ("closeup", "photos")
+PHOTO_CROP = (0.35, 1.0)  # photos: crop side as a fraction of the largest crop of the image's shape
+PHOTO_GAIN, PHOTO_BIAS = (0.7, 1.3), (-30.0, 30.0)  # photos: contrast and brightness jitter of the background
+MIN_INK_CONTRAST = 40.0  # photos: least luminance difference between ink and the background under it (0..255)
+INK_OPACITY = (0.6, 1.0)  # photos
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 VAL_GLYPH_FRACTION = 0.2  # share of the glyphs reserved for the val split
 GLYPH_SIDE = (0.1, 0.3)  # glyph height as a fraction of imgsz (12–38 px at 128)
 INK_THRESHOLD = 0.15  # alpha below this is not drawn, so the box is tight around visible ink
@@ -37,16 +50,24 @@ JPEG_QUALITY = 95
 
 def generate_digits(
     root: Path, num_train: int = 512, num_val: int = 128, imgsz: int = 128, objects: tuple[int, int] = (1, 4),
-    seed: int = 0,
+    seed: int = 0, background: str = "closeup",
 ) -> Path:
-    """Write the digits detection set under `root` (deterministic per seed); a no-op when it exists already."""
+    """Write the digits detection set under `root` (deterministic per seed); a no-op when it exists already.
+
+    `background`: 'closeup' (the original look) or 'photos' (cluttered photo backgrounds, varied ink; see above).
+    """
+    if background not in BACKGROUND_STYLES:
+        raise DataError(f"digits: background={background!r} is not known; use {' or '.join(BACKGROUND_STYLES)}")
     root = Path(root)
     params = {"num_train": num_train, "num_val": num_val, "imgsz": imgsz, "objects": list(objects), "seed": seed,
               "version": FORMAT_VERSION}
+    if background != "closeup":  # data written before the option existed stays valid
+        params["background"] = background
     marker = root / ".done"
     if marker.is_file() and json.loads(marker.read_text()) == params:
         return root
-    LOGGER.info(f"digits: generating {num_train} train and {num_val} val images ({imgsz}px) in {root}")
+    LOGGER.info(f"digits: generating {num_train} train and {num_val} val images ({imgsz}px, {background} "
+                f"backgrounds) in {root}")
     load_digits, skdata = _demo_libraries()
     _clear(root)
     digits = load_digits()
@@ -55,9 +76,10 @@ def generate_digits(
     order = pool_rng.permutation(len(glyphs))
     num_val_glyphs = round(len(glyphs) * VAL_GLYPH_FRACTION)
     pools = {"train": np.sort(order[num_val_glyphs:]), "val": np.sort(order[:num_val_glyphs])}
-    backgrounds = [_as_rgb(getattr(skdata, name)()) for name in BACKGROUNDS]
+    backgrounds = _photos(skdata) if background == "photos" else [_as_rgb(getattr(skdata, n)()) for n in BACKGROUNDS]
+    maker = _PhotoSceneMaker if background == "photos" else _SceneMaker
     for split, count, rng in (("train", num_train, train_rng), ("val", num_val, val_rng)):
-        scene = _SceneMaker(rng, glyphs, digits.target, pools[split], backgrounds, imgsz, objects)
+        scene = maker(rng, glyphs, digits.target, pools[split], backgrounds, imgsz, objects)
         _write_split(root, split, [scene.make() for _ in range(count)])
     marker.write_text(json.dumps(params))
     return root
@@ -72,6 +94,15 @@ def _demo_libraries() -> tuple[Any, Any]:
         raise DataError(f"the digits demo data needs scikit-learn and scikit-image ({error.name} is missing); "
                         "install them with: pip install 'crosskd[demo]'") from None
     return load_digits, skdata
+
+
+def _photos(skdata: Any) -> list[np.ndarray]:
+    """The photos and textures of the photos look, RGB uint8: scikit-image's, then scikit-learn's two."""
+    from sklearn.datasets import load_sample_images
+
+    sample = load_sample_images()
+    by_name = {Path(name).name: image for name, image in zip(sample.filenames, sample.images)}
+    return [_as_rgb(getattr(skdata, name)()) for name in PHOTOS] + [by_name[name] for name in SAMPLE_IMAGES]
 
 
 def _clear(root: Path) -> None:
@@ -150,11 +181,40 @@ class _SceneMaker:
         """Blend ink into `image` in place; dark ink on light backgrounds, light ink on dark ones."""
         x1, y1, x2, y2 = box
         patch = image[y1:y2, x1:x2].astype(np.float32)
-        luminance = float((patch @ np.array([0.299, 0.587, 0.114], np.float32)).mean())
+        luminance = float((patch @ LUMA).mean())
         low, high = (0, 70) if luminance >= 128 else (185, 256)
         ink = self.rng.integers(low, high, size=3).astype(np.float32)
         blended = patch * (1 - alpha[..., None]) + ink * alpha[..., None]
         image[y1:y2, x1:x2] = blended.round().astype(np.uint8)
+
+
+class _PhotoSceneMaker(_SceneMaker):
+    """The photos look: wide, jittered crops of whole photos; ink of varied colour, contrast and opacity."""
+
+    def _background(self, height: int, width: int) -> np.ndarray:
+        source = self.backgrounds[self.rng.integers(len(self.backgrounds))]
+        scale = min(source.shape[0] / height, source.shape[1] / width) * self.rng.uniform(*PHOTO_CROP)
+        crop_h, crop_w = max(1, int(height * scale)), max(1, int(width * scale))
+        y = int(self.rng.integers(source.shape[0] - crop_h + 1))
+        x = int(self.rng.integers(source.shape[1] - crop_w + 1))
+        crop = source[y : y + crop_h, x : x + crop_w]
+        if self.rng.random() < 0.5:
+            crop = crop[:, ::-1]  # the background may be mirrored, the digits never are
+        shrink = crop_h > height
+        image = cv2.resize(np.ascontiguousarray(crop), (width, height),
+                           interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        gain, bias = self.rng.uniform(*PHOTO_GAIN), self.rng.uniform(*PHOTO_BIAS)
+        return (image.astype(np.float32) * gain + bias).clip(0, 255).round().astype(np.uint8)
+
+    def _draw(self, image: np.ndarray, alpha: np.ndarray, box: list[int]) -> None:
+        x1, y1, x2, y2 = box
+        patch = image[y1:y2, x1:x2].astype(np.float32)
+        luminance = float((patch @ LUMA).mean())
+        ink = self.rng.integers(0, 256, size=3).astype(np.float32)
+        if abs(float(ink @ LUMA) - luminance) < MIN_INK_CONTRAST:  # push the ink's brightness away from the patch
+            ink = (ink + (MIN_INK_CONTRAST * 2 if luminance < 128 else -MIN_INK_CONTRAST * 2)).clip(0, 255)
+        weight = alpha[..., None] * self.rng.uniform(*INK_OPACITY)  # [h, w, 1]
+        image[y1:y2, x1:x2] = (patch * (1 - weight) + ink * weight).round().astype(np.uint8)
 
 
 def _write_split(root: Path, split: str, scenes: list[tuple[np.ndarray, list[dict]]]) -> None:
