@@ -159,7 +159,7 @@ class Trainer:
         if ms_sizes:
             augmentation.update(ms_sizes=ms_sizes, ms_mode=ms_mode)
         train_set = DetectionDataset(self.data_info, "train", imgsz, augment=True, pad_multiple=stride,
-                                     fraction=args.fraction, skip_unreadable=True, **augmentation)
+                                     fraction=args.fraction, skip_unreadable=True, cache=args.cache, **augmentation)
         val_set = DetectionDataset(self.data_info, args.split, imgsz, augment=False, pad_multiple=stride)
         common = {"workers": args.workers, "seed": args.seed, "rank": self.rank, "world_size": self.world_size}
         train_loader = build_dataloader(train_set, per_rank, shuffle=True, **common)
