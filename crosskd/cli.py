@@ -273,13 +273,28 @@ def _load_runner(mode: str) -> Callable[[Args], Any]:
     return runner
 
 
+def _help_values(mode: str, extra: list[str]) -> dict[str, Any]:
+    """The values `crosskd MODE key=value ... --help` shows instead of the defaults: the keys given, and for train
+    and distill with a model the augmentation keys as the model's recipe resolves them."""
+    overrides = parse_cli_args([word for word in extra if "=" in word])
+    if not overrides:
+        return {}
+    args = get_args(overrides, mode)
+    values = {key: getattr(args, key) for key in overrides if hasattr(args, key)}
+    if mode in ("train", "distill") and (args.model or args.student):
+        from crosskd.engine.training.recipe import resolved_help_values
+
+        values.update(resolved_help_values(args))
+    return values
+
+
 def _run_special(special: str, extra: list[str]) -> None:
     if special == "settings":
         _user_settings_command(extra)
         return
     if special == "help":
         modes = [word for word in extra if word in MODES]
-        print(render_mode_help(modes[0]) if modes else HELP_TEXT)
+        print(render_mode_help(modes[0], _help_values(modes[0], extra)) if modes else HELP_TEXT)
         return
     if extra:
         raise ConfigError(f"'{special}' takes no arguments (got {' '.join(extra)}); "

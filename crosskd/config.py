@@ -148,6 +148,25 @@ def _as_resume(value: Any) -> bool | str:
     return value if isinstance(value, bool) else _as_str(value)
 
 
+def _as_cache(value: Any) -> bool | str:
+    """False, 'ram' or 'disk' (true means ram, as in Ultralytics)."""
+    if isinstance(value, bool):
+        return "ram" if value else False
+    if _as_str(value).lower() not in ("ram", "disk"):
+        raise ValueError
+    return value.lower()
+
+
+def _as_scales(value: Any) -> str | list[int]:
+    """'head' or a list of positive sizes."""
+    if isinstance(value, str) and value.lower() == "head":
+        return "head"
+    sizes = _as_int_list(value)
+    if not sizes or min(sizes) < 1:
+        raise ValueError
+    return sizes
+
+
 COERCE: dict[str, Callable[[Any], Any]] = {  # kind -> normaliser raising ValueError/TypeError on a wrong type
     "bool": _as_bool,
     "int": _as_int,
@@ -160,6 +179,8 @@ COERCE: dict[str, Callable[[Any], Any]] = {  # kind -> normaliser raising ValueE
     "classes": _as_int_list,
     "resume": _as_resume,
     "weights": _as_resume,  # a bool or a string, like resume
+    "cache": _as_cache,
+    "scales": _as_scales,
 }
 
 

@@ -17,7 +17,8 @@ from typing import Any, Literal
 from crosskd.engine.deployment.formats import export_formats
 from crosskd.paths import DEFAULT_CFG_PATH
 
-Kind = Literal["bool", "int", "float", "str", "int_list", "imgsz", "device", "source", "classes", "resume", "weights"]
+Kind = Literal["bool", "int", "float", "str", "int_list", "imgsz", "device", "source", "classes", "resume", "weights",
+               "cache", "scales"]
 KIND_NAMES: dict[str, str] = {  # how error messages and docs/cli.md describe each kind
     "bool": "a bool (true or false)",
     "int": "an int",
@@ -30,6 +31,8 @@ KIND_NAMES: dict[str, str] = {  # how error messages and docs/cli.md describe ea
     "classes": "a class id or a list of class ids",
     "resume": "true, false or a checkpoint path",
     "weights": "true/imagenet, false, a torchvision weights name or a .pth/.pt path",
+    "cache": "false, ram (or true) or disk",
+    "scales": "head or a list of long-side sizes",
 }
 MODES = ("train", "distill", "val", "predict", "export", "benchmark", "info", "convert", "analyze")
 
@@ -58,6 +61,7 @@ class RegisteredKDMethods(Sequence[str]):
 
 
 KD_METHOD_NAMES = RegisteredKDMethods()
+RECIPE_NOTE = "; not given: the model's recipe (docs/training.md)"
 EXPORT_FORMAT_NAMES = tuple(fmt.name for fmt in export_formats())  # the format table's rows (a plain-data module)
 EXPORT_EXTRAS = "".join(f" ({fmt.name} needs pip install 'crosskd[{fmt.extra}]')"
                         for fmt in export_formats() if fmt.extra)
@@ -197,10 +201,38 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
                 "(pip install 'crosskd[tensorboard]'); empty = the user setting (crosskd settings), false by default",
                 example="true"),
         Setting("sync_bn", "bool", False, "convert BatchNorm to SyncBatchNorm under DDP"),
-        Setting("fliplr", "float", 0.5, "horizontal flip probability (a dataset YAML may override it)", low=0, high=1),
         Setting("fraction", "float", 1.0, "fraction of the training set to use (analyze: of the split= images)", low=0,
                 high=1),
         Setting("verbose", "bool", True, "print detailed output"),
+    )),
+    ("Augmentation", (  # Ultralytics 8.4's keys and defaults; the model's recipe replaces the keys not given
+        Setting("hsv_h", "float", 0.015, "image hue gain (fraction)" + RECIPE_NOTE, low=0, high=1),
+        Setting("hsv_s", "float", 0.7, "image saturation gain (fraction)" + RECIPE_NOTE, low=0, high=1),
+        Setting("hsv_v", "float", 0.4, "image value (brightness) gain (fraction)" + RECIPE_NOTE, low=0, high=1),
+        Setting("degrees", "float", 0.0, "random rotation (+/- degrees)" + RECIPE_NOTE, low=0, high=180),
+        Setting("translate", "float", 0.1, "random translation (+/- fraction of the image)" + RECIPE_NOTE, low=0,
+                high=1),
+        Setting("scale", "float", 0.5, "random scale gain (+/- fraction)" + RECIPE_NOTE, low=0, high=0.99),
+        Setting("shear", "float", 0.0, "random shear (+/- degrees)" + RECIPE_NOTE, low=0, high=90),
+        Setting("perspective", "float", 0.0, "random perspective (fraction, 0 to 0.001)" + RECIPE_NOTE, low=0,
+                high=0.001),
+        Setting("flipud", "float", 0.0, "vertical flip probability" + RECIPE_NOTE, low=0, high=1),
+        Setting("fliplr", "float", 0.5, "horizontal flip probability (a dataset YAML may override it)" + RECIPE_NOTE,
+                low=0, high=1),
+        Setting("mosaic", "float", 1.0, "4-image mosaic probability" + RECIPE_NOTE, low=0, high=1),
+        Setting("mixup", "float", 0.0, "mixup probability" + RECIPE_NOTE, low=0, high=1),
+        Setting("cutmix", "float", 0.0, "cutmix probability" + RECIPE_NOTE, low=0, high=1),
+        Setting("close_mosaic", "int", 10, "turn mosaic, mixup and cutmix off for the last N epochs" + RECIPE_NOTE,
+                low=0),
+        Setting("multi_scale", "float", 0.0, "random input size per batch: imgsz x (1 +/- this), a multiple of the "
+                "stride" + RECIPE_NOTE, low=0, high=0.9),
+        Setting("ms_scales", "scales", None, "random long side per image (MMDetection multi-scale training): head = "
+                "the head's mstrain config (GFL/ATSS 480-800 range, RetinaNet 640-800 range, FCOS 640 or 800, "
+                "scaled by imgsz/800), or a list of sizes; empty = imgsz", example="head"),
+        Setting("ms_mode", "str", "range", "how ms_scales picks a size: range = uniform between the smallest and the "
+                "largest (RandomResize), choice = one of them (RandomChoiceResize)", choices=("range", "choice")),
+        Setting("cache", "cache", False, "keep decoded training images: ram, or disk (.npy beside each image)",
+                example="ram"),
     )),
     ("Validation and prediction", (
         Setting("split", "str", "val", "dataset split for validation and analyze", choices=("train", "val", "test")),
@@ -236,8 +268,8 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
 )
 SETTINGS: dict[str, Setting] = {setting.name: setting for _, group in SECTIONS for setting in group}
 MODE_SECTIONS: dict[str, tuple[str, ...]] = {  # the sections `crosskd MODE --help` lists, besides MODE_COMMON_KEYS
-    "train": ("Mode and inputs", "Training", "Other"),
-    "distill": ("Mode and inputs", "Distillation", "Training", "Other"),
+    "train": ("Mode and inputs", "Training", "Augmentation", "Other"),
+    "distill": ("Mode and inputs", "Distillation", "Training", "Augmentation", "Other"),
     "val": ("Mode and inputs", "Validation and prediction", "Other"),
     "predict": ("Mode and inputs", "Validation and prediction", "Other"),
     "export": ("Mode and inputs", "Export", "Other"),
@@ -274,15 +306,18 @@ def _comment(setting: Setting) -> str:
     return text + (f" (alias {', '.join(setting.aliases)})" if setting.aliases else "")
 
 
-def render_mode_help(mode: str) -> str:
-    """`crosskd MODE --help`: the mode's keys as `key=default  # help`, grouped by section."""
+def render_mode_help(mode: str, values: dict[str, Any] | None = None) -> str:
+    """`crosskd MODE --help`: the mode's keys as `key=value  # help`, grouped by section; `values` replaces the
+    defaults shown (the values a run would use, e.g. the model's recipe after `crosskd train model=x.yaml --help`)."""
+    values = values or {}
     lines = [f"crosskd {mode} key=value ...  (every key: crosskd cfg; reference: docs/cli.md)"]
     sections = MODE_SECTIONS.get(mode, tuple(title for title, _ in SECTIONS))
     for title, group in SECTIONS:
         shown = [s for s in group if s.name != "mode" and (title in sections or s.name in MODE_COMMON_KEYS)]
         if shown:
             lines += ["", f"{title}:"]
-            lines += [f"  {s.name + '=' + format_value(s.default):<22} # {_comment(s)}" for s in shown]
+            lines += [f"  {s.name + '=' + format_value(values.get(s.name, s.default)):<22} # {_comment(s)}"
+                      for s in shown]
     return "\n".join(lines)
 
 

@@ -1,8 +1,11 @@
 """Samples and loader epochs pinned bit for bit: a refactor of the data path must not change what a seed gives.
 
-The digests were recorded at commit 59f15e9, before the transform pipeline (resize and flip hard-coded in
-`DetectionDataset._sample`). They depend on OpenCV's JPEG decoder and resize: a new OpenCV may need them re-recorded
-from a commit known to be right.
+The val and single-item digests were recorded at commit 59f15e9, before the transform pipeline (resize and flip
+hard-coded in `DetectionDataset._sample`). The train epochs were re-recorded when each sample got a generator of its
+own (issue 21: the same batches with any number of workers; before, the flips drew from per-worker generators and the
+order's generator was shared with the DataLoader's worker-seed draws, so workers=0 and workers=2 differed).
+They depend on OpenCV's JPEG decoder and resize: a new OpenCV may need them re-recorded from a commit known to be
+right.
 """
 
 import hashlib
@@ -21,9 +24,9 @@ PINNED = {
     "val_items": "f54ffd7c47e8e678",
     "train_items": "306fd127b8c9456f",
     "val_epoch": "c72d24b6ffef5729",
-    "train_epochs_workers0": "786e132e7ac31e6a",
-    "train_epochs_workers2": "7fe7da92bad14193",
-    "train_resume_workers0": "217b02f4f5adf511",
+    "train_epochs_workers0": "3e538734f967337c",
+    "train_epochs_workers2": "3e538734f967337c",  # the same batches with any number of workers
+    "train_resume_workers0": "c6923fb2e4135580",
 }
 
 
@@ -43,10 +46,10 @@ def item_arrays(dataset: DetectionDataset) -> list[torch.Tensor]:
 
 
 def epoch_arrays(loader, epochs: int, first_batch: int = 0) -> list[torch.Tensor]:
-    """Batches of `epochs` passes, the generator seeded per epoch as the trainer does (`seed_loader_epoch`)."""
+    """Batches of `epochs` passes, each epoch set as the trainer does (`seed_loader_epoch`)."""
     arrays = []
     for epoch in range(epochs):
-        loader.generator.manual_seed(SEED + epoch)
+        loader.sampler.set_epoch(epoch)
         skip_batches(loader, first_batch if epoch == 0 else 0)
         for batch in loader:
             arrays += [batch.images, batch.gt_boxes, batch.gt_labels, batch.image_ids, batch.img_sizes, batch.ratios]
@@ -96,3 +99,14 @@ def test_pinned_train_samples_are_flipped_and_resized(datasets: tuple[DetectionD
     plain = [torch.from_numpy(record.boxes) * IMGSZ / 128 for record in train.records]
     same = [torch.allclose(a, b) for a, b in zip(augmented, plain, strict=True)]
     assert any(same) and not all(same)
+
+
+def test_a_resumed_epoch_gives_the_rest_of_the_same_batches(datasets: tuple[DetectionDataset, ...]) -> None:
+    """Batches 2.. of a pass that skips the first two equal batches 2.. of a whole pass (order and flips), with 2
+    workers against none."""
+    train, _ = datasets
+    whole = epoch_arrays(build_dataloader(train, 4, workers=0, shuffle=True, seed=SEED, pin_memory=False), 1)
+    resumed = epoch_arrays(build_dataloader(train, 4, workers=2, shuffle=True, seed=SEED, pin_memory=False), 1, 2)
+    per_batch = 6  # arrays per batch in epoch_arrays
+    assert len(resumed) == len(whole) - 2 * per_batch
+    assert all(torch.equal(a, b) for a, b in zip(whole[2 * per_batch:], resumed, strict=True))

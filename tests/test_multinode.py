@@ -1,6 +1,7 @@
 """Two torchrun nodes on this machine (c10d rendezvous, gloo, one CPU process each): the losses of one process with the
 same total batch, only global rank 0 writes, and a lost node ends the job with one line and a resumable last.pt."""
 
+import contextlib
 import csv
 import os
 import shlex
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -97,8 +99,9 @@ def listening(port: int) -> bool:
 def launch_nodes(root: Path, mode: str, config: dict) -> list[subprocess.Popen]:
     """Node 0 then node 1, each a torchrun of one process in its own folder (root/node0, root/node1); node 0's
     launcher hosts the rendezvous store (on one machine both would try), as the endpoint's host does on a cluster.
-    The endpoint's port stays reserved until node 0's store listens on it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", ddp.TIMEOUT_ENV: "60"}
+    The endpoint's port stays reserved until node 0's store listens on it. Every address is the loopback one (the
+    launchers' and gloo's), whatever this machine's host name resolves to."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", ddp.TIMEOUT_ENV: "60", "GLOO_SOCKET_IFNAME": "lo"}
     words = [f"{key}={value}" for key, value in config.items()]
     nodes = []
     with reserve_port() as reservation:
@@ -107,7 +110,7 @@ def launch_nodes(root: Path, mode: str, config: dict) -> list[subprocess.Popen]:
             cwd = root / f"node{node_rank}"
             cwd.mkdir(parents=True)
             command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-                       f"--node_rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                       "--local-addr=127.0.0.1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
                        f"--rdzv-conf=is_host={int(node_rank == 0)}", "-m", "crosskd", mode, *words]
             nodes.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True, start_new_session=True))
@@ -118,8 +121,31 @@ def launch_nodes(root: Path, mode: str, config: dict) -> list[subprocess.Popen]:
     return nodes
 
 
-def finish(nodes: list[subprocess.Popen]) -> list[str]:
-    return [node.communicate(timeout=300)[0] for node in nodes]
+def finish(nodes: list[subprocess.Popen], timeout: float = 240) -> list[str]:
+    """Both nodes' outputs, read side by side (neither pipe can fill and stall its node). When one node fails, or
+    the timeout passes, every process of both is killed at once (a launcher whose peer failed waits 300 s in
+    torchrun's exit barrier) and the test fails with both outputs."""
+    with ThreadPoolExecutor(len(nodes)) as pool:
+        outputs = [pool.submit(node.communicate) for node in nodes]
+        deadline = time.monotonic() + timeout
+        while not all(output.done() for output in outputs):
+            failed = any(node.poll() not in (None, 0) for node in nodes)
+            if failed or time.monotonic() > deadline:
+                for node in nodes:
+                    kill_tree(node.pid)
+                texts = [output.result()[0] for output in outputs]
+                reason = "a node failed" if failed else f"the nodes ran past {timeout:.0f} s"
+                pytest.fail(f"{reason}: " + "\n".join(f"--- node {rank}: exit {node.returncode}\n{text[-3000:]}"
+                                                       for rank, (node, text) in enumerate(zip(nodes, texts))))
+            time.sleep(0.1)
+        return [output.result()[0] for output in outputs]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and every process below it (gone ones are skipped)."""
+    for process in process_tree(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process, signal.SIGKILL)
 
 
 def epoch_losses(run_dir: Path, names: tuple[str, ...]) -> list[list[float]]:

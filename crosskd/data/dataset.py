@@ -146,6 +146,18 @@ def _generate(root: Path, params: dict, overrides: dict, yaml_name: str) -> None
 
 
 # ---------------------------------------------------------------------------------------------- dataset
+class SampleKey(NamedTuple):
+    """What a training loader asks its dataset for (`loader.SkippingSampler`): an index, the seed of the sample's own
+    random generator, and whether the mixing steps (mosaic, mixup, cutmix) are off (the last close_mosaic epochs)."""
+
+    index: int
+    seed: int
+    mix_off: bool = False
+
+
+MIXING_STEPS = ("mosaic", "mixup", "cutmix")
+
+
 class Sample(NamedTuple):
     """One transformed image with its boxes in input (resized) pixels."""
 
@@ -214,19 +226,27 @@ class DetectionDataset(Dataset):
         """What happens to an image that cannot be read, for the loader's messages."""
         return "skipped" if self.skip_unreadable else "replaced by a black background"
 
-    def __getitem__(self, index: int) -> Sample:
-        """The sample at `index` (see `load_sample`) through the pipeline, as CHW tensors.
+    def __getitem__(self, key: int | SampleKey) -> Sample:
+        """The sample at an index, or at a `SampleKey` (see `load_sample`), through the pipeline, as CHW tensors.
 
-        Random steps draw from torch's default generator: in a loader worker the DataLoader seeds it from the loader's
-        seeded generator (its base seed plus the worker id), in the main process it is the global one.
+        A key's random steps draw from a generator seeded with its seed; a bare index draws from torch's default
+        generator (evaluation, where nothing is random, and direct indexing).
         """
+        index, rng, skip = self._resolve(key)
         record, sample = self.load_sample(index)
-        sample = self.transforms(sample, torch.default_generator)
+        sample = self.transforms(sample, rng, skip=skip)
         image = torch.from_numpy(np.ascontiguousarray(sample.image.transpose(2, 0, 1)))  # HWC -> CHW
         return Sample(
             image, torch.from_numpy(sample.boxes), torch.from_numpy(sample.labels.copy()), record.image_id,
             sample.orig_size, sample.ratio, str(record.path), sample.unreadable,
         )
+
+    @staticmethod
+    def _resolve(key: int | SampleKey) -> tuple[int, torch.Generator, tuple[str, ...]]:
+        """(index, generator, steps to skip) of a loader's key or a bare index."""
+        if isinstance(key, SampleKey):
+            return key.index, torch.Generator().manual_seed(key.seed), MIXING_STEPS if key.mix_off else ()
+        return int(key), torch.default_generator, ()
 
     def load_sample(self, index: int) -> tuple[ImageRecord, LabeledImage]:
         """Image `index` with its boxes in original pixels, untransformed, or in its place (skip_unreadable) the first

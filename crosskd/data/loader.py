@@ -1,6 +1,7 @@
 """Batching: the padded `Batch` every consumer (trainer, validator, distiller) reads, and the DataLoader builder."""
 
 import atexit
+import dataclasses
 import itertools
 import math
 import os
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
-from crosskd.data.dataset import Sample
+from crosskd.data.dataset import Sample, SampleKey
 from crosskd.errors import UserError
 from crosskd.utils import LOGGER
 
@@ -78,6 +79,22 @@ def collate(samples: list[Sample], pad_multiple: int) -> Batch:
         paths=[sample.path for sample in samples],
         unreadable=[path for sample in samples for path in sample.unreadable],
     )
+
+
+def resize_batch(batch: Batch, size: int, pad_multiple: int) -> Batch:
+    """The batch with its long side scaled to `size` (bilinear), padding and boxes scaled alike; the padded shape is
+    rounded up to `pad_multiple`. Used for Ultralytics' per-batch multi_scale."""
+    height, width = batch.images.shape[-2:]
+    factor = size / max(height, width)
+    if factor == 1:
+        return batch
+    shape = [math.ceil(side * factor / pad_multiple) * pad_multiple for side in (height, width)]
+    images = torch.nn.functional.interpolate(batch.images, size=shape, mode="bilinear", align_corners=False)
+    img_sizes = (batch.img_sizes * factor).round().long().clamp(max=torch.tensor(shape, device=images.device))
+    rows = torch.arange(shape[0], device=images.device)[None, :, None] < img_sizes[:, 0, None, None]  # [B, H, 1]
+    cols = torch.arange(shape[1], device=images.device)[None, None, :] < img_sizes[:, 1, None, None]  # [B, 1, W]
+    return dataclasses.replace(batch, images=images, gt_boxes=batch.gt_boxes * factor, img_sizes=img_sizes,
+                               valid_masks=rows & cols, ratios=batch.ratios * factor)
 
 
 class DetectionLoader(DataLoader):
@@ -152,20 +169,34 @@ def seed_worker(worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-class SkippingSampler(Sampler[int]):
-    """Wraps a sampler; `skip_next(n)` makes its next pass leave out its first n indices, drawn but never loaded.
+def sample_seed(seed: int, rank: int, epoch: int, position: int) -> int:
+    """The RNG seed of the sample at `position` of an epoch's order on `rank`: a function of those four numbers only,
+    so the augmentation of a sample does not depend on the number of workers or on where a resumed run started."""
+    return int(np.random.SeedSequence((seed, rank, epoch, position)).generate_state(1, np.uint64)[0] >> 1)
 
-    The wrapped sampler draws its whole order as usual, so a mid-epoch resume sees the rest of the same order.
-    `len()` stays the full length (the loader's batches per epoch); `set_epoch` goes to a DistributedSampler.
+
+class SkippingSampler(Sampler[SampleKey]):
+    """Wraps a sampler of indices into one of `SampleKey`s: each index with its own seed and, from epoch
+    `mix_off_from` on, the mixing steps (mosaic, mixup, cutmix) off. `skip_next(n)` makes the next pass leave out its
+    first n keys, drawn but never loaded.
+
+    The wrapped sampler draws its whole order as usual and the seeds follow the positions in it, so a mid-epoch resume
+    sees the rest of the same order with the same augmentation. `len()` stays the full length (the loader's batches
+    per epoch); `set_epoch` also reaches a DistributedSampler.
     """
 
-    def __init__(self, sampler: Sampler[int]):
-        self.sampler = sampler
+    def __init__(self, sampler: Sampler[int], seed: int = 0, rank: int = 0):
+        self.sampler, self.seed, self.rank = sampler, seed, rank
+        self.epoch = 0
+        self.mix_off_from: int | None = None  # first epoch without mosaic/mixup/cutmix (close_mosaic), None: never
         self.skip = 0
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[SampleKey]:
         skip, self.skip = self.skip, 0
-        return itertools.islice(iter(self.sampler), skip, None)
+        mix_off = self.mix_off_from is not None and self.epoch >= self.mix_off_from
+        keys = (SampleKey(index, sample_seed(self.seed, self.rank, self.epoch, position), mix_off)
+                for position, index in enumerate(self.sampler))
+        return itertools.islice(keys, skip, None)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -174,8 +205,13 @@ class SkippingSampler(Sampler[int]):
         self.skip = num
 
     def set_epoch(self, epoch: int) -> None:
+        """Epoch `epoch`'s order (a shuffling sampler's generator reseeded with seed + epoch) and sample seeds."""
+        self.epoch = epoch
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
+        generator = getattr(self.sampler, "generator", None)
+        if generator is not None:
+            generator.manual_seed(self.seed + epoch)
 
 
 def skip_batches(loader: DataLoader, num: int) -> None:
@@ -189,23 +225,23 @@ def build_dataloader(
 ) -> DataLoader:
     """A reproducible DataLoader of `Batch`es; `batch` is the number of images per batch on this rank.
 
-    With world_size > 1 the sampler is a DistributedSampler: call `loader.sampler.set_epoch(epoch)` each epoch.
+    Call `loader.sampler.set_epoch(epoch)` each epoch: the order (a DistributedSampler's with world_size > 1, else a
+    generator reseeded with seed + epoch) and the sample seeds are then a function of (seed, rank, epoch) alone.
     `skip_batches(loader, n)` makes the next pass start at batch n (a mid-epoch resume).
-    Otherwise shuffling draws from a generator seeded with `seed`, so two loaders with one seed give one order.
-    Augmentation in workers is seeded from the same generator; with workers=0 it uses torch's global RNG.
+    Each sample is augmented with a generator of its own (`sample_seed`): any number of workers gives the same batches.
     """
     generator = torch.Generator().manual_seed(seed + rank)
     if world_size > 1:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
-    elif shuffle:
-        sampler = RandomSampler(dataset, generator=generator)
+    elif shuffle:  # its own generator: the DataLoader's draws worker seeds from `generator`, per pass or not
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
     else:
         sampler = SequentialSampler(dataset)
     workers = min(workers, os.cpu_count() or 1)
     return DetectionLoader(
         dataset,
         batch_size=batch,
-        sampler=SkippingSampler(sampler),
+        sampler=SkippingSampler(sampler, seed, rank),
         num_workers=workers,
         collate_fn=partial(collate, pad_multiple=getattr(dataset, "pad_multiple", 1)),
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,

@@ -139,10 +139,11 @@ class Compose:
         self.transforms = list(transforms)
         self.disabled: set[str] = set()
 
-    def __call__(self, sample: LabeledImage, rng: torch.Generator) -> LabeledImage:
-        """Run the enabled steps in order, each drawing from `rng`."""
+    def __call__(self, sample: LabeledImage, rng: torch.Generator, skip: Iterable[str] = ()) -> LabeledImage:
+        """Run the enabled steps in order, each drawing from `rng`, leaving out those named in `skip` this once."""
+        skipped = self.disabled.union(skip)
         for transform in self.transforms:
-            if transform.name not in self.disabled:
+            if transform.name not in skipped:
                 sample = transform(sample, rng)
         return sample
 

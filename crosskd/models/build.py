@@ -27,7 +27,7 @@ SECTIONS: dict[str, dict[str, type[nn.Module]]] = {"backbone": BACKBONES, "neck"
 AUTO_ARGS = {"backbone": set(), "neck": {"in_channels"}, "head": {"num_classes", "in_channels", "layout"}}
 FORWARDED = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 INPUT_KEYS = ("mean", "std", "bgr")  # the optional `input` section: DenseDetector's normalisation arguments
-TOP_KEYS = (*SECTIONS, "input", "nc", "name")
+TOP_KEYS = (*SECTIONS, "input", "nc", "name", "recipe")  # recipe: the training recipe's name (crosskd/data/recipes.py)
 
 
 def load_model_yaml(model_cfg: dict | str | Path) -> tuple[dict[str, Any], str]:
@@ -169,6 +169,8 @@ def build_detector(model_cfg: dict | str | Path, nc: int) -> DenseDetector:
         raise ConfigError(f"{source}: unknown section '{unknown[0]}'{_suggest(unknown[0], list(TOP_KEYS))}")
     if not isinstance(nc, int) or nc < 1:
         raise ConfigError(f"{source}: number of classes {nc!r} must be a positive int")
+    if not isinstance(cfg.get("recipe", ""), str):
+        raise ConfigError(f"{source}: recipe: {cfg['recipe']!r} must be a recipe name, e.g. recipe: ultralytics")
     parts = {section: _section_kwargs(cfg, section, source) for section in SECTIONS}
     normalisation = _input_kwargs(cfg, source)
     backbone = _construct(parts["backbone"][0], source, **parts["backbone"][1])

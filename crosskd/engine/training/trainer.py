@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from crosskd.config import imgsz_hw
-from crosskd.data import DetectionDataset, build_dataloader, load_data_yaml, skip_batches
+from crosskd.data import Batch, DetectionDataset, build_dataloader, load_data_yaml, skip_batches
+from crosskd.data.loader import resize_batch
 from crosskd.data.transforms import augmentation_settings
 from crosskd.dist import barrier, get_rank, get_world_size, is_dist, is_main_process, reduce_mean
 from crosskd.engine.deployment.checkpoint import (
@@ -33,6 +34,7 @@ from crosskd.engine.training.compile import compile_detector
 from crosskd.engine.training.nonfinite import NonFiniteGuard
 from crosskd.engine.training.optim import ModelEMA, build_optimizer, build_schedule, resolve_run_length_defaults, set_lr
 from crosskd.engine.training.progress import EpochProgress, epoch_header
+from crosskd.engine.training.recipe import apply_recipe, multiscale_size, multiscale_sizes, step_generator
 from crosskd.engine.training.run_state import RunState
 from crosskd.errors import ConfigError, TrainingError
 from crosskd.models import DenseDetector
@@ -77,6 +79,7 @@ class Trainer:
         self.save_dir: Path | None = None
         self.ema: ModelEMA | None = None
         self.nonfinite = NonFiniteGuard()
+        self.mixing_closed = False  # close_mosaic was logged
         self.state = RunState(self)  # resume, mid-epoch progress, checkpoints, stopping
 
     def add_callback(self, event: str, fn: Callback) -> None:
@@ -93,6 +96,7 @@ class Trainer:
         self.data_info = load_data_yaml(self.args.data, self.args.datasets_dir)
         self.names = dict(self.data_info.names)
         self.model = self.build_model().to(self.device)
+        self.args = apply_recipe(self.args, getattr(self.model, "yaml", None) or {})
         self.loss_module = self.build_loss_module().to(self.device)
         self.train_module = self.wrap_ddp(self.loss_module)
         self.train_loader, val_loader = self.build_dataloaders()
@@ -150,11 +154,17 @@ class Trainer:
         per_rank = args.batch // self.world_size
         imgsz = max(imgsz_hw(args.imgsz))  # the loaders resize the long side
         stride = max(self.model.strides)
+        ms_sizes, ms_mode = multiscale_sizes(args, self.model.head.mstrain, imgsz)
+        augmentation = augmentation_settings(args)
+        if ms_sizes:
+            augmentation.update(ms_sizes=ms_sizes, ms_mode=ms_mode)
         train_set = DetectionDataset(self.data_info, "train", imgsz, augment=True, pad_multiple=stride,
-                                     fraction=args.fraction, skip_unreadable=True, **augmentation_settings(args))
+                                     fraction=args.fraction, skip_unreadable=True, cache=args.cache, **augmentation)
         val_set = DetectionDataset(self.data_info, args.split, imgsz, augment=False, pad_multiple=stride)
         common = {"workers": args.workers, "seed": args.seed, "rank": self.rank, "world_size": self.world_size}
         train_loader = build_dataloader(train_set, per_rank, shuffle=True, **common)
+        if args.close_mosaic and max(args.mosaic, args.mixup, args.cutmix) > 0:
+            train_loader.sampler.mix_off_from = max(args.epochs - args.close_mosaic, 0)
         val_loader = build_dataloader(val_set, per_rank, shuffle=False, **common)
         if self.world_size > 1:
             LOGGER.info(f"{colorstr('DDP:')} batch {args.batch} = {self.world_size} processes x {per_rank} images")
@@ -249,7 +259,7 @@ class Trainer:
                 self.iteration = self.epoch * num_batches + i
                 self.lr = self.schedule(self.iteration)
                 set_lr(self.optimizer, self.lr)
-                self.batch = batch
+                self.batch = batch = self.preprocess_batch(batch)
                 self.loss_items = self.train_step(batch)
                 applied = self.nonfinite.in_row == 0  # a skipped (non-finite) step adds nothing to the means
                 for name, value in self.loss_items.items():
@@ -278,14 +288,26 @@ class Trainer:
         if period > 0 and (self.iteration + 1) % period == 0 and self.state.batches_done < len(self.train_loader):
             self.state.save_partial_epoch()
 
+    def preprocess_batch(self, batch: Batch) -> Batch:
+        """The batch on the device; with multi_scale, its long side redrawn (the same for teacher and student)."""
+        batch = batch.to(self.device, non_blocking=True)
+        if self.args.multi_scale > 0:
+            imgsz, stride = max(imgsz_hw(self.args.imgsz)), max(self.model.strides)
+            generator = step_generator(self.args.seed, self.rank, self.iteration)
+            batch = resize_batch(batch, multiscale_size(imgsz, self.args.multi_scale, stride, generator), stride)
+        return batch
+
     def seed_loader_epoch(self) -> None:
-        """Make this epoch's sample order and worker seeds a function of (seed, rank, epoch), so resume is exact."""
+        """Make this epoch's sample order and sample seeds a function of (seed, rank, epoch), so resume is exact; say
+        once when the mixing steps turn off (close_mosaic)."""
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch)
-        generator = getattr(self.train_loader, "generator", None)
-        if generator is not None:
-            generator.manual_seed(self.args.seed + self.rank + self.epoch)
+        mix_off_from = getattr(sampler, "mix_off_from", None)
+        if mix_off_from is not None and self.epoch >= mix_off_from and not self.mixing_closed:
+            self.mixing_closed = True
+            LOGGER.info(f"Closing dataloader mosaic, mixup and cutmix for the last {self.args.close_mosaic} epochs "
+                        f"(close_mosaic={self.args.close_mosaic})")
 
     def train_step(self, batch: Any) -> dict[str, Tensor]:
         """Forward (AMP on CUDA), backward, optional gradient clipping, optimiser and EMA step; detached losses.

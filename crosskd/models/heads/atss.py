@@ -21,6 +21,7 @@ class ATSSHead(DenseHead):
     """
 
     head_type = "atss"
+    mstrain = ((480, 800), "range")  # MMDetection ships no ATSS mstrain config: GFL's (the same lineage)
     with_centerness = True
     assigner_keys = ("topk",)
 

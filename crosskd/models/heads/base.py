@@ -102,6 +102,9 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
     mmdet_valid_flags = True  # MMDet marks priors outside each image's pad_shape invalid (its anchor heads; not FCOS)
     valid_region = "mmdet"  # run setting valid_region (VALID_REGIONS), set by `use_valid_region`
     centerness_denorm_min = 1.0
+    # MMDetection's multi-scale training of this head (its mstrain config): short sides in pixels at 800 and how one
+    # is drawn per image, "range" (RandomResize) or "choice" (RandomChoiceResize); `ms_scales=head` scales them
+    mstrain: tuple[tuple[int, ...], str] = ((480, 800), "range")  # gfl_r50_fpn_mstrain_2x_coco
 
     def __init__(
         self,

@@ -29,6 +29,7 @@ class FCOSHead(DenseHead):
     """
 
     head_type = "fcos"
+    mstrain = ((640, 800), "choice")  # fcos_r50_caffe_fpn_gn-head_mstrain_640-800_2x_coco
     kd_offset = 2
     with_centerness = True
     centerness_denorm_min = 1e-6

@@ -23,6 +23,7 @@ class RetinaHead(DenseHead):
     """
 
     head_type = "retinanet"
+    mstrain = ((640, 800), "range")  # retinanet_r50_fpn_mstrain_640-800_3x_coco
     assigner_keys = ("pos_iou_thr", "neg_iou_thr", "min_pos_iou", "match_low_quality")
 
     def __init__(
