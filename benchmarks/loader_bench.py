@@ -22,6 +22,7 @@ Run through speed.py (`python benchmarks/speed.py --sections loader`); `run_load
 
 from __future__ import annotations
 
+import gc
 import inspect
 import json
 import os
@@ -106,8 +107,12 @@ class CrosskdSide:
                                    cache=False if cache == "none" else cache, **plan.hyp)
         self.build_s = time.perf_counter() - start
         self.loader = build_dataloader(dataset, plan.batch, workers, shuffle=True, seed=0, pin_memory=False)
+        self.epochs = 0
 
     def epoch(self) -> dict:
+        """One timed epoch, with a new order and new augmentation draws each time, as the trainer's epochs."""
+        self.loader.sampler.set_epoch(self.epochs)
+        self.epochs += 1
         return epoch(self.loader, len)
 
     def close(self) -> None:
@@ -130,8 +135,11 @@ class UltralyticsSide:
         self.process.stdin.flush()
         line = self.process.stdout.readline()
         if not line:
-            tail = self.log_file.read_text().strip().splitlines()[-5:]
-            raise RuntimeError(f"the Ultralytics side stopped ({self.log_file}): " + " | ".join(tail))
+            code = self.process.wait(timeout=60)
+            killed = " (killed: out of memory?)" if code == -9 else ""
+            tail = self.log_file.read_text().strip().splitlines()[-3:]
+            raise RuntimeError(f"the Ultralytics side stopped with exit code {code}{killed}; the end of "
+                               f"{self.log_file}: " + " | ".join(tail))
         answer = json.loads(line)
         if "error" in answer:
             raise RuntimeError(f"the Ultralytics side failed: {answer['error']} (log: {self.log_file})")
@@ -168,6 +176,18 @@ def median_ips(results: list[dict]) -> float:
     return statistics.median(r["images"] / r["seconds"] for r in results)
 
 
+def alternate_epochs(sides: dict[str, Callable[[], dict]], warmup: int, rounds: int) -> dict[str, list[dict]]:
+    """`warmup` untimed epochs of every side, then `rounds` rounds of one epoch per side in turn."""
+    for _ in range(warmup):
+        for run in sides.values():
+            run()
+    results: dict[str, list[dict]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, run in sides.items():
+            results[name].append(run())
+    return results
+
+
 def measure(data_yaml: Path, plan: LoaderPlan, cache: str, workers: int, theirs: UltralyticsSide | None) -> dict:
     """One (cache, workers) setting: build both loaders, a warm-up epoch each, then `rounds` alternating epochs."""
     if cache == "disk":
@@ -184,15 +204,12 @@ def measure(data_yaml: Path, plan: LoaderPlan, cache: str, workers: int, theirs:
                    ultralytics_version=built["version"])
         sides["ultralytics"] = lambda: theirs.ask(op="pass")
     try:
-        for _ in range(plan.warmup):
-            for run in sides.values():
-                run()
-        results: dict[str, list[dict]] = {name: [] for name in sides}
-        for _ in range(plan.rounds):
-            for name, run in sides.items():
-                results[name].append(run())
+        results = alternate_epochs(sides, plan.warmup, plan.rounds)
     finally:
         ours.close()
+        sides.clear()  # with `ours`, the last reference to its dataset: its cache goes before the next is filled
+        del ours
+        gc.collect()
     for name, runs in results.items():
         row[f"{name}_ips"] = median_ips(runs)
         row[f"{name}_ips_runs"] = [r["images"] / r["seconds"] for r in runs]

@@ -15,6 +15,7 @@ Ultralytics prints goes to stderr):
   {"op": "quit"}
 """
 
+import gc
 import json
 import os
 import sys
@@ -78,7 +79,8 @@ def main() -> None:
         request = json.loads(line)
         try:
             if request["op"] == "build":
-                loader = None
+                dataset = loader = None  # the last setting's cache and workers go before the next is built
+                gc.collect()
                 command = request
                 dataset, loader = build(request)
                 import ultralytics
