@@ -115,7 +115,10 @@ def test_build_transforms_for_train_and_eval() -> None:
 
 def test_transforms_are_built_only_in_build_transforms() -> None:
     """Steps are constructed in one function, which the dataset alone calls (tests may build their own)."""
-    steps = {"Compose", "Resize", "RandomHFlip"}
+    steps = {
+        "Compose", "Resize", "RandomHFlip", "RandomResize", "Mosaic", "RandomAffine", "MixUp", "CutMix", "RandomHSV",
+        "RandomVFlip", "SampleSource",
+    }
     package = Path(crosskd.__file__).parent
     callers: dict[str, set[str]] = {}
     for path in package.rglob("*.py"):
@@ -123,9 +126,10 @@ def test_transforms_are_built_only_in_build_transforms() -> None:
             if not isinstance(function, ast.FunctionDef):
                 continue
             for node in ast.walk(function):
-                if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-                    if node.func.id in steps | {"build_transforms"}:
-                        callers.setdefault(node.func.id, set()).add(f"{path.relative_to(package)}:{function.name}")
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Name | ast.Attribute):
+                    name = node.func.id if isinstance(node.func, ast.Name) else node.func.attr  # Resize or steps.Mosaic
+                    if name in steps | {"build_transforms"}:
+                        callers.setdefault(name, set()).add(f"{path.relative_to(package)}:{function.name}")
     assert callers == {
         **dict.fromkeys(steps, {"data/transforms.py:build_transforms"}),
         "build_transforms": {"data/dataset.py:__init__"},
