@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import load_benchmark
 
 from crosskd.data.augment import (
     CutMix,
@@ -562,3 +563,10 @@ def test_augmentation_keys_are_build_transforms_keywords() -> None:
     for key in AUGMENTATION_KEYS:
         setattr(settings, key, f"value of {key}")
     assert augmentation_settings(settings) == {key: f"value of {key}" for key in AUGMENTATION_KEYS}
+
+
+def test_augment_speed_benchmark_runs(capsys: pytest.CaptureFixture) -> None:
+    """benchmarks/augment_speed.py (the figures in docs/training.md) runs and prints a time per row."""
+    load_benchmark("augment_speed").main(repeats=1)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 8 and all(line.split()[1] == "ms" and float(line.split()[0]) > 0 for line in lines[1:])
