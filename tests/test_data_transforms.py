@@ -1,6 +1,7 @@
 """The transform pipeline: each step on a hand-made image, probabilities, the pipeline's order and where it is built."""
 
 import ast
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +168,20 @@ def test_dataset_item_is_load_sample_through_the_pipeline(digits_info) -> None:
     assert torch.equal(sample.image, torch.from_numpy(expected.image).permute(2, 0, 1))
     assert torch.equal(sample.boxes, torch.from_numpy(expected.boxes)) and sample.ratio == 0.75
     assert (sample.image_id, sample.orig_size, sample.path) == (record.image_id, size, str(record.path))
+
+
+def test_dataset_gives_mixing_steps_its_own_images(digits_info) -> None:
+    """Mosaic and MixUp load the dataset's other images; the dataset (with its pipeline) survives a pickle, as for
+    spawned loader workers, and gives the same sample for the same seed."""
+    dataset = DetectionDataset(digits_info, "train", 96, augment=True, mosaic=1.0, mixup=1.0, translate=0.1, scale=0.5)
+    assert dataset.transforms.names == ["resize", "mosaic", "affine", "mixup", "fliplr"]
+    torch.manual_seed(3)
+    sample = dataset[2]
+    copy = pickle.loads(pickle.dumps(dataset))
+    torch.manual_seed(3)
+    again = copy[2]
+    assert sample.image.shape == (3, 96, 96) and len(sample.boxes) > 0
+    assert torch.equal(sample.image, again.image) and torch.equal(sample.boxes, again.boxes)
 
 
 def test_disabled_flip_reaches_loader_workers_built_after_it(digits_info) -> None:
