@@ -36,6 +36,7 @@ from crosskd.data.transforms import (
     augmentation_settings,
     build_transforms,
 )
+from crosskd.settings import SETTINGS
 
 IMGSZ = 128
 DEFAULTS = {"hsv_h": 0.015, "hsv_s": 0.7, "hsv_v": 0.4, "translate": 0.1, "scale": 0.5, "fliplr": 0.5, "mosaic": 1.0}
@@ -554,7 +555,8 @@ def test_build_transforms_needs_the_dataset_for_mixing_steps() -> None:
 def test_augmentation_keys_are_build_transforms_keywords() -> None:
     keywords = [name for name, parameter in inspect.signature(build_transforms).parameters.items()
                 if parameter.kind == parameter.KEYWORD_ONLY and name not in ("load_sample", "num_images")]
-    assert list(AUGMENTATION_KEYS) == keywords
+    assert [*AUGMENTATION_KEYS, "ms_sizes", "ms_mode"] == keywords  # the last two resolved by the trainer
+    assert set(AUGMENTATION_KEYS) <= set(SETTINGS)  # each a run setting
 
     class Settings:
         pass

@@ -181,9 +181,10 @@ class Compose:
         return f"Compose({self.transforms}, disabled={sorted(self.disabled)})"
 
 
-AUGMENTATION_KEYS = (  # the run settings that build_transforms takes by name (the trainer passes them)
+AUGMENTATION_KEYS = (  # the run settings that build_transforms takes by name (the trainer passes them; it adds
+    # ms_sizes and ms_mode, which it resolves from the settings ms_scales and ms_mode with the head's mstrain sizes)
     "fliplr", "flipud", "hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective",
-    "mosaic", "mixup", "cutmix", "ms_sizes", "ms_mode",
+    "mosaic", "mixup", "cutmix",
 )
 
 
