@@ -1,6 +1,7 @@
 """The transform pipeline: each step on a hand-made image, probabilities, the pipeline's order and where it is built."""
 
 import ast
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +116,10 @@ def test_build_transforms_for_train_and_eval() -> None:
 
 def test_transforms_are_built_only_in_build_transforms() -> None:
     """Steps are constructed in one function, which the dataset alone calls (tests may build their own)."""
-    steps = {"Compose", "Resize", "RandomHFlip"}
+    steps = {
+        "Compose", "Resize", "RandomHFlip", "RandomResize", "Mosaic", "RandomAffine", "MixUp", "CutMix", "RandomHSV",
+        "RandomVFlip", "SampleSource",
+    }
     package = Path(crosskd.__file__).parent
     callers: dict[str, set[str]] = {}
     for path in package.rglob("*.py"):
@@ -123,9 +127,10 @@ def test_transforms_are_built_only_in_build_transforms() -> None:
             if not isinstance(function, ast.FunctionDef):
                 continue
             for node in ast.walk(function):
-                if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-                    if node.func.id in steps | {"build_transforms"}:
-                        callers.setdefault(node.func.id, set()).add(f"{path.relative_to(package)}:{function.name}")
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Name | ast.Attribute):
+                    name = node.func.id if isinstance(node.func, ast.Name) else node.func.attr  # Resize or steps.Mosaic
+                    if name in steps | {"build_transforms"}:
+                        callers.setdefault(name, set()).add(f"{path.relative_to(package)}:{function.name}")
     assert callers == {
         **dict.fromkeys(steps, {"data/transforms.py:build_transforms"}),
         "build_transforms": {"data/dataset.py:__init__"},
@@ -163,6 +168,20 @@ def test_dataset_item_is_load_sample_through_the_pipeline(digits_info) -> None:
     assert torch.equal(sample.image, torch.from_numpy(expected.image).permute(2, 0, 1))
     assert torch.equal(sample.boxes, torch.from_numpy(expected.boxes)) and sample.ratio == 0.75
     assert (sample.image_id, sample.orig_size, sample.path) == (record.image_id, size, str(record.path))
+
+
+def test_dataset_gives_mixing_steps_its_own_images(digits_info) -> None:
+    """Mosaic and MixUp load the dataset's other images; the dataset (with its pipeline) survives a pickle, as for
+    spawned loader workers, and gives the same sample for the same seed."""
+    dataset = DetectionDataset(digits_info, "train", 96, augment=True, mosaic=1.0, mixup=1.0, translate=0.1, scale=0.5)
+    assert dataset.transforms.names == ["resize", "mosaic", "affine", "mixup", "fliplr"]
+    torch.manual_seed(3)
+    sample = dataset[2]
+    copy = pickle.loads(pickle.dumps(dataset))
+    torch.manual_seed(3)
+    again = copy[2]
+    assert sample.image.shape == (3, 96, 96) and len(sample.boxes) > 0
+    assert torch.equal(sample.image, again.image) and torch.equal(sample.boxes, again.boxes)
 
 
 def test_disabled_flip_reaches_loader_workers_built_after_it(digits_info) -> None:

@@ -204,7 +204,10 @@ class DetectionDataset(Dataset):
         self.split, self.imgsz, self.augment, self.pad_multiple = split, imgsz, augment, pad_multiple
         self.skip_unreadable = skip_unreadable
         self.fliplr = (info.fliplr if info.fliplr is not None else fliplr) if augment else 0.0
-        self.transforms = build_transforms(imgsz, augment, fliplr=self.fliplr, **augmentations)
+        self.transforms = build_transforms(
+            imgsz, augment, load_sample=self.labeled_sample, num_images=len(self.records), fliplr=self.fliplr,
+            **augmentations,
+        )
         self.image_ids: list[int] = self.records.image_ids.tolist()
         self._coco_gt: COCO | None = None
         summary = self.labels_summary()
@@ -272,6 +275,10 @@ class DetectionDataset(Dataset):
             f"{self.split}: {unreadable[0]}{others} cannot be read any more (deleted or corrupted during the run); "
             "restore the images, then resume the run"
         )
+
+    def labeled_sample(self, index: int) -> LabeledImage:
+        """Image `index` as `load_sample` gives it, without its record: the other images of Mosaic, MixUp, CutMix."""
+        return self.load_sample(index)[1]
 
     @staticmethod
     def _labeled(

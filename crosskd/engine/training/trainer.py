@@ -54,6 +54,9 @@ class DetectorLoss(nn.Module):
         return self.detector.loss(batch)
 
 
+MULTI_SCALE_STEP = 32  # multi_scale draws long sides in steps of 32 px (Ultralytics' grid); batches pad to the stride
+
+
 class Trainer:
     """DenseDetector training: SGD/AdamW, warm-up + step/cosine schedule, AMP, EMA, DDP, checkpoints and validation.
 
@@ -155,9 +158,7 @@ class Trainer:
         imgsz = max(imgsz_hw(args.imgsz))  # the loaders resize the long side
         stride = max(self.model.strides)
         ms_sizes, ms_mode = multiscale_sizes(args, self.model.head.mstrain, imgsz)
-        augmentation = augmentation_settings(args)
-        if ms_sizes:
-            augmentation.update(ms_sizes=ms_sizes, ms_mode=ms_mode)
+        augmentation = {**augmentation_settings(args), "ms_sizes": ms_sizes, "ms_mode": ms_mode}
         train_set = DetectionDataset(self.data_info, "train", imgsz, augment=True, pad_multiple=stride,
                                      fraction=args.fraction, skip_unreadable=True, cache=args.cache, **augmentation)
         val_set = DetectionDataset(self.data_info, args.split, imgsz, augment=False, pad_multiple=stride)
@@ -294,7 +295,8 @@ class Trainer:
         if self.args.multi_scale > 0:
             imgsz, stride = max(imgsz_hw(self.args.imgsz)), max(self.model.strides)
             generator = step_generator(self.args.seed, self.rank, self.iteration)
-            batch = resize_batch(batch, multiscale_size(imgsz, self.args.multi_scale, stride, generator), stride)
+            size = multiscale_size(imgsz, self.args.multi_scale, MULTI_SCALE_STEP, generator)
+            batch = resize_batch(batch, size, stride)
         return batch
 
     def seed_loader_epoch(self) -> None:
