@@ -10,6 +10,7 @@ import torch
 
 from crosskd.data import DetectionDataset, build_dataloader, generate_digits, load_data_yaml
 from crosskd.data import image_cache as image_cache_module
+from crosskd.data.dataset import SampleKey
 from crosskd.data.image_cache import cache_mode, npy_path, resized_shape
 from crosskd.data.transforms import load_image, resize_long_side
 from crosskd.errors import ConfigError, DataError, UserError
@@ -59,6 +60,19 @@ def test_cached_samples_equal_uncached_bit_for_bit(data_yaml: Path, cache: str, 
         cached = DetectionDataset(info, split, imgsz, augment=augment, fliplr=0.5, cache=cache)
         assert cached.image_cache is not None
         assert_same(samples(cached), samples(plain))
+
+
+@pytest.mark.parametrize("cache", ["ram", "disk"])
+def test_cached_samples_equal_uncached_through_mosaic_mixup_and_affine(data_yaml: Path, cache: str) -> None:
+    info = load_data_yaml(data_yaml)
+    augmentations = {"mosaic": 1.0, "mixup": 0.5, "cutmix": 0.5, "degrees": 5.0, "translate": 0.1, "scale": 0.5,
+                     "hsv_h": 0.015, "hsv_s": 0.7, "hsv_v": 0.4}  # the mixed-in images come from the cache too
+    plain = DetectionDataset(info, "train", 48, augment=True, **augmentations)
+    cached = DetectionDataset(info, "train", 48, augment=True, cache=cache, **augmentations)
+    keys = [SampleKey(i, seed=100 + i) for i in range(len(plain))]
+    for a, b in zip((cached[key] for key in keys), (plain[key] for key in keys)):
+        assert torch.equal(a.image, b.image) and torch.equal(a.boxes, b.boxes) and torch.equal(a.labels, b.labels)
+        assert a.ratio == b.ratio
 
 
 def test_ram_cache_is_one_read_only_buffer_loader_workers_share(data_yaml: Path) -> None:
