@@ -519,6 +519,9 @@ def run_sections(plan: Plan, device: torch.device, sections: list[str], out: Pat
         data_yaml = digits_data(Path(tmp) / "digits", plan) if {"d", "e"} & set(sections) else None
         for section in sections:
             start = time.perf_counter()
+            # meta describes the last run; when and under which load each section was measured stays per section
+            results.setdefault("measured", {})[section] = {"date": time.strftime("%Y-%m-%d %H:%M"),
+                                                           "load_average": load_average()}
             data = out.parent / "data" / "loader" if section == "loader" else data_yaml
             results["sections"][section] = run_section(section, plan, device, data)
             results.setdefault("seconds", {})[section] = round(time.perf_counter() - start, 1)
