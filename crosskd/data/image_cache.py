@@ -1,7 +1,9 @@
 """Decoded images kept between epochs (`cache=ram|disk`), with Ultralytics' semantics.
 
 ram   Every image is decoded once and resized keep-ratio to the long side `imgsz`; all of them sit in one flat uint8
-      buffer with per-image offsets (the `LabelIndex` layout), which forked loader workers share page for page.
+      buffer with per-image offsets (the `LabelIndex` layout), which forked loader workers share page for page (with
+      the spawn start method, macOS and Windows, each worker gets a pickled copy: the memory check does not count
+      those).
       Before filling, the bytes it needs (exact, from the image sizes in the label index), plus a 50% margin, are
       compared with the memory available; a cache that does not fit is refused with one line (DataError, exit 2).
 disk  Every image is decoded once and saved at full resolution as `<image file name>.npy` beside it (RGB uint8);
