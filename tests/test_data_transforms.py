@@ -13,7 +13,8 @@ from torchvision.transforms.v2 import functional as tvf
 
 import crosskd
 from crosskd.data import DetectionDataset, build_dataloader, generate_digits, load_data_yaml
-from crosskd.data.transforms import Compose, LabeledImage, RandomHFlip, Resize, Transform, build_transforms
+from crosskd.data.pipeline import build_transforms
+from crosskd.data.transforms import Compose, LabeledImage, RandomHFlip, Resize, Transform
 
 BOX = [[10.0, 10.0, 30.0, 30.0]]
 
@@ -132,7 +133,7 @@ def test_transforms_are_built_only_in_build_transforms() -> None:
                     if name in steps | {"build_transforms"}:
                         callers.setdefault(name, set()).add(f"{path.relative_to(package)}:{function.name}")
     assert callers == {
-        **dict.fromkeys(steps, {"data/transforms.py:build_transforms"}),
+        **dict.fromkeys(steps, {"data/pipeline.py:build_transforms"}),
         "build_transforms": {"data/dataset.py:__init__"},
     }
 

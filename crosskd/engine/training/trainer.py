@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from crosskd.config import imgsz_hw
 from crosskd.data import Batch, DetectionDataset, build_dataloader, load_data_yaml, skip_batches
 from crosskd.data.loader import resize_batch
-from crosskd.data.transforms import augmentation_settings
+from crosskd.data.pipeline import augmentation_settings
 from crosskd.dist import barrier, get_rank, get_world_size, is_dist, is_main_process, reduce_mean
 from crosskd.engine.deployment.checkpoint import (
     detector_from_checkpoint,
