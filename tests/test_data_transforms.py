@@ -206,3 +206,11 @@ def test_loader_with_flips_is_reproducible_per_seed(digits_info, workers: int) -
     first, again, other = run(0), run(0), run(1)
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_describe_lists_the_enabled_steps_with_their_probabilities() -> None:
+    pipeline = build_transforms(64, augment=True, fliplr=0.5, hsv_h=0.015, mosaic=1.0, mixup=0.25,
+                                load_sample=lambda index: None, num_images=4)
+    assert pipeline.describe() == "resize → mosaic → affine → mixup 0.25 → hsv → fliplr 0.5"
+    pipeline.disable("mixup")
+    assert pipeline.describe() == "resize → mosaic → affine → hsv → fliplr 0.5"

@@ -164,6 +164,11 @@ class Compose:
         """The steps' names in order, disabled ones included."""
         return [transform.name for transform in self.transforms]
 
+    def describe(self) -> str:
+        """The enabled steps in order with their probabilities below 1, e.g. 'resize → mosaic → affine → fliplr 0.5'."""
+        return " → ".join(t.name + (f" {t.p:g}" if t.p < 1 else "") for t in self.transforms
+                          if t.name not in self.disabled)
+
     def head(self, count: int) -> "Compose":
         """The first `count` steps as a pipeline that shares this one's disabled steps (what MixUp's image runs)."""
         head = copy.copy(self)  # shallow: the disabled set is the same object
