@@ -163,8 +163,10 @@ def main() -> None:
     parser.add_argument("--sets", nargs="*", default=list(SETS), choices=list(SETS))
     parser.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=COMMON["epochs"], help="per training (a quick check: 1)")
     parser.add_argument("--summary", action="store_true", help="print the table of finished runs and exit")
     args = parser.parse_args()
+    COMMON["epochs"] = args.epochs
     if not args.summary:
         execute(args.out, args.sets, args.seeds, args.jobs)
     table = summary(args.out)

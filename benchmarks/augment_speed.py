@@ -14,7 +14,8 @@ import torch
 from torchvision.transforms.v2 import functional as tvf
 
 from crosskd.data.augment import RandomAffine, RandomHSV
-from crosskd.data.transforms import LabeledImage, build_transforms
+from crosskd.data.pipeline import build_transforms
+from crosskd.data.transforms import LabeledImage
 
 
 def median_ms(function: Callable[[], object], repeats: int) -> float:

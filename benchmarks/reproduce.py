@@ -51,6 +51,7 @@ import yaml
 
 from crosskd.config import get_args
 from crosskd.data import load_data_yaml
+from crosskd.data.loader import stop_all_workers
 from crosskd.engine.deployment.checkpoint import is_resumable, load_checkpoint
 from crosskd.engine.evaluation.plotting import read_results
 from crosskd.engine.training import launch
@@ -435,6 +436,7 @@ def train_and_record(run: Run, scale: Scale, out: Path) -> str | None:
             train(run, scale, out)
         except Exception as error:  # noqa: BLE001 - reported with its traceback, the other runs go on
             traceback.print_exc(file=log)
+            stop_all_workers()  # its loader workers, which a failed run leaves running
             return f"{type(error).__name__}: {error}"
     write_json(metrics_path(out, run), collect(run, scale, out, time.monotonic() - started))
     return None
@@ -451,7 +453,8 @@ def execute(runs: list[Run], scale: Scale, out: Path, jobs: int) -> list[str]:
     threads = max(1, (os.cpu_count() or 1) // jobs)
     pool = None
     if jobs > 1:
-        pool = ProcessPoolExecutor(jobs, get_context("spawn"), initializer=torch.set_num_threads, initargs=(threads,))
+        pool = ProcessPoolExecutor(jobs, get_context("spawn"), initializer=torch.set_num_threads, initargs=(threads,),
+                                   max_tasks_per_child=1)  # each training in a fresh process: the code as it is now
     with pool or contextlib.nullcontext():
         failed = run_group(teachers, scale, out, pool)
         failed += [f"{run.key}-seed{run.seed} (no teacher)" for run in students if teacher_missing(run, out)]

@@ -27,15 +27,8 @@ from crosskd.data.augment import (
     beta_32,
     box_candidates,
 )
-from crosskd.data.transforms import (
-    AUGMENTATION_KEYS,
-    Compose,
-    LabeledImage,
-    RandomHFlip,
-    Resize,
-    augmentation_settings,
-    build_transforms,
-)
+from crosskd.data.pipeline import AUGMENTATION_KEYS, augmentation_settings, build_transforms
+from crosskd.data.transforms import Compose, LabeledImage, RandomHFlip, Resize
 from crosskd.settings import SETTINGS
 
 IMGSZ = 128

@@ -13,7 +13,7 @@ import yaml
 from crosskd.config import get_args
 from crosskd.data import build_dataloader, load_data_yaml, skip_batches
 from crosskd.data.dataset import MIXING_STEPS, DetectionDataset
-from crosskd.data.transforms import AUGMENTATION_KEYS
+from crosskd.data.pipeline import AUGMENTATION_KEYS
 from crosskd.engine.deployment.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from crosskd.engine.training.distill_trainer import DistillTrainer
 from crosskd.engine.training.trainer import Trainer

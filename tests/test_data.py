@@ -12,7 +12,7 @@ import yaml
 
 from crosskd.data import Batch, DetectionDataset, Sample, build_dataloader, collate, load_data_yaml
 from crosskd.data.labels import image_size, resolve_split
-from crosskd.data.transforms import build_transforms
+from crosskd.data.pipeline import build_transforms
 from crosskd.errors import DataError
 
 SMALL = {"num_train": 16, "num_val": 16}

@@ -13,7 +13,8 @@ from torchvision.transforms.v2 import functional as tvf
 
 import crosskd
 from crosskd.data import DetectionDataset, build_dataloader, generate_digits, load_data_yaml
-from crosskd.data.transforms import Compose, LabeledImage, RandomHFlip, Resize, Transform, build_transforms
+from crosskd.data.pipeline import build_transforms
+from crosskd.data.transforms import Compose, LabeledImage, RandomHFlip, Resize, Transform
 
 BOX = [[10.0, 10.0, 30.0, 30.0]]
 
@@ -132,7 +133,7 @@ def test_transforms_are_built_only_in_build_transforms() -> None:
                     if name in steps | {"build_transforms"}:
                         callers.setdefault(name, set()).add(f"{path.relative_to(package)}:{function.name}")
     assert callers == {
-        **dict.fromkeys(steps, {"data/transforms.py:build_transforms"}),
+        **dict.fromkeys(steps, {"data/pipeline.py:build_transforms"}),
         "build_transforms": {"data/dataset.py:__init__"},
     }
 
@@ -205,3 +206,11 @@ def test_loader_with_flips_is_reproducible_per_seed(digits_info, workers: int) -
     first, again, other = run(0), run(0), run(1)
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_describe_lists_the_enabled_steps_with_their_probabilities() -> None:
+    pipeline = build_transforms(64, augment=True, fliplr=0.5, hsv_h=0.015, mosaic=1.0, mixup=0.25,
+                                load_sample=lambda index: None, num_images=4)
+    assert pipeline.describe() == "resize → mosaic → affine → mixup 0.25 → hsv → fliplr 0.5"
+    pipeline.disable("mixup")
+    assert pipeline.describe() == "resize → mosaic → affine → hsv → fliplr 0.5"

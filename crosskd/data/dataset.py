@@ -17,7 +17,8 @@ from crosskd.data.digits import generate_digits
 from crosskd.data.image_cache import build_image_cache
 from crosskd.data.index import ImageRecord, LabelIndex
 from crosskd.data.labels import SplitSource, problems_message, resolve_split
-from crosskd.data.transforms import LabeledImage, build_transforms, load_image, scale_boxes
+from crosskd.data.pipeline import build_transforms
+from crosskd.data.transforms import LabeledImage, load_image, scale_boxes
 from crosskd.dist import barrier, is_main_process
 from crosskd.errors import DataError
 from crosskd.paths import default_datasets_dir, resolve_cfg_file

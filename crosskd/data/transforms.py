@@ -1,7 +1,7 @@
 """Per-sample transforms: image decoding, and the pipeline of steps over (image, boxes, labels) a dataset applies.
 
 A step is a `Transform`: it takes a `LabeledImage` and a torch generator and returns a new `LabeledImage`, applied
-with its probability `p`. `Compose` runs the steps in order; `build_transforms` is the one place that turns the
+with its probability `p`. `Compose` runs the steps in order; `pipeline.build_transforms` is the one place that turns the
 dataset's settings into the train or eval pipeline. Steps never write into the arrays they are given (a record's
 boxes are views of the label index that loader workers share), and draw every random number from the generator they
 are called with.
@@ -14,10 +14,9 @@ resize → mosaic → affine → mixup → cutmix → HSV → flipud → fliplr,
 
 import copy
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
@@ -165,6 +164,11 @@ class Compose:
         """The steps' names in order, disabled ones included."""
         return [transform.name for transform in self.transforms]
 
+    def describe(self) -> str:
+        """The enabled steps in order with their probabilities below 1, e.g. 'resize → mosaic → affine → fliplr 0.5'."""
+        return " → ".join(t.name + (f" {t.p:g}" if t.p < 1 else "") for t in self.transforms
+                          if t.name not in self.disabled)
+
     def head(self, count: int) -> "Compose":
         """The first `count` steps as a pipeline that shares this one's disabled steps (what MixUp's image runs)."""
         head = copy.copy(self)  # shallow: the disabled set is the same object
@@ -179,59 +183,3 @@ class Compose:
 
     def __repr__(self) -> str:
         return f"Compose({self.transforms}, disabled={sorted(self.disabled)})"
-
-
-AUGMENTATION_KEYS = (  # the run settings that build_transforms takes by name (the trainer passes them; it adds
-    # ms_sizes and ms_mode, which it resolves from the settings ms_scales and ms_mode with the head's mstrain sizes)
-    "fliplr", "flipud", "hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective",
-    "mosaic", "mixup", "cutmix",
-)
-
-
-def augmentation_settings(settings: Any) -> dict[str, Any]:
-    """The augmentation keys of the run settings `settings` (any object with them as attributes), by name."""
-    return {key: getattr(settings, key) for key in AUGMENTATION_KEYS}
-
-
-def build_transforms(
-    imgsz: int, augment: bool, *, load_sample: Callable[[int], LabeledImage] | None = None, num_images: int = 0,
-    fliplr: float = 0.5, flipud: float = 0.0, hsv_h: float = 0.0, hsv_s: float = 0.0, hsv_v: float = 0.0,
-    degrees: float = 0.0, translate: float = 0.0, scale: float = 0.0, shear: float = 0.0, perspective: float = 0.0,
-    mosaic: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0, ms_sizes: Sequence[int] = (),
-    ms_mode: str = "range",
-) -> Compose:
-    """The pipeline of a dataset: resize the long side to `imgsz`, then (`augment`) the augmentations turned on.
-
-    Train order, as Ultralytics: resize (RandomResize over `ms_sizes` when given) → mosaic → affine (when mosaic or
-    an affine gain is on) → mixup → cutmix → HSV → flipud → fliplr; a step whose setting is 0 is left out, except
-    fliplr. Mosaic, mixup and cutmix load other images: `load_sample(index)` gives image `index` of `num_images` in
-    original pixels. MixUp's and CutMix's image goes through the same resize → mosaic → affine, with the same
-    generator and the same disabled steps. Every keyword but `load_sample` and `num_images` is a run setting named in
-    AUGMENTATION_KEYS (docs/training.md, "Augmentations"), so a new augmentation is its Transform, its keyword here
-    and its setting in crosskd/settings.py.
-    """
-    from crosskd.data import augment as steps  # here, not at the top: augment's steps subclass this module's Transform
-
-    if not augment:
-        return Compose([Resize(imgsz)])
-    if (mosaic or mixup or cutmix) and (load_sample is None or num_images < 1):
-        raise ValueError(f"mosaic={mosaic}, mixup={mixup}, cutmix={cutmix} mix in other images of the dataset: "
-                         "build_transforms needs load_sample and num_images")
-    pipeline = Compose([steps.RandomResize(ms_sizes, ms_mode) if ms_sizes else Resize(imgsz)])
-    add = pipeline.transforms.append
-    if mosaic:
-        add(steps.Mosaic(steps.SampleSource(load_sample, Compose([Resize(imgsz)])), num_images, imgsz, mosaic))
-    if mosaic or any((degrees, translate, scale, shear, perspective)):
-        add(steps.RandomAffine(degrees, translate, scale, shear, perspective))
-    if mixup or cutmix:
-        mixed = steps.SampleSource(load_sample, pipeline.head(len(pipeline.transforms)))  # resize → mosaic → affine
-        if mixup:
-            add(steps.MixUp(mixed, num_images, mixup))
-        if cutmix:
-            add(steps.CutMix(mixed, num_images, cutmix))
-    if any((hsv_h, hsv_s, hsv_v)):
-        add(steps.RandomHSV(hsv_h, hsv_s, hsv_v))
-    if flipud:
-        add(steps.RandomVFlip(flipud))
-    add(RandomHFlip(fliplr))
-    return pipeline

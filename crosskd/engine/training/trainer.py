@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from crosskd.config import imgsz_hw
 from crosskd.data import Batch, DetectionDataset, build_dataloader, load_data_yaml, skip_batches
 from crosskd.data.loader import resize_batch
-from crosskd.data.transforms import augmentation_settings
+from crosskd.data.pipeline import augmentation_settings
 from crosskd.dist import barrier, get_rank, get_world_size, is_dist, is_main_process, reduce_mean
 from crosskd.engine.deployment.checkpoint import (
     detector_from_checkpoint,
@@ -161,6 +161,9 @@ class Trainer:
         augmentation = {**augmentation_settings(args), "ms_sizes": ms_sizes, "ms_mode": ms_mode}
         train_set = DetectionDataset(self.data_info, "train", imgsz, augment=True, pad_multiple=stride,
                                      fraction=args.fraction, skip_unreadable=True, cache=args.cache, **augmentation)
+        LOGGER.info(f"train: augmentation {train_set.transforms.describe()}"
+                    + (f", mosaic/mixup/cutmix off for the last {args.close_mosaic} epochs" if args.close_mosaic
+                       and max(args.mosaic, args.mixup, args.cutmix) > 0 else ""))
         val_set = DetectionDataset(self.data_info, args.split, imgsz, augment=False, pad_multiple=stride)
         common = {"workers": args.workers, "seed": args.seed, "rank": self.rank, "world_size": self.world_size}
         train_loader = build_dataloader(train_set, per_rank, shuffle=True, **common)
