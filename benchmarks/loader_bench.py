@@ -36,7 +36,7 @@ from pathlib import Path
 
 from crosskd.data import DetectionDataset, build_dataloader, generate_digits, load_data_yaml
 from crosskd.data.loader import stop_workers
-from crosskd.data.transforms import build_transforms
+from crosskd.data.pipeline import build_transforms
 
 HERE = Path(__file__).resolve().parent
 HYP = {  # Ultralytics 8.4 cfg/default.yaml: the augmentation a plain `yolo train` uses
@@ -68,8 +68,8 @@ def require_augmentations(hyp: dict) -> None:
     accepted = inspect.signature(build_transforms).parameters
     missing = [key for key in hyp if key not in accepted]
     if missing:
-        raise SystemExit(f"loader benchmark: crosskd's build_transforms takes no {', '.join(missing)} yet; these "
-                         "come with crosskd/data/augment.py (branch aug): merge it, then run this again")
+        raise SystemExit(f"loader benchmark: crosskd's build_transforms takes no {', '.join(missing)}; this "
+                         "crosskd predates its augmentations (crosskd/data/augment.py): update it, then run this again")
 
 
 def loader_data(folder: Path, plan: LoaderPlan) -> Path:

@@ -39,8 +39,8 @@ def test_missing_augmentations_stop_with_one_line(tmp_path, monkeypatch):
         loader_bench.run_loader_benchmark(tiny_plan(loader_bench), tmp_path)
     assert str(stop.value) == (
         "loader benchmark: crosskd's build_transforms takes no hsv_h, hsv_s, hsv_v, degrees, translate, scale, shear, "
-        "perspective, flipud, mosaic, mixup, cutmix yet; these come with crosskd/data/augment.py (branch aug): "
-        "merge it, then run this again")
+        "perspective, flipud, mosaic, mixup, cutmix; this crosskd predates its augmentations "
+        "(crosskd/data/augment.py): update it, then run this again")
     assert not list(tmp_path.iterdir())  # stopped before generating anything
 
 
