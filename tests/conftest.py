@@ -95,7 +95,7 @@ def trained_digits(tmp_path_factory, write_digits_yaml) -> TrainedDigits:
     root = tmp_path_factory.mktemp("trained_digits")
     data = write_digits_yaml(root, 2, 4, imgsz=96)
     dataset = DetectionDataset(load_data_yaml(data), "val", TRAINED_IMGSZ, augment=False, pad_multiple=128)
-    batch = collate([dataset[i] for i in range(len(dataset))], pad_multiple=128)  # [4, 3, 128, 128] as val pads
+    batch = collate([dataset[i] for i in range(len(dataset))], pad_multiple=128).to("cpu")  # [4, 3, 128, 128]
     torch.manual_seed(0)
     detector = fit(build_detector(TINY_GFL, nc=len(DIGIT_NAMES)), batch, TRAINED_STEPS)
     ckpt = make_checkpoint(detector.eval(), epoch=-1, best_fitness=None, names=DIGIT_NAMES,

@@ -174,9 +174,12 @@ def test_digits_coco_and_yolo_give_identical_records(digits_dir: Path) -> None:
 
 def test_pipeline_shapes_padding_masks_and_ratios(digits_dir: Path) -> None:
     dataset = DetectionDataset(load_data_yaml("digits", digits_dir, SMALL), "val", 100, augment=False, pad_multiple=32)
-    batch = next(iter(build_dataloader(dataset, batch=5, workers=0, shuffle=False)))
+    collated = next(iter(build_dataloader(dataset, batch=5, workers=0, shuffle=False)))
+    assert collated.images.dtype == torch.uint8  # workers pass uint8; .to(device) gives the models' float 0..1
+    batch = collated.to("cpu")
     assert batch.images.shape == (5, 3, 128, 128) and batch.images.dtype == torch.float32
-    assert 0 <= batch.images.min() and batch.images.max() <= 1
+    assert 0 <= batch.images.min() and batch.images.max() <= 1 and torch.equal(batch.images * 255,
+                                                                                 collated.images.float())
     assert len(batch) == 5 and batch.valid_masks.shape == (5, 128, 128)
     for i, record in enumerate(dataset.records[:5]):
         ratio = 100 / max(record.width, record.height)
@@ -191,7 +194,7 @@ def test_pipeline_shapes_padding_masks_and_ratios(digits_dir: Path) -> None:
         torch.testing.assert_close(batch.gt_boxes[i, :count], expected)
         assert (batch.gt_labels[i, count:] == -1).all() and batch.gt_boxes[i, count:].abs().sum() == 0
     assert batch.image_ids.tolist() == dataset.image_ids[:5]
-    moved = batch.to("cpu")
+    moved = batch.to("cpu")  # already float: moved as it is
     assert isinstance(moved, Batch) and moved.paths == batch.paths and torch.equal(moved.images, batch.images)
 
 

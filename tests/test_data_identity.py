@@ -52,6 +52,7 @@ def epoch_arrays(loader, epochs: int, first_batch: int = 0) -> list[torch.Tensor
         loader.sampler.set_epoch(epoch)
         skip_batches(loader, first_batch if epoch == 0 else 0)
         for batch in loader:
+            batch = batch.to("cpu")  # float images as the models take them (the pinned form)
             arrays += [batch.images, batch.gt_boxes, batch.gt_labels, batch.image_ids, batch.img_sizes, batch.ratios]
     return arrays
 

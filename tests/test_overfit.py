@@ -26,7 +26,7 @@ def digits(tmp_path_factory):
     (root / "digits.yaml").write_text(yaml.safe_dump({"path": str(root), **splits, "names": names}))
     dataset = DetectionDataset(load_data_yaml(root / "digits.yaml"), "train", IMGSZ, augment=False)
     samples = [s for s in map(dataset.__getitem__, range(len(dataset))) if _boxes_large_enough(s.boxes)]
-    return dataset, collate(samples[:BATCH_IMAGES], pad_multiple=128)
+    return dataset, collate(samples[:BATCH_IMAGES], pad_multiple=128).to("cpu")
 
 
 def _boxes_large_enough(boxes: torch.Tensor) -> bool:

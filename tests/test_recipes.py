@@ -94,7 +94,7 @@ def test_resize_batch_scales_images_boxes_and_valid_regions() -> None:
     image[:, 16:32, 8:24] = 255
     samples = [Sample(image, torch.tensor([[8.0, 16, 24, 32]]), torch.tensor([1]), 1, (64, 48), 1.0, "a"),
                Sample(image[:, :32], torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), 2, (32, 48), 1.0, "b")]
-    batch: Batch = collate(samples, pad_multiple=32)  # [2, 3, 64, 64]
+    batch: Batch = collate(samples, pad_multiple=32).to("cpu")  # [2, 3, 64, 64]
     resized = resize_batch(batch, 96, pad_multiple=32)
     assert resized.images.shape == (2, 3, 96, 96)
     assert resized.gt_boxes[0, 0].tolist() == [12, 24, 36, 48]

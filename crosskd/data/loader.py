@@ -26,7 +26,7 @@ from crosskd.utils import LOGGER
 class Batch:
     """A padded batch; boxes are xyxy in input (resized) pixels, see docs/architecture.md."""
 
-    images: torch.Tensor  # [B, 3, H, W] float32 0..1 RGB, zero padding
+    images: torch.Tensor  # [B, 3, H, W] RGB, zero padding: uint8 as collated, float32 0..1 after `.to(device)`
     gt_boxes: torch.Tensor  # [B, M, 4] float32, zero rows for padding (M ≥ 1)
     gt_labels: torch.Tensor  # [B, M] int64, -1 for padding
     img_sizes: torch.Tensor  # [B, 2] int64 (h, w) of the valid region
@@ -41,8 +41,14 @@ class Batch:
         return self.images.shape[0]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        """A copy with every tensor on `device`."""
-        return self._map(lambda tensor: tensor.to(device, non_blocking=non_blocking))
+        """A copy with every tensor on `device` and the images as the models take them: float32 0..1.
+
+        Loader workers collate uint8 images (a quarter of float32's bytes to pass between processes and to copy to a
+        GPU); the conversion happens here, on the device."""
+        moved = self._map(lambda tensor: tensor.to(device, non_blocking=non_blocking))
+        if moved.images.dtype == torch.uint8:
+            moved.images = moved.images.float().div_(255)
+        return moved
 
     def pin_memory(self) -> "Batch":
         """A copy in pinned memory (DataLoader calls this when pin_memory=True)."""
@@ -68,7 +74,7 @@ def collate(samples: list[Sample], pad_multiple: int) -> Batch:
     rows = torch.arange(height)[None, :, None] < img_sizes[:, 0, None, None]  # [B, H, 1]
     cols = torch.arange(width)[None, None, :] < img_sizes[:, 1, None, None]  # [B, 1, W]
     return Batch(
-        images=images.float().div_(255),
+        images=images,
         gt_boxes=gt_boxes,
         gt_labels=gt_labels,
         img_sizes=img_sizes,
