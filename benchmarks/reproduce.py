@@ -42,7 +42,7 @@ import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
-from multiprocessing import active_children, get_context
+from multiprocessing import active_children, get_context, set_start_method
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -453,13 +453,21 @@ def execute(runs: list[Run], scale: Scale, out: Path, jobs: int) -> list[str]:
     threads = max(1, (os.cpu_count() or 1) // jobs)
     pool = None
     if jobs > 1:
-        pool = ProcessPoolExecutor(jobs, get_context("spawn"), initializer=torch.set_num_threads, initargs=(threads,),
+        pool = ProcessPoolExecutor(jobs, get_context("spawn"), initializer=start_training_process, initargs=(threads,),
                                    max_tasks_per_child=1)  # each training in a fresh process: the code as it is now
     with pool or contextlib.nullcontext():
         failed = run_group(teachers, scale, out, pool)
         failed += [f"{run.key}-seed{run.seed} (no teacher)" for run in students if teacher_missing(run, out)]
         failed += run_group([run for run in students if not teacher_missing(run, out)], scale, out, pool)
     return failed
+
+
+def start_training_process(threads: int) -> None:
+    """Pool initializer: `threads` torch threads, and loader workers forked from the training (a spawned process
+    would spawn them too, and a spawned worker imports crosskd as it is on disk then, perhaps newer than its
+    training's)."""
+    torch.set_num_threads(threads)
+    set_start_method("fork", force=True)
 
 
 def stop_with_workers(signum: int, frame: Any) -> None:
