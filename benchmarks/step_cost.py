@@ -27,7 +27,6 @@ def synthetic_batch(batch: int, imgsz: int, num_classes: int, seed: int = 0) -> 
         gt_boxes=torch.cat([xy, xy + wh], dim=-1),
         gt_labels=torch.randint(0, num_classes, (batch, 3), generator=gen),
         img_sizes=torch.full((batch, 2), imgsz),
-        valid_masks=torch.ones(batch, imgsz, imgsz, dtype=torch.bool),
         orig_sizes=torch.full((batch, 2), imgsz),
         ratios=torch.ones(batch),
         image_ids=torch.arange(batch),

@@ -180,13 +180,12 @@ def test_pipeline_shapes_padding_masks_and_ratios(digits_dir: Path) -> None:
     assert batch.images.shape == (5, 3, 128, 128) and batch.images.dtype == torch.float32
     assert 0 <= batch.images.min() and batch.images.max() <= 1 and torch.equal(batch.images * 255,
                                                                                  collated.images.float())
-    assert len(batch) == 5 and batch.valid_masks.shape == (5, 128, 128)
+    assert len(batch) == 5
     for i, record in enumerate(dataset.records[:5]):
         ratio = 100 / max(record.width, record.height)
         h, w = round(record.height * ratio), round(record.width * ratio)
         assert batch.img_sizes[i].tolist() == [h, w] and batch.orig_sizes[i].tolist() == [record.height, record.width]
         assert batch.ratios[i].item() == pytest.approx(ratio)
-        assert batch.valid_masks[i].sum() == h * w and batch.valid_masks[i, :h, :w].all()
         assert batch.images[i, :, h:].abs().sum() == 0 and batch.images[i, :, :, w:].abs().sum() == 0
         count = len(record.labels)
         expected = torch.from_numpy(record.boxes) * ratio
@@ -230,7 +229,7 @@ def test_collate_pads_ground_truth() -> None:
     assert batch.images.shape == (3, 3, 32, 32)
     assert batch.gt_boxes.shape == (3, 2, 4) and batch.gt_labels.tolist() == [[-1, -1], [0, 1], [0, -1]]
     assert batch.gt_boxes[1].tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]] and batch.gt_boxes[0].abs().sum() == 0
-    assert batch.valid_masks.sum((1, 2)).tolist() == [200, 150, 1]
+    assert batch.img_sizes.tolist() == [[10, 20], [30, 5], [1, 1]]
     assert collate([sample(0, 8, 8)], pad_multiple=8).gt_labels.tolist() == [[-1]]
 
 

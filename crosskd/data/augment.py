@@ -165,7 +165,7 @@ class RandomVFlip(Transform):
         height = sample.image.shape[0]
         boxes = sample.boxes.copy()
         boxes[:, [1, 3]] = height - sample.boxes[:, [3, 1]]  # [K, 2] new y1, y2 from old y2, y1
-        return sample.replace(image=np.ascontiguousarray(sample.image[::-1]), boxes=boxes)
+        return sample.replace(image=cv2.flip(sample.image, 0), boxes=boxes)
 
 
 class RandomHSV(Transform):

@@ -30,7 +30,6 @@ class Batch:
     gt_boxes: torch.Tensor  # [B, M, 4] float32, zero rows for padding (M ≥ 1)
     gt_labels: torch.Tensor  # [B, M] int64, -1 for padding
     img_sizes: torch.Tensor  # [B, 2] int64 (h, w) of the valid region
-    valid_masks: torch.Tensor  # [B, H, W] bool, True inside the valid region
     orig_sizes: torch.Tensor  # [B, 2] int64 (h, w) of the original image
     ratios: torch.Tensor  # [B] float32, input = original × ratio
     image_ids: torch.Tensor  # [B] int64
@@ -71,14 +70,11 @@ def collate(samples: list[Sample], pad_multiple: int) -> Batch:
         images[i, :, : sample.image.shape[1], : sample.image.shape[2]] = sample.image
         gt_boxes[i, : len(sample.labels)] = sample.boxes
         gt_labels[i, : len(sample.labels)] = sample.labels
-    rows = torch.arange(height)[None, :, None] < img_sizes[:, 0, None, None]  # [B, H, 1]
-    cols = torch.arange(width)[None, None, :] < img_sizes[:, 1, None, None]  # [B, 1, W]
     return Batch(
         images=images,
         gt_boxes=gt_boxes,
         gt_labels=gt_labels,
         img_sizes=img_sizes,
-        valid_masks=rows & cols,
         orig_sizes=torch.tensor([sample.orig_size for sample in samples], dtype=torch.int64),
         ratios=torch.tensor([sample.ratio for sample in samples], dtype=torch.float32),
         image_ids=torch.tensor([sample.image_id for sample in samples], dtype=torch.int64),
@@ -97,10 +93,8 @@ def resize_batch(batch: Batch, size: int, pad_multiple: int) -> Batch:
     shape = [math.ceil(side * factor / pad_multiple) * pad_multiple for side in (height, width)]
     images = torch.nn.functional.interpolate(batch.images, size=shape, mode="bilinear", align_corners=False)
     img_sizes = (batch.img_sizes * factor).round().long().clamp(max=torch.tensor(shape, device=images.device))
-    rows = torch.arange(shape[0], device=images.device)[None, :, None] < img_sizes[:, 0, None, None]  # [B, H, 1]
-    cols = torch.arange(shape[1], device=images.device)[None, None, :] < img_sizes[:, 1, None, None]  # [B, 1, W]
     return dataclasses.replace(batch, images=images, gt_boxes=batch.gt_boxes * factor, img_sizes=img_sizes,
-                               valid_masks=rows & cols, ratios=batch.ratios * factor)
+                               ratios=batch.ratios * factor)
 
 
 class DetectionLoader(DataLoader):

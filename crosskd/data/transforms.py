@@ -138,7 +138,7 @@ class RandomHFlip(Transform):
         width = sample.image.shape[1]
         boxes = sample.boxes.copy()
         boxes[:, [0, 2]] = width - sample.boxes[:, [2, 0]]  # [K, 2] new x1, x2 from old x2, x1
-        return sample.replace(image=np.ascontiguousarray(sample.image[:, ::-1]), boxes=boxes)
+        return sample.replace(image=cv2.flip(sample.image, 1), boxes=boxes)
 
 
 class Compose:
