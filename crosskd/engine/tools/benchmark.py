@@ -30,7 +30,6 @@ from crosskd.paths import make_save_dir, newest_best
 from crosskd.utils import LOGGER, colorstr, console, select_device
 
 
-
 @dataclass(frozen=True)
 class BenchmarkRow:
     """One format's line of the table; the measurements are None when the format failed."""

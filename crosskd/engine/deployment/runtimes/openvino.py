@@ -4,6 +4,7 @@ weights with half=True, or INT8 through NNCF), and that folder compiled for the 
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -98,12 +99,17 @@ def export_int8(
     inputs = calibration.inputs(settings["batch"])
     LOGGER.info(f"{colorstr('OpenVINO:')} quantizing with NNCF {nncf.__version__} ({len(kept)} of "
                 f"{len(ov_model.get_ordered_ops())} nodes stay float: the decode) on {calibration.describe()}...")
-    quantized = nncf.quantize(
-        ov_model, nncf.Dataset(inputs), subset_size=len(inputs) * settings["batch"],
-        ignored_scope=nncf.IgnoredScope(names=kept, validate=False),
-        advanced_parameters=AdvancedQuantizationParameters(
-            activations_range_estimator_params=estimators[calibration.method]),
-    )
+    nncf_logger, level = logging.getLogger("nncf"), logging.getLogger("nncf").level
+    nncf_logger.setLevel(logging.WARNING)  # not a line per node it leaves float
+    try:
+        quantized = nncf.quantize(
+            ov_model, nncf.Dataset(inputs), subset_size=len(inputs) * settings["batch"],
+            ignored_scope=nncf.IgnoredScope(names=kept, validate=False),
+            advanced_parameters=AdvancedQuantizationParameters(
+                activations_range_estimator_params=estimators[calibration.method]),
+        )
+    finally:
+        nncf_logger.setLevel(level)
     save_folder(quantized, path, metadata, fp16=False)
 
 
