@@ -127,15 +127,27 @@ def test_refusals_are_one_line(tmp_path, monkeypatch, capsys):
     assert not list(tmp_path.glob("*.onnx")) and not list(tmp_path.glob("*_openvino_model"))
 
 
-def test_latency_is_timed_alone_for_long_enough():
-    calls = []
+def test_latency_sides_take_turns_each_timed_alone_after_a_pause():
+    calls = []  # (side, start, end)
 
-    def sleeper(images):
-        calls.append(time.perf_counter())
-        time.sleep(0.002)
+    def side(name: str, seconds: float):
+        def call(images):
+            start = time.perf_counter()
+            time.sleep(seconds)
+            calls.append((name, start, time.perf_counter()))
+        return call
 
-    start = time.perf_counter()
-    ms = exporter.median_ms(sleeper, torch.zeros(1), seconds=0.05, min_runs=4)
-    assert calls[0] - start >= exporter.SETTLE_SECONDS  # a pause before the first call
-    assert len(calls) >= 2 + 4 and len(calls) >= 2 + 0.05 / 0.003  # warm-ups, then >= min_runs and >= 0.05 s
-    assert 2 <= ms < 10
+    ms = exporter.latency_ms({"a": side("a", 0.002), "b": side("b", 0.004)}, torch.zeros(1), seconds=0.06)
+    turns = [[calls[0]]]
+    for call in calls[1:]:
+        if call[0] == turns[-1][-1][0]:
+            turns[-1].append(call)
+        else:
+            turns.append([call])
+    assert [turn[0][0] for turn in turns] == ["a", "b"] * exporter.LATENCY_ROUNDS  # whole turns, in alternation
+    for before, turn in zip(turns, turns[1:]):
+        assert turn[0][1] - before[-1][2] >= exporter.SETTLE_SECONDS  # a pause before each turn
+    timed = [len(turn) - (2 if i < 2 else 1) for i, turn in enumerate(turns)]  # less the warm-up calls
+    assert all(n >= -(-exporter.LATENCY_MIN_RUNS // exporter.LATENCY_ROUNDS) for n in timed)
+    assert sum(timed[0::2]) * 0.002 >= 0.06 * 0.9  # side a: at least `seconds` of calls in all
+    assert 2 <= ms["a"] < ms["b"] and 4 <= ms["b"] < 20  # medians of each side's own calls

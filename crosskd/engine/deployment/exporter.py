@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -38,9 +39,10 @@ from crosskd.paths import newest_best, writable_dir, writable_file
 from crosskd.utils import LOGGER, colorstr, select_device
 
 DEFAULT_OPSET, MIN_OPSET, MAX_OPSET = 17, 11, 20
-LATENCY_SECONDS = 1.0  # each side of the latency line is timed for at least this long ...
-LATENCY_MIN_RUNS, LATENCY_MAX_RUNS = 5, 200  # ... and at least (at most) this many calls, after two warm-up calls
-SETTLE_SECONDS = 0.1  # pause before timing a side: the other runtime's worker threads stop spinning
+LATENCY_SECONDS = 1.5  # each side of the latency line is timed for at least this long in all ...
+LATENCY_MIN_RUNS, LATENCY_MAX_RUNS = 6, 300  # ... and for at least (at most) this many calls ...
+LATENCY_ROUNDS = 3  # ... in this many turns per side, the sides taking turns
+SETTLE_SECONDS = 0.1  # pause before each turn: the other runtime's worker threads stop spinning
 PARITY_TOL = 1e-3  # max abs difference allowed between the exported graph and PyTorch (float32)
 HALF_PARITY_TOL = 1e-2  # relative to the output's largest magnitude, for float16 graphs
 EXPORT_CONF = 0.05  # score threshold baked into an nms=True graph when conf= is empty (the val default)
@@ -128,22 +130,39 @@ def export_metadata(
     }
 
 
-def median_ms(function, images: Tensor, seconds: float = LATENCY_SECONDS, min_runs: int = LATENCY_MIN_RUNS) -> float:
-    """Median wall time of `function(images)` in ms (CUDA synchronised), timed alone: after a pause that lets the
-    worker threads of whatever ran before go idle, and two warm-up calls, calls back to back for at least `seconds`
-    and `min_runs` calls (at most LATENCY_MAX_RUNS)."""
+def latency_ms(
+    functions: dict[str, Callable[[Tensor], object]], images: Tensor, seconds: float = LATENCY_SECONDS,
+    rounds: int = LATENCY_ROUNDS,
+) -> dict[str, float]:
+    """Median wall time in ms of each `function(images)` (CUDA synchronised), each timed alone.
+
+    In each of `rounds` rounds every function takes its turn: a pause that lets the worker threads of whatever ran
+    before go idle, warm-up calls (two in the first round, one after), then calls back to back for at least
+    seconds / rounds and LATENCY_MIN_RUNS / rounds calls. The median is over every round's calls, so a function
+    is never timed while another's threads compete, and a change in the machine's load falls on all of them.
+    """
     sync = torch.cuda.synchronize if images.device.type == "cuda" else (lambda: None)
-    time.sleep(SETTLE_SECONDS)
-    for _ in range(2):
-        function(images)
-    times: list[float] = []
-    while len(times) < LATENCY_MAX_RUNS and (len(times) < min_runs or sum(times) < seconds):
-        sync()
-        start = time.perf_counter()
-        function(images)
-        sync()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1000
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for round_ in range(rounds):
+        for name, function in functions.items():
+            time.sleep(SETTLE_SECONDS)
+            for _ in range(2 if round_ == 0 else 1):
+                function(images)
+            turn: list[float] = []
+            while len(turn) < LATENCY_MAX_RUNS // rounds and (
+                    len(turn) < -(-LATENCY_MIN_RUNS // rounds) or sum(turn) < seconds / rounds):
+                sync()
+                start = time.perf_counter()
+                function(images)
+                sync()
+                turn.append(time.perf_counter() - start)
+            times[name] += turn
+    return {name: float(np.median(values)) * 1000 for name, values in times.items()}
+
+
+def median_ms(function: Callable[[Tensor], object], images: Tensor, seconds: float = LATENCY_SECONDS) -> float:
+    """`latency_ms` of one function."""
+    return latency_ms({"function": function}, images, seconds)["function"]
 
 
 def check_parity(
@@ -162,10 +181,11 @@ def check_parity(
     tolerances = {"fp32": PARITY_TOL, "fp16": HALF_PARITY_TOL * max(1.0, reference.abs().max().item()),
                   "int8": math.inf}
     with torch.no_grad():
-        ours, torch_ms = median_ms(backend.run, images), median_ms(model, images)
+        ours, torch_ms = latency_ms({"runtime": backend.run, "pytorch": model}, images).values()
     checked = "; INT8: checked by AP instead" if precision == "int8" else ""
     LOGGER.info(f"{prefix} max abs diff {diff:.2e} vs PyTorch{checked}; {ours:.1f} ms vs PyTorch {torch_ms:.1f} ms "
-                f"per batch {tuple(images.shape)} (medians, each timed alone)")
+                f"per batch {tuple(images.shape)} (medians, each timed alone; PyTorch on {torch.get_num_threads()} "
+                "threads)")
     if diff > tolerances[precision]:
         raise RuntimeError(f"{prefix} exported graph differs from PyTorch by {diff:.2e} "
                            f"(tolerance {tolerances[precision]:.1e})")
