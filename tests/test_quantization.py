@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -14,8 +15,11 @@ import yaml
 from test_export import export_args, onnx_metadata, write_checkpoint
 
 from crosskd import Detector, cli
-from crosskd.engine.deployment import exporter
-from crosskd.engine.deployment.quantization import float_nodes
+from crosskd.data import load_data_yaml
+from crosskd.data.cache import load_labels
+from crosskd.engine.deployment import exporter, quantization
+from crosskd.engine.deployment.preprocess import letterbox
+from crosskd.engine.deployment.quantization import calibration_set, float_nodes
 from crosskd.engine.tools import export
 
 DIGIT_NAMES = {i: str(i) for i in range(10)}
@@ -37,6 +41,24 @@ def test_float_nodes_are_the_decode_after_the_last_convolutions():
     successors = {"a": ["conv1"], "conv1": ["relu", "shape"], "relu": ["conv2"], "shape": ["range"],
                   "range": ["concat"], "conv2": ["sigmoid"], "sigmoid": ["concat"]}
     assert float_nodes(order, successors, {"conv1", "conv2"}) == ["shape", "range", "sigmoid", "concat"]
+
+
+def test_calibration_set_is_fraction_of_train_capped_and_fed_as_predict_feeds(tmp_path, write_digits_yaml,
+                                                                             monkeypatch):
+    data = write_digits_yaml(tmp_path, 10, 2)
+    assert len(calibration_set(str(data), None, 0.5, "minmax", (64, 64), 64).paths) == 5
+    monkeypatch.setattr(quantization, "MAX_CALIBRATION_IMAGES", 3)
+    calibration = calibration_set(str(data), None, 1.0, "entropy", (128, 128), 64)
+    assert calibration.available == 10 and len(calibration.paths) == 3
+    index = load_labels(load_data_yaml(data).source("train"), 10).index
+    assert calibration.paths == tuple(Path(index[i].path) for i in (0, 4, 9))  # evenly spaced over the split
+    batches = list(calibration.inputs(2))  # 3 images in batches of 2: the last one filled with the first image
+    assert len(calibration.inputs(2)) == 2 and [b.shape for b in batches] == [(2, 3, 128, 128)] * 2
+    first, _, _ = letterbox([quantization.read_image(calibration.paths[0])], (128, 128), 64, torch.device("cpu"))
+    assert np.array_equal(batches[1][1:], first.numpy())  # predict's letterbox (the 64 px image resized to 128)
+    assert 0 <= batches[0].min() and batches[0].max() <= 1
+    assert json.loads(calibration.metadata()) == {"data": str(data), "split": "train", "images": 3, "available": 10,
+                                                  "method": "entropy"}
 
 
 def test_onnx_int8_export_calibrates_checks_ap_and_runs_like_any_export(tmp_path, trained_digits, capsys):
@@ -125,6 +147,14 @@ def test_refusals_are_one_line(tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_.value.code == 2 and len(err) == 1 and all(m in err[0] for m in messages), (words, err)
     assert not list(tmp_path.glob("*.onnx")) and not list(tmp_path.glob("*_openvino_model"))
+
+
+def test_a_large_int8_drop_warns_with_what_to_try(caplog):
+    export.report(export.QuantizationCost(8, 0.40, 0.60, 0.38, 0.59))
+    assert "drop +2.00 points" in caplog.text and "try calib_method=percentile" in caplog.text
+    caplog.clear()
+    export.report(export.QuantizationCost(8, 0.40, 0.60, 0.399, 0.60))
+    assert "drop +0.10 points" in caplog.text and "try calib_method" not in caplog.text
 
 
 def test_latency_sides_take_turns_each_timed_alone_after_a_pause():
