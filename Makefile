@@ -25,7 +25,7 @@ demo: .venv
 test: .venv
 	$(PYTHON) -m pytest -q tests
 
-# Everything but the tests marked slow (overfit, torchrun, kill-and-resume, CLI matrix, full-size models): ~3 min on 2 cores (174 s quiet here).
+# Everything but the tests marked slow (overfit, torchrun, kill-and-resume, CLI matrix, full-size models): 960 tests, ~4-5 min on 2 busy cores.
 test-fast: .venv
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
