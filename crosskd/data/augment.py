@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import torch
 
-from crosskd.data.transforms import Compose, LabeledImage, Transform, resize_sample
+from crosskd.data.transforms import Compose, LabeledImage, Transform, flip_sample, resize_sample
 
 FILL = 114  # grey of the canvas outside the images (mosaic, affine borders, padding)
 CUTMIX_MIN_IOA = 0.1  # share of another image's box inside the pasted rectangle for CutMix to keep it
@@ -162,10 +162,7 @@ class RandomVFlip(Transform):
     name = "flipud"
 
     def apply(self, sample: LabeledImage, rng: torch.Generator) -> LabeledImage:
-        height = sample.image.shape[0]
-        boxes = sample.boxes.copy()
-        boxes[:, [1, 3]] = height - sample.boxes[:, [3, 1]]  # [K, 2] new y1, y2 from old y2, y1
-        return sample.replace(image=cv2.flip(sample.image, 0), boxes=boxes)
+        return flip_sample(sample, horizontal=False)
 
 
 class RandomHSV(Transform):

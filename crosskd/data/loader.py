@@ -169,10 +169,15 @@ def seed_worker(worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+def mixed_seed(*parts: int) -> int:
+    """A 63-bit seed that is a function of the non-negative ints `parts` alone, well spread (NumPy's SeedSequence)."""
+    return int(np.random.SeedSequence(parts).generate_state(1, np.uint64)[0] >> 1)
+
+
 def sample_seed(seed: int, rank: int, epoch: int, position: int) -> int:
     """The RNG seed of the sample at `position` of an epoch's order on `rank`: a function of those four numbers only,
     so the augmentation of a sample does not depend on the number of workers or on where a resumed run started."""
-    return int(np.random.SeedSequence((seed, rank, epoch, position)).generate_state(1, np.uint64)[0] >> 1)
+    return mixed_seed(seed, rank, epoch, position)
 
 
 class SkippingSampler(Sampler[SampleKey]):

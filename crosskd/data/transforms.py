@@ -135,10 +135,15 @@ class RandomHFlip(Transform):
     name = "fliplr"
 
     def apply(self, sample: LabeledImage, rng: torch.Generator) -> LabeledImage:
-        width = sample.image.shape[1]
-        boxes = sample.boxes.copy()
-        boxes[:, [0, 2]] = width - sample.boxes[:, [2, 0]]  # [K, 2] new x1, x2 from old x2, x1
-        return sample.replace(image=cv2.flip(sample.image, 1), boxes=boxes)
+        return flip_sample(sample, horizontal=True)
+
+
+def flip_sample(sample: LabeledImage, horizontal: bool) -> LabeledImage:
+    """The sample mirrored left-right (x → width − x) or top-bottom (y → height − y), image and boxes."""
+    axis, coords = (1, [0, 2]) if horizontal else (0, [1, 3])  # image axis; box columns x1, x2 or y1, y2
+    boxes = sample.boxes.copy()
+    boxes[:, coords] = sample.image.shape[axis] - sample.boxes[:, coords[::-1]]  # [K, 2] new from the old swapped
+    return sample.replace(image=cv2.flip(sample.image, axis), boxes=boxes)  # cv2: 1 flips columns, 0 rows
 
 
 class Compose:

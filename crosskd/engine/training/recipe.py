@@ -4,10 +4,10 @@ and the per-batch input size of `multi_scale`."""
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from crosskd.config import Args
+from crosskd.data.loader import mixed_seed
 from crosskd.data.recipes import DEFAULT_RECIPE, RECIPES
 from crosskd.engine.deployment.checkpoint import load_checkpoint
 from crosskd.errors import ConfigError
@@ -69,5 +69,4 @@ def multiscale_size(imgsz: int, multi_scale: float, stride: int, generator: torc
 def step_generator(seed: int, rank: int, iteration: int) -> torch.Generator:
     """The generator of one training step's batch-level draws (multi_scale): a function of seed, rank and iteration,
     so a resumed run draws the same sizes."""
-    seed = np.random.SeedSequence((seed, rank, iteration, STEP_STREAM)).generate_state(1, np.uint64)[0] >> 1
-    return torch.Generator().manual_seed(int(seed))
+    return torch.Generator().manual_seed(mixed_seed(seed, rank, iteration, STEP_STREAM))
