@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as tvf
 
-from crosskd.data.augment import RandomAffine, RandomHSV
+from crosskd.data.augment import ImagePool, RandomAffine, RandomHSV
 from crosskd.data.pipeline import build_transforms
 from crosskd.data.transforms import LabeledImage
 
@@ -51,7 +51,7 @@ def main(repeats: int) -> None:
     def loader(index: int) -> LabeledImage:
         return labeled(image_640)
 
-    pipeline = build_transforms(640, True, load_sample=loader, num_images=4, hsv_h=0.015, hsv_s=0.7, hsv_v=0.4,
+    pipeline = build_transforms(640, True, pool=ImagePool(loader, 4), hsv_h=0.015, hsv_s=0.7, hsv_v=0.4,
                                 translate=0.1, scale=0.5, mosaic=1.0)
     rows = {
         "torchvision v2 F.affine, [3, 1280, 1280] uint8": lambda: tvf.affine(

@@ -2,7 +2,7 @@
 
 Run through speed.py (`python benchmarks/speed.py --sections loader`); `run_loader_benchmark` is the whole of it.
 
-- Data: the digits set with photo backgrounds (crosskd/data/digits.py, background=photos) at 640 px long side (short
+- Data: `images` (1024) images of the digits set with photo backgrounds (crosskd/data/digits.py, background=photos) at 640 px long side (short
   side 480-640), 5-15 digits per image, JPEG quality 95 (~95 KB each), generated once under <out>/data/, with COCO
   JSON labels (crosskd's side) and YOLO txt labels (Ultralytics' side) of the same images.
 - Loader: the training loader at imgsz 640, batch 16, mosaic 1.0 and Ultralytics 8.4's default augmentation
@@ -15,6 +15,10 @@ Run through speed.py (`python benchmarks/speed.py --sections loader`); `run_load
   run during crosskd's turn and give Ultralytics' next epoch a head start, so it is timed on its own over 3
   back-to-back epochs (`ultralytics_infinite_ips`, no cache only). Epochs alternate crosskd, Ultralytics, crosskd, ...
   so machine noise falls on both sides.
+- Dataset size: each Ultralytics worker keeps its last min(n, 8 × batch, 1000) = 128 decoded images (its buffer,
+  where mosaic partners come from) and returns a buffered image without decoding it again. On a set of 256 images
+  half of all loads are such hits, which COCO's 118k images never give (about 0.1 %); 1024 images bring it to 1/8.
+  crosskd draws mosaic partners from the batch (`augment.ImagePool`): one decode per image at any dataset size.
 - Ultralytics (AGPL) is never imported here: it runs in its own Python (a separate venv, or crosskd's with the
   `compare` extra) as a subprocess, `ultralytics_loader.py`, found through --ultralytics-python, $ULTRALYTICS_PYTHON
   or this Python. Without it the Ultralytics columns are empty.
@@ -50,7 +54,7 @@ PAD_MULTIPLE = 128  # the GFL/FCOS/RetinaNet models' largest stride (P7): batche
 class LoaderPlan:
     """What the loader benchmark measures. `ultralytics`: 'auto' (find a Python with it), a Python path, or None."""
 
-    images: int = 256
+    images: int = 1024
     imgsz: int = 640
     batch: int = 16
     workers: tuple[int, ...] = (1, 2)

@@ -615,7 +615,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: the CPU, then CUDA when present")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder of the JSON files")
-    parser.add_argument("--loader-images", type=int, default=256, help="section loader: images of 640 px")
+    parser.add_argument("--loader-images", type=int, default=1024,
+                        help="section loader: images of 640 px (well above Ultralytics' 128-image buffer at batch 16)")
     parser.add_argument("--ultralytics-python", default="auto",
                         help="section loader: a Python that imports ultralytics (auto: $ULTRALYTICS_PYTHON, then this "
                              "one; --quick only when given)")

@@ -17,6 +17,7 @@ from conftest import load_benchmark
 
 from crosskd.data.augment import (
     CutMix,
+    ImagePool,
     MixUp,
     Mosaic,
     RandomAffine,
@@ -65,6 +66,7 @@ class Scene:
             self.labels.append(self.read_only(np.arange(first, first + len(boxes), dtype=np.int64)))
         self.loaded: list[int] = []
         self.hidden: tuple[int, int] | None = None
+        self.pool = ImagePool(self.load, num_images)
 
     @staticmethod
     def read_only(array: np.ndarray) -> np.ndarray:
@@ -150,13 +152,13 @@ def check_boxes_cover_rectangles(scene: Scene, pipeline: Compose, index: int, se
 # ---------------------------------------------------------------------------------- boxes cover their rectangles
 def single_steps(scene: Scene) -> dict[str, Compose]:
     """Each step after a resize, at the strength of the STRONG case (mixing steps always applied)."""
-    resized = SampleSource(scene.load, Compose([Resize(IMGSZ)]))
+    resized = SampleSource(scene.pool, Compose([Resize(IMGSZ)]))
     return {
         "affine": Compose([Resize(IMGSZ), RandomAffine(degrees=10, translate=0.1, scale=0.5, shear=5)]),
         "perspective": Compose([Resize(IMGSZ), RandomAffine(degrees=10, scale=0.5, perspective=0.0005)]),
-        "mosaic": Compose([Resize(IMGSZ), Mosaic(resized, len(scene.sizes), IMGSZ), RandomAffine(0, 0, 0, 0, 0)]),
-        "mixup": Compose([Resize(IMGSZ), MixUp(resized, len(scene.sizes), p=1.0)]),
-        "cutmix": Compose([Resize(IMGSZ), CutMix(resized, len(scene.sizes), p=1.0)]),
+        "mosaic": Compose([Resize(IMGSZ), Mosaic(resized, IMGSZ), RandomAffine(0, 0, 0, 0, 0)]),
+        "mixup": Compose([Resize(IMGSZ), MixUp(resized, p=1.0)]),
+        "cutmix": Compose([Resize(IMGSZ), CutMix(resized, p=1.0)]),
         "hsv": Compose([Resize(IMGSZ), RandomHSV(0.015, 0.7, 0.4)]),
         "flips": Compose([Resize(IMGSZ), RandomVFlip(1.0), RandomHFlip(1.0)]),
         "multiscale": Compose([RandomResize((64, 160)), RandomAffine(translate=0.1, scale=0.5)]),
@@ -175,7 +177,7 @@ def test_each_step_keeps_boxes_on_their_rectangles(step: str, seed: int) -> None
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_pipeline_keeps_boxes_on_their_rectangles(settings: dict, seed: int) -> None:
     scene = Scene()
-    pipeline = build_transforms(IMGSZ, True, load_sample=scene.load, num_images=len(scene.sizes), **settings)
+    pipeline = build_transforms(IMGSZ, True, pool=scene.pool, **settings)
     min_side = 0.0 if settings.get("cutmix") else 2.0  # CutMix keeps the other image's boxes clipped to its rectangle
     check_boxes_cover_rectangles(scene, pipeline, index=seed, seed=seed, min_side=min_side)
 
@@ -284,7 +286,7 @@ def noise(index: int) -> LabeledImage:
 def test_mosaic_places_the_four_images_around_the_centre(seed: int) -> None:
     """Ultralytics' layout: this image ends at the centre (top left), the others are top right, bottom left and
     bottom right of it, cut at the 2s canvas; boxes move with their image, clipped to the canvas."""
-    mosaic = Mosaic(SampleSource(noise, Compose([Resize(IMGSZ)])), 50, IMGSZ)
+    mosaic = Mosaic(SampleSource(ImagePool(noise, 50), Compose([Resize(IMGSZ)])), IMGSZ)
     out = mosaic(noise(0), seeded(seed))
     reference = seeded(seed)
     others = torch.randint(50, (3,), generator=reference).tolist()
@@ -309,7 +311,7 @@ def test_mosaic_places_the_four_images_around_the_centre(seed: int) -> None:
 @pytest.mark.parametrize("seed", range(4))
 def test_mosaic_pipeline_gives_imgsz_squares_with_boxes_of_several_images(seed: int) -> None:
     scene = Scene()
-    pipeline = build_transforms(IMGSZ, True, load_sample=scene.load, num_images=len(scene.sizes), mosaic=1.0)
+    pipeline = build_transforms(IMGSZ, True, pool=scene.pool, mosaic=1.0)
     out = scene.run(pipeline, index=seed, seed=seed)
     assert out.image.shape == (IMGSZ, IMGSZ, 3) and out.valid_size == (IMGSZ, IMGSZ) and out.border == 0
     images_of_boxes = {next(i for i, labels in enumerate(scene.labels) if label in labels) for label in out.labels}
@@ -318,13 +320,13 @@ def test_mosaic_pipeline_gives_imgsz_squares_with_boxes_of_several_images(seed: 
 
 # ---------------------------------------------------------------------------------------------- mixup and cutmix
 class Fixed:
-    """A stand-in `load_mixed` that always gives `sample` (and draws nothing)."""
+    """A stand-in SampleSource that always gives `sample` (and draws nothing)."""
 
     def __init__(self, sample: LabeledImage) -> None:
         self.sample = sample
 
-    def __call__(self, index: int, rng: torch.Generator) -> LabeledImage:
-        return self.sample
+    def draw(self, rng: torch.Generator, count: int = 1) -> list[LabeledImage]:
+        return [self.sample] * count
 
 
 def flat(height: int, width: int, value: int, boxes: list[list[float]], first_label: int = 0) -> LabeledImage:
@@ -337,9 +339,8 @@ def flat(height: int, width: int, value: int, boxes: list[list[float]], first_la
 def test_mixup_blends_by_a_beta_ratio_and_keeps_both_box_sets() -> None:
     sample = flat(60, 80, 200, [[10, 10, 30, 30]])
     other = flat(70, 70, 40, [[5, 5, 20, 20], [60, 50, 70, 70], [10, 62, 30, 70]], first_label=10)
-    out = MixUp(Fixed(other), num_images=5, p=1.0)(sample, seeded(2))
-    reference = seeded(2)
-    torch.randint(5, (1,), generator=reference)
+    out = MixUp(Fixed(other), p=1.0)(sample, seeded(2))
+    reference = seeded(2)  # Fixed draws no index
     ratio = float(torch.rand(63, generator=reference, dtype=torch.float64).median())
     padded = np.full((60, 80, 3), 114, np.uint8)  # the other image cut to 60 rows, padded to 80 columns
     padded[:, :70] = 40
@@ -352,7 +353,7 @@ def test_mixup_image_goes_through_resize_mosaic_and_affine() -> None:
     """In the built pipeline the image MixUp blends in is another image through the same resize → mosaic → affine,
     drawing from the same generator in turn."""
     scene = Scene()
-    pipeline = build_transforms(IMGSZ, True, load_sample=scene.load, num_images=8, mosaic=1.0, mixup=1.0, fliplr=0.0,
+    pipeline = build_transforms(IMGSZ, True, pool=scene.pool, mosaic=1.0, mixup=1.0, fliplr=0.0,
                                 translate=0.1, scale=0.5)
     out = scene.run(pipeline, 3, seed=6)
     assert pipeline.names[:4] == ["resize", "mosaic", "affine", "mixup"] and len(scene.loaded) == 8
@@ -378,7 +379,7 @@ def test_cutmix_pastes_a_rectangle_clear_of_this_images_boxes() -> None:
     other = flat(100, 120, 30, grid, first_label=10)
     pasted_seeds, left_out = 0, 0
     for seed in range(12):
-        out = CutMix(Fixed(other), num_images=3, p=1.0)(sample, seeded(seed))
+        out = CutMix(Fixed(other), p=1.0)(sample, seeded(seed))
         if out is sample:
             continue
         pasted_seeds += 1
@@ -399,9 +400,9 @@ def test_cutmix_pastes_a_rectangle_clear_of_this_images_boxes() -> None:
 
 def test_cutmix_without_a_free_rectangle_or_a_box_to_paste_changes_nothing() -> None:
     covered = flat(60, 60, 200, [[0, 0, 60, 60]])
-    assert CutMix(Fixed(flat(60, 60, 30, [[0, 0, 60, 60]])), 3, 1.0)(covered, seeded(0)) is covered
+    assert CutMix(Fixed(flat(60, 60, 30, [[0, 0, 60, 60]])), 1.0)(covered, seeded(0)) is covered
     free = flat(60, 60, 200, [])
-    assert CutMix(Fixed(flat(60, 60, 30, [])), 3, 1.0)(free, seeded(0)) is free
+    assert CutMix(Fixed(flat(60, 60, 30, [])), 1.0)(free, seeded(0)) is free
 
 
 # ---------------------------------------------------------------------------------------------- HSV, flip, resize
@@ -468,7 +469,7 @@ def test_random_resize_rejects_an_unknown_mode() -> None:
 # ---------------------------------------------------------------------------------------------- pipeline and seeds
 def test_same_seed_same_output_and_other_seeds_differ() -> None:
     scene = Scene()
-    pipeline = build_transforms(IMGSZ, True, load_sample=scene.load, num_images=len(scene.sizes), **STRONG)
+    pipeline = build_transforms(IMGSZ, True, pool=scene.pool, **STRONG)
     first, again = scene.run(pipeline, 2, seed=7), scene.run(pipeline, 2, seed=7)
     assert np.array_equal(first.image, again.image) and np.array_equal(first.boxes, again.boxes)
     others = [scene.run(pipeline, 2, seed=seed) for seed in (8, 9)]
@@ -478,7 +479,7 @@ def test_same_seed_same_output_and_other_seeds_differ() -> None:
 def test_pipeline_draws_only_from_the_given_generator() -> None:
     """Seeding torch, numpy and random differently changes nothing: all randomness comes from `rng`."""
     scene = Scene()
-    pipeline = build_transforms(IMGSZ, True, load_sample=scene.load, num_images=len(scene.sizes), **STRONG)
+    pipeline = build_transforms(IMGSZ, True, pool=scene.pool, **STRONG)
     outputs = []
     for global_seed in (0, 1):
         torch.manual_seed(global_seed)
@@ -491,10 +492,10 @@ def test_pipeline_draws_only_from_the_given_generator() -> None:
 @pytest.mark.parametrize("step", ["mosaic", "mixup", "cutmix", "flipud", "fliplr"])
 def test_probability_zero_leaves_the_sample_and_the_generator_alone(step: str) -> None:
     scene = Scene()
-    source = SampleSource(scene.load, Compose([Resize(IMGSZ)]))
+    source = SampleSource(scene.pool, Compose([Resize(IMGSZ)]))
     transform = {
-        "mosaic": Mosaic(source, len(scene.sizes), IMGSZ, p=0.0), "mixup": MixUp(source, len(scene.sizes), p=0.0),
-        "cutmix": CutMix(source, len(scene.sizes), p=0.0), "flipud": RandomVFlip(0.0), "fliplr": RandomHFlip(0.0),
+        "mosaic": Mosaic(source, IMGSZ, p=0.0), "mixup": MixUp(source, p=0.0),
+        "cutmix": CutMix(source, p=0.0), "flipud": RandomVFlip(0.0), "fliplr": RandomHFlip(0.0),
     }[step]
     sample, rng = scene.load(0), seeded(0)
     state = rng.get_state()
@@ -505,7 +506,7 @@ def test_probability_zero_leaves_the_sample_and_the_generator_alone(step: str) -
 def test_images_without_boxes_go_through(empty: bool) -> None:
     scene = Scene(empty=empty)
     scene.boxes[0], scene.labels[0] = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
-    pipeline = build_transforms(IMGSZ, True, load_sample=scene.load, num_images=len(scene.sizes), **STRONG)
+    pipeline = build_transforms(IMGSZ, True, pool=scene.pool, **STRONG)
     for seed in range(3):
         out = scene.run(pipeline, 0, seed)
         assert out.image.shape == (IMGSZ, IMGSZ, 3) and out.boxes.dtype == np.float32 and out.labels.dtype == np.int64
@@ -517,9 +518,9 @@ def test_disabling_mosaic_gives_the_non_mosaic_pipeline() -> None:
     built with mosaic=0 for the same seed."""
     scene = Scene()
     settings = {**STRONG, "cutmix": 0.0, "mixup": 1.0}
-    pipeline = build_transforms(IMGSZ, True, load_sample=scene.load, num_images=len(scene.sizes), **settings)
+    pipeline = build_transforms(IMGSZ, True, pool=scene.pool, **settings)
     pipeline.disable("mosaic")
-    plain = build_transforms(IMGSZ, True, load_sample=scene.load, num_images=len(scene.sizes),
+    plain = build_transforms(IMGSZ, True, pool=scene.pool,
                              **{**settings, "mosaic": 0.0})
     assert "mosaic" not in plain.names
     for index in range(3):
@@ -530,24 +531,37 @@ def test_disabling_mosaic_gives_the_non_mosaic_pipeline() -> None:
 
 def test_build_transforms_orders_the_steps_as_ultralytics() -> None:
     scene = Scene()
-    full = build_transforms(IMGSZ, True, load_sample=scene.load, num_images=8, **STRONG, ms_sizes=(96, 160))
+    full = build_transforms(IMGSZ, True, pool=scene.pool, **STRONG, ms_sizes=(96, 160))
     assert full.names == ["resize", "mosaic", "affine", "mixup", "cutmix", "hsv", "flipud", "fliplr"]
     assert isinstance(full.transforms[0], RandomResize) and full.transforms[0].sizes == (96, 160)
     assert build_transforms(IMGSZ, True).names == ["resize", "fliplr"]  # the defaults: as before the augmentations
     assert build_transforms(IMGSZ, True, degrees=5).names == ["resize", "affine", "fliplr"]
     assert build_transforms(IMGSZ, True, hsv_v=0.4).names == ["resize", "hsv", "fliplr"]
-    assert build_transforms(IMGSZ, False, load_sample=scene.load, num_images=8, **STRONG).names == ["resize"]
+    assert build_transforms(IMGSZ, False, pool=scene.pool, **STRONG).names == ["resize"]
+
+
+def test_a_batch_of_four_or_more_is_the_pool_and_is_not_loaded_again() -> None:
+    scene = Scene()
+    batch = {index: scene.load(index) for index in (1, 4, 6, 7)}
+    scene.loaded.clear()
+    with scene.pool.batch(batch):
+        drawn = scene.pool.draw(seeded(0), 200)
+        assert set(drawn) == set(batch) and all(scene.pool.load(i) is batch[i] for i in drawn)
+    assert scene.loaded == []  # every image mixed in came from the batch
+    with scene.pool.batch({index: batch[index] for index in (1, 4, 6)}):  # too few: the whole dataset
+        assert set(scene.pool.draw(seeded(0), 200)) == set(range(len(scene.sizes)))
+    assert set(scene.pool.draw(seeded(0), 200)) == set(range(len(scene.sizes)))  # outside a batch
 
 
 def test_build_transforms_needs_the_dataset_for_mixing_steps() -> None:
     for key in ("mosaic", "mixup", "cutmix"):
-        with pytest.raises(ValueError, match="needs load_sample"):
+        with pytest.raises(ValueError, match="needs their pool"):
             build_transforms(IMGSZ, True, **{key: 0.5})
 
 
 def test_augmentation_keys_are_build_transforms_keywords() -> None:
     keywords = [name for name, parameter in inspect.signature(build_transforms).parameters.items()
-                if parameter.kind == parameter.KEYWORD_ONLY and name not in ("load_sample", "num_images")]
+                if parameter.kind == parameter.KEYWORD_ONLY and name != "pool"]
     assert [*AUGMENTATION_KEYS, "ms_sizes", "ms_mode"] == keywords  # the last two resolved by the trainer
     assert set(AUGMENTATION_KEYS) <= set(SETTINGS)  # each a run setting
 

@@ -12,6 +12,7 @@ import yaml
 
 from crosskd.config import get_args
 from crosskd.data import build_dataloader, load_data_yaml, skip_batches
+from crosskd.data import dataset as dataset_module
 from crosskd.data.dataset import MIXING_STEPS, DetectionDataset
 from crosskd.data.pipeline import AUGMENTATION_KEYS
 from crosskd.engine.deployment.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
@@ -40,15 +41,15 @@ def losses(save_dir: Path) -> list[list[str]]:
 
 
 def record_skips(monkeypatch) -> list[tuple[str, ...]]:
-    """The steps each training sample skipped (DetectionDataset._resolve), in loading order."""
-    skips, resolve = [], DetectionDataset._resolve
+    """The steps each training sample skipped (DetectionDataset._generator), in loading order."""
+    skips, generator = [], DetectionDataset._generator
 
     def recording(key):
-        index, rng, skip = resolve(key)
+        rng, skip = generator(key)
         skips.append(skip)
-        return index, rng, skip
+        return rng, skip
 
-    monkeypatch.setattr(DetectionDataset, "_resolve", staticmethod(recording))
+    monkeypatch.setattr(DetectionDataset, "_generator", staticmethod(recording))
     return skips
 
 
@@ -137,15 +138,18 @@ def test_every_head_trains_and_distils_with_every_augmentation_key(tmp_path, wri
         assert all(math.isfinite(float(value)) for row in losses(run.save_dir) for value in row)
 
 
-def test_augmented_batches_do_not_depend_on_workers_and_resume_mid_epoch(tmp_path, write_digits_yaml) -> None:
+@pytest.mark.parametrize("batch_size", [2, 4], ids=["dataset-pool", "batch-pool"])
+def test_augmented_batches_do_not_depend_on_workers_and_resume_mid_epoch(
+        tmp_path, write_digits_yaml, batch_size) -> None:
     """With every mixing and geometric step on, workers=0 and workers=2 give the same batches, and a pass that
-    skips its first batch (a mid-epoch resume) gives the rest of them."""
+    skips its first batch (a mid-epoch resume) gives the rest of them; with mosaic partners from the whole dataset
+    (batch 2) and from the batch itself (batch 4)."""
     info = load_data_yaml(write_digits_yaml(tmp_path, 8, 2))
     keys = {k: v for k, v in EVERY_KEY.items() if k in AUGMENTATION_KEYS}
     dataset = DetectionDataset(info, "train", 64, augment=True, pad_multiple=32, **keys)
 
     def batches(workers: int, skip: int = 0) -> list[torch.Tensor]:
-        loader = build_dataloader(dataset, 2, workers=workers, shuffle=True, seed=5, pin_memory=False)
+        loader = build_dataloader(dataset, batch_size, workers=workers, shuffle=True, seed=5, pin_memory=False)
         loader.sampler.set_epoch(1)
         skip_batches(loader, skip)
         return [tensor for batch in loader for tensor in (batch.images, batch.gt_boxes, batch.gt_labels)]
@@ -157,3 +161,18 @@ def test_augmented_batches_do_not_depend_on_workers_and_resume_mid_epoch(tmp_pat
     loader = build_dataloader(other_seed, 2, workers=0, shuffle=True, seed=6, pin_memory=False)
     loader.sampler.set_epoch(1)
     assert not torch.equal(next(iter(loader)).images, straight[0])  # the seed matters
+
+
+@pytest.mark.parametrize(("batch_size", "decodes"), [(4, 12), (2, 12 * 4)])
+def test_mosaic_decodes_each_image_once_per_batch_of_four_or_more(
+        tmp_path, write_digits_yaml, monkeypatch, batch_size, decodes) -> None:
+    """A batch of 4+ is its own mosaic pool: an epoch decodes each image once; a batch of 2 mixes in 3 images of the
+    whole dataset per sample, each decoded."""
+    info = load_data_yaml(write_digits_yaml(tmp_path, 12, 2))
+    dataset = DetectionDataset(info, "train", 64, augment=True, pad_multiple=32, mosaic=1.0)
+    decoded = []
+    read = dataset_module.load_image
+    monkeypatch.setattr(dataset_module, "load_image", lambda path: decoded.append(path) or read(path))
+    loader = build_dataloader(dataset, batch_size, workers=0, shuffle=True, seed=0, pin_memory=False)
+    assert sum(len(batch) for batch in loader) == 12
+    assert len(decoded) == decodes

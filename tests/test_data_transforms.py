@@ -4,6 +4,7 @@ import ast
 import pickle
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -13,8 +14,10 @@ from torchvision.transforms.v2 import functional as tvf
 
 import crosskd
 from crosskd.data import DetectionDataset, build_dataloader, generate_digits, load_data_yaml
+from crosskd.data.augment import ImagePool
 from crosskd.data.pipeline import build_transforms
-from crosskd.data.transforms import Compose, LabeledImage, RandomHFlip, Resize, Transform
+from crosskd.data.transforms import Compose, LabeledImage, RandomHFlip, Resize, Transform, load_image
+from crosskd.engine.prediction.sources import read_image
 
 BOX = [[10.0, 10.0, 30.0, 30.0]]
 
@@ -210,7 +213,17 @@ def test_loader_with_flips_is_reproducible_per_seed(digits_info, workers: int) -
 
 def test_describe_lists_the_enabled_steps_with_their_probabilities() -> None:
     pipeline = build_transforms(64, augment=True, fliplr=0.5, hsv_h=0.015, mosaic=1.0, mixup=0.25,
-                                load_sample=lambda index: None, num_images=4)
+                                pool=ImagePool(lambda index: None, 4))
     assert pipeline.describe() == "resize → mosaic → affine → mixup 0.25 → hsv → fliplr 0.5"
     pipeline.disable("mixup")
     assert pipeline.describe() == "resize → mosaic → affine → hsv → fliplr 0.5"
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_training_images_decode_to_rgb_and_prediction_frames_to_bgr(tmp_path, suffix: str) -> None:
+    bgr = np.zeros((16, 24, 3), np.uint8)
+    bgr[..., 2] = 255  # red, as OpenCV stores it
+    path = tmp_path / f"red{suffix}"
+    cv2.imwrite(str(path), bgr)
+    assert np.abs(load_image(path)[8, 12].astype(int) - [255, 0, 0]).max() <= 2  # JPEG: nearly exact
+    assert np.abs(read_image(path, 0).image[8, 12].astype(int) - [0, 0, 255]).max() <= 2

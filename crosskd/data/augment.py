@@ -9,7 +9,8 @@ so a sample is a function of its generator's seed alone.
 """
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import cv2
 import numpy as np
@@ -108,20 +109,57 @@ def beta_32(rng: torch.Generator) -> float:
     return float(torch.rand(63, generator=rng, dtype=torch.float64).median())
 
 
-class SampleSource:
-    """Image `index` of a dataset through the first steps of a pipeline: what Mosaic, MixUp and CutMix mix in.
+class ImagePool:
+    """Where Mosaic, MixUp and CutMix take their other images from: any of the dataset's `num_images` images
+    (`load(index)` in original pixels), or, inside `with pool.batch(images)`, one of the batch's own images, already
+    loaded.
 
-    `load_sample(index)` gives the image in original pixels; `steps` (e.g. resize, or resize → mosaic → affine) bring
-    it to where the mixing step is, drawing from the same generator.
+    A loader's batch (`DetectionDataset.__getitems__`) is the pool when it holds at least `min_batch` images, so a
+    mosaic decodes no image beyond its batch: Ultralytics keeps a buffer of recently loaded images for the same
+    reason, but a buffer depends on the worker that filled it, the batch does not (its indices follow from the seed
+    and the epoch), so the batches stay the same with any number of workers and after a resume.
     """
 
-    def __init__(self, load_sample: Callable[[int], LabeledImage], steps: Compose) -> None:
-        self.load_sample = load_sample
+    def __init__(self, load: Callable[[int], LabeledImage], num_images: int, min_batch: int = 4) -> None:
+        self._load, self.num_images, self.min_batch = load, num_images, min_batch
+        self.loaded: Mapping[int, LabeledImage] = {}
+
+    def draw(self, rng: torch.Generator, count: int) -> list[int]:
+        """`count` image indices drawn uniformly (with replacement) from the pool."""
+        if not self.loaded:
+            return torch.randint(self.num_images, (count,), generator=rng).tolist()
+        indices = list(self.loaded)
+        return [indices[i] for i in torch.randint(len(indices), (count,), generator=rng).tolist()]
+
+    def load(self, index: int) -> LabeledImage:
+        """Image `index` in original pixels: the batch's copy when it is there."""
+        loaded = self.loaded.get(index)
+        return self._load(index) if loaded is None else loaded
+
+    @contextmanager
+    def batch(self, images: Mapping[int, LabeledImage]) -> Iterator[None]:
+        """Draw from `images` (index -> image in original pixels) while inside, when there are `min_batch` of them."""
+        self.loaded = images if len(images) >= self.min_batch else {}
+        try:
+            yield
+        finally:
+            self.loaded = {}
+
+
+class SampleSource:
+    """Other images of the pool through the first steps of a pipeline: what Mosaic, MixUp and CutMix mix in.
+
+    `steps` (e.g. resize, or resize → mosaic → affine) bring an image to where the mixing step is, drawing from the
+    same generator.
+    """
+
+    def __init__(self, pool: ImagePool, steps: Compose) -> None:
+        self.pool = pool
         self.steps = steps
 
-    def __call__(self, index: int, rng: torch.Generator) -> LabeledImage:
-        """Image `index` through the steps."""
-        return self.steps(self.load_sample(index), rng)
+    def draw(self, rng: torch.Generator, count: int = 1) -> list[LabeledImage]:
+        """`count` images drawn from the pool, through the steps."""
+        return [self.steps(self.pool.load(index), rng) for index in self.pool.draw(rng, count)]
 
     def __repr__(self) -> str:
         return f"SampleSource({self.steps})"
@@ -258,25 +296,22 @@ class Mosaic(Transform):
     """Ultralytics' 4-image mosaic: this image and 3 random others on a 2s × 2s grey canvas around a random centre.
 
     The centre (x, y) is uniform in [s/2, 3s/2); this image ends at the centre (top left), the others start or end
-    there (top right, bottom left, bottom right), cut at the canvas edges. `load_resized(index, rng)` gives another
-    image resized to long side s. Boxes move with their image and are clipped to the canvas; empty ones are dropped.
+    there (top right, bottom left, bottom right), cut at the canvas edges. `others` draws the other three from the
+    pool, resized to long side s. Boxes move with their image and are clipped to the canvas; empty ones are dropped.
     Sets `border` = s/2 so that the RandomAffine after it crops the centre s × s.
     """
 
     name = "mosaic"
     quadrants = ((0, 0), (1, 0), (0, 1), (1, 1))  # (right of the centre, below it) per tile
 
-    def __init__(
-        self, load_resized: Callable[[int, torch.Generator], LabeledImage], num_images: int, size: int, p: float = 1.0
-    ) -> None:
+    def __init__(self, others: SampleSource, size: int, p: float = 1.0) -> None:
         super().__init__(p)
-        self.load_resized, self.num_images, self.size = load_resized, num_images, size
+        self.others, self.size = others, size
 
     def apply(self, sample: LabeledImage, rng: torch.Generator) -> LabeledImage:
         side = 2 * self.size
-        others = torch.randint(self.num_images, (3,), generator=rng).tolist()
+        tiles = [sample, *self.others.draw(rng, 3)]
         centre_y, centre_x = torch.randint(self.size // 2, side - self.size // 2, (2,), generator=rng).tolist()
-        tiles = [sample, *(self.load_resized(index, rng) for index in others)]
         canvas = np.full((side, side, 3), FILL, np.uint8)
         boxes = []
         for (right, below), tile in zip(self.quadrants, tiles):
@@ -305,14 +340,12 @@ class MixUp(Transform):
 
     name = "mixup"
 
-    def __init__(
-        self, load_mixed: Callable[[int, torch.Generator], LabeledImage], num_images: int, p: float = 0.0
-    ) -> None:
+    def __init__(self, others: SampleSource, p: float = 0.0) -> None:
         super().__init__(p)
-        self.load_mixed, self.num_images = load_mixed, num_images
+        self.others = others
 
     def apply(self, sample: LabeledImage, rng: torch.Generator) -> LabeledImage:
-        other = fit_to(self.load_mixed(random_index(rng, self.num_images), rng), *sample.image.shape[:2])
+        other = fit_to(self.others.draw(rng)[0], *sample.image.shape[:2])
         ratio = beta_32(rng)
         image = (sample.image * ratio + other.image * (1 - ratio)).astype(np.uint8)
         return sample.replace(
@@ -335,12 +368,9 @@ class CutMix(Transform):
 
     name = "cutmix"
 
-    def __init__(
-        self, load_mixed: Callable[[int, torch.Generator], LabeledImage], num_images: int, p: float = 0.0,
-        num_areas: int = 3,
-    ) -> None:
+    def __init__(self, others: SampleSource, p: float = 0.0, num_areas: int = 3) -> None:
         super().__init__(p)
-        self.load_mixed, self.num_images, self.num_areas = load_mixed, num_images, num_areas
+        self.others, self.num_areas = others, num_areas
 
     def draw_areas(self, rng: torch.Generator, height: int, width: int) -> np.ndarray:
         """`num_areas` random xyxy rectangles `[num_areas, 4]` inside a `height` × `width` image."""
@@ -353,7 +383,7 @@ class CutMix(Transform):
 
     def apply(self, sample: LabeledImage, rng: torch.Generator) -> LabeledImage:
         height, width = sample.image.shape[:2]
-        other = fit_to(self.load_mixed(random_index(rng, self.num_images), rng), height, width)
+        other = fit_to(self.others.draw(rng)[0], height, width)
         areas = self.draw_areas(rng, height, width)
         free = np.flatnonzero(box_ioa(areas, sample.boxes).sum(axis=1) <= 0)  # rectangles clear of this image's boxes
         if not len(free):

@@ -12,6 +12,7 @@ import yaml
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from crosskd.data.augment import ImagePool
 from crosskd.data.cache import load_labels
 from crosskd.data.digits import generate_digits
 from crosskd.data.image_cache import build_image_cache
@@ -205,10 +206,8 @@ class DetectionDataset(Dataset):
         self.split, self.imgsz, self.augment, self.pad_multiple = split, imgsz, augment, pad_multiple
         self.skip_unreadable = skip_unreadable
         self.fliplr = (info.fliplr if info.fliplr is not None else fliplr) if augment else 0.0
-        self.transforms = build_transforms(
-            imgsz, augment, load_sample=self.labeled_sample, num_images=len(self.records), fliplr=self.fliplr,
-            **augmentations,
-        )
+        self.pool = ImagePool(self.labeled_sample, len(self.records))
+        self.transforms = build_transforms(imgsz, augment, pool=self.pool, fliplr=self.fliplr, **augmentations)
         self.image_ids: list[int] = self.records.image_ids.tolist()
         self._coco_gt: COCO | None = None
         summary = self.labels_summary()
@@ -234,10 +233,21 @@ class DetectionDataset(Dataset):
         """The sample at an index, or at a `SampleKey` (see `load_sample`), through the pipeline, as CHW tensors.
 
         A key's random steps draw from a generator seeded with its seed; a bare index draws from torch's default
-        generator (evaluation, where nothing is random, and direct indexing).
+        generator (evaluation, where nothing is random, and direct indexing). Mosaic, MixUp and CutMix draw their
+        other images from the whole dataset.
         """
-        index, rng, skip = self._resolve(key)
-        record, sample = self.load_sample(index)
+        return self._transformed(key, *self.load_sample(self._index(key)))
+
+    def __getitems__(self, keys: list[int | SampleKey]) -> list[Sample]:
+        """The samples of a loader's batch: each image is loaded once, and Mosaic, MixUp and CutMix draw their other
+        images from the batch (`augment.ImagePool`)."""
+        loaded = {index: self.load_sample(index) for index in map(self._index, keys)}
+        with self.pool.batch({index: sample for index, (_, sample) in loaded.items()}):
+            return [self._transformed(key, *loaded[self._index(key)]) for key in keys]
+
+    def _transformed(self, key: int | SampleKey, record: ImageRecord, sample: LabeledImage) -> Sample:
+        """The loaded image `sample` of `record` through the pipeline with the generator of `key`."""
+        rng, skip = self._generator(key)
         sample = self.transforms(sample, rng, skip=skip)
         image = torch.from_numpy(np.ascontiguousarray(sample.image.transpose(2, 0, 1)))  # HWC -> CHW
         return Sample(
@@ -246,11 +256,15 @@ class DetectionDataset(Dataset):
         )
 
     @staticmethod
-    def _resolve(key: int | SampleKey) -> tuple[int, torch.Generator, tuple[str, ...]]:
-        """(index, generator, steps to skip) of a loader's key or a bare index."""
+    def _index(key: int | SampleKey) -> int:
+        return key.index if isinstance(key, SampleKey) else int(key)
+
+    @staticmethod
+    def _generator(key: int | SampleKey) -> tuple[torch.Generator, tuple[str, ...]]:
+        """(generator, steps to skip) of a loader's key or a bare index."""
         if isinstance(key, SampleKey):
-            return key.index, torch.Generator().manual_seed(key.seed), MIXING_STEPS if key.mix_off else ()
-        return int(key), torch.default_generator, ()
+            return torch.Generator().manual_seed(key.seed), MIXING_STEPS if key.mix_off else ()
+        return torch.default_generator, ()
 
     def load_sample(self, index: int) -> tuple[ImageRecord, LabeledImage]:
         """Image `index` with its boxes in original pixels, untransformed, or in its place (skip_unreadable) the first

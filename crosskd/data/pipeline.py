@@ -1,11 +1,11 @@
 """The one place that turns the run settings into a dataset's pipeline: the train pipeline of the augmentation keys
 (steps from `augment.py`), or resize alone for evaluation."""
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from crosskd.data import augment as steps
-from crosskd.data.transforms import Compose, LabeledImage, RandomHFlip, Resize
+from crosskd.data.transforms import Compose, RandomHFlip, Resize
 
 AUGMENTATION_KEYS = (  # the run settings that build_transforms takes by name (the trainer passes them; it adds
     # ms_sizes and ms_mode, which it resolves from the settings ms_scales and ms_mode with the head's mstrain sizes)
@@ -20,7 +20,7 @@ def augmentation_settings(settings: Any) -> dict[str, Any]:
 
 
 def build_transforms(
-    imgsz: int, augment: bool, *, load_sample: Callable[[int], LabeledImage] | None = None, num_images: int = 0,
+    imgsz: int, augment: bool, *, pool: steps.ImagePool | None = None,
     fliplr: float = 0.5, flipud: float = 0.0, hsv_h: float = 0.0, hsv_s: float = 0.0, hsv_v: float = 0.0,
     degrees: float = 0.0, translate: float = 0.0, scale: float = 0.0, shear: float = 0.0, perspective: float = 0.0,
     mosaic: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0, ms_sizes: Sequence[int] = (),
@@ -30,29 +30,28 @@ def build_transforms(
 
     Train order, as Ultralytics: resize (RandomResize over `ms_sizes` when given) → mosaic → affine (when mosaic or
     an affine gain is on) → mixup → cutmix → HSV → flipud → fliplr; a step whose setting is 0 is left out, except
-    fliplr. Mosaic, mixup and cutmix load other images: `load_sample(index)` gives image `index` of `num_images` in
-    original pixels. MixUp's and CutMix's image goes through the same resize → mosaic → affine, with the same
-    generator and the same disabled steps. Every keyword but `load_sample` and `num_images` is a run setting named in
-    AUGMENTATION_KEYS (docs/training.md, "Augmentations"), so a new augmentation is its Transform, its keyword here
-    and its setting in crosskd/settings.py.
+    fliplr. Mosaic, mixup and cutmix mix in other images drawn from `pool` (the dataset's, or its batch's). MixUp's
+    and CutMix's image goes through the same resize → mosaic → affine, with the same generator and the same disabled
+    steps. Every keyword but `pool` is a run setting named in AUGMENTATION_KEYS (docs/training.md, "Augmentations"),
+    so a new augmentation is its Transform, its keyword here and its setting in crosskd/settings.py.
     """
     if not augment:
         return Compose([Resize(imgsz)])
-    if (mosaic or mixup or cutmix) and (load_sample is None or num_images < 1):
+    if (mosaic or mixup or cutmix) and pool is None:
         raise ValueError(f"mosaic={mosaic}, mixup={mixup}, cutmix={cutmix} mix in other images of the dataset: "
-                         "build_transforms needs load_sample and num_images")
+                         "build_transforms needs their pool")
     pipeline = Compose([steps.RandomResize(ms_sizes, ms_mode) if ms_sizes else Resize(imgsz)])
     add = pipeline.transforms.append
     if mosaic:
-        add(steps.Mosaic(steps.SampleSource(load_sample, Compose([Resize(imgsz)])), num_images, imgsz, mosaic))
+        add(steps.Mosaic(steps.SampleSource(pool, Compose([Resize(imgsz)])), imgsz, mosaic))
     if mosaic or any((degrees, translate, scale, shear, perspective)):
         add(steps.RandomAffine(degrees, translate, scale, shear, perspective))
     if mixup or cutmix:
-        mixed = steps.SampleSource(load_sample, pipeline.head(len(pipeline.transforms)))  # resize → mosaic → affine
+        mixed = steps.SampleSource(pool, pipeline.head(len(pipeline.transforms)))  # resize → mosaic → affine
         if mixup:
-            add(steps.MixUp(mixed, num_images, mixup))
+            add(steps.MixUp(mixed, mixup))
         if cutmix:
-            add(steps.CutMix(mixed, num_images, cutmix))
+            add(steps.CutMix(mixed, cutmix))
     if any((hsv_h, hsv_s, hsv_v)):
         add(steps.RandomHSV(hsv_h, hsv_s, hsv_v))
     if flipud:

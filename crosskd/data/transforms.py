@@ -24,7 +24,8 @@ import torch
 
 # EXIF orientation is ignored on purpose: COCO annotations and the header sizes read by `labels.image_size`
 # both describe the pixels as stored in the file.
-IMREAD_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+IMREAD_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # BGR, as cv2.imread (prediction sources)
+IMREAD_RGB = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION  # RGB from the decoder: no conversion pass
 
 
 def load_image(path: str | Path) -> np.ndarray | None:
@@ -36,8 +37,7 @@ def load_image(path: str | Path) -> np.ndarray | None:
         data = np.fromfile(path, np.uint8)
     except OSError:
         return None
-    image = cv2.imdecode(data, IMREAD_FLAGS) if data.size else None
-    return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return cv2.imdecode(data, IMREAD_RGB) if data.size else None
 
 
 def resize_long_side(image: np.ndarray, imgsz: int) -> tuple[np.ndarray, float]:
