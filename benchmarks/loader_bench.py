@@ -2,9 +2,9 @@
 
 Run through speed.py (`python benchmarks/speed.py --sections loader`); `run_loader_benchmark` is the whole of it.
 
-- Data: `images` (1024) images of the digits set with photo backgrounds (crosskd/data/digits.py, background=photos) at 640 px long side (short
-  side 480-640), 5-15 digits per image, JPEG quality 95 (~95 KB each), generated once under <out>/data/, with COCO
-  JSON labels (crosskd's side) and YOLO txt labels (Ultralytics' side) of the same images.
+- Data: 1024 images of the digits set with photo backgrounds (crosskd/data/digits.py, background=photos) at 640 px
+  long side (short side 480-640), 5-15 digits per image, JPEG quality 95 (~95 KB each), generated once under
+  <out>/data/, with COCO JSON labels (crosskd's side) and YOLO txt labels (Ultralytics' side) of the same images.
 - Loader: the training loader at imgsz 640, batch 16, mosaic 1.0 and Ultralytics 8.4's default augmentation
   strengths (HYP), with workers=1 (images/s per worker) and workers=2 (total: this machine has 2 cores), with no
   cache, cache=ram and cache=disk. Images/s of a whole epoch, the median of `rounds` epochs after a warm-up epoch
