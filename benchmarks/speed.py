@@ -329,9 +329,9 @@ def onnx_runner(path: Path, threads: int, device: torch.device) -> Callable[[np.
 
 def openvino_runner(folder: Path, threads: int) -> Callable[[np.ndarray], object]:
     """OpenVINO at f32, as crosskd's own OpenVinoDetector runs it (its CPU default may be bf16)."""
-    import openvino
+    from crosskd.engine.deployment.runtimes.openvino import shared_core
 
-    core = openvino.Core()
+    core = shared_core()
     compiled = core.compile_model(core.read_model(next(folder.glob("*.xml"))), "CPU",
                                   {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
     request = compiled.create_infer_request()

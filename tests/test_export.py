@@ -2,6 +2,7 @@
 metadata read back by the backends, and validation of an exported model."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -356,3 +357,25 @@ def test_openvino_missing_is_one_line_with_the_install_command(tmp_path, monkeyp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install 'crosskd[openvino]'" in err[0]
     assert not (tmp_path / "best_openvino_model").exists()
+
+
+def test_openvino_loads_share_one_core_so_signals_survive_them(tmp_path):
+    """Two OpenVINO models loaded and dropped in the order they were made, then a Python SIGCHLD handler and a
+    subprocess: with a Core per load, OpenVINO left a freed alternate signal stack behind and the process died of
+    SIGSEGV when the child ended (runtimes/openvino.py, `shared_core`)."""
+    weights = write_checkpoint(tmp_path / "best.pt", "gfl")
+    path = exporter.run(export_args(weights, format="openvino"))
+    script = f"""
+import gc, signal, subprocess, sys
+from crosskd.engine.deployment.runtimes.openvino import OpenVinoDetector
+first, second = OpenVinoDetector({str(path)!r}), OpenVinoDetector({str(path)!r})
+del first
+gc.collect()
+del second
+gc.collect()
+signal.signal(signal.SIGCHLD, lambda *args: None)
+subprocess.run([sys.executable, "-c", "pass"], check=True)
+print("survived")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("survived"), (done.returncode, done.stderr[-2000:])

@@ -3,8 +3,10 @@ folder compiled for the CPU behind `DenseDetector.predict()`."""
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
@@ -16,6 +18,9 @@ from crosskd.engine.deployment.runtimes.exported import ExportedDetector
 from crosskd.errors import CheckpointError
 from crosskd.utils import LOGGER, colorstr
 
+if TYPE_CHECKING:
+    import openvino
+
 OPENVINO_SUFFIX = "_openvino_model"  # an OpenVINO export is the folder <weights stem>_openvino_model (Ultralytics')
 OPENVINO_METADATA = "metadata.yaml"
 
@@ -25,6 +30,19 @@ def import_openvino():
     import openvino
 
     return openvino
+
+
+@functools.cache
+def shared_core() -> openvino.Core:
+    """The process's one OpenVINO Core, kept until exit.
+
+    The first compile of a Core's CPU plugin swaps the main thread's alternate signal stack for one of its own and
+    puts back the stack it found when the Core is destroyed. Two Cores destroyed in the order they were made leave
+    the first one's freed stack in place, and the next signal handled on it is a segmentation fault: Python's signal
+    handlers run there, e.g. torch's SIGCHLD handler when a DataLoader worker or a subprocess ends (measured with
+    OpenVINO 2026.4: two loads, then `subprocess.run`, killed the process). One Core never frees its stack.
+    """
+    return import_openvino().Core()
 
 
 class OpenVinoDetector(ExportedDetector):
@@ -44,7 +62,7 @@ class OpenVinoDetector(ExportedDetector):
         if torch.device(device).type != "cpu":
             LOGGER.warning(f"OpenVINO runs '{folder.name}' on the CPU, not on {device}")
         LOGGER.info(f"Loading {folder} for OpenVINO inference...")
-        core = openvino.Core()
+        core = shared_core()
         try:
             model = core.read_model(str(xml))
         except RuntimeError as error:
