@@ -10,9 +10,10 @@ Sections (each compares two sides called alternately, so machine noise falls on 
      torchvision's transform pinned to the input size)
   b  a distillation step per `kd` (GFL R18 student, GFL R50 teacher) vs its floor: the student's plain train step
      plus a teacher eval forward under no_grad; time and peak memory (CPU: peak RSS growth, CUDA: max allocated)
-  c  the exported student (crosskd.engine.deployment.exporter) in ONNX Runtime, and OpenVINO when installed, vs eager
-     PyTorch,
-     at batch 1 and 8, same thread count on every side
+  c  the exported student (crosskd.engine.deployment.exporter) in ONNX Runtime, and OpenVINO when installed, float32
+     and INT8 (calibrated on generated digits), vs eager PyTorch float32, the three alternated, at batch 1 and 8, same
+     thread count on every side; for the GFL R18 student at --size and the demo student (the reproduce benchmark's
+     quarter-width GFL) at 128 px
   d  images/s through the real loader (build_dataloader, its workers, digits data, demo settings) vs images/s of
      training steps at the same batch and size
   e  validation images/s including COCO evaluation (the Validator) vs the model's predictions alone
@@ -92,6 +93,8 @@ class Plan:
     demo_train: int = DEMO["train"]
     demo_val: int = DEMO["val"]
     export_batches: tuple[int, ...] = (1, 8)
+    demo_student: str = str(Path(__file__).resolve().parent / "configs" / "gfl_r18q_student.yaml")  # section c
+    calibration_images: int = 32  # section c's INT8 calibration (speed does not depend on the ranges)
     kds: tuple[str, ...] = tuple(k for k in KD_METHODS if k != "none")
     loader: LoaderPlan = field(default_factory=LoaderPlan)
     quick: bool = False
@@ -309,11 +312,14 @@ def section_b(plan: Plan, device: torch.device) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- section c
-def export_student(detector: DenseDetector, fmt: str, batch: int, size: int, folder: Path) -> Path:
-    """Export through engine.deployment.exporter at a static batch and size; returns the file (or OpenVINO folder)."""
-    args = get_args({"model": str(folder / f"student_b{batch}.pt"), "format": fmt, "imgsz": size, "batch": batch,
-                     "device": "cpu"}, "export")
-    return exporter.export(detector, args)
+def export_student(
+    detector: DenseDetector, fmt: str, batch: int, size: int, folder: Path, calibration: dict | None = None
+) -> Path:
+    """Export through engine.deployment.exporter at a static batch and size, INT8 when `calibration` gives data= and
+    fraction=; returns the file (or OpenVINO folder)."""
+    settings = {"model": str(folder / f"student_b{batch}.pt"), "format": fmt, "imgsz": size, "batch": batch,
+                "device": "cpu", **({"int8": True, **calibration} if calibration else {})}
+    return exporter.export(detector, get_args(settings, "export"))
 
 
 def onnx_runner(path: Path, threads: int, device: torch.device) -> Callable[[np.ndarray], object]:
@@ -354,27 +360,45 @@ def runtimes_available(device: torch.device) -> list[str]:
     return found
 
 
-def section_c(plan: Plan, device: torch.device) -> list[dict]:
-    """Exported student (raw decoded graph) in ONNX Runtime / OpenVINO vs eager PyTorch at batch 1 and 8."""
-    detector = our_detector(plan.student, NUM_CLASSES).eval()
-    size = exporter.export_imgsz(plan.size, max(detector.strides))[0]  # exports round up to the largest stride
-    eager = on_device(exporter.ExportModel(copy.deepcopy(detector)), device).eval()
+def section_c(plan: Plan, device: torch.device, data_yaml: Path) -> list[dict]:
+    """Exported students (raw decoded graph) in ONNX Runtime / OpenVINO, float32 and INT8, vs eager PyTorch float32,
+    the three sides alternated, at each export batch: the GFL R18 student at plan.size and the demo student at its
+    128 px."""
+    calibration = {"data": str(data_yaml), "fraction": min(1.0, plan.calibration_images / plan.demo_train)}
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for fmt in runtimes_available(device):
-            for batch in plan.export_batches:
-                path = export_student(detector, fmt, batch, size, Path(tmp))
-                run = onnx_runner(path, plan.threads, device) if fmt == "onnx" else openvino_runner(path, plan.threads)
-                images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-                array, on = images.numpy(), images.to(device)
-                if device.type == "cuda":
-                    on = on.to(memory_format=torch.channels_last)
-                sides = {fmt: lambda r=run, a=array: r(a), "eager": inference(lambda x=on: eager(x), device)}
-                result = alternate(sides, plan, device)
-                rows.append({"runtime": fmt, "batch": batch, "runtime_ms": 1000 * result[fmt].seconds,
-                             "eager_ms": 1000 * result["eager"].seconds,
-                             "speedup": ratio(result["eager"].seconds, result[fmt].seconds)})
+    for name, size, classes in ((plan.student, plan.size, NUM_CLASSES), (plan.demo_student, DEMO["imgsz"], 10)):
+        detector = our_detector(name, classes).eval()
+        size = exporter.export_imgsz(size, max(detector.strides))[0]  # exports round up to the largest stride
+        eager = on_device(exporter.ExportModel(copy.deepcopy(detector)), device).eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            model_rows = [row for fmt in runtimes_available(device) for batch in plan.export_batches
+                          for row in runtime_rows(plan, device, detector, eager, fmt, batch, size, Path(tmp),
+                                                  calibration)]
+        rows += [{"model": f"{Path(name).stem} {size}px", **row} for row in model_rows]
     return rows
+
+
+def runtime_rows(
+    plan: Plan, device: torch.device, detector: DenseDetector, eager: torch.nn.Module, fmt: str, batch: int,
+    size: int, folder: Path, calibration: dict,
+) -> list[dict]:
+    """One runtime at one batch: its float32 and INT8 exports and eager PyTorch, alternated; a row per precision."""
+    runners = {}
+    for precision, calibrated in (("fp32", None), ("int8", calibration)):
+        path = export_student(detector, fmt, batch, size, folder / precision, calibrated)
+        runners[precision] = onnx_runner(path, plan.threads, device) if fmt == "onnx" else \
+            openvino_runner(path, plan.threads)
+    images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    array, on = images.numpy(), images.to(device)
+    if device.type == "cuda":
+        on = on.to(memory_format=torch.channels_last)
+    sides = {**{precision: (lambda r=run: r(array)) for precision, run in runners.items()},
+             "eager": inference(lambda x=on: eager(x), device)}
+    result = alternate(sides, plan, device)
+    eager_s = result["eager"].seconds
+    return [{"runtime": fmt, "precision": precision, "batch": batch, "runtime_ms": 1000 * result[precision].seconds,
+             "eager_ms": 1000 * eager_s, "speedup": ratio(eager_s, result[precision].seconds)}
+            for precision in runners]
 
 
 # ---------------------------------------------------------------------------------------------- sections d, e
@@ -444,9 +468,10 @@ TABLES = {  # section -> (title, columns: (JSON key, header, format))
         ("kd", "kd", "{}"), ("distill_ms", "distill ms", "{:.1f}"), ("floor_ms", "floor ms", "{:.1f}"),
         ("time_ratio", "time ratio", "{:.2f}"), ("distill_peak_mb", "distill peak MB", "{:.0f}"),
         ("floor_peak_mb", "floor peak MB", "{:.0f}"), ("memory_ratio", "memory ratio", "{:.2f}")]),
-    "c": ("c. exported student vs eager PyTorch", [
-        ("runtime", "runtime", "{}"), ("batch", "batch", "{}"), ("runtime_ms", "runtime ms", "{:.1f}"),
-        ("eager_ms", "eager ms", "{:.1f}"), ("speedup", "eager/runtime", "{:.2f}")]),
+    "c": ("c. exported student (float32, INT8) vs eager PyTorch float32", [
+        ("model", "model", "{}"), ("runtime", "runtime", "{}"), ("precision", "precision", "{}"),
+        ("batch", "batch", "{}"), ("runtime_ms", "runtime ms", "{:.1f}"), ("eager_ms", "eager ms", "{:.1f}"),
+        ("speedup", "eager/runtime", "{:.2f}")]),
     "d": ("d. data loading vs training throughput", [
         ("model", "model", "{}"), ("batch", "batch", "{}"), ("workers", "workers", "{}"),
         ("loader_first_pass_ips", "loader img/s (1st pass)", "{:.0f}"), ("loader_ips", "loader img/s", "{:.0f}"),
@@ -516,7 +541,7 @@ def run_sections(plan: Plan, device: torch.device, sections: list[str], out: Pat
                        "date": time.strftime("%Y-%m-%d %H:%M"), "load_average": load_average()}
     results.setdefault("sections", {})
     with tempfile.TemporaryDirectory() as tmp:
-        data_yaml = digits_data(Path(tmp) / "digits", plan) if {"d", "e"} & set(sections) else None
+        data_yaml = digits_data(Path(tmp) / "digits", plan) if {"c", "d", "e"} & set(sections) else None
         for section in sections:
             start = time.perf_counter()
             # meta describes the last run; when and under which load each section was measured stays per section
@@ -532,14 +557,14 @@ def run_sections(plan: Plan, device: torch.device, sections: list[str], out: Pat
 
 
 def run_section(section: str, plan: Plan, device: torch.device, data: Path | None) -> list[dict]:
-    """Section `section`; `data` is the digits YAML of sections d and e, the data folder of section loader."""
+    """Section `section`; `data` is the digits YAML of sections c, d and e, the data folder of section loader."""
     if section == "loader":
         return section_loader(plan, device, data)
-    if section in ("d", "e"):
-        return {"d": section_d, "e": section_e}[section](plan, device, data)
+    if section in ("c", "d", "e"):
+        return {"c": section_c, "d": section_d, "e": section_e}[section](plan, device, data)
     if section == "compile":
         return section_compile(plan, device)
-    return {"a": section_a, "b": section_b, "c": section_c}[section](plan, device)
+    return {"a": section_a, "b": section_b}[section](plan, device)
 
 
 def section_compile(plan: Plan, device: torch.device) -> list[dict]:
@@ -598,6 +623,7 @@ def make_plan(opts: argparse.Namespace) -> Plan:
                             infinite_epochs=1)
         return Plan(size=64, batch=opts.batch or 2, repeats=1, warmup=0, threads=opts.threads, depth=18,
                     student="gfl_r18t.yaml", teacher="gfl_r18t.yaml", demo_train=8, demo_val=4,
+                    demo_student="gfl_r18t.yaml", calibration_images=2,
                     export_batches=(1,), kds=("crosskd", "crosskd+pkd"), loader=loader, quick=True)
     loader = LoaderPlan(images=opts.loader_images, rounds=opts.repeats, ultralytics=opts.ultralytics_python)
     return Plan(size=opts.size, batch=opts.batch or 2, repeats=opts.repeats, warmup=1, threads=opts.threads,

@@ -2,7 +2,7 @@
 
 Every method takes the CLI's keys as keyword arguments and goes through the CLI's validation (`config.get_args`,
 `config.check_required`) and engine entry points (`launch.fit` for train/distill, `validator.run`, `Predictor`,
-`exporter.run`, `info.run`), so `m.val(data="digits.yaml", imgsz=128)` is `crosskd val model=... data=digits.yaml
+`export.run`, `info.run`), so `m.val(data="digits.yaml", imgsz=128)` is `crosskd val model=... data=digits.yaml
 imgsz=128`.
 """
 
@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from crosskd.config import Args, check_required, get_args
-from crosskd.engine.deployment import exporter
 from crosskd.engine.deployment.loader import Runtime, load_runtime
 from crosskd.engine.evaluation import validator
 from crosskd.engine.prediction.predictor import Predictor
 from crosskd.engine.prediction.results import Boxes, Results
-from crosskd.engine.tools import info
+from crosskd.engine.tools import export, info
 from crosskd.engine.training import launch
 from crosskd.paths import newest_best
 from crosskd.utils import select_device
@@ -110,7 +109,7 @@ class Detector:
         """Export (`crosskd export`, e.g. format="onnx"); returns the written file."""
         args = self.args("export", kwargs)
         check_required(args)
-        return exporter.run(args)
+        return export.run(args)
 
     def info(self, **kwargs: Any) -> str:
         """Print the module table and return the summary line (`crosskd info`): layers, parameters, GFLOPs."""

@@ -36,7 +36,7 @@ MODE_TARGETS = {  # mode -> (module, function taking Args); imported only when t
     "distill": ("crosskd.engine.training.launch", "run"),
     "val": ("crosskd.engine.evaluation.validator", "run"),
     "predict": ("crosskd.engine.prediction.predictor", "run"),
-    "export": ("crosskd.engine.deployment.exporter", "run"),
+    "export": ("crosskd.engine.tools.export", "run"),
     "benchmark": ("crosskd.engine.tools.benchmark", "run"),
     "info": ("crosskd.engine.tools.info", "run"),
     "convert": ("crosskd.engine.deployment.converter", "run"),

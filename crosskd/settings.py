@@ -201,8 +201,9 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
                 "(pip install 'crosskd[tensorboard]'); empty = the user setting (crosskd settings), false by default",
                 example="true"),
         Setting("sync_bn", "bool", False, "convert BatchNorm to SyncBatchNorm under DDP"),
-        Setting("fraction", "float", 1.0, "fraction of the training set to use (analyze: of the split= images)", low=0,
-                high=1),
+        Setting("fraction", "float", 1.0, "fraction of the training set to use (analyze: of the split= images; export "
+                "int8=True: of the train images to calibrate on, at most 300, and of the val images to check AP on)",
+                low=0, high=1),
         Setting("verbose", "bool", True, "print detailed output"),
     )),
     ("Augmentation", (  # Ultralytics 8.4's keys and defaults; the model's recipe replaces the keys not given
@@ -259,7 +260,14 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("dynamic", "bool", False, "dynamic batch, height and width axes"),
         Setting("simplify", "bool", False, "simplify the ONNX graph with onnxslim"),
         Setting("opset", "int", None, "ONNX opset; empty = exporter default", low=7, example="17"),
-        Setting("half", "bool", False, "FP16 export (CUDA only)"),
+        Setting("half", "bool", False, "FP16 export: ONNX and TorchScript on CUDA (device=0), OpenVINO on the CPU "
+                "(FP16 weights)"),
+        Setting("int8", "bool", False, "INT8 export (format=onnx: ONNX Runtime static quantization; format=openvino: "
+                "NNCF), calibrated on the train images of data= (not given: the checkpoint's training data) and "
+                "checked by AP on its val images; writes <stem>_int8"),
+        Setting("calib_method", "str", "minmax", "how INT8 calibration sets each activation's range: minmax (the "
+                "observed min and max), percentile (clips outliers) or entropy (minimises the KL divergence)",
+                choices=("minmax", "percentile", "entropy")),
         Setting("nms", "bool", False, "embed NMS in the exported graph, output (B, max_det, 6)"),
     )),
     ("Other", (

@@ -26,15 +26,21 @@ def test_benchmark_every_format_end_to_end(tmp_path, trained_digits, capsys):
     weights = tmp_path / "best.pt"
     weights.write_bytes(trained_digits.weights.read_bytes())
     rows = benchmark.run(benchmark_args(tmp_path, trained_digits.data, weights, imgsz=128))
-    assert [row.format for row in rows] == ["PyTorch", "TorchScript", "ONNX", "OpenVINO"]
+    assert [row.format for row in rows] == ["PyTorch", "TorchScript", "ONNX", "ONNX INT8", "OpenVINO",
+                                            "OpenVINO FP16", "OpenVINO INT8"]
     for row in rows:
         assert row.status == "ok", row
         assert row.size_mb > 0.5 and row.ms_per_image > 0 and math.isfinite(row.ap) and math.isfinite(row.ap50)
-    assert len({row.ap for row in rows}) == 1  # the same detections through every runtime
+    by_format = {row.format: row for row in rows}
+    floats = [by_format[name] for name in ("PyTorch", "TorchScript", "ONNX", "OpenVINO")]
+    assert len({row.ap for row in floats}) == 1  # the same detections through every float runtime
     assert 0.3 < rows[0].ap < rows[0].ap50 < 1.0  # a trained model: a runtime that drifts changes its AP
+    for name in ("ONNX INT8", "OpenVINO FP16", "OpenVINO INT8"):  # close to float, and smaller files
+        assert abs(by_format[name].ap - rows[0].ap) < 0.05 and by_format[name].size_mb < 0.7 * floats[2].size_mb
     run_dir = tmp_path / "runs" / "bench"
     assert rows[0].file == str(weights.resolve())
     assert (run_dir / "best.onnx").is_file() and (run_dir / "best_openvino_model" / "best.xml").is_file()
+    assert (run_dir / "best_int8.onnx").is_file() and (run_dir / "fp16" / "best_openvino_model" / "best.xml").is_file()
     with (run_dir / "benchmark.csv").open() as file:
         assert [record["format"] for record in csv.DictReader(file)] == [row.format for row in rows]
     assert [record["size_mb"] for record in json.loads((run_dir / "benchmark.json").read_text())] == [
@@ -49,11 +55,13 @@ def test_a_failing_format_shows_its_error_in_its_row(tmp_path, write_digits_yaml
     weights = write_checkpoint(tmp_path / "best.pt", "fcos", names=DIGIT_NAMES)
     monkeypatch.setattr(formats, "FORMATS", tuple(f for f in formats.FORMATS if f.name in ("pytorch", "openvino")))
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError
-    pytorch, openvino = benchmark.run(benchmark_args(tmp_path, data, weights))
+    pytorch, *openvino = benchmark.run(benchmark_args(tmp_path, data, weights))
     assert pytorch.status == "ok" and math.isfinite(pytorch.ap)
-    assert "pip install 'crosskd[openvino]'" in openvino.status and openvino.ap is None and openvino.size_mb is None
+    assert [row.format for row in openvino] == ["OpenVINO", "OpenVINO FP16", "OpenVINO INT8"]
+    for row in openvino:
+        assert "pip install 'crosskd[openvino]'" in row.status and row.ap is None and row.size_mb is None
     records = json.loads((tmp_path / "runs" / "bench" / "benchmark.json").read_text())
-    assert records[1]["status"] == openvino.status and records[1]["ap"] is None
+    assert records[1]["status"] == openvino[0].status and records[1]["ap"] is None
 
 
 def test_benchmark_of_a_model_yaml_or_an_export_exits_2(tmp_path, capsys):

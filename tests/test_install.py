@@ -12,7 +12,7 @@ from crosskd.data import digits
 from crosskd.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("matplotlib", "sklearn", "skimage", "scipy", "typer", "faster_coco_eval", "tensorboard", "openvino")
+HEAVY = ("matplotlib", "sklearn", "skimage", "scipy", "typer", "faster_coco_eval", "tensorboard", "openvino", "nncf")
 PROBE = "import sys; {code}; print('HEAVY:' + ','.join(m for m in {heavy} if m in sys.modules))"
 
 
@@ -27,7 +27,7 @@ def loaded_heavy_modules(code: str) -> list[str]:
 @pytest.mark.parametrize("code", [
     "import crosskd",
     "import crosskd.cli, crosskd.data, crosskd.engine.prediction.predictor, crosskd.engine.evaluation.validator, "
-    "crosskd.engine.deployment.exporter",
+    "crosskd.engine.deployment.exporter, crosskd.engine.tools.export",
     "from crosskd.cli import main; main(['help'])",
     "from crosskd.cli import main; main(['train', '--help'])",
 ])

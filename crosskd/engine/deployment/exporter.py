@@ -1,15 +1,18 @@
 """Export a trained student DenseDetector in any format of the format table, with embedded metadata and a parity check.
 
 Every graph starts from `ExportModel`, which holds the student only. The format's row (deployment/formats.py) says
-where the file goes, on which device it is traced and what it supports; its runtime module writes the file and loads
-it back for the parity check against PyTorch.
+where the file goes, on which device it is traced and what it supports (FP16, INT8); its runtime module writes the
+file and loads it back for the parity check against PyTorch. An INT8 file is calibrated on a dataset's train images
+(deployment/quantization.py); its accuracy check is AP on the val split (engine/tools/export.py), not parity.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -20,8 +23,14 @@ from torchvision.ops import box_convert
 
 from crosskd import __version__
 from crosskd.config import Args, imgsz_hw, setting_or_model_default
-from crosskd.engine.deployment.formats import export_format
+from crosskd.engine.deployment.formats import export_format, export_formats
 from crosskd.engine.deployment.loader import is_yaml, load_runtime
+from crosskd.engine.deployment.quantization import (
+    CalibrationSet,
+    calibration_data,
+    calibration_set,
+    export_precision,
+)
 from crosskd.engine.deployment.runtimes.exported import CROSSKD_INPUT, ExportedDetector
 from crosskd.errors import ConfigError
 from crosskd.models import DenseDetector
@@ -30,7 +39,10 @@ from crosskd.paths import newest_best, writable_dir, writable_file
 from crosskd.utils import LOGGER, colorstr, select_device
 
 DEFAULT_OPSET, MIN_OPSET, MAX_OPSET = 17, 11, 20
-LATENCY_RUNS = 3  # timed runs (after one warm-up) for the latency comparison
+LATENCY_SECONDS = 1.5  # each side of the latency line is timed for at least this long in all ...
+LATENCY_MIN_RUNS, LATENCY_MAX_RUNS = 6, 300  # ... and for at least (at most) this many calls ...
+LATENCY_ROUNDS = 3  # ... in this many turns per side, the sides taking turns
+SETTLE_SECONDS = 0.1  # pause before each turn: the other runtime's worker threads stop spinning
 PARITY_TOL = 1e-3  # max abs difference allowed between the exported graph and PyTorch (float32)
 HALF_PARITY_TOL = 1e-2  # relative to the output's largest magnitude, for float16 graphs
 EXPORT_CONF = 0.05  # score threshold baked into an nms=True graph when conf= is empty (the val default)
@@ -86,9 +98,13 @@ def export_opset(opset: int | None) -> int:
     return opset
 
 
-def export_metadata(detector: DenseDetector, settings: dict, train_args: dict) -> dict[str, str]:
-    """String metadata stored in the exported file (Ultralytics keys plus what crosskd backends need)."""
+def export_metadata(
+    detector: DenseDetector, settings: dict, train_args: dict, calibration: CalibrationSet | None = None
+) -> dict[str, str]:
+    """String metadata stored in the exported file (Ultralytics keys plus what crosskd backends need); an INT8 file
+    also records its calibration set."""
     names = getattr(detector, "names", None) or {i: str(i) for i in range(detector.head.num_classes)}
+    calibrated = {"calibration": calibration.metadata()} if calibration is not None else {}
     return {
         "description": f"crosskd {detector.head_type} detector",
         "author": "crosskd",
@@ -106,45 +122,73 @@ def export_metadata(detector: DenseDetector, settings: dict, train_args: dict) -
         "head_type": detector.head_type,
         "num_anchors": str(detector.head.num_anchors),
         "min_bbox_size": str(detector.head.min_bbox_size),
+        "precision": settings["precision"],
+        **calibrated,
         "args": str(settings),
         "model_yaml": json.dumps(detector.yaml),
         "train_args": json.dumps(train_args, default=str),
     }
 
 
-def median_ms(function, images: Tensor, runs: int = LATENCY_RUNS) -> float:
-    """Median wall time of `function(images)` in ms after one warm-up call (CUDA synchronised)."""
+def latency_ms(
+    functions: dict[str, Callable[[Tensor], object]], images: Tensor, seconds: float = LATENCY_SECONDS,
+    rounds: int = LATENCY_ROUNDS,
+) -> dict[str, float]:
+    """Median wall time in ms of each `function(images)` (CUDA synchronised), each timed alone.
+
+    In each of `rounds` rounds every function takes its turn: a pause that lets the worker threads of whatever ran
+    before go idle, warm-up calls (two in the first round, one after), then calls back to back for at least
+    seconds / rounds and LATENCY_MIN_RUNS / rounds calls. The median is over every round's calls, so a function
+    is never timed while another's threads compete, and a change in the machine's load falls on all of them.
+    """
     sync = torch.cuda.synchronize if images.device.type == "cuda" else (lambda: None)
-    function(images)
-    times = []
-    for _ in range(runs):
-        sync()
-        start = time.perf_counter()
-        function(images)
-        sync()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1000
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for round_ in range(rounds):
+        for name, function in functions.items():
+            time.sleep(SETTLE_SECONDS)
+            for _ in range(2 if round_ == 0 else 1):
+                function(images)
+            turn: list[float] = []
+            while len(turn) < LATENCY_MAX_RUNS // rounds and (
+                    len(turn) < -(-LATENCY_MIN_RUNS // rounds) or sum(turn) < seconds / rounds):
+                sync()
+                start = time.perf_counter()
+                function(images)
+                sync()
+                turn.append(time.perf_counter() - start)
+            times[name] += turn
+    return {name: float(np.median(values)) * 1000 for name, values in times.items()}
+
+
+def median_ms(function: Callable[[Tensor], object], images: Tensor, seconds: float = LATENCY_SECONDS) -> float:
+    """`latency_ms` of one function."""
+    return latency_ms({"function": function}, images, seconds)["function"]
 
 
 def check_parity(
-    prefix: str, model: ExportModel, backend: ExportedDetector, images: Tensor, reference: Tensor, half: bool
+    prefix: str, model: ExportModel, backend: ExportedDetector, images: Tensor, reference: Tensor, precision: str
 ) -> float:
     """Compare output0 of the written file, run by its inference `backend`, with PyTorch's `reference` [B, ...].
 
-    Logs the largest difference and both latencies; raises when the difference exceeds the tolerance.
+    Logs the largest difference and both latencies; raises when the difference exceeds the tolerance (an INT8 graph
+    has none: its check is AP on the val split).
     """
     reference = reference.float().cpu()
     output = backend.run(images).float().cpu()
     if output.shape != reference.shape:
         raise RuntimeError(f"{prefix} output shape {tuple(output.shape)} != PyTorch {tuple(reference.shape)}")
     diff = (output - reference).abs().max().item() if output.numel() else 0.0
-    tolerance = HALF_PARITY_TOL * max(1.0, reference.abs().max().item()) if half else PARITY_TOL
+    tolerances = {"fp32": PARITY_TOL, "fp16": HALF_PARITY_TOL * max(1.0, reference.abs().max().item()),
+                  "int8": math.inf}
     with torch.no_grad():
-        ours, torch_ms = median_ms(backend.run, images), median_ms(model, images)
-    LOGGER.info(f"{prefix} max abs diff {diff:.2e} vs PyTorch; {ours:.1f} ms vs PyTorch {torch_ms:.1f} ms "
-                f"per batch {tuple(images.shape)}")
-    if diff > tolerance:
-        raise RuntimeError(f"{prefix} exported graph differs from PyTorch by {diff:.2e} (tolerance {tolerance:.1e})")
+        ours, torch_ms = latency_ms({"runtime": backend.run, "pytorch": model}, images).values()
+    checked = "; INT8: checked by AP instead" if precision == "int8" else ""
+    LOGGER.info(f"{prefix} max abs diff {diff:.2e} vs PyTorch{checked}; {ours:.1f} ms vs PyTorch {torch_ms:.1f} ms "
+                f"per batch {tuple(images.shape)} (medians, each timed alone; PyTorch on {torch.get_num_threads()} "
+                "threads)")
+    if diff > tolerances[precision]:
+        raise RuntimeError(f"{prefix} exported graph differs from PyTorch by {diff:.2e} "
+                           f"(tolerance {tolerances[precision]:.1e})")
     return diff
 
 
@@ -160,6 +204,9 @@ def export_settings(args: Args, detector: DenseDetector, train_args: dict, devic
         "simplify": args.simplify,
         "opset": export_opset(args.opset) if export_format(args.format).opset else None,
         "half": args.half,
+        "int8": args.int8,
+        "calib_method": args.calib_method,
+        "precision": export_precision(args.int8, args.half),
         "nms": args.nms,
         "conf": EXPORT_CONF if args.conf is None else args.conf,
         "iou": args.iou,
@@ -169,27 +216,40 @@ def export_settings(args: Args, detector: DenseDetector, train_args: dict, devic
     }
 
 
-def export_path(model: str | Path | None, fmt: str) -> Path:
-    """Next to the .pt with the same stem; `model<suffix>` in the current directory for anything else."""
+def export_path(model: str | Path | None, fmt: str, precision: str = "fp32") -> Path:
+    """Next to the .pt with the same stem (`_int8` added for INT8); `model<suffix>` in the current directory for
+    anything else."""
     weights = Path(model or "model.pt")
-    path = export_format(fmt).path_for(weights)
+    path = export_format(fmt).path_for(weights, precision)
     return path if weights.suffix == ".pt" else Path(path.name)
 
 
 def export_device(args: Args) -> torch.device:
-    """Where the graph is traced and checked: the CPU for a CPU-only format (where its runtime runs), else device=."""
+    """Where the graph is traced and checked: the CPU for a CPU-only format (where its runtime runs), else device=.
+    What the format's row cannot write (FP16 on this device, INT8) ends here in one line, before any work."""
     fmt = export_format(args.format)
-    fmt.check_installed()  # a missing package ends here, before any work
-    if args.half and not fmt.half:
-        raise ConfigError(f"format={fmt.name} writes an FP32 model; drop half=True")
-    if fmt.cpu_only:
-        return torch.device("cpu")
-    device = select_device(args.device)
+    fmt.check_installed(int8=args.int8)
+    if args.int8 and args.half:
+        raise ConfigError("int8=True and half=True exclude each other; keep one")
+    if args.int8 and not fmt.int8:
+        int8_formats = " or ".join(f"format={row.name}" for row in export_formats() if row.int8)
+        raise ConfigError(f"format={fmt.name} has no INT8 export; use {int8_formats}, or drop int8=True")
+    device = torch.device("cpu") if fmt.cpu_only else select_device(args.device)
     if fmt.gpu and device.type != "cuda":
         raise ConfigError(f"format={fmt.name} needs a CUDA device; pass device=0")
-    if args.half and device.type != "cuda":
-        raise ConfigError("half=True needs a CUDA device (fp16 export is GPU-only); pass device=0 or half=False")
+    if args.half and device.type not in fmt.half:
+        raise ConfigError(half_refusal(fmt.name))
     return device
+
+
+def half_refusal(name: str) -> str:
+    """Why half=True cannot be written for format=`name` here, and what can."""
+    fmt = export_format(name)
+    on_cpu = " or ".join(f"format={row.name}" for row in export_formats() if "cpu" in row.half)
+    if "cuda" in fmt.half:
+        return f"half=True needs a CUDA device for format={name} (FP16 runs there); pass device=0, use {on_cpu} " \
+               "for FP16 on the CPU, or drop half=True"
+    return f"format={name} has no FP16 export; drop half=True"
 
 
 def file_size_mb(path: Path) -> float:
@@ -199,13 +259,29 @@ def file_size_mb(path: Path) -> float:
 
 
 def write_export(
-    model: ExportModel, images: Tensor, path: Path, settings: dict, metadata: dict, device: torch.device
+    model: ExportModel, images: Tensor, path: Path, settings: dict, metadata: dict, device: torch.device,
+    calibration: CalibrationSet | None = None,
 ) -> tuple[str, ExportedDetector]:
-    """Write `model` to `path` in settings['format'] and load it back; returns (log prefix, inference backend)."""
+    """Write `model` to `path` in settings['format'] (INT8 when `calibration` is given) and load it back; returns
+    (log prefix, inference backend)."""
     fmt = export_format(settings["format"])
     runtime = fmt.runtime_module()
-    runtime.export(model, images, path, settings, metadata)
-    return colorstr(f"{fmt.title}:"), runtime.load(path, device)
+    if calibration is None:
+        runtime.export(model, images, path, settings, metadata)
+    else:
+        runtime.export_int8(model, images, path, settings, metadata, calibration)
+    title = fmt.title + ("" if settings["precision"] == "fp32" else f" {settings['precision'].upper()}")
+    return colorstr(f"{title}:"), runtime.load(path, device)
+
+
+def int8_calibration(args: Args, settings: dict, train_args: dict, stride: int) -> CalibrationSet | None:
+    """The calibration set of an int8=True export (None otherwise): `fraction` of the train split of data= or, when
+    data= is not given, of the checkpoint's training data."""
+    if not settings["int8"]:
+        return None
+    given = "data" in (getattr(args, "explicit", None) or ())
+    data = calibration_data(args.data, given, train_args, args.datasets_dir)
+    return calibration_set(data, args.datasets_dir, args.fraction, args.calib_method, settings["imgsz"], stride)
 
 
 def export(detector: DenseDetector, args: Args, train_args: dict | None = None) -> Path:
@@ -216,24 +292,25 @@ def export(detector: DenseDetector, args: Args, train_args: dict | None = None) 
     train_args = train_args or {}
     device = export_device(args)
     settings = export_settings(args, detector, train_args, device)
-    dtype = torch.float16 if settings["half"] else torch.float32
+    dtype = torch.float16 if settings["half"] and device.type == "cuda" else torch.float32  # OpenVINO: FP16 at save
     model = ExportModel(copy.deepcopy(detector), settings["nms"], settings["conf"], settings["iou"],
                         settings["max_det"], settings["nms_pre"], settings["multi_label"])
     model = model.to(device, dtype).eval()  # eval on the wrapper too: exporters restore the wrapper's mode
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(settings["batch"], 3, *settings["imgsz"], generator=generator).to(device, dtype)
     writable = writable_dir if export_format(settings["format"]).folder else writable_file
-    path = writable(export_path(args.model, settings["format"]),
+    path = writable(export_path(args.model, settings["format"], settings["precision"]),
                     "the export is written beside model=: copy the .pt to a folder you can write to")
+    calibration = int8_calibration(args, settings, train_args, max(detector.strides))
     with torch.no_grad():
         reference = model(images)
     size_mb = sum(p.numel() * p.element_size() for p in detector.state_dict().values()) / 1e6
     LOGGER.info(f"{colorstr('PyTorch:')} starting from '{args.model}' with input shape {tuple(images.shape)} BCHW "
                 f"and output shape(s) {tuple(reference.shape)} ({size_mb:.1f} MB)")
-    metadata = export_metadata(detector, settings, train_args)
+    metadata = export_metadata(detector, settings, train_args, calibration)
     start = time.perf_counter()
-    prefix, backend = write_export(model, images, path, settings, metadata, device)
-    check_parity(prefix, model, backend, images, reference, settings["half"])
+    prefix, backend = write_export(model, images, path, settings, metadata, device, calibration)
+    check_parity(prefix, model, backend, images, reference, settings["precision"])
     LOGGER.info(f"{prefix} export success ✅ {time.perf_counter() - start:.1f}s, saved as '{path}' "
                 f"({file_size_mb(path):.1f} MB)")
     log_usage(path, settings, train_args.get("data"))
@@ -250,7 +327,8 @@ def log_usage(path: Path, settings: dict, data: str | None) -> None:
 
 
 def run(args: Args) -> Path:
-    """`crosskd export`: load the student from `model=` (or the newest best.pt) and export it."""
+    """Load the student from `model=` (or the newest best.pt) and write its export (`crosskd export` is
+    engine/tools/export.run: this, then the AP check of an INT8 file)."""
     source = args.model or newest_best("exporting")
     if is_yaml(source):
         raise ConfigError(f"export needs trained weights, not the bare model YAML model={source}; e.g. model=best.pt")

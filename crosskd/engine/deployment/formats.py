@@ -3,7 +3,9 @@ sniffing and `crosskd benchmark`.
 
 A row names its runtime module instead of importing it, so that this table stays plain data (the run settings read
 it at start without loading torch). A runtime module provides `export(model, images, path, settings, metadata)`,
-which writes the file, and `load(path, device)`, which returns an `ExportedDetector` running it.
+which writes the file, and `load(path, device)`, which returns an `ExportedDetector` running it; a row with `int8`
+also `export_int8(model, images, path, settings, metadata, calibration)`, which writes the INT8 file calibrated on
+`calibration` (deployment/quantization.py).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ class ExportFormat:
     extra: str | None = None  # the crosskd pip extra that installs that package
     gpu: bool = False  # needs a CUDA device to export and run
     cpu_only: bool = False  # traced and run on the CPU whatever device= says
-    half: bool = False  # can be written in FP16 (on CUDA)
+    half: tuple[str, ...] = ()  # the device types on which it can be written in FP16 (half=True)
+    int8: str | None = None  # the Python package that quantizes it to INT8 (int8=True); None: no INT8
     opset: bool = False  # takes opset= (an ONNX graph is written on the way)
     also: tuple[str, ...] = ()  # other path endings that name this format (OpenVINO's .xml)
 
@@ -38,10 +41,13 @@ class ExportFormat:
         self.check_installed()
         return importlib.import_module(self.module)
 
-    def check_installed(self) -> None:
-        if self.package and importlib.util.find_spec(self.package) is None:
-            raise ConfigError(f"{self.title} export and inference need the {self.package} package; install it with: "
-                              f"pip install 'crosskd[{self.extra}]'")
+    def check_installed(self, int8: bool = False) -> None:
+        """One line naming the pip command when the runtime package (and with `int8` the quantizer) is missing."""
+        needed = [(self.package, "export and inference need"), (self.int8 if int8 else None, "INT8 export needs")]
+        for package, purpose in needed:
+            if package and importlib.util.find_spec(package) is None:
+                command = f"pip install 'crosskd[{self.extra}]'" if self.extra else f"pip install {package}"
+                raise ConfigError(f"{self.title} {purpose} the {package} package; install it with: {command}")
 
     def matches(self, source: str | Path) -> bool:
         """Whether the path `source` names a file or folder of this format."""
@@ -53,18 +59,19 @@ class ExportFormat:
         """The export is a folder (<stem><suffix>/), not a file."""
         return self.suffix.startswith("_")
 
-    def path_for(self, weights: Path) -> Path:
-        """The export of `weights` (a .pt): beside it with the same stem."""
-        return weights.with_name(weights.stem + self.suffix)
+    def path_for(self, weights: Path, precision: str = "fp32") -> Path:
+        """The export of `weights` (a .pt): beside it with the same stem (`<stem>_int8` for INT8, as Ultralytics)."""
+        return weights.with_name(weights.stem + PRECISION_STEMS[precision] + self.suffix)
 
 
+PRECISION_STEMS = {"fp32": "", "fp16": "", "int8": "_int8"}  # what each precision adds to the export's stem
 RUNTIMES = "crosskd.engine.deployment.runtimes"
 FORMATS: tuple[ExportFormat, ...] = (
     ExportFormat("pytorch", "PyTorch", ".pt", None),
-    ExportFormat("torchscript", "TorchScript", ".torchscript", f"{RUNTIMES}.torchscript", half=True),
-    ExportFormat("onnx", "ONNX", ".onnx", f"{RUNTIMES}.onnx", half=True, opset=True),
+    ExportFormat("torchscript", "TorchScript", ".torchscript", f"{RUNTIMES}.torchscript", half=("cuda",)),
+    ExportFormat("onnx", "ONNX", ".onnx", f"{RUNTIMES}.onnx", half=("cuda",), int8="onnxruntime", opset=True),
     ExportFormat("openvino", "OpenVINO", "_openvino_model", f"{RUNTIMES}.openvino", package="openvino",
-                 extra="openvino", cpu_only=True, opset=True, also=(".xml",)),
+                 extra="openvino", cpu_only=True, half=("cpu",), int8="nncf", opset=True, also=(".xml",)),
 )
 
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from crosskd.config import Args, imgsz_hw, setting_or_model_default
-from crosskd.data.transforms import resize_long_side
 from crosskd.engine.deployment.loader import Runtime, load_runtime
+from crosskd.engine.deployment.preprocess import letterbox
 from crosskd.engine.deployment.runtimes.exported import ExportedDetector
 from crosskd.engine.prediction.results import Boxes, Results
 from crosskd.engine.prediction.sources import Frame, batched, describe_frame, load_frames
@@ -27,44 +27,12 @@ from crosskd.utils import LOGGER, colorstr, select_device
 PREDICT_CONF = 0.25  # score threshold when conf is empty
 
 
-def resize_to_fit(image: np.ndarray, imgsz: tuple[int, int]) -> tuple[np.ndarray, float]:
-    """Keep-ratio resize into h x w: the validation resize (long side = imgsz) when square."""
-    height, width = imgsz
-    if height == width:
-        return resize_long_side(image, height)
-    ratio = min(height / image.shape[0], width / image.shape[1])
-    size = (max(1, round(image.shape[1] * ratio)), max(1, round(image.shape[0] * ratio)))  # cv2 takes (w, h)
-    if size != (image.shape[1], image.shape[0]):
-        image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
-    return image, ratio
-
-
 def preprocess(
     images: Sequence[np.ndarray], imgsz: tuple[int, int], pad_multiple: int, device: torch.device, pad_value: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BGR uint8 images [H, W, 3] -> model input [B, 3, H', W'] 0..1 RGB and resize ratios [B] (`letterbox`)."""
     images, ratios, _ = letterbox(images, imgsz, pad_multiple, device, pad_value)
     return images, ratios
-
-
-def letterbox(
-    images: Sequence[np.ndarray], imgsz: tuple[int, int], pad_multiple: int, device: torch.device, pad_value: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """BGR uint8 images [H, W, 3] -> model input [B, 3, H', W'] 0..1 RGB, resize ratios [B] and each resized
-    image's (h, w) [B, 2] inside the input.
-
-    crosskd's input convention (backend.InputConvention): keep-ratio resize, padding with `pad_value` bottom/right to
-    a multiple of `pad_multiple`.
-    """
-    resized = [resize_to_fit(image, imgsz) for image in images]
-    height = -(-max(image.shape[0] for image, _ in resized) // pad_multiple) * pad_multiple
-    width = -(-max(image.shape[1] for image, _ in resized) // pad_multiple) * pad_multiple
-    batch = torch.full((len(images), 3, height, width), pad_value, dtype=torch.uint8)
-    for i, (image, _) in enumerate(resized):
-        batch[i, :, : image.shape[0], : image.shape[1]] = torch.from_numpy(image).permute(2, 0, 1).flip(0)  # RGB
-    ratios = torch.tensor([ratio for _, ratio in resized], dtype=torch.float32)
-    sizes = torch.tensor([image.shape[:2] for image, _ in resized], dtype=torch.int64)  # [B, 2] (h, w)
-    return batch.to(device).float().div_(255), ratios.to(device), sizes.to(device)
 
 
 def to_results(frame: Frame, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,

@@ -1,9 +1,10 @@
 """`crosskd benchmark`: export a checkpoint to every format, then size, COCO AP and speed per format.
 
-Ultralytics' benchmark table: one row per format (the PyTorch checkpoint itself, TorchScript, ONNX, OpenVINO), each
-validated through its own runtime by the one Validator and timed on random images at the run's batch and imgsz
-(graph plus post-processing, as predict runs it). A format that fails (openvino not installed, an export error)
-shows its error in its row and the other formats still run. The exports, benchmark.csv and benchmark.json go to
+Ultralytics' benchmark table: one row per format (the PyTorch checkpoint itself, TorchScript, ONNX, OpenVINO) and
+precision (FP32; FP16 where the format writes it on the device; INT8 where it has it, calibrated on the train split of
+data=), each validated through its own runtime by the one Validator and timed on random images at the run's batch
+and imgsz (graph plus post-processing, as predict runs it). A format that fails (openvino not installed, an export
+error) shows its error in its row and the other formats still run. The exports, benchmark.csv and benchmark.json go to
 runs/benchmark/<name>.
 """
 
@@ -27,8 +28,6 @@ from crosskd.errors import ConfigError, DataError
 from crosskd.models import DenseDetector
 from crosskd.paths import make_save_dir, newest_best
 from crosskd.utils import LOGGER, colorstr, console, select_device
-
-TIMED_RUNS = 5  # timed predict calls (after one warm-up) per format
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,8 @@ def run(args: Args) -> list[BenchmarkRow]:
                         "benchmark on the dataset the model was trained on")
     args = benchmark_args(args, runtime)
     save_dir = make_save_dir(args, "benchmark")
-    rows = [benchmark_format(fmt, runtime, args, save_dir, device) for fmt in formats.FORMATS]
+    rows = [benchmark_format(fmt, precision, runtime, args, save_dir, device)
+            for fmt, precision in variants(device)]
     height, width = args.imgsz
     size = height if height == width else f"{height},{width}"
     console.print(benchmark_table(rows, f"Benchmarks: {Path(source).name} on {Path(args.data).name} ({args.split}) "
@@ -69,36 +69,55 @@ def run(args: Args) -> list[BenchmarkRow]:
 
 def benchmark_args(args: Args, runtime: Runtime) -> Args:
     """`args` with imgsz resolved (typed, else the checkpoint's; rounded up to the largest stride as exports are) and
-    imgsz/batch marked typed, so every format is exported, validated and timed at the same size and batch."""
+    imgsz/batch/data marked typed, so every format is exported, validated and timed at the same size and batch, and
+    INT8 calibrates on the benchmark's data."""
     imgsz = setting_or_model_default(args, "imgsz", runtime.train_args.get("imgsz"))
     imgsz = list(exporter.export_imgsz(imgsz, runtime.stride))  # [h, w]
     explicit = vars(args).get("explicit") or frozenset()
-    return Args(**{**vars(args), "imgsz": imgsz, "explicit": frozenset(explicit | {"imgsz", "batch"})})
+    return Args(**{**vars(args), "imgsz": imgsz, "explicit": frozenset(explicit | {"imgsz", "batch", "data"})})
+
+
+def variants(device: torch.device) -> list[tuple[formats.ExportFormat, str]]:
+    """(format, precision) of every row: each format in FP32, then in FP16 where it writes FP16 on the device it
+    runs on, and in INT8 where it has an INT8 export."""
+    rows = []
+    for fmt in formats.FORMATS:
+        rows.append((fmt, "fp32"))
+        if ("cpu" if fmt.cpu_only else device.type) in fmt.half:
+            rows.append((fmt, "fp16"))
+        if fmt.int8:
+            rows.append((fmt, "int8"))
+    return rows
 
 
 def benchmark_format(
-    fmt: formats.ExportFormat, runtime: Runtime, args: Args, save_dir: Path, device: torch.device
+    fmt: formats.ExportFormat, precision: str, runtime: Runtime, args: Args, save_dir: Path, device: torch.device
 ) -> BenchmarkRow:
-    """Export (unless pytorch), validate and time one format; its error, in one line, when any step fails."""
+    """Export (unless pytorch), validate and time one format at one precision; its error, in one line, when any
+    step fails."""
+    title = fmt.title + ("" if precision == "fp32" else f" {precision.upper()}")
     try:
-        model, path = format_model(fmt, runtime, args, save_dir, device)
+        model, path = format_model(fmt, precision, runtime, args, save_dir, device)
         metrics = Validator(args, model=model, save_dir=save_dir).run(plots=False, per_class=False)
         speed = ms_per_image(model, args)
     except Exception as error:  # any failure of one format belongs in its row, not in a crash of the benchmark
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        LOGGER.warning(f"benchmark {fmt.title} failed: {reason}")
-        return BenchmarkRow(fmt.title, reason)
-    return BenchmarkRow(fmt.title, "ok", str(path), exporter.file_size_mb(path), metrics["AP"], metrics["AP50"],
-                        speed)
+        LOGGER.warning(f"benchmark {title} failed: {reason}")
+        return BenchmarkRow(title, reason)
+    return BenchmarkRow(title, "ok", str(path), exporter.file_size_mb(path), metrics["AP"], metrics["AP50"], speed)
 
 
 def format_model(
-    fmt: formats.ExportFormat, runtime: Runtime, args: Args, save_dir: Path, device: torch.device
+    fmt: formats.ExportFormat, precision: str, runtime: Runtime, args: Args, save_dir: Path, device: torch.device
 ) -> tuple[DenseDetector | ExportedDetector, Path]:
-    """The model to validate in format `fmt` and the file it comes from (exported into `save_dir`)."""
+    """The model to validate in format `fmt` at `precision` and the file it comes from (exported into `save_dir`;
+    FP16 into save_dir/fp16, as it has the FP32 file's name)."""
     if fmt.module is None:  # the PyTorch checkpoint itself
         return runtime.model, Path(runtime.source)
-    export_args = Args(**{**vars(args), "format": fmt.name, "model": str(save_dir / Path(runtime.source).name)})
+    folder = save_dir / "fp16" if precision == "fp16" else save_dir
+    folder.mkdir(exist_ok=True)
+    export_args = Args(**{**vars(args), "format": fmt.name, "model": str(folder / Path(runtime.source).name),
+                          "half": precision == "fp16", "int8": precision == "int8"})
     path = exporter.export(runtime.detector("benchmark"), export_args, runtime.train_args)
     return load_runtime(path, device=device).model, path
 
@@ -114,7 +133,7 @@ def ms_per_image(model: DenseDetector | ExportedDetector, args: Args) -> float:
         return model.predict(batch, conf, args.iou, args.max_det, args.nms_pre)
 
     with torch.inference_mode():
-        return exporter.median_ms(predict, images, TIMED_RUNS) / args.batch
+        return exporter.median_ms(predict, images) / args.batch
 
 
 def benchmark_table(rows: list[BenchmarkRow], title: str) -> Table:

@@ -73,6 +73,8 @@ def parse_metadata(metadata: dict[str, str], path: Path) -> dict:
     values["names"] = {int(k): str(v) for k, v in values["names"].items()}
     values["head_type"] = metadata.get("head_type", "")
     values["min_bbox_size"] = ast.literal_eval(metadata.get("min_bbox_size", "0.0"))  # files before the key: 0
+    values["precision"] = metadata.get("precision", "fp16" if values["args"].get("half") else "fp32")
+    values["calibration"] = json.loads(metadata["calibration"]) if "calibration" in metadata else None
     return values
 
 
@@ -104,6 +106,8 @@ class ExportedDetector(ABC):
         self.min_bbox_size: float | None = meta["min_bbox_size"]
         self.args: dict = meta["args"]
         self.nms = bool(self.args.get("nms", False))
+        self.precision: str = meta["precision"]  # fp32, fp16 or int8
+        self.calibration: dict | None = meta["calibration"]  # an INT8 file's calibration set (data, images, method)
         self.input_convention = InputConvention.from_metadata(metadata.get("input"), path)
 
     def eval(self) -> ExportedDetector:

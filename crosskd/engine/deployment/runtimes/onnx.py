@@ -1,16 +1,25 @@
-"""ONNX: the exporter of a .onnx file, and ONNX Runtime running it behind `DenseDetector.predict()` (CUDA execution
-provider on CUDA)."""
+"""ONNX: the exporter of a .onnx file (float, or INT8 through ONNX Runtime's static quantization), and ONNX Runtime
+running it behind `DenseDetector.predict()` (CUDA execution provider on CUDA)."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from crosskd.engine.deployment.quantization import CalibrationInputs, CalibrationSet, float_nodes
 from crosskd.engine.deployment.runtimes.exported import ExportedDetector, quiet_export_warnings
 from crosskd.errors import CheckpointError
 from crosskd.utils import LOGGER, colorstr
+
+if TYPE_CHECKING:
+    import onnx
 
 
 class OnnxDetector(ExportedDetector):
@@ -91,3 +100,70 @@ def dynamic_axes(nms: bool) -> dict[str, dict[int, str]]:
     if nms:
         return {"images": {0: "batch"}, "output0": {0: "batch"}}
     return {"images": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch", 2: "anchors"}}
+
+
+def export_int8(
+    model: nn.Module, images: torch.Tensor, path: Path, settings: dict, metadata: dict, calibration: CalibrationSet
+) -> None:
+    """The float graph of `export`, statically quantized by ONNX Runtime into `path`: QDQ format, INT8 weights per
+    output channel, UINT8 activations with ranges from `calibration`; the decode stays float (quantization.py)."""
+    import onnx
+    from onnxruntime import quantization
+
+    methods = {"minmax": quantization.CalibrationMethod.MinMax, "entropy": quantization.CalibrationMethod.Entropy,
+               "percentile": quantization.CalibrationMethod.Percentile}
+    with tempfile.TemporaryDirectory() as tmp:
+        float_path = Path(tmp) / "float.onnx"
+        export(model, images, float_path, settings, metadata)
+        proto = onnx.load(str(float_path))
+        kept = float_graph_nodes(proto)
+        onnx.save(proto, str(float_path))  # with every node named, as nodes_to_exclude needs
+        LOGGER.info(f"{colorstr('ONNX:')} quantizing with ONNX Runtime (QDQ, {len(kept)} of {len(proto.graph.node)} "
+                    f"nodes stay float: the decode) on {calibration.describe()}...")
+        with quiet_quantizer():
+            quantization.quantize_static(
+                str(float_path), str(path), CalibrationReader(calibration.inputs(settings["batch"])),
+                quant_format=quantization.QuantFormat.QDQ, per_channel=True,
+                activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
+                calibrate_method=methods[calibration.method], nodes_to_exclude=kept,
+            )
+
+
+def float_graph_nodes(proto: onnx.ModelProto) -> list[str]:
+    """Names every unnamed node of the ONNX graph `proto` and returns those that stay float (`float_nodes`)."""
+    nodes = proto.graph.node
+    for i, node in enumerate(nodes):
+        node.name = node.name or f"node_{i}"
+    readers: dict[str, list[str]] = {}
+    for node in nodes:
+        for tensor in node.input:
+            readers.setdefault(tensor, []).append(node.name)
+    successors = {node.name: [r for tensor in node.output for r in readers.get(tensor, ())] for node in nodes}
+    convolutions = {node.name for node in nodes if node.op_type == "Conv"}
+    return float_nodes([node.name for node in nodes], successors, convolutions)
+
+
+class CalibrationReader:
+    """ONNX Runtime's calibration data reader protocol (`get_next`) over the calibration inputs."""
+
+    def __init__(self, inputs: CalibrationInputs) -> None:
+        self.batches = iter(inputs)
+
+    def get_next(self) -> dict | None:
+        array = next(self.batches, None)
+        return None if array is None else {"images": array}
+
+
+@contextlib.contextmanager
+def quiet_quantizer() -> Iterator[None]:
+    """Drop the quantizer's warnings on the root logger: advice to pre-process the model (its symbolic shape inference
+    fails on the decode's dynamic reshapes, and quantization does not need it) and one line per GroupNorm bias that
+    is computed rather than stored (those additions stay float)."""
+    root = logging.getLogger()
+    quantizer = logging.Filter()
+    quantizer.filter = lambda record: "onnxruntime" not in record.pathname
+    root.addFilter(quantizer)
+    try:
+        yield
+    finally:
+        root.removeFilter(quantizer)

@@ -1,9 +1,11 @@
-"""OpenVINO: the exporter of an IR folder (<name>.xml + .bin, metadata.yaml) converted from the ONNX graph, and that
-folder compiled for the CPU behind `DenseDetector.predict()`."""
+"""OpenVINO: the exporter of an IR folder (<name>.xml + .bin, metadata.yaml) converted from the ONNX graph (FP32, FP16
+weights with half=True, or INT8 through NNCF), and that folder compiled for the CPU behind
+`DenseDetector.predict()`."""
 
 from __future__ import annotations
 
 import functools
+import logging
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,6 +15,7 @@ import yaml
 from torch import nn
 
 from crosskd.engine.deployment.formats import export_format
+from crosskd.engine.deployment.quantization import CalibrationSet, float_nodes
 from crosskd.engine.deployment.runtimes import onnx
 from crosskd.engine.deployment.runtimes.exported import ExportedDetector
 from crosskd.errors import CheckpointError
@@ -23,6 +26,7 @@ if TYPE_CHECKING:
 
 OPENVINO_SUFFIX = "_openvino_model"  # an OpenVINO export is the folder <weights stem>_openvino_model (Ultralytics')
 OPENVINO_METADATA = "metadata.yaml"
+
 
 def import_openvino():
     """The openvino module, or a one-line ConfigError with the command that installs it (from the format table)."""
@@ -85,16 +89,66 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> OpenVinoDetect
 
 
 def export(model: nn.Module, images: torch.Tensor, path: Path, settings: dict, metadata: dict) -> None:
-    """The ONNX graph of format=onnx converted by OpenVINO into the folder `path`: <stem>.xml/.bin + metadata.yaml.
+    """The ONNX graph of format=onnx converted by OpenVINO into the folder `path`: <stem>.xml/.bin + metadata.yaml,
+    with FP16 weights when settings['half'] (compiled at f32 on the CPU, like an FP32 folder).
 
     Going through ONNX keeps one traced graph for both formats (dynamic axes and embedded NMS included).
     """
+    save_folder(convert(model, images, settings, metadata), path, metadata, fp16=settings["half"])
+
+
+def export_int8(
+    model: nn.Module, images: torch.Tensor, path: Path, settings: dict, metadata: dict, calibration: CalibrationSet
+) -> None:
+    """The IR of `export` quantized by NNCF (INT8 weights and activations, ranges from `calibration`); the decode stays
+    float (quantization.py)."""
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    estimators = {"minmax": RangeEstimatorParametersSet.MINMAX, "percentile": RangeEstimatorParametersSet.MEAN_QUANTILE,
+                  "entropy": RangeEstimatorParametersSet.HISTOGRAM}
+    ov_model = convert(model, images, settings, metadata)
+    kept = float_ir_nodes(ov_model)
+    inputs = calibration.inputs(settings["batch"])
+    LOGGER.info(f"{colorstr('OpenVINO:')} quantizing with NNCF {nncf.__version__} ({len(kept)} of "
+                f"{len(ov_model.get_ordered_ops())} nodes stay float: the decode) on {calibration.describe()}...")
+    nncf_logger, level = logging.getLogger("nncf"), logging.getLogger("nncf").level
+    nncf_logger.setLevel(logging.WARNING)  # not a line per node it leaves float
+    try:
+        quantized = nncf.quantize(
+            ov_model, nncf.Dataset(inputs), subset_size=len(inputs) * settings["batch"],
+            ignored_scope=nncf.IgnoredScope(names=kept, validate=False),
+            advanced_parameters=AdvancedQuantizationParameters(
+                activations_range_estimator_params=estimators[calibration.method]),
+        )
+    finally:
+        nncf_logger.setLevel(level)
+    save_folder(quantized, path, metadata, fp16=False)
+
+
+def convert(model: nn.Module, images: torch.Tensor, settings: dict, metadata: dict) -> openvino.Model:
+    """The OpenVINO model of `model`'s ONNX graph (format=onnx's export, through a temporary file)."""
     openvino = import_openvino()
     LOGGER.info(f"{colorstr('OpenVINO:')} starting export with openvino {openvino.__version__.split('-')[0]}...")
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         onnx.export(model, images, onnx_path, settings, metadata)
-        ov_model = openvino.convert_model(str(onnx_path))
-        xml = path / f"{path.name.removesuffix(OPENVINO_SUFFIX)}.xml"
-        openvino.save_model(ov_model, str(xml), compress_to_fp16=False)  # FP32 weights: parity within 1e-3
+        return openvino.convert_model(str(onnx_path))
+
+
+def save_folder(ov_model: openvino.Model, path: Path, metadata: dict, fp16: bool) -> None:
+    """<stem>.xml/.bin (FP32 weights unless `fp16`: parity within 1e-3) and metadata.yaml in the folder `path`."""
+    openvino = import_openvino()
+    xml = path / f"{path.name.removesuffix(OPENVINO_SUFFIX)}.xml"
+    openvino.save_model(ov_model, str(xml), compress_to_fp16=fp16)
     (path / OPENVINO_METADATA).write_text(yaml.safe_dump(metadata, sort_keys=False))
+
+
+def float_ir_nodes(ov_model: openvino.Model) -> list[str]:
+    """The friendly names of the OpenVINO model's operations that stay float (`float_nodes`)."""
+    ops = ov_model.get_ordered_ops()
+    successors = {op.get_friendly_name(): [target.get_node().get_friendly_name() for output in op.outputs()
+                                           for target in output.get_target_inputs()] for op in ops}
+    convolutions = {op.get_friendly_name() for op in ops if op.get_type_name() == "Convolution"}
+    return float_nodes([op.get_friendly_name() for op in ops], successors, convolutions)
