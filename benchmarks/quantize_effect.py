@@ -3,14 +3,18 @@ for the CrossKD student, on two generated sets, 3 seeds.
 
     nohup python benchmarks/quantize_effect.py > quantize.log 2>&1 &     # everything, in the background; rerun: resume
     python benchmarks/quantize_effect.py --summary                       # the table of what has finished
-    python benchmarks/quantize_effect.py --reuse benchmarks/results/reproduce-v2   # digits: reproduce.py's trainings
+    python benchmarks/quantize_effect.py --reuse digits=benchmarks/results/reproduce-v2   # reproduce.py's trainings
+    python benchmarks/quantize_effect.py --out benchmarks/results/quantize-effect-aug \
+        --reuse digits=benchmarks/results/augment-effect photos=benchmarks/results/augment-effect
     python benchmarks/quantize_effect.py --smoke --out /tmp/q            # tiny models and data, one seed: a minute
 
 Sets: `digits` (reproduce.py's cpu scale: 1,024 train / 256 val images at 128 px, 1-4 digits each) and `photos` (the
 same sizes and glyphs on cluttered photo backgrounds, cfg/datasets/digits_photos.yaml's look). On each, reproduce.py's
 cpu-scale recipe: the teacher (gfl_r18s, seed 0, 24 epochs), then for seeds 0, 1, 2 the student alone and the CrossKD
-student (the quarter-width GFL of benchmarks/configs/gfl_r18q_student.yaml, 8 epochs). `--reuse DIR` takes the digits
-set's three trainings from a finished reproduce.py cpu run in DIR (the same data, models and schedule) instead.
+student (the quarter-width GFL of benchmarks/configs/gfl_r18q_student.yaml, 8 epochs). `--reuse SET=DIR` takes a set's
+students from finished trainings instead: a reproduce.py cpu results folder (the digits set: the same data, models and
+schedule), or an augment_effect.py results folder (its `student-aug` and `crosskd-aug` runs of that set: 256 training
+images, 30 epochs with Ultralytics' augmentation, both students trained the same way).
 
 Every student is then exported INT8 with ONNX Runtime and with OpenVINO/NNCF (`crosskd export int8=True`: 300
 calibration images of the train split, calib_method=minmax) and validated, float (PyTorch) and INT8 on the same val
@@ -77,7 +81,7 @@ class Study(NamedTuple):
     epochs: dict[str, int]
     common: dict[str, Any]
     seeds: tuple[int, ...]
-    reuse: Path | None = None
+    reuse: dict[str, Path] = {}
 
 
 def data_yaml(study: Study, name: str) -> Path:
@@ -93,10 +97,13 @@ def data_yaml(study: Study, name: str) -> Path:
 
 
 def run_dir(study: Study, data_set: str, run: Run, seed: int) -> Path:
-    """A training's folder: its own, or reproduce.py's for the digits set with --reuse."""
-    if study.reuse is not None and data_set == "digits":
-        return study.reuse / "runs" / REUSED[run.name] / f"seed{seed}"
-    return study.out / data_set / run.name / f"seed{seed}"
+    """A training's folder: its own, or that of the reproduce.py or augment_effect.py run a set reuses."""
+    source = study.reuse.get(data_set)
+    if source is None:
+        return study.out / data_set / run.name / f"seed{seed}"
+    if (source / "runs").is_dir():  # reproduce.py
+        return source / "runs" / REUSED[run.name] / f"seed{seed}"
+    return source / data_set / f"{run.name}-aug" / f"seed{seed}"  # augment_effect.py
 
 
 def is_finished(folder: Path) -> bool:
@@ -133,8 +140,8 @@ def train(study: Study, data_set: str, run: Run, seed: int) -> str:
     folder = run_dir(study, data_set, run, seed)
     if is_finished(folder):
         return f"{data_set}/{run.name} seed {seed}: trained"
-    if study.reuse is not None and data_set == "digits":
-        return f"{data_set}/{run.name} seed {seed}: MISSING in {study.reuse} (finish reproduce.py there first)"
+    if data_set in study.reuse:
+        return f"{data_set}/{run.name} seed {seed}: MISSING in {study.reuse[data_set]} (finish that study first)"
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "train.log", "a") as log:
         code = subprocess.run(command(study, data_set, run, seed), stdout=log, stderr=subprocess.STDOUT,
@@ -205,7 +212,13 @@ def make_study(opts: argparse.Namespace) -> Study:
     if opts.smoke:
         return Study(opts.out, SMOKE["sets"], SMOKE["models"], SMOKE["epochs"], SMOKE["common"], SMOKE["seeds"])
     sets = {name: SETS[name] for name in opts.sets}
-    reuse = opts.reuse.resolve() if opts.reuse else None
+    reuse = {}
+    for item in opts.reuse:
+        name, _, folder = item.partition("=")
+        if name not in SETS or not folder or not Path(folder).is_dir():
+            raise SystemExit(f"--reuse {item}: give SET=DIR with SET one of {', '.join(SETS)} and DIR a finished "
+                             "reproduce.py or augment_effect.py results folder")
+        reuse[name] = Path(folder).resolve()
     return Study(opts.out, sets, MODELS, EPOCHS, {}, tuple(opts.seeds), reuse)
 
 
@@ -215,7 +228,8 @@ def main() -> None:
     parser.add_argument("--sets", nargs="*", default=list(SETS), choices=list(SETS))
     parser.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
     parser.add_argument("--jobs", type=int, default=2, help="trainings at a time")
-    parser.add_argument("--reuse", type=Path, help="a reproduce.py cpu results folder: the digits set's trainings")
+    parser.add_argument("--reuse", nargs="*", default=[], metavar="SET=DIR",
+                        help="take a set's trainings from a reproduce.py or augment_effect.py results folder")
     parser.add_argument("--smoke", action="store_true", help="tiny data and models, one seed, 1-2 epochs")
     parser.add_argument("--summary", action="store_true", help="print the table of what has finished and exit")
     opts = parser.parse_args()
