@@ -627,7 +627,7 @@ def make_plan(opts: argparse.Namespace) -> Plan:
                     export_batches=(1,), kds=("crosskd", "crosskd+pkd"), loader=loader, quick=True)
     loader = LoaderPlan(images=opts.loader_images, rounds=opts.repeats, ultralytics=opts.ultralytics_python)
     return Plan(size=opts.size, batch=opts.batch or 2, repeats=opts.repeats, warmup=1, threads=opts.threads,
-                loader=loader)
+                export_batches=tuple(opts.export_batches), loader=loader)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -637,6 +637,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch (and runtime) threads")
     parser.add_argument("--size", type=int, default=256, help="input size in pixels (square)")
     parser.add_argument("--batch", type=int, default=None, help="batch of sections a and b (default 2)")
+    parser.add_argument("--export-batches", nargs="+", type=int, default=[1, 8], help="batches of section c")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per side (the median is reported)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: the CPU, then CUDA when present")
