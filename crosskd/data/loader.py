@@ -1,9 +1,9 @@
 """Batching: the padded `Batch` every consumer (trainer, validator, distiller) reads, and the DataLoader builder."""
 
-import atexit
 import dataclasses
 import itertools
 import math
+import multiprocessing.util
 import os
 import random
 import signal
@@ -142,17 +142,29 @@ WORKER_ITERATORS: weakref.WeakSet = weakref.WeakSet()  # live multi-process iter
 
 
 def stop_workers(iterator: Iterator[Batch]) -> None:
-    """Shut down the workers of a multi-process DataLoader iterator the orderly way (no-op when they are gone)."""
+    """Shut down the workers of a multi-process DataLoader iterator the orderly way (no-op when they are gone), and
+    kill any that is still alive after it: they ignore SIGTERM (`seed_worker`), torch's fallback."""
     if hasattr(iterator, "_shutdown_workers"):
         iterator._shutdown_workers()
+        for worker in getattr(iterator, "_workers", ()):
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)
 
 
-@atexit.register
 def stop_all_workers() -> None:
     """At exit, stop the workers still running. They ignore SIGTERM (see `seed_worker`), so the terminate-then-join
-    of multiprocessing's own exit handler, which runs after this one, would otherwise wait forever."""
+    of multiprocessing's exit handler would otherwise wait forever.
+
+    Registered as one of multiprocessing's own exit finalizers (priority >= 0 runs before that terminate-then-join),
+    not with `atexit`: a training inside a multiprocessing child (a process pool running one training per task) never
+    runs `atexit` handlers, only multiprocessing's, and hung at exit with its workers alive.
+    """
     for iterator in list(WORKER_ITERATORS):
         stop_workers(iterator)
+
+
+multiprocessing.util.Finalize(None, stop_all_workers, exitpriority=10)
 
 
 def seed_worker(worker_id: int) -> None:
