@@ -1,5 +1,6 @@
 """Faster R-CNN: the YAMLs build through the one builder, torchvision's parameter count, sampling and RoI pooling
-against hand-made cases and torchvision's pooler, training on a fixed batch, detections in image coordinates."""
+against hand-made cases and torchvision's pooler, training on a fixed batch, detections in image coordinates, and
+torchvision's checkpoints: proposals, R-CNN outputs and detections equal torchvision's own on the same weights."""
 
 from collections import OrderedDict
 from types import SimpleNamespace
@@ -7,10 +8,20 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torchvision.models.detection import fasterrcnn_resnet50_fpn
+from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import MultiScaleRoIAlign
 
 from crosskd.assigners.sampler import random_sample
 from crosskd.models import build_detector
+from crosskd.models.foreign.torchvision_detection import (
+    COCO80_NAMES,
+    COCO80_TO_91,
+    COCO91_TO_80,
+    frcnn_rows,
+    load_torchvision_detector,
+    torchvision_name,
+    weights_file_name,
+)
 from crosskd.models.two_stage import FasterRCNN, Proposals
 from crosskd.models.two_stage.roi_head import rois_from_proposals
 from crosskd.ops.roi import multilevel_roi_align, roi_levels
@@ -127,3 +138,97 @@ def test_predict_boxes_in_image_coordinates():
     dets, losses = detector.predict_with_loss(batch, conf=0.0)
     torch.testing.assert_close(dets[1].boxes, in_original[1].boxes)
     assert set(losses) == {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box"}
+
+
+# ----- torchvision checkpoints ---------------------------------------------------------------------------------------
+TV_NAME = "fasterrcnn_resnet50_fpn"
+TV_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+TV_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def randomised_torchvision_frcnn() -> torch.nn.Module:
+    """torchvision's Faster R-CNN (91 slots) from seed 0 in a realistic regime: non-trivial BN statistics (eps 0, as
+    torchvision sets for its COCO_V1 weights), FPN outputs of a few units, objectness logits and deltas of trained
+    size, unused COCO slots that never fire."""
+    torch.manual_seed(0)
+    model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+    rpn, predictor = model.rpn.head, model.roi_heads.box_predictor
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.1)
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+                module.eps = 0.0
+        for block in model.backbone.fpn.layer_blocks:
+            block[0].weight.mul_(0.02)
+            block[0].bias.mul_(0.02)
+        for layer, weight_std, bias_std in ((rpn.cls_logits, 0.1, 0.5), (rpn.bbox_pred, 0.01, 0.1),
+                                            (predictor.cls_score, 0.2, 0.5), (predictor.bbox_pred, 0.01, 0.1)):
+            layer.weight.normal_(0, weight_std)
+            layer.bias.normal_(0, bias_std)
+        unused = torch.ones(91, dtype=torch.bool)
+        unused[[0, *COCO80_TO_91]] = False
+        predictor.cls_score.bias[unused] = -20.0  # as trained weights: the 'N/A' slots never win
+    return model.eval()
+
+
+def test_torchvision_frcnn_names_and_rows():
+    assert weights_file_name(TV_NAME) == "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"
+    assert torchvision_name("torchvision:fasterrcnn_resnet50_fpn") == TV_NAME
+    rows = torch.arange(91 * 4).view(-1, 1)  # box rows: 4 per slot, background slot 0 first
+    moved = frcnn_rows(rows).view(81, 4)
+    assert moved[-1].tolist() == [0, 1, 2, 3] and moved[0].tolist() == [4, 5, 6, 7]  # person (slot 1) first
+    assert moved[:, 0].tolist() == [4 * s for s in (*COCO80_TO_91, 0)]
+
+
+@pytest.mark.slow
+def test_proposals_scores_boxes_and_detections_equal_torchvision(tmp_path):
+    """Same weights, same 128×256 images: RPN proposals, R-CNN class logits and deltas, and final detections."""
+    tv_model = randomised_torchvision_frcnn()
+    path = tmp_path / weights_file_name(TV_NAME)  # the real file's name and key layout (FrozenBN: no counters)
+    torch.save({k: v for k, v in tv_model.state_dict().items() if not k.endswith("num_batches_tracked")}, path)
+    ours = load_torchvision_detector(TV_NAME, path)
+    assert isinstance(ours, FasterRCNN) and ours.names == COCO80_NAMES
+    # Both keep every anchor before NMS (torchvision's default is 1000 per level): a per-level top-k cut between two
+    # logits 1e-6 apart would compare float rounding (which anchor wins the last place), not the two implementations.
+    tv_model.rpn._pre_nms_top_n["testing"] = 10_000
+    ours.head.rpn.test_proposals = ours.head.rpn.test_proposals._replace(pre_nms=10_000)
+
+    height, width = 128, 256
+    images = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        normalised = (images - TV_MEAN) / TV_STD
+        image_list = ImageList(normalised, [(height, width)] * 2)
+        feats = tv_model.backbone(normalised)
+        proposals, _ = tv_model.rpn(image_list, feats)  # eval: NMS 0.7 per level, 1000 per image
+        pooled = tv_model.roi_heads.box_roi_pool(feats, proposals, image_list.image_sizes)
+        logits, deltas = tv_model.roi_heads.box_predictor(tv_model.roi_heads.box_head(pooled))
+        expected, _ = tv_model.roi_heads(feats, proposals, image_list.image_sizes)  # 0.05, NMS 0.5, 100
+        outputs = ours(images)
+        dets = ours.predict(images, conf=0.05, iou=0.5, max_det=100)
+    ours_rois = []
+    for i, tv_boxes in enumerate(proposals):
+        assert len(tv_boxes) == int(outputs.proposals.counts[i]) == 1000
+        order = matching(outputs.proposals.boxes[i, : len(tv_boxes)], tv_boxes)  # near-tied scores may swap places
+        torch.testing.assert_close(outputs.proposals.boxes[i, order], tv_boxes, atol=1e-4, rtol=1e-6)
+        ours_rois.append(order + sum(len(b) for b in proposals[:i]))
+    order = torch.cat(ours_rois)  # our RoI row of each torchvision RoI
+    slots = [*COCO80_TO_91, 0]
+    torch.testing.assert_close(outputs.rcnn.cls_score[order], logits[:, slots], atol=1e-4, rtol=0)
+    ours_deltas = outputs.rcnn.bbox_pred.unflatten(1, (-1, 4))[order]
+    torch.testing.assert_close(ours_deltas, deltas.unflatten(1, (-1, 4))[:, slots], atol=1e-4, rtol=0)
+    for found, wanted in zip(dets, expected, strict=True):
+        assert len(found.boxes) == len(wanted["boxes"]) > 10
+        order = matching(found.boxes, wanted["boxes"])
+        torch.testing.assert_close(found.boxes[order], wanted["boxes"], atol=1e-4, rtol=1e-6)
+        torch.testing.assert_close(found.scores[order], wanted["scores"], atol=1e-4, rtol=0)
+        assert torch.equal(found.labels[order], torch.tensor(COCO91_TO_80)[wanted["labels"]])
+
+
+def matching(ours: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+    """Index [N] of the row of `ours` [N, 4] nearest each row of `theirs` [N, 4]; a permutation, or the test fails."""
+    order = torch.cdist(theirs, ours, p=float("inf")).argmin(dim=1)  # [N]
+    assert sorted(order.tolist()) == list(range(len(ours)))
+    return order
