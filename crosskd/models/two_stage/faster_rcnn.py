@@ -34,6 +34,14 @@ class TwoStageOutputs(NamedTuple):
     rcnn: RoIOutputs  # cls_score [K, C+1], bbox_pred [K, R*4]
 
 
+class TwoStageLoss(NamedTuple):
+    """A training pass: the losses and what the distiller reuses from it."""
+
+    losses: dict[str, Tensor]  # loss_rpn_cls, loss_rpn_box, loss_cls, loss_box
+    feats: list[Tensor]  # FPN maps P2–P6, each [B, C, H/s, W/s]
+    rois: Tensor  # [K, 5] the sampled training RoIs (image index, x1, y1, x2, y2)
+
+
 class FasterRCNNHead(nn.Module):
     """The two stages of Faster R-CNN, built from the flat keys of the YAML's head section (`rpn_*`: the RPN,
     `rcnn_*` and `roi_*`: the R-CNN stage; defaults are MMDetection's faster-rcnn_r50_fpn_1x).
@@ -144,12 +152,21 @@ class FasterRCNN(DenseDetector):
 
     def loss(self, batch: Any) -> dict[str, Tensor]:
         """RPN and R-CNN losses of a `Batch` (images [B, 3, H, W], gt_boxes [B, M, 4] xyxy, gt_labels [B, M])."""
+        return self.loss_and_rois(batch).losses
+
+    def loss_and_rois(self, batch: Any) -> "TwoStageLoss":
+        """`loss(batch)` with the FPN maps and the sampled training RoIs it used (what CrossKD's cross-head pass
+        feeds the teacher's R-CNN stage)."""
         feats = self.extract_features(batch.images)
         settings = self.head.rpn.train_proposals if self.training else self.head.rpn.test_proposals
-        return self.losses_from(feats, batch, settings)
+        losses, rois = self.losses_from(feats, batch, settings)
+        return TwoStageLoss(losses, feats, rois)
 
-    def losses_from(self, feats: list[Tensor], batch: Any, settings: ProposalSettings) -> dict[str, Tensor]:
-        """The four losses from FPN maps: RPN on its anchors, R-CNN on RoIs sampled from `settings`' proposals."""
+    def losses_from(
+        self, feats: list[Tensor], batch: Any, settings: ProposalSettings
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """The four losses from FPN maps (RPN on its anchors, R-CNN on RoIs sampled from `settings`' proposals) and
+        those sampled RoIs [K, 5]."""
         rpn, roi_head = self.head.rpn, self.head.roi_head
         rpn_out = rpn(feats)
         priors = rpn.priors([tuple(f.shape[-2:]) for f in feats], batch.images.device)
@@ -159,7 +176,7 @@ class FasterRCNN(DenseDetector):
         proposals = rpn.proposals(rpn_out, priors, sizes, settings)
         sampled = roi_head.sample(proposals, batch.gt_boxes.float(), batch.gt_labels)
         losses |= roi_head.loss(roi_head(roi_head.pool(feats, sampled.rois)), sampled)
-        return losses
+        return losses, sampled.rois
 
     def detect(
         self, outputs: TwoStageOutputs, images: Tensor, conf: float, iou: float, max_det: int, multi_label: bool,
@@ -202,7 +219,7 @@ class FasterRCNN(DenseDetector):
         feats = self.extract_features(batch.images)
         img_sizes = getattr(batch, "img_sizes", None)
         outputs = self.run_stages(feats, batch.images, img_sizes)
-        losses = self.losses_from(feats, batch, self.head.rpn.test_proposals)
+        losses = self.losses_from(feats, batch, self.head.rpn.test_proposals)[0]
         dets = self.detect(outputs, batch.images, conf, iou, max_det, multi_label, img_sizes)
         return [d._replace(boxes=scale_boxes(d.boxes, r)) for d, r in zip(dets, batch.ratios)], losses
 
