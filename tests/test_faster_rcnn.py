@@ -285,8 +285,8 @@ def test_crosskd_cross_head_pass_matches_plain_torch_rewrite():
     assert student_pass.rois.shape[0] > 100
     with torch.no_grad():
         teacher_feats = teacher.extract_features(batch.images)
-    cross = frcnn_cross_head(teacher, student_pass.feats, teacher_feats, student_pass.rois)
-    ours = frcnn_crosskd_losses(teacher, cross)
+    cross = frcnn_cross_head(teacher.head.roi_head, student_pass.feats, teacher_feats, student_pass.rois)
+    ours = frcnn_crosskd_losses(teacher.head.roi_head, cross)
     reference = reference_cross_head_losses(teacher, student_pass.feats, teacher_feats, student_pass.rois)
     for key in ("kd_cls", "kd_reg"):
         assert ours[key].item() > 0

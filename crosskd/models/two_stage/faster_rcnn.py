@@ -96,7 +96,7 @@ class FasterRCNNHead(nn.Module):
         min_bbox_size: float | None = None,
     ) -> None:
         super().__init__()
-        self.num_classes, self.strides = num_classes, list(strides)
+        self.num_classes, self.in_channels, self.strides = num_classes, in_channels, list(strides)
         self.rpn = RPNHead(
             in_channels, rpn_feat_channels, strides, rpn_anchor_scales, rpn_anchor_ratios, rpn_anchor_sizes,
             round_anchors, clamp_below, rpn_pos_iou_thr, rpn_neg_iou_thr, rpn_min_pos_iou, rpn_num_samples,
@@ -134,6 +134,7 @@ class FasterRCNN(DenseDetector):
     """
 
     head: FasterRCNNHead
+    two_stage = True
 
     def forward(self, images: Tensor, image_sizes: Tensor | None = None) -> TwoStageOutputs:
         """Inference outputs for images [B, 3, H, W]; proposals clipped to `image_sizes` [B, 2] (h, w) when given,
