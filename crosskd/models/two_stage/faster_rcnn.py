@@ -10,7 +10,9 @@ Where the two-stage case widens the dense head contract (docs/architecture.md, "
   outputs are per prior `[B, N, ...]`;
 - the hold point of CrossKD is in the R-CNN stage's fully connected "tower" (`RoIHead.forward_tower/forward_from`),
   not in a conv tower with per-level scales;
-- inference has no `decode` step shared with the exported graph yet (export is the issue's point 4).
+- inference has no dense `decode` step: eager `predict` and the exported graph (`ExportModel`) share
+  `detection_rows` instead (anchors from `traceable_priors`, proposals, RoIAlign, R-CNN, per-class NMS), which
+  returns the NMS-embedded layout [B, max_det, 6] directly, so a Faster R-CNN always exports with NMS in the graph.
 """
 
 from collections.abc import Sequence
@@ -20,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..dense_detector import DenseDetector
-from ..postprocess import Detections, scale_boxes, unpad
+from ..postprocess import Detections, scale_boxes, traceable_priors, unpad
 from .roi_head import RoIHead, RoIOutputs, rois_from_proposals
 from .rpn import Proposals, ProposalSettings, RPNHead, RPNOutputs
 
@@ -142,10 +144,11 @@ class FasterRCNN(DenseDetector):
         return self.run_stages(self.extract_features(images), images, image_sizes)
 
     def run_stages(self, feats: list[Tensor], images: Tensor, image_sizes: Tensor | None) -> TwoStageOutputs:
-        """RPN, test-setting proposals and R-CNN outputs from FPN maps `feats`."""
+        """RPN, test-setting proposals and R-CNN outputs from FPN maps `feats` (trace-safe: the anchors are shifted
+        from one cell's, so a traced graph keeps H and W as inputs)."""
         rpn, roi_head = self.head.rpn, self.head.roi_head
         rpn_out = rpn(feats)
-        priors = rpn.priors([tuple(f.shape[-2:]) for f in feats], images.device)
+        priors = traceable_priors(rpn, [f.shape[-2:] for f in feats], images.device)
         sizes = tuple(images.shape[-2:]) if image_sizes is None else image_sizes
         proposals = rpn.proposals(rpn_out, priors, sizes, rpn.test_proposals)
         rois = rois_from_proposals(proposals)  # [K, 5]
@@ -184,12 +187,26 @@ class FasterRCNN(DenseDetector):
         img_sizes: Tensor | None,
     ) -> list[Detections]:
         """Per-image detections (input pixels) from the inference outputs."""
+        return unpad(*self.rows_from(outputs, images, conf, iou, max_det, multi_label, img_sizes))
+
+    def rows_from(
+        self, outputs: TwoStageOutputs, images: Tensor, conf: float, iou: float, max_det: int, multi_label: bool,
+        img_sizes: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """Rows [B, max_det, 6] (x1, y1, x2, y2, score, class; input pixels, zero rows after each image's) and
+        counts [B] from the inference outputs; boxes clipped to `img_sizes` [B, 2] (h, w), else to the input."""
         roi_head = self.head.roi_head
         sizes = tuple(images.shape[-2:]) if img_sizes is None else img_sizes
         boxes, scores = roi_head.decode(outputs.rcnn, outputs.rois, sizes)  # [K, C, 4], [K, C]
         image_index = outputs.rois[:, 0].long()
-        return unpad(*roi_head.detections(boxes, scores, image_index, images.shape[0], conf, iou, max_det,
-                                          multi_label))
+        return roi_head.detections(boxes, scores, image_index, images.shape[0], conf, iou, max_det, multi_label)
+
+    def detection_rows(
+        self, images: Tensor, conf: float = 0.05, iou: float = 0.5, max_det: int = 100, multi_label: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """Images [B, 3, H, W] 0..1 RGB -> rows [B, max_det, 6] and counts [B]: the whole inference, trace-safe (what
+        an exported graph runs; boxes clipped to the input)."""
+        return self.rows_from(self(images), images, conf, iou, max_det, multi_label, None)
 
     @torch.no_grad()
     def predict(
@@ -225,5 +242,5 @@ class FasterRCNN(DenseDetector):
         return [d._replace(boxes=scale_boxes(d.boxes, r)) for d, r in zip(dets, batch.ratios)], losses
 
     def decode(self, images: Tensor) -> Any:
-        """Not available: the exported graph of a two-stage detector is the issue's export point."""
-        raise NotImplementedError("Faster R-CNN has no dense decode step; export is not supported yet")
+        """Not available: a two-stage detector's per-class boxes come from its RoIs (see `detection_rows`)."""
+        raise NotImplementedError("Faster R-CNN has no dense decode step; use detection_rows")

@@ -179,8 +179,9 @@ class RPNHead(nn.Module):
         batch = cls.shape[0]
         index, level = [], []
         start = 0
-        for lvl, count in enumerate(priors.num_per_level):
-            top = cls[:, start : start + count].topk(min(settings.pre_nms, count), dim=1).indices  # [B, k]
+        for lvl, count in enumerate(priors.num_per_level):  # counts: ints, or traced 0-dim tensors (export)
+            k = count.clamp(max=settings.pre_nms) if isinstance(count, Tensor) else min(settings.pre_nms, count)
+            top = cls[:, start : start + count].topk(k, dim=1).indices  # [B, k]
             index.append(top + start)
             level.append(torch.full_like(top, lvl))
             start += count
