@@ -29,24 +29,40 @@ def count_params(model: nn.Module) -> int:
 
 
 def gflops(model: nn.Module, imgsz: int | tuple[int, int] = 640) -> float:
-    """Forward GFLOPs (2 per multiply-add) of one image at `imgsz`, counted with torch's FlopCounterMode."""
+    """Forward GFLOPs (2 per multiply-add) of one image at `imgsz`, counted with torch's FlopCounterMode.
+
+    A two-stage detector's R-CNN stage costs per proposal, so its count depends on the image: a blank one, as here,
+    gives the test settings' full `rpn_test_post_nms` proposals (1000) from about 320 px up (`blank_proposals`).
+    """
+    return _blank_pass(model, imgsz)[0]
+
+
+def blank_proposals(model: nn.Module, imgsz: int | tuple[int, int] = 640) -> int | None:
+    """The proposals a two-stage detector's R-CNN stage runs on for the blank image of `gflops`; None if dense."""
+    return _blank_pass(model, imgsz)[1] if getattr(model, "two_stage", False) else None
+
+
+def _blank_pass(model: nn.Module, imgsz: int | tuple[int, int]) -> tuple[float, int | None]:
+    """GFLOPs of one blank image at `imgsz` and, for a two-stage detector, its number of proposals."""
     param = next(model.parameters())
     images = torch.zeros(1, 3, *imgsz_hw(imgsz), device=param.device, dtype=param.dtype)
     was_training = model.training
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(images)
+        outputs = model(images)
     model.train(was_training)
-    return counter.get_total_flops() / 1e9
+    proposals = getattr(outputs, "proposals", None)
+    return counter.get_total_flops() / 1e9, None if proposals is None else int(proposals.counts.sum())
 
 
 def model_info(detector: DenseDetector, imgsz: int | tuple[int, int] = 640) -> str:
     """One summary line: `name summary: N layers, P parameters, G GFLOPs at WxH`."""
     height, width = imgsz_hw(imgsz)
     name = detector.yaml.get("name", detector.head_type)
-    flops = gflops(detector, (height, width))
+    flops, proposals = _blank_pass(detector, (height, width))
     layers, params = count_layers(detector), count_params(detector)
-    return f"{name} summary: {layers} layers, {params:,} parameters, {flops:.1f} GFLOPs at {width}x{height}"
+    rois = "" if proposals is None else f" (R-CNN stage on the {proposals} proposals of a blank image)"
+    return f"{name} summary: {layers} layers, {params:,} parameters, {flops:.1f} GFLOPs at {width}x{height}{rois}"
 
 
 def module_table(detector: DenseDetector) -> Table:

@@ -21,9 +21,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from crosskd.ops.boxes import Priors
+
 from ..dense_detector import DenseDetector
 from ..postprocess import Detections, scale_boxes, traceable_priors, unpad
-from .roi_head import RoIHead, RoIOutputs, rois_from_proposals
+from .roi_head import RoIHead, RoIOutputs, SampledRoIs, rois_from_proposals
 from .rpn import Proposals, ProposalSettings, RPNHead, RPNOutputs
 
 
@@ -175,12 +177,23 @@ class FasterRCNN(DenseDetector):
         rpn_out = rpn(feats)
         priors = rpn.priors([tuple(f.shape[-2:]) for f in feats], batch.images.device)
         losses = rpn.loss(rpn_out, priors, batch)
-        sizes = getattr(batch, "img_sizes", None)
-        sizes = tuple(batch.images.shape[-2:]) if sizes is None else sizes
-        proposals = rpn.proposals(rpn_out, priors, sizes, settings)
-        sampled = roi_head.sample(proposals, batch.gt_boxes.float(), batch.gt_labels)
+        sampled = self.sample_from(rpn_out, priors, batch, settings)
         losses |= roi_head.loss(roi_head(roi_head.pool(feats, sampled.rois)), sampled)
         return losses, sampled.rois
+
+    def sampled_rois(self, feats: list[Tensor], batch: Any, settings: ProposalSettings) -> SampledRoIs:
+        """The RoIs the R-CNN stage trains on for FPN maps `feats` (`settings`' proposals sampled against the
+        batch's ground truth), with their labels [K] (C: background) and box targets; no losses."""
+        rpn = self.head.rpn
+        priors = rpn.priors([tuple(f.shape[-2:]) for f in feats], batch.images.device)
+        return self.sample_from(rpn(feats), priors, batch, settings)
+
+    def sample_from(self, rpn_out: RPNOutputs, priors: Priors, batch: Any, settings: ProposalSettings) -> SampledRoIs:
+        """Proposals of `settings` from RPN outputs, clipped to each image, sampled against the ground truth."""
+        sizes = getattr(batch, "img_sizes", None)
+        sizes = tuple(batch.images.shape[-2:]) if sizes is None else sizes
+        proposals = self.head.rpn.proposals(rpn_out, priors, sizes, settings)
+        return self.head.roi_head.sample(proposals, batch.gt_boxes.float(), batch.gt_labels)
 
     def detect(
         self, outputs: TwoStageOutputs, images: Tensor, conf: float, iou: float, max_det: int, multi_label: bool,

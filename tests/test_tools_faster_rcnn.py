@@ -1,0 +1,74 @@
+"""The rest of the engine on a Faster R-CNN: `crosskd info`, OpenVINO export (parity with eager on a new input) and
+`crosskd benchmark` (every row of the format table). `crosskd analyze` is in test_analyze.py."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from test_export_faster_rcnn import CONF, IOU, MAX_DET, NC, confident_detector
+
+from crosskd import cli
+from crosskd.config import get_args
+from crosskd.engine.deployment import exporter
+from crosskd.engine.deployment.checkpoint import make_checkpoint, save_checkpoint
+from crosskd.engine.deployment.exporter import ExportModel
+from crosskd.engine.deployment.loader import load_runtime
+from crosskd.engine.tools import benchmark
+from crosskd.engine.tools.info import blank_proposals, gflops
+
+NAMES = {i: str(i) for i in range(NC)}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, write_digits_yaml) -> Path:
+    """best.pt of the confident R18s Faster R-CNN (10 digit classes) and a digits set with 3 val images of 96 px."""
+    root = tmp_path_factory.mktemp("tools_frcnn")
+    save_checkpoint(make_checkpoint(confident_detector(), epoch=-1, best_fitness=None, names=NAMES,
+                                    train_args={"imgsz": 128}), root / "best.pt")
+    write_digits_yaml(root, num_train=2, num_val=3, imgsz=96)
+    return root
+
+
+def test_info_lists_both_stages_and_counts_parameters(work, capsys):
+    cli.main(["info", f"model={work / 'best.pt'}", "imgsz=64"])
+    out = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
+    assert "head.rpn" in out and "RPNHead" in out and "head.roi_head" in out and "RoIHead" in out
+    count = sum(p.numel() for p in confident_detector().parameters())
+    assert count == 3_897_442  # R18 half width, FPN 64, 2 x 256 FCs, 10 classes
+    assert f"faster_rcnn_r18s summary: 66 layers, {count:,} parameters" in out
+    # a two-stage count depends on its proposals
+    assert "GFLOPs at 64x64 (R-CNN stage on the " in out and "proposals of a blank image)" in out
+    detector = confident_detector()
+    assert blank_proposals(detector, 320) == 1000 and gflops(detector, 320) > gflops(detector, 64)
+
+
+def test_openvino_export_equals_eager_on_a_new_input(work):
+    from crosskd.engine.deployment.runtimes.openvino import OpenVinoDetector
+
+    args = get_args({"model": str(work / "best.pt"), "format": "openvino", "imgsz": 128, "batch": 2, "conf": CONF,
+                     "iou": IOU, "max_det": MAX_DET, "device": "cpu"}, mode="export")
+    path = exporter.run(args)  # includes the parity check on the traced input
+    runtime = load_runtime(path)
+    assert runtime.kind == "openvino" and isinstance(runtime.model, OpenVinoDetector) and runtime.model.nms
+    images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        eager = ExportModel(confident_detector(), nms=True, conf=CONF, iou=IOU, max_det=MAX_DET).eval()(images)
+    output = runtime.model.run(images)
+    assert output.shape == (2, MAX_DET, 6) and ((eager[..., 4] > 0).sum(1) > 10).all()
+    torch.testing.assert_close(output, eager, atol=1e-3, rtol=0)
+
+
+def test_benchmark_gives_every_format_a_row(work):
+    args = get_args({"model": str(work / "best.pt"), "data": str(work / "data.yaml"), "imgsz": 128, "batch": 2,
+                     "workers": 0, "device": "cpu", "project": str(work / "runs"), "name": "bench", "conf": 0.001},
+                    mode="benchmark")
+    rows = benchmark.run(args)
+    assert [row.format for row in rows] == ["PyTorch", "TorchScript", "ONNX", "OpenVINO"]
+    for row in rows:
+        assert row.status == "ok", row
+        assert row.size_mb > 1 and row.ms_per_image > 0 and math.isfinite(row.ap) and math.isfinite(row.ap50)
+    assert max(row.ap50 for row in rows) - min(row.ap50 for row in rows) < 1e-3  # the same detections everywhere
+    exports = work / "runs" / "bench"
+    assert (exports / "best.onnx").is_file() and (exports / "best.torchscript").is_file()
+    assert (exports / "best_openvino_model" / "best.xml").is_file()
