@@ -2,18 +2,20 @@
 against hand-made cases and torchvision's pooler, training on a fixed batch, detections in image coordinates, and
 torchvision's checkpoints: proposals, R-CNN outputs and detections equal torchvision's own on the same weights."""
 
+import urllib.error
 from collections import OrderedDict
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torchvision.models.detection import fasterrcnn_resnet50_fpn
+from torchvision.models.detection import fasterrcnn_resnet50_fpn, fasterrcnn_resnet50_fpn_v2
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from crosskd.assigners.sampler import random_sample
 from crosskd.distill.two_stage import frcnn_cross_head, frcnn_crosskd_losses
+from crosskd.engine.deployment.loader import load_teacher
 from crosskd.models import build_detector
 from crosskd.models.foreign.torchvision_detection import (
     COCO80_NAMES,
@@ -21,6 +23,7 @@ from crosskd.models.foreign.torchvision_detection import (
     COCO91_TO_80,
     frcnn_rows,
     load_torchvision_detector,
+    torchvision_key_map,
     torchvision_name,
     weights_file_name,
 )
@@ -61,6 +64,22 @@ def test_torchvision_layout_parameter_count():
     ours = build_detector("faster_rcnn_r50_tv.yaml", 90)
     count = sum(p.numel() for p in ours.parameters())
     assert count == sum(p.numel() for p in torchvision_model.parameters()) == 41_808_406
+
+
+def test_torchvision_v2_layout_parameter_count_and_key_map():
+    """fasterrcnn_resnet50_fpn_v2 (BN FPN, 2-conv RPN, 4-conv + 1-FC box head): torchvision's documented 43,712,278
+    parameters, and its key map pairs every tensor of both state dicts with one of the same shape (class rows aside)."""
+    torchvision_model = fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None)
+    ours = build_detector("faster_rcnn_r50_tv_v2.yaml", 90)
+    count = sum(p.numel() for p in ours.parameters())
+    assert count == sum(p.numel() for p in torchvision_model.parameters()) == 43_712_278
+    theirs, own = torchvision_model.state_dict(), ours.state_dict()
+    key_map = torchvision_key_map(ours, TV_V2_NAME)
+    assert set(key_map) == set(theirs) and sorted(key_map.values()) == sorted(own)
+    assert all(theirs[k].shape == own[v].shape for k, v in key_map.items() if "box_predictor" not in k)
+    assert key_map["roi_heads.box_head.3.1.running_var"] == "head.roi_head.convs.3.norm.running_var"
+    assert key_map["rpn.head.conv.1.0.weight"] == "head.rpn.extra_convs.0.weight"
+    assert key_map["backbone.fpn.layer_blocks.2.1.weight"] == "neck.fpn.layer_blocks.2.1.weight"
 
 
 def test_random_sample_limits_and_ignores():
@@ -144,16 +163,18 @@ def test_predict_boxes_in_image_coordinates():
 
 # ----- torchvision checkpoints ---------------------------------------------------------------------------------------
 TV_NAME = "fasterrcnn_resnet50_fpn"
+TV_V2_NAME = "fasterrcnn_resnet50_fpn_v2"
+TV_BUILDERS = {TV_NAME: fasterrcnn_resnet50_fpn, TV_V2_NAME: fasterrcnn_resnet50_fpn_v2}
 TV_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 TV_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
-def randomised_torchvision_frcnn() -> torch.nn.Module:
-    """torchvision's Faster R-CNN (91 slots) from seed 0 in a realistic regime: non-trivial BN statistics (eps 0, as
-    torchvision sets for its COCO_V1 weights), FPN outputs of a few units, objectness logits and deltas of trained
-    size, unused COCO slots that never fire."""
+def randomised_torchvision_frcnn(name: str = TV_NAME) -> torch.nn.Module:
+    """torchvision's Faster R-CNN `name` (91 slots) from seed 0 in a realistic regime: non-trivial BN statistics (v1:
+    eps 0, as torchvision sets for its COCO_V1 weights; v2: its BatchNorm's 1e-5), FPN outputs of a few units,
+    objectness logits and deltas of trained size, unused COCO slots that never fire."""
     torch.manual_seed(0)
-    model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+    model = TV_BUILDERS[name](weights=None, weights_backbone=None, num_classes=91)
     rpn, predictor = model.rpn.head, model.roi_heads.box_predictor
     with torch.no_grad():
         for module in model.modules():
@@ -162,10 +183,10 @@ def randomised_torchvision_frcnn() -> torch.nn.Module:
                 module.bias.normal_(0, 0.1)
                 module.running_mean.normal_(0, 0.1)
                 module.running_var.uniform_(0.5, 2.0)
-                module.eps = 0.0
-        for block in model.backbone.fpn.layer_blocks:
-            block[0].weight.mul_(0.02)
-            block[0].bias.mul_(0.02)
+                module.eps = 0.0 if name == TV_NAME else module.eps
+        for block in model.backbone.fpn.layer_blocks:  # v1: [conv]; v2: [conv without bias, BatchNorm]
+            block[-1].weight.mul_(0.02)
+            block[-1].bias.mul_(0.02)
         for layer, weight_std, bias_std in ((rpn.cls_logits, 0.1, 0.5), (rpn.bbox_pred, 0.01, 0.1),
                                             (predictor.cls_score, 0.2, 0.5), (predictor.bbox_pred, 0.01, 0.1)):
             layer.weight.normal_(0, weight_std)
@@ -185,13 +206,37 @@ def test_torchvision_frcnn_names_and_rows():
     assert moved[:, 0].tolist() == [4 * s for s in (*COCO80_TO_91, 0)]
 
 
+@pytest.fixture
+def offline_torch_home(tmp_path, monkeypatch):
+    """A fresh TORCH_HOME whose downloads fail: a named detector must come from its hub cache."""
+
+    def no_network(url, *args, **kwargs):
+        raise urllib.error.URLError(f"no network in tests ({url})")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+def torchvision_frcnn_by_name(name: str, tv_model: torch.nn.Module, tmp_path, hub_dir) -> FasterRCNN:
+    """v1 from a local file with its real name (FrozenBN layout: no BN counters); v2 by name from torch hub's cache,
+    its state dict written there under the real file name (regular BatchNorm: counters kept), as `teacher=` reads."""
+    state = tv_model.state_dict()
+    if name == TV_NAME:
+        path = tmp_path / weights_file_name(name)
+        torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, path)
+        return load_torchvision_detector(name, path)
+    hub_dir.mkdir(parents=True)
+    torch.save(state, hub_dir / "fasterrcnn_resnet50_fpn_v2_coco-dd69338a.pth")
+    return load_teacher(f"torchvision:{name}", None).model
+
+
 @pytest.mark.slow
-def test_proposals_scores_boxes_and_detections_equal_torchvision(tmp_path):
+@pytest.mark.parametrize("name", [TV_NAME, TV_V2_NAME])
+def test_proposals_scores_boxes_and_detections_equal_torchvision(name, tmp_path, offline_torch_home):
     """Same weights, same 128×256 images: RPN proposals, R-CNN class logits and deltas, and final detections."""
-    tv_model = randomised_torchvision_frcnn()
-    path = tmp_path / weights_file_name(TV_NAME)  # the real file's name and key layout (FrozenBN: no counters)
-    torch.save({k: v for k, v in tv_model.state_dict().items() if not k.endswith("num_batches_tracked")}, path)
-    ours = load_torchvision_detector(TV_NAME, path)
+    tv_model = randomised_torchvision_frcnn(name)
+    ours = torchvision_frcnn_by_name(name, tv_model, tmp_path, offline_torch_home)
     assert isinstance(ours, FasterRCNN) and ours.names == COCO80_NAMES
     # Both keep every anchor before NMS (torchvision's default is 1000 per level): a per-level top-k cut between two
     # logits 1e-6 apart would compare float rounding (which anchor wins the last place), not the two implementations.
@@ -230,10 +275,15 @@ def test_proposals_scores_boxes_and_detections_equal_torchvision(tmp_path):
 
 
 def matching(ours: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
-    """Index [N] of the row of `ours` [N, 4] nearest each row of `theirs` [N, 4]; a permutation, or the test fails."""
-    order = torch.cdist(theirs, ours, p=float("inf")).argmin(dim=1)  # [N]
-    assert sorted(order.tolist()) == list(range(len(ours)))
-    return order
+    """Index [N] of the row of `ours` [N, 4] nearest each row of `theirs` [N, 4], each row of `ours` taken once: a
+    permutation. Rows may repeat a box (NMS runs per FPN level, so two levels can keep the same clipped box); the
+    copies are interchangeable, so a repeated row takes the nearest copy still free."""
+    distances = torch.cdist(theirs, ours, p=float("inf"))  # [N, N]
+    order, taken = [], set()
+    for row in distances:
+        order.append(next(j for j in row.argsort().tolist() if j not in taken))
+        taken.add(order[-1])
+    return torch.tensor(order)
 
 
 # ----- CrossKD cross-head pass ---------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""torchvision's COCO detectors (RetinaNet v1/v2, FCOS, Faster R-CNN v1) as crosskd detectors with the 80 contiguous
+"""torchvision's COCO detectors (RetinaNet v1/v2, FCOS, Faster R-CNN v1/v2) as crosskd detectors with the 80 contiguous
 COCO classes.
 
 Each supported name has a shipped YAML that rebuilds torchvision's model exactly (cfg/models/*_tv.yaml), and an
@@ -20,6 +20,7 @@ from pathlib import Path
 from torch import Tensor
 from torchvision.models import WeightsEnum
 from torchvision.models.detection import (
+    FasterRCNN_ResNet50_FPN_V2_Weights,
     FasterRCNN_ResNet50_FPN_Weights,
     FCOS_ResNet50_FPN_Weights,
     RetinaNet_ResNet50_FPN_V2_Weights,
@@ -70,6 +71,17 @@ FRCNN_MODULES = {
     "roi_head.cls": "roi_heads.box_predictor.cls_score",
     "roi_head.reg": "roi_heads.box_predictor.bbox_pred",
 }
+FRCNN_V2_MODULES = {  # RPNHead(conv_depth=2), FastRCNNConvFCHead: box_head.{0..3} conv-BN-ReLU, .4 Flatten, .5 FC
+    "rpn.conv": "rpn.head.conv.0.0",
+    "rpn.extra_convs.0": "rpn.head.conv.1.0",
+    **{f"roi_head.convs.{i}.{part}": f"roi_heads.box_head.{i}.{index}"
+       for i in range(4) for part, index in (("conv", 0), ("norm", 1))},
+    "roi_head.fcs.0": "roi_heads.box_head.5",
+    "rpn.cls": "rpn.head.cls_logits",
+    "rpn.reg": "rpn.head.bbox_pred",
+    "roi_head.cls": "roi_heads.box_predictor.cls_score",
+    "roi_head.reg": "roi_heads.box_predictor.bbox_pred",
+}
 TORCHVISION_DETECTORS: dict[str, TorchvisionDetector] = {
     "retinanet_resnet50_fpn": TorchvisionDetector(
         "retinanet_r50_tv.yaml", RetinaNet_ResNet50_FPN_Weights.COCO_V1, "conv_norm_act", RETINA_PREDICTORS
@@ -82,6 +94,9 @@ TORCHVISION_DETECTORS: dict[str, TorchvisionDetector] = {
     ),
     "fasterrcnn_resnet50_fpn": TorchvisionDetector(
         "faster_rcnn_r50_tv.yaml", FasterRCNN_ResNet50_FPN_Weights.COCO_V1, "none", FRCNN_MODULES
+    ),
+    "fasterrcnn_resnet50_fpn_v2": TorchvisionDetector(
+        "faster_rcnn_r50_tv_v2.yaml", FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1, "none", FRCNN_V2_MODULES
     ),
 }
 CLASSIFIER_KEYS = ("head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias")
@@ -201,8 +216,8 @@ def _is_bn_counter(key: str) -> bool:
 
 
 def load_torchvision_detector(name: str, weights_path: str | Path | None = None) -> DenseDetector:
-    """torchvision detector `name` as an eval DenseDetector (a FasterRCNN for fasterrcnn_resnet50_fpn) with the 80 COCO
-    classes and their `names`.
+    """torchvision detector `name` as an eval DenseDetector (a FasterRCNN for fasterrcnn_resnet50_fpn and _v2) with the
+    80 COCO classes and their `names`.
 
     Weights come from `weights_path` (a torchvision state-dict file) or torchvision's COCO weights through torch hub's
     cache; every tensor is copied through an explicit key map, the classifier keeping its 80 used COCO rows.

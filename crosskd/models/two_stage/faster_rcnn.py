@@ -51,6 +51,8 @@ class FasterRCNNHead(nn.Module):
     `rcnn_*` and `roi_*`: the R-CNN stage; defaults are MMDetection's faster-rcnn_r50_fpn_1x).
 
     `strides` are the FPN levels of the RPN (P2–P6); RoIs are pooled from the first `roi_levels` of them (P2–P5).
+    `rpn_num_convs` 3×3 convs precede the RPN predictors (torchvision v2: 2); the box head runs `num_convs` shared
+    3×3 convs of `conv_channels` with `conv_norm` (torchvision v2: 4, 256, 'bn') before its `num_fcs` FCs.
     """
 
     head_type = "faster_rcnn"
@@ -62,6 +64,7 @@ class FasterRCNNHead(nn.Module):
         in_channels: int,
         strides: Sequence[int] = (4, 8, 16, 32, 64),
         rpn_feat_channels: int = 256,
+        rpn_num_convs: int = 1,
         rpn_anchor_scales: Sequence[float] = (8.0,),
         rpn_anchor_ratios: Sequence[float] = (0.5, 1.0, 2.0),
         rpn_anchor_sizes: Sequence[Sequence[float]] | None = None,
@@ -87,6 +90,9 @@ class FasterRCNNHead(nn.Module):
         roi_finest_scale: float = 56.0,
         fc_channels: int = 1024,
         num_fcs: int = 2,
+        num_convs: int = 0,
+        conv_channels: int = 256,
+        conv_norm: str = "none",
         box_stds: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
         box_background: bool = False,
         rcnn_pos_iou_thr: float = 0.5,
@@ -106,13 +112,13 @@ class FasterRCNNHead(nn.Module):
             round_anchors, clamp_below, rpn_pos_iou_thr, rpn_neg_iou_thr, rpn_min_pos_iou, rpn_num_samples,
             rpn_pos_fraction, ProposalSettings(rpn_train_pre_nms, rpn_train_post_nms, rpn_nms_iou, rpn_min_bbox_size),
             ProposalSettings(rpn_test_pre_nms, rpn_test_post_nms, rpn_nms_iou, rpn_min_bbox_size),
-            rpn_loss_cls_weight, rpn_loss_box_weight,
+            rpn_loss_cls_weight, rpn_loss_box_weight, rpn_num_convs,
         )
         self.roi_head = RoIHead(
             num_classes, in_channels, fc_channels, num_fcs, roi_size, self.strides[:roi_levels], roi_sampling_ratio,
             roi_aligned, roi_finest_scale, box_stds, box_background, clamp_below, rcnn_pos_iou_thr, rcnn_neg_iou_thr,
             rcnn_min_pos_iou, rcnn_num_samples, rcnn_pos_fraction, add_gt_as_proposals, loss_cls_weight,
-            loss_box_weight, min_bbox_size,
+            loss_box_weight, min_bbox_size, num_convs, conv_channels, conv_norm,
         )
 
     @property

@@ -1,4 +1,5 @@
-"""The R-CNN stage of Faster R-CNN: RoIAlign over P2–P5, two shared fully connected layers, a softmax classifier
+"""The R-CNN stage of Faster R-CNN: RoIAlign over P2–P5, optional shared 3×3 convs (torchvision v2's
+FastRCNNConvFCHead), shared fully connected layers (two in MMDetection and torchvision v1), a softmax classifier
 (background last, MMDetection's order) and class-specific box deltas; MMDetection's 1× targets (max-IoU 0.5, ground
 truth added as proposals, 512 random RoIs per image with 25 % positives) and losses (CE + L1 on deltas).
 
@@ -14,10 +15,12 @@ from torch import Tensor, nn
 
 from crosskd.assigners.max_iou import max_iou_assign
 from crosskd.assigners.sampler import random_sample
+from crosskd.errors import ConfigError
 from crosskd.losses.detection import l1_loss, weight_reduce
 from crosskd.ops.boxes import clip_boxes, delta_xywh_decode, delta_xywh_encode
 from crosskd.ops.roi import multilevel_roi_align
 
+from ..heads.towers import NORMS, ConvBlock
 from ..postprocess import Candidates, large_enough, nms_rows
 from .rpn import Proposals
 
@@ -44,12 +47,15 @@ def rois_from_proposals(proposals: Proposals) -> Tensor:
 
 
 class RoIHead(nn.Module):
-    """Shared2FCBBoxHead with its RoI extractor (MMDetection StandardRoIHead; torchvision TwoMLPHead + predictor).
+    """Shared2FCBBoxHead with its RoI extractor (MMDetection StandardRoIHead; torchvision TwoMLPHead + predictor), or
+    with `num_convs` shared convs first (torchvision FastRCNNConvFCHead: 4 conv-BN-ReLU of 256, then one FC of 1024).
 
     Args:
         num_classes (int): C foreground classes.
         in_channels (int): FPN width.
         fc_channels, num_fcs: the shared fully connected layers (1024, 2).
+        num_convs, conv_channels, conv_norm: shared 3×3 conv + norm + ReLU steps on the pooled [K, C, roi, roi]
+            features before the FCs (0: none; torchvision v2: 4, 256, 'bn' with bias-free convs; 'none': with bias).
         roi_size, sampling_ratio, aligned, finest_scale: RoIAlign (MMDetection 7, 0, True, 56; torchvision 7, 2,
             False, 56) over `strides` (P2–P5).
         box_stds: delta normalisation (0.1, 0.1, 0.2, 0.2 = torchvision's weights 10, 10, 5, 5).
@@ -84,18 +90,34 @@ class RoIHead(nn.Module):
         loss_cls_weight: float = 1.0,
         loss_box_weight: float = 1.0,
         min_bbox_size: float | None = None,
+        num_convs: int = 0,
+        conv_channels: int = 256,
+        conv_norm: str = "none",
     ) -> None:
         super().__init__()
+        if conv_norm not in NORMS:
+            raise ConfigError(f"head.conv_norm '{conv_norm}' is not one of {', '.join(NORMS)}")
+        if num_convs < 0 or (num_convs and conv_channels < 1):
+            raise ConfigError(f"head.num_convs {num_convs} / conv_channels {conv_channels} must be >= 0 / >= 1")
         self.num_classes, self.strides, self.roi_size = num_classes, list(strides), roi_size
         self.sampling_ratio, self.aligned, self.finest_scale = sampling_ratio, aligned, finest_scale
         self.box_stds, self.clamp_below = tuple(box_stds), clamp_below
         self.assign_args = (pos_iou_thr, neg_iou_thr, min_pos_iou)
         self.num_samples, self.pos_fraction, self.add_gt_as_proposals = num_samples, pos_fraction, add_gt_as_proposals
         self.loss_cls_weight, self.loss_box_weight, self.min_bbox_size = loss_cls_weight, loss_box_weight, min_bbox_size
-        widths = [in_channels * roi_size * roi_size] + [fc_channels] * num_fcs
+        self.convs = nn.ModuleList(
+            ConvBlock(in_channels if i == 0 else conv_channels, conv_channels, conv_norm, act="relu")
+            for i in range(num_convs)
+        )
+        flat = (conv_channels if num_convs else in_channels) * roi_size * roi_size
+        widths = [flat] + [fc_channels] * num_fcs
         self.fcs = nn.ModuleList(nn.Linear(widths[i], widths[i + 1]) for i in range(num_fcs))
         self.cls = nn.Linear(widths[-1], num_classes + 1)
         self.reg = nn.Linear(widths[-1], 4 * (num_classes + int(box_background)))
+        for block in self.convs:  # torchvision FastRCNNConvFCHead: Kaiming-normal (fan out) convs
+            nn.init.kaiming_normal_(block.conv.weight, mode="fan_out", nonlinearity="relu")
+            if block.conv.bias is not None:
+                nn.init.zeros_(block.conv.bias)
         for fc in self.fcs:  # MMDetection's init: Xavier-uniform shared FCs, normal(0.01) classifier, normal(0.001) box
             nn.init.xavier_uniform_(fc.weight)
         nn.init.normal_(self.cls.weight, std=0.01)
@@ -114,17 +136,31 @@ class RoIHead(nn.Module):
         return multilevel_roi_align(levels, rois, self.strides, self.roi_size, self.sampling_ratio, self.aligned,
                                     self.finest_scale)
 
+    @property
+    def num_steps(self) -> int:
+        """Shared steps of the R-CNN tower: the convs, then the FCs."""
+        return len(self.convs) + len(self.fcs)
+
     def forward_tower(self, roi_feats: Tensor, stop: int) -> Tensor:
-        """The shared features after `stop` fully connected layers (each with its ReLU): [K, C·roi²] for 0, else
-        [K, fc_channels]. The R-CNN analogue of a dense head's tower (the CrossKD hold point)."""
-        x = roi_feats.flatten(1)  # [K, C*roi*roi]
-        for fc in self.fcs[:stop]:
+        """The shared features after the first `stop` tower steps (convs, then FCs; each with its ReLU): [K, C', roi,
+        roi] while convs remain, then flattened [K, C'·roi²] (0 FCs done) or [K, fc_channels]. The R-CNN analogue of a
+        dense head's tower (the CrossKD hold point)."""
+        x = roi_feats  # [K, C, roi, roi]
+        for block in self.convs[:stop]:
+            x = block(x)
+        if stop < len(self.convs):
+            return x
+        x = x.flatten(1)  # [K, C'*roi*roi]
+        for fc in self.fcs[: stop - len(self.convs)]:
             x = F.relu(fc(x))
         return x
 
     def forward_from(self, feat: Tensor, start: int) -> RoIOutputs:
         """The rest of the head from the features of `forward_tower(·, start)`: class logits and box deltas."""
-        for fc in self.fcs[start:]:
+        for block in self.convs[start:]:
+            feat = block(feat)
+        feat = feat.flatten(1) if feat.dim() == 4 else feat  # [K, C'*roi*roi]
+        for fc in self.fcs[max(start - len(self.convs), 0) :]:
             feat = F.relu(fc(feat))
         return RoIOutputs(self.cls(feat), self.reg(feat))
 

@@ -62,7 +62,9 @@ class RPNHead(nn.Module):
 
     Args:
         in_channels (int): FPN width.
-        feat_channels (int): width of the 3×3 conv.
+        feat_channels (int): width of the 3×3 convs.
+        num_convs (int): 3×3 conv + ReLU steps before the predictors: 1 (MMDetection, torchvision v1) or 2
+            (torchvision's fasterrcnn_resnet50_fpn_v2, conv_depth=2); the first is `conv`, the rest `extra_convs`.
         strides: one per level (P2–P6: 4 … 64).
         anchor_scales, anchor_ratios: anchors of base size `stride · scale` per ratio (MMDetection: scale 8 → 32 on
             P2); `anchor_sizes` instead gives explicit per-level sizes (torchvision) and `round_anchors` rounds them.
@@ -91,8 +93,11 @@ class RPNHead(nn.Module):
         test_proposals: ProposalSettings = MMDET_TEST_PROPOSALS,
         loss_cls_weight: float = 1.0,
         loss_box_weight: float = 1.0,
+        num_convs: int = 1,
     ) -> None:
         super().__init__()
+        if num_convs < 1:
+            raise ConfigError(f"head.rpn_num_convs {num_convs} must be >= 1")
         self.strides, self.anchor_ratios = list(strides), list(anchor_ratios)
         self.anchor_scales, self.round_anchors, self.clamp_below = list(anchor_scales), round_anchors, clamp_below
         self.anchor_sizes = None if anchor_sizes is None else [list(s) for s in anchor_sizes]
@@ -106,16 +111,26 @@ class RPNHead(nn.Module):
         self.loss_cls_weight, self.loss_box_weight = loss_cls_weight, loss_box_weight
         self.valid_region = "mmdet"
         self.conv = nn.Conv2d(in_channels, feat_channels, 3, padding=1)
+        self.extra_convs = nn.ModuleList(
+            nn.Conv2d(feat_channels, feat_channels, 3, padding=1) for _ in range(num_convs - 1)
+        )
         self.cls = nn.Conv2d(feat_channels, self.num_anchors, 1)
         self.reg = nn.Conv2d(feat_channels, self.num_anchors * 4, 1)
-        for conv in (self.conv, self.cls, self.reg):  # MMDetection and torchvision: normal(0, 0.01), bias 0
+        for conv in (self.conv, *self.extra_convs, self.cls, self.reg):  # MMDet, torchvision: normal(0, 0.01), bias 0
             nn.init.normal_(conv.weight, std=0.01)
             nn.init.zeros_(conv.bias)
 
     def forward(self, feats: Sequence[Tensor]) -> RPNOutputs:
         """Objectness [B, A, H, W] and deltas [B, A*4, H, W] per level from FPN maps [B, C, H, W]."""
-        hidden = [F.relu(self.conv(x)) for x in feats]
+        hidden = [self.hidden(x) for x in feats]
         return RPNOutputs([self.cls(h) for h in hidden], [self.reg(h) for h in hidden])
+
+    def hidden(self, x: Tensor) -> Tensor:
+        """The shared 3×3 conv + ReLU steps: FPN map [B, C, H, W] -> [B, feat_channels, H, W]."""
+        x = F.relu(self.conv(x))
+        for conv in self.extra_convs:
+            x = F.relu(conv(x))
+        return x
 
     def priors(self, feat_sizes: Sequence[tuple[int, int]], device: torch.device | str) -> Priors:
         """Anchors of every level, ordered level, y, x, anchor (the order of `flatten`)."""
