@@ -2,6 +2,7 @@
 against hand-made cases and torchvision's pooler, training on a fixed batch, detections in image coordinates, and
 torchvision's checkpoints: proposals, R-CNN outputs and detections equal torchvision's own on the same weights."""
 
+import re
 import urllib.error
 from collections import OrderedDict
 from types import SimpleNamespace
@@ -16,7 +17,9 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 from crosskd.assigners.sampler import random_sample
 from crosskd.distill.two_stage import frcnn_cross_head, frcnn_crosskd_losses
 from crosskd.engine.deployment.loader import load_teacher
+from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import build_detector
+from crosskd.models.build import load_model_yaml
 from crosskd.models.foreign.torchvision_detection import (
     COCO80_NAMES,
     COCO80_TO_91,
@@ -27,7 +30,7 @@ from crosskd.models.foreign.torchvision_detection import (
     torchvision_name,
     weights_file_name,
 )
-from crosskd.models.two_stage import FasterRCNN, Proposals
+from crosskd.models.two_stage import FasterRCNN, Proposals, RoIHead
 from crosskd.models.two_stage.roi_head import rois_from_proposals
 from crosskd.ops.roi import multilevel_roi_align, roi_levels
 
@@ -80,6 +83,57 @@ def test_torchvision_v2_layout_parameter_count_and_key_map():
     assert key_map["roi_heads.box_head.3.1.running_var"] == "head.roi_head.convs.3.norm.running_var"
     assert key_map["rpn.head.conv.1.0.weight"] == "head.rpn.extra_convs.0.weight"
     assert key_map["backbone.fpn.layer_blocks.2.1.weight"] == "neck.fpn.layer_blocks.2.1.weight"
+
+
+def v2_style_small() -> dict:
+    """faster_rcnn_r18s.yaml with torchvision v2's layout: BN FPN, 2-conv RPN, 2 conv-BN-ReLU + 1 FC box head."""
+    cfg, _ = load_model_yaml(SMALL)
+    cfg["neck"]["norm"] = "bn"
+    cfg["head"] |= {"rpn_num_convs": 2, "num_convs": 2, "conv_channels": 32, "conv_norm": "bn", "num_fcs": 1}
+    return cfg
+
+
+def test_conv_fc_box_head_layout_trains_and_predicts():
+    torch.manual_seed(0)
+    detector = build_detector(v2_style_small(), 3)
+    head = detector.head
+    assert len(head.rpn.extra_convs) == 1 and [type(m).__name__ for m in head.roi_head.convs] == ["ConvBlock"] * 2
+    assert head.roi_head.convs[0].conv.bias is None and head.roi_head.fcs[0].in_features == 32 * 7 * 7
+    assert "neck.fpn.layer_blocks.0.1.running_var" in detector.state_dict()
+    batch = tiny_batch()
+    losses = detector.train().loss(batch)
+    assert set(losses) == {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box"}
+    sum(losses.values()).backward()
+    assert head.rpn.extra_convs[0].weight.grad.abs().sum() > 0 and head.roi_head.convs[1].norm.weight.grad is not None
+    dets = detector.eval().predict(batch.images, conf=0.0, img_sizes=batch.img_sizes)
+    assert all(0 < len(d.boxes) <= 100 for d in dets)
+
+
+@pytest.mark.parametrize("num_convs", [0, 2])
+def test_roi_tower_split_is_forward_at_every_step(num_convs):
+    """forward_from(forward_tower(x, i), i) == forward(x) for every step i of convs then FCs (the CrossKD seam)."""
+    torch.manual_seed(0)
+    head = RoIHead(3, 8, fc_channels=16, num_fcs=2, num_convs=num_convs, conv_channels=8, conv_norm="bn").eval()
+    pooled = torch.randn(5, 8, 7, 7)
+    expected = head(pooled)
+    for step in range(num_convs + 3):
+        feat = head.forward_tower(pooled, step)
+        assert feat.dim() == (4 if step < num_convs else 2)
+        for ours, theirs in zip(head.forward_from(feat, step), expected):
+            torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "section,key,value,message",
+    [("neck", "norm", "gn", "neck.norm 'gn' is not one of none, bn"),
+     ("head", "rpn_num_convs", 0, "head.rpn_num_convs 0 must be >= 1"),
+     ("head", "conv_norm", "batch", "head.conv_norm 'batch' is not one of gn, bn, none")],
+)
+def test_layout_keys_reject_bad_values(section, key, value, message):
+    cfg = v2_style_small()
+    cfg[section][key] = value
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_detector(cfg, 3)
 
 
 def test_random_sample_limits_and_ignores():
@@ -200,6 +254,9 @@ def randomised_torchvision_frcnn(name: str = TV_NAME) -> torch.nn.Module:
 def test_torchvision_frcnn_names_and_rows():
     assert weights_file_name(TV_NAME) == "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"
     assert torchvision_name("torchvision:fasterrcnn_resnet50_fpn") == TV_NAME
+    assert weights_file_name(TV_V2_NAME) == "fasterrcnn_resnet50_fpn_v2_coco-dd69338a.pth"
+    assert torchvision_name("torchvision:fasterrcnn_resnet50_fpn_v2") == TV_V2_NAME
+    assert torchvision_name("/any/dir/fasterrcnn_resnet50_fpn_v2_coco-dd69338a.pth") == TV_V2_NAME
     rows = torch.arange(91 * 4).view(-1, 1)  # box rows: 4 per slot, background slot 0 first
     moved = frcnn_rows(rows).view(81, 4)
     assert moved[-1].tolist() == [0, 1, 2, 3] and moved[0].tolist() == [4, 5, 6, 7]  # person (slot 1) first
@@ -229,6 +286,25 @@ def torchvision_frcnn_by_name(name: str, tv_model: torch.nn.Module, tmp_path, hu
     hub_dir.mkdir(parents=True)
     torch.save(state, hub_dir / "fasterrcnn_resnet50_fpn_v2_coco-dd69338a.pth")
     return load_teacher(f"torchvision:{name}", None).model
+
+
+def test_v2_state_dict_loads_with_teacher_cfg(tmp_path):
+    """A v2 state dict under any file name: teacher_cfg= names its YAML; without it, or with v1's, one error line."""
+    torch.manual_seed(0)
+    state = fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None).state_dict()
+    path = tmp_path / "my_frcnn_v2.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="pass teacher_cfg= with its YAML"):
+        load_teacher(str(path), None)
+    with pytest.raises(CheckpointError, match="does not fit this model: .*unexpected.*missing"):
+        load_teacher(str(path), None, "faster_rcnn_r50_tv.yaml")
+    teacher = load_teacher(str(path), None, "faster_rcnn_r50_tv_v2.yaml").model
+    assert isinstance(teacher, FasterRCNN) and teacher.names == COCO80_NAMES and not teacher.training
+    roi_head = teacher.head.roi_head
+    assert torch.equal(roi_head.convs[3].norm.running_var, state["roi_heads.box_head.3.1.running_var"])
+    assert torch.equal(roi_head.fcs[0].weight, state["roi_heads.box_head.5.weight"])
+    assert torch.equal(teacher.head.rpn.extra_convs[0].bias, state["rpn.head.conv.1.0.bias"])
+    assert torch.equal(roi_head.cls.weight, frcnn_rows(state["roi_heads.box_predictor.cls_score.weight"]))
 
 
 @pytest.mark.slow
