@@ -3,6 +3,8 @@ against hand-made cases and torchvision's pooler, training on a fixed batch, det
 torchvision's checkpoints: proposals, R-CNN outputs and detections equal torchvision's own on the same weights."""
 
 import re
+import subprocess
+import sys
 import urllib.error
 from collections import OrderedDict
 from types import SimpleNamespace
@@ -305,6 +307,32 @@ def test_v2_state_dict_loads_with_teacher_cfg(tmp_path):
     assert torch.equal(roi_head.fcs[0].weight, state["roi_heads.box_head.5.weight"])
     assert torch.equal(teacher.head.rpn.extra_convs[0].bias, state["rpn.head.conv.1.0.bias"])
     assert torch.equal(roi_head.cls.weight, frcnn_rows(state["roi_heads.box_predictor.cls_score.weight"]))
+
+
+MOBILENET_NAME = "fasterrcnn_mobilenet_v3_large_fpn"
+NOT_SUPPORTED = (
+    f"torchvision detector '{MOBILENET_NAME}' is not supported (crosskd has no MobileNetV3-Large backbone, and its two "
+    "FPN maps share stride 32); supported: retinanet_resnet50_fpn, retinanet_resnet50_fpn_v2, fcos_resnet50_fpn, "
+    "fasterrcnn_resnet50_fpn, fasterrcnn_resnet50_fpn_v2"
+)
+
+
+def test_mobilenet_v3_frcnn_is_one_line_saying_what_is_supported(tmp_path):
+    with pytest.raises(ConfigError) as by_name:
+        load_teacher(f"torchvision:{MOBILENET_NAME}", None)
+    assert str(by_name.value) == NOT_SUPPORTED
+    path = tmp_path / "fasterrcnn_mobilenet_v3_large_fpn-fb6a3cc7.pth"  # its real weights file name
+    torch.save({"backbone.body.0.0.weight": torch.zeros(16, 3, 3, 3)}, path)
+    with pytest.raises(CheckpointError) as by_file:
+        load_teacher(str(path), None)
+    assert str(by_file.value) == f"'{path.name}': {NOT_SUPPORTED}"
+
+
+@pytest.mark.slow  # a CLI subprocess; the test above covers the Python path
+def test_mobilenet_v3_frcnn_cli_exits_2_with_one_line(tmp_path):
+    command = [sys.executable, "-m", "crosskd", "convert", f"model=torchvision:{MOBILENET_NAME}"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr == f"ERROR: {NOT_SUPPORTED}\n"
 
 
 @pytest.mark.slow

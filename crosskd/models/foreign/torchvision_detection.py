@@ -20,6 +20,8 @@ from pathlib import Path
 from torch import Tensor
 from torchvision.models import WeightsEnum
 from torchvision.models.detection import (
+    FasterRCNN_MobileNet_V3_Large_320_FPN_Weights,
+    FasterRCNN_MobileNet_V3_Large_FPN_Weights,
     FasterRCNN_ResNet50_FPN_V2_Weights,
     FasterRCNN_ResNet50_FPN_Weights,
     FCOS_ResNet50_FPN_Weights,
@@ -99,6 +101,13 @@ TORCHVISION_DETECTORS: dict[str, TorchvisionDetector] = {
         "faster_rcnn_r50_tv_v2.yaml", FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1, "none", FRCNN_V2_MODULES
     ),
 }
+MOBILENET_V3_REASON = "crosskd has no MobileNetV3-Large backbone, and its two FPN maps share stride 32"
+UNSUPPORTED: dict[str, tuple[WeightsEnum, str]] = {  # torchvision detectors crosskd cannot rebuild, and why
+    "fasterrcnn_mobilenet_v3_large_fpn": (FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1, MOBILENET_V3_REASON),
+    "fasterrcnn_mobilenet_v3_large_320_fpn": (
+        FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.COCO_V1, MOBILENET_V3_REASON
+    ),
+}
 CLASSIFIER_KEYS = ("head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias")
 FRCNN_CLASS_KEYS = ("roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_score.bias")
 FRCNN_BOX_KEYS = ("roi_heads.box_predictor.bbox_pred.weight", "roi_heads.box_predictor.bbox_pred.bias")
@@ -108,9 +117,17 @@ TOWER_KEY = re.compile(r"head\.(cls_convs|reg_convs)\.(\d+)\.(conv|norm)\.(\w+)"
 
 def torchvision_spec(name: str) -> TorchvisionDetector:
     """The supported detector called `name` (e.g. 'retinanet_resnet50_fpn_v2'), or one ConfigError line."""
+    if name in UNSUPPORTED:
+        raise ConfigError(unsupported_message(name))
     if name not in TORCHVISION_DETECTORS:
         raise ConfigError(f"unknown torchvision detector '{name}'; valid: {', '.join(TORCHVISION_DETECTORS)}")
     return TORCHVISION_DETECTORS[name]
+
+
+def unsupported_message(name: str) -> str:
+    """Why torchvision's detector `name` (one of UNSUPPORTED) does not load, and what does."""
+    return (f"torchvision detector '{name}' is not supported ({UNSUPPORTED[name][1]}); supported: "
+            f"{', '.join(TORCHVISION_DETECTORS)}")
 
 
 def weights_file_name(name: str) -> str:
@@ -119,12 +136,16 @@ def weights_file_name(name: str) -> str:
 
 
 def torchvision_name(source: str | Path) -> str | None:
-    """The detector name of 'torchvision:<name>' or of a file named like its real weights file, else None."""
+    """The detector name of 'torchvision:<name>' or of a file named like its real weights file, else None; an
+    unsupported detector's name or real file name is one ConfigError/CheckpointError line."""
     text = str(source)
     if text.startswith(TORCHVISION_PREFIX):
         name = text[len(TORCHVISION_PREFIX) :]
         torchvision_spec(name)  # an unknown name is one ConfigError line
         return name
+    unsupported = [name for name, (weights, _) in UNSUPPORTED.items() if cached_file(weights).name == Path(text).name]
+    if unsupported:
+        raise CheckpointError(f"'{Path(text).name}': {unsupported_message(unsupported[0])}")
     return next((name for name in TORCHVISION_DETECTORS if weights_file_name(name) == Path(text).name), None)
 
 
