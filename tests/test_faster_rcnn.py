@@ -448,3 +448,25 @@ def test_crosskd_cross_head_pass_matches_plain_torch_rewrite():
     grads = torch.autograd.grad(ours["kd_cls"] + ours["kd_reg"], student.neck.parameters(), allow_unused=True)
     assert any(g is not None and g.abs().sum() > 0 for g in grads)  # the KD reaches the student
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_cross_head_pass_runs_a_conv_fc_teacher_head():
+    """A v2-style teacher (conv-BN-ReLU box head): the cross-head pass runs its convs and FC on the student's RoI
+    features, in eval (running BN statistics), and its KD reaches the student."""
+    batch = tiny_batch()
+    torch.manual_seed(0)
+    student = build_detector(SMALL, 3).train()
+    teacher = build_detector(v2_style_small(), 3).eval()
+    student_pass = student.loss_and_rois(batch)
+    with torch.no_grad():
+        teacher_feats = teacher.extract_features(batch.images)
+    roi_head = teacher.head.roi_head
+    cross = frcnn_cross_head(roi_head, student_pass.feats, teacher_feats, student_pass.rois)
+    pooled = roi_head.pool(student_pass.feats, student_pass.rois)
+    split = roi_head.forward_from(roi_head.forward_tower(pooled, 2), 2)  # after the two conv steps
+    torch.testing.assert_close(cross.cross.cls_score, split.cls_score, atol=1e-6, rtol=0)
+    losses = frcnn_crosskd_losses(roi_head, cross)
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+    grads = torch.autograd.grad(sum(losses.values()), student.neck.parameters(), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert not roi_head.convs[0].norm.training and all(p.grad is None for p in teacher.parameters())
