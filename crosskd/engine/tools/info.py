@@ -19,9 +19,13 @@ from crosskd.utils import console
 DEFAULT_NC = 80
 
 
+CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+
+
 def count_layers(model: nn.Module) -> int:
-    """Number of leaf modules (layers without children)."""
-    return sum(1 for m in model.modules() if not any(m.children()))
+    """Number of leaf modules (layers without children); an empty container (e.g. a Faster R-CNN's `rpn.extra_convs`
+    with one RPN conv) holds no layer."""
+    return sum(1 for m in model.modules() if not any(m.children()) and not isinstance(m, CONTAINERS))
 
 
 def count_params(model: nn.Module) -> int:
