@@ -6,6 +6,8 @@
     python benchmarks/reproduce.py --scale coco                      # print the paper's COCO runs (--run runs them)
     python benchmarks/reproduce.py --rows issue20                    # issue 20 point 3: Tables 5, 1, 3, 12, 7
     python benchmarks/reproduce.py --scale cpu-long                  # issue 20 point 4: Table 5, students 32 epochs
+    python benchmarks/reproduce.py --rows table11 --dry-run          # issue 23: Faster R-CNN rows, commands only
+    python benchmarks/reproduce.py --smoke --rows table11            # the same rows tiny (2 epochs, 16 images)
 
 Issue 20 changed two crosskd defaults (kd_hold pre -> post, valid_region image -> mmdet). The results of the old
 defaults stay in `benchmarks/results/reproduce/` (read only: training there is refused); new runs go to
@@ -66,7 +68,7 @@ DEFAULTS_FILE = "defaults.json"  # in each results folder: the crosskd defaults 
 TRACKED_DEFAULTS = ("kd_hold", "valid_region")  # defaults that changed the results and are not in the run keys
 SEEDS = (0, 1, 2)
 TEACHER_SEED = 0  # teachers are trained once
-TEACHER_ROLES = ("teacher", "atss_teacher")  # model roles trained for teacher_epochs and distilled from
+TEACHER_ROLES = ("teacher", "atss_teacher", "frcnn_teacher")  # roles trained for teacher_epochs, distilled from
 METRICS = ("AP", "AP50", "AP75")
 METRIC_COLUMNS = {"AP": "metrics/mAP50-95(B)", "AP50": "metrics/mAP50(B)", "AP75": "metrics/mAP75(B)"}  # results.csv
 CURVE_LABELS = ("student", "PM", "LD", "CrossKD")  # AP-per-epoch plot (paper Fig. 6c); only these validate every epoch
@@ -110,6 +112,7 @@ class Scale:
     runs_by_default: bool = True  # False: print the commands unless --run
     teachers_from: str | None = None  # the scale whose trained teachers this one distils from (never trains its own)
     default_rows: tuple[str, ...] = ()  # the --rows filters when none are given (all rows without)
+    role_epochs: dict[str, int] = field(default_factory=dict)  # a role's epochs where they differ from the scale's
 
 
 CONFIGS = ROOT / "configs"
@@ -117,7 +120,8 @@ CPU = Scale(
     name="cpu",
     data={"num_train": 1024, "num_val": 256, "imgsz": 128, "objects": [1, 4], "seed": 0},
     models={"teacher": "gfl_r18s.yaml", "student": str(CONFIGS / "gfl_r18q_student.yaml"),
-            "atss_teacher": "atss_r18s.yaml"},
+            "atss_teacher": "atss_r18s.yaml", "frcnn_teacher": "faster_rcnn_r18s.yaml",
+            "frcnn_student": str(CONFIGS / "faster_rcnn_r18q_student.yaml")},
     stacked_convs=2, imgsz=128, batch=8, epochs=8, teacher_epochs=24,
     train={"optimizer": "AdamW", "lr0": 0.004, "warmup_iters": 100, "device": "cpu", "workers": 1},
 )
@@ -129,15 +133,19 @@ SCALES = {
     "smoke": Scale(
         name="smoke",
         data={"num_train": 16, "num_val": 8, "imgsz": 64, "objects": [1, 3], "seed": 0},
-        models={"teacher": "gfl_r18t.yaml", "student": "gfl_r18t.yaml"},
+        models={"teacher": "gfl_r18t.yaml", "student": "gfl_r18t.yaml",
+                "frcnn_teacher": str(CONFIGS / "faster_rcnn_r18q_student.yaml"),
+                "frcnn_student": str(CONFIGS / "faster_rcnn_r18q_student.yaml")},
         stacked_convs=1, imgsz=64, batch=4, epochs=2, teacher_epochs=2,
         train={"optimizer": "AdamW", "lr0": 0.004, "warmup_iters": 2, "device": "cpu", "workers": 0},
     ),
     "coco": Scale(
         name="coco", data="coco.yaml",
-        models={"teacher": "gfl_r101.yaml", "student": "gfl_r50.yaml", "atss_teacher": "atss_r101.yaml"},
+        models={"teacher": "gfl_r101.yaml", "student": "gfl_r50.yaml", "atss_teacher": "atss_r101.yaml",
+                "frcnn_teacher": "faster_rcnn_r50.yaml", "frcnn_student": "faster_rcnn_r18.yaml"},
         stacked_convs=4, imgsz=1333, batch=16, epochs=12, teacher_epochs=24,
         train={"device": "0,1,2,3,4,5,6,7", "workers": 4}, runs_by_default=False,
+        role_epochs={"frcnn_teacher": 12},  # Table 11's teacher: faster-rcnn_r50_fpn_1x (MMDetection's 37.4 AP)
     ),
 }
 
@@ -147,6 +155,8 @@ CROSSKD = {**KD, "kd": "crosskd"}
 PM = {**KD, "kd": "pm"}
 LD = {**KD, "kd": "ld"}
 PKD = {**KD, "kd": "pkd"}
+FRCNN_STUDENT = {"model": "frcnn_student"}
+FRCNN_KD = {"model": "frcnn_student", "teacher": "frcnn_teacher"}
 
 
 def experiment_rows(stacked_convs: int) -> list[Row]:
@@ -177,6 +187,9 @@ def experiment_rows(stacked_convs: int) -> list[Row]:
     rows += [Row("12", f"({s})", CROSSKD if s == "a" else {**CROSSKD, "kd_strategy": s}) for s in "abcd"]
     rows += [Row("7", "student", STUDENT), Row("7", "ATSS teacher", {"model": "atss_teacher"}),
              Row("7", "CrossKD", {**CROSSKD, "teacher": "atss_teacher"})]
+    rows += [Row("11", "teacher", {"model": "frcnn_teacher"}), Row("11", "student", FRCNN_STUDENT),
+             Row("11", "CrossKD", {**FRCNN_KD, "kd": "crosskd"}),
+             Row("11", "CrossKD+PKD", {**FRCNN_KD, "kd": "crosskd+pkd"})]
     return rows
 
 
@@ -203,6 +216,8 @@ TABLE_TITLES = {
     "12": "Table 12: cross-head strategies (kd_strategy; (a) is CrossKD)",
     "7": "Table 7: heterogeneous pair, ATSS teacher -> GFL student (paper: ATSS R101 -> GFL R50; its KD row, "
          "prediction mimicking across head types, has no crosskd setting: kd=pm needs equal heads)",
+    "11": "Table 11: two-stage, Faster R-CNN teacher -> Faster R-CNN student (paper: R50 -> R18, 12 epochs; it "
+          "reports no CrossKD+PKD number, whose config is in the authors' repository)",
 }
 # The paper's (AP, AP50, AP75) per (table, label). Tables 1-4, 9, 12 use GFL R50 -> R18 (teacher 40.2 AP). The paper's
 # 'LD' in Tables 1, 3 and 4 is prediction mimicking on the student head (our kd=pm); Table 5's LD is LD proper.
@@ -226,6 +241,7 @@ PAPER: dict[tuple[str, str], tuple[float, float, float]] = {
     ("12", "(c)"): (34.5, 51.9, 36.7), ("12", "(d)"): (32.5, 48.8, 35.0),
     ("7", "student"): (40.2, 58.4, 43.3), ("7", "ATSS teacher"): (41.5, 59.9, 45.2),
     ("7", "CrossKD"): (42.1, 60.5, 45.7),
+    ("11", "teacher"): (37.4, 58.1, 40.4), ("11", "student"): (33.5, 53.7, 35.9), ("11", "CrossKD"): (35.5, 55.8, 38.0),
 }
 
 
@@ -237,7 +253,7 @@ ORDERINGS = [
     ("3", "CrossKD cls", "PM cls"), ("3", "CrossKD reg", "PM reg"), ("3", "CrossKD both", "CrossKD cls"),
     ("3", "CrossKD both", "CrossKD reg"),
     ("12", "(a)", "(b)"), ("12", "(b)", "(c)"), ("12", "(c)", "(d)"), ("12", "student", "(b)"),
-    ("7", "CrossKD", "student"),
+    ("7", "CrossKD", "student"), ("11", "CrossKD", "student"),
 ]
 
 
@@ -356,9 +372,16 @@ def run_settings(run: Run, scale: Scale, out: Path) -> tuple[str, dict[str, Any]
     target = run_dir(out, run)
     per_epoch_val = is_teacher or run.settings in (STUDENT, PM, LD, CROSSKD)  # the others validate the last epoch
     common = {"data": data_yaml(scale, out), "imgsz": scale.imgsz, "batch": scale.batch, "seed": run.seed,
-              "epochs": scale.teacher_epochs if is_teacher else scale.epochs, "val": per_epoch_val, "plots": False,
+              "epochs": run_epochs(run, scale), "val": per_epoch_val, "plots": False,
               "project": str(target.parent.resolve()), "name": target.name, "exist_ok": True}
     return ("distill" if "teacher" in settings else "train"), {**common, **scale.train, **settings}
+
+
+def run_epochs(run: Run, scale: Scale) -> int:
+    """A run's epochs: its role's in `scale.role_epochs`, else the scale's teacher or student epochs."""
+    role = run.settings["model"]
+    default = scale.teacher_epochs if role in TEACHER_ROLES else scale.epochs
+    return scale.role_epochs.get(role, default)
 
 
 def command_line(mode: str, settings: dict[str, Any]) -> str:
@@ -543,7 +566,8 @@ def format_cell(values: list[float]) -> str:
 
 def table_markdown(table: str, rows: list[Row], records: dict, seeds: tuple[int, ...]) -> list[str]:
     """One paper table: ours (mean ± std over seeds, ΔAP vs the student) beside the paper's AP, AP50, AP75, ΔAP."""
-    student_values = row_values(Row(table, "student", STUDENT), records, seeds)
+    student_row = next((row for row in rows if row.label == "student"), Row(table, "student", STUDENT))
+    student_values = row_values(student_row, records, seeds)
     paper_student = PAPER.get((table, "student"), _R18)
     lines = [f"### {TABLE_TITLES[table]}", "", "| row | n | AP | AP50 | AP75 | ΔAP | paper AP | AP50 | AP75 | ΔAP |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -690,6 +714,16 @@ def summarise(rows: list[Row], scale: Scale, out: Path, seeds: tuple[int, ...]) 
     return text
 
 
+def paper_lines(rows: list[Row]) -> list[str]:
+    """'# Table T, label: paper AP … AP50 … AP75 …' for every printed row (comments after the commands)."""
+    lines = []
+    for row in rows:
+        paper = PAPER.get((row.table, row.paper_label or row.label))
+        numbers = "AP {:.1f}  AP50 {:.1f}  AP75 {:.1f}".format(*paper) if paper else "no number in the paper"
+        lines.append(f"# Table {row.table}, {row.label}: paper {numbers}")
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------------- command line
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -699,9 +733,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"only these tables (1, T9), labels (CrossKD) or row sets ({', '.join(ROW_SETS)}); "
                              "repeatable")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="student seeds (default 0 1 2)")
-    parser.add_argument("--smoke", action="store_true", help="CI: two tiny configs, one seed, a few iterations")
+    parser.add_argument("--smoke", action="store_true",
+                        help="CI: tiny configs, one seed, a few iterations (Table 5's teacher and CrossKD, or --rows)")
     parser.add_argument("--summary", action="store_true", help="only summarise the finished trainings")
     parser.add_argument("--run", action="store_true", help="with --scale coco: train instead of printing commands")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the crosskd commands of the selected rows and the paper's numbers; train nothing")
     parser.add_argument("--jobs", type=int, default=2, help="trainings at a time, each on cpus/jobs threads")
     parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS_DIR}[-<scale>])")
     parser.add_argument("--teachers", type=Path, default=None,
@@ -714,16 +751,19 @@ def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     scale = SCALES["smoke" if opts.smoke else opts.scale]
     seeds = (TEACHER_SEED,) if opts.smoke else tuple(opts.seeds)
-    rows = SMOKE_ROWS if opts.smoke else select_rows(experiment_rows(scale.stacked_convs),
-                                                     opts.rows or scale.default_rows)
+    if opts.smoke and not opts.rows:
+        rows = SMOKE_ROWS
+    else:
+        rows = select_rows(experiment_rows(scale.stacked_convs), opts.rows or scale.default_rows)
     out = opts.out or default_out(scale)
     out.mkdir(parents=True, exist_ok=True)
     (out / ".gitignore").write_text("data/\n*.pt\n")
     runs = plan_runs(rows, seeds)
     failed: list[str] = []
-    if not opts.summary and not scale.runs_by_default and not opts.run:
+    if opts.dry_run or (not opts.summary and not scale.runs_by_default and not opts.run):
         for run in runs:
             print(command_line(*run_settings(run, scale, out)))
+        print("\n".join(paper_lines(rows)))
         return 0
     if not opts.summary:
         claim_folder(out)

@@ -182,3 +182,29 @@ def test_kd_hold_comes_from_the_setting_else_the_distilled_students_checkpoint(w
         cross_means[run] = report["levels"][-1]["neg"]["cross_head"]["mean"]
     assert holds == {"hold_plain_0": "post", "hold_old_0": "pre", "hold_new_0": "post", "hold_old_1": "post"}
     assert cross_means["hold_old_1"] == cross_means["hold_new_0"] != cross_means["hold_old_0"]
+
+
+def test_a_faster_rcnn_pair_is_measured_at_the_students_sampled_rois(work):
+    save_teacher("faster_rcnn_r18s.yaml", work / "frcnn.pt", seed=0)
+    frcnn = str(work / "frcnn.pt")
+    report = analyze(analyze_args(work, "frcnn_same", teacher=frcnn, student=frcnn, plots=False))
+    assert [lv["level"] for lv in report["levels"]] == ["P2", "P3", "P4", "P5", "all"]  # the RoIAlign levels
+    assert report["definitions"]["regions"] == "positive / negative RoIs of the student's R-CNN sampler"
+    overall = report["levels"][-1]
+    assert overall["pos"]["locations"] > 0 and overall["neg"]["locations"] > overall["pos"]["locations"]
+    for _, _, record in measured_groups(report):  # the same model: its own head and the cross-head are the teacher
+        assert record["student"]["max"] == 0.0 and record["cross_head"]["max"] == 0.0
+    # An initial R-CNN classifier gives each of the C+1 classes ~1/11: every RoI contradicts its label (the
+    # background at negatives), so negatives conflict too, unlike a dense head's all-zero negatives.
+    assert overall["pos"]["conflict_share"] == 1.0 and overall["neg"]["conflict_share"] == 1.0
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "cfg/models/faster_rcnn_r18s.yaml").read_text())
+    cfg["neck"]["out_channels"] = cfg["head"]["rpn_feat_channels"] = 96
+    (work / "frcnn_wide.yaml").write_text(yaml.safe_dump(cfg))
+    save_teacher(work / "frcnn_wide.yaml", work / "frcnn_wide.pt", seed=1)
+    wide = analyze(analyze_args(work, "frcnn_wide", teacher=str(work / "frcnn_wide.pt"),
+                                student="faster_rcnn_r18s.yaml", plots=False))
+    assert wide["setup"]["adapter"].startswith("untrained")  # 64 -> 96 channels before the teacher's RoIAlign
+    for _, _, record in measured_groups(wide):
+        assert all(0.0 <= record[kind]["mean"] <= 1.0 for kind in KINDS)
+        assert record["student"]["mean"] > 0.0 and record["cross_head"]["mean"] > 0.0

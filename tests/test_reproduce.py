@@ -19,14 +19,15 @@ def test_plan_shares_equal_settings_and_trains_teachers_once(reproduce):
     runs = reproduce.plan_runs(rows, seeds=(0, 1, 2))
     keys = [(run.key, run.seed) for run in runs]
     assert len(keys) == len(set(keys))
-    assert keys[:2] == [("teacher", 0), ("atss_teacher", 0)]  # teachers first, seed 0 only
-    assert not any(key in ("teacher", "atss_teacher") and seed > 0 for key, seed in keys)
+    teachers = ["teacher", "atss_teacher", "frcnn_teacher"]
+    assert keys[:3] == [(key, 0) for key in teachers]  # teachers first, seed 0 only
+    assert not any(key in teachers and seed > 0 for key, seed in keys)
     crosskd = reproduce.run_key(reproduce.CROSSKD)
     default_idx = next(row for row in rows if row.table == "1" and row.label == "kd_idx=1")
     assert reproduce.run_key(default_idx.settings) == crosskd  # Table 1's default hold point is the CrossKD run
     assert default_idx.paper_label == "kd_idx=3"  # 1 of 2 convs uses one teacher conv, like the paper's 3 of 4
-    students = {key for key, seed in keys if seed == 0} - {"teacher", "atss_teacher"}
-    assert len(students) * 3 == len(keys) - 2
+    students = {key for key, seed in keys if seed == 0} - set(teachers)
+    assert len(students) * 3 == len(keys) - 3
 
 
 def test_every_row_is_valid_crosskd_settings(reproduce, tmp_path):
@@ -55,6 +56,38 @@ def test_coco_scale_prints_the_paper_setting(reproduce, tmp_path, capsys):
     distill = [line for line in lines if line.startswith("crosskd distill ")]  # PM, LD, PKD, CrossKD(+PKD) post, pre
     assert len(distill) == 7 and all("model=gfl_r50.yaml" in line and "imgsz=1333" in line for line in distill)
     assert not (tmp_path / "metrics").exists()  # printed, not run
+
+
+def test_table11_dry_run_lists_the_faster_rcnn_rows_with_the_papers_numbers(reproduce, tmp_path, capsys):
+    assert reproduce.main(["--rows", "table11", "--dry-run", "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    commands = [line for line in lines if line.startswith("crosskd ")]
+    assert len(commands) == 1 + 3 * 3  # the teacher once, student / CrossKD / CrossKD+PKD at 3 seeds
+    assert "model=faster_rcnn_r18s.yaml" in commands[0] and "epochs=24" in commands[0]
+    assert all("faster_rcnn_r18q_student.yaml" in line for line in commands[1:])
+    assert sum(line.endswith("kd=crosskd+pkd") for line in commands) == 3
+    assert sum(line.endswith("kd=crosskd") for line in commands) == 3
+    assert lines[-4:] == ["# Table 11, teacher: paper AP 37.4  AP50 58.1  AP75 40.4",
+                          "# Table 11, student: paper AP 33.5  AP50 53.7  AP75 35.9",
+                          "# Table 11, CrossKD: paper AP 35.5  AP50 55.8  AP75 38.0",
+                          "# Table 11, CrossKD+PKD: paper no number in the paper"]
+    assert not (tmp_path / "metrics").exists() and not (tmp_path / "runs").exists()  # nothing trained
+
+    assert reproduce.main(["--scale", "coco", "--rows", "11", "--seeds", "0", "--out", str(tmp_path)]) == 0
+    coco = [line for line in capsys.readouterr().out.splitlines() if line.startswith("crosskd ")]
+    assert "model=faster_rcnn_r50.yaml" in coco[0] and "epochs=12" in coco[0]  # MMDetection's 1x teacher
+    assert all("model=faster_rcnn_r18.yaml" in line and "epochs=12" in line for line in coco[1:]) and len(coco) == 4
+
+
+@pytest.mark.slow  # four tiny Faster R-CNN trainings, about 2 minutes on 2 cores
+def test_smoke_runs_table11_tiny(reproduce, tmp_path):
+    out = tmp_path / "reproduce"
+    assert reproduce.main(["--smoke", "--rows", "table11", "--out", str(out), "--jobs", "1"]) == 0
+    metrics = sorted(p.name for p in (out / "metrics").glob("*.json"))
+    assert metrics == ["frcnn_student-from-frcnn_teacher-kd=crosskd+pkd-seed0.json",
+                       "frcnn_student-from-frcnn_teacher-kd=crosskd-seed0.json", "frcnn_student-seed0.json",
+                       "frcnn_teacher-seed0.json"]
+    assert "Table 11: two-stage" in (out / "summary.md").read_text()
 
 
 def test_smoke_end_to_end_then_resume_skips_finished(reproduce, tmp_path, capsys):
@@ -93,7 +126,7 @@ def test_issue20_rows_put_kd_hold_pre_beside_post(reproduce):
         assert reproduce.run_key(pre.settings) == reproduce.run_key(post.settings) + "-kd_hold=pre"
         assert pre.paper_label == label
     runs = reproduce.plan_runs(rows, seeds=(0, 1, 2))
-    assert len(runs) == 2 + 18 * 3  # two teachers, 18 student settings at 3 seeds
+    assert len(runs) == 2 + 18 * 3  # two teachers, 18 student settings at 3 seeds (issue20 has no Table 11)
 
 
 def test_cpu_long_scale_plans_the_main_rows_from_the_cpu_teacher(reproduce, tmp_path):

@@ -5,7 +5,7 @@ from torch import Tensor
 
 from crosskd.assigners.base import Assigner, Predictions
 from crosskd.assigners.result import BACKGROUND, IGNORED, AssignResult
-from crosskd.ops.boxes import Priors, batched_box_iou
+from crosskd.ops.boxes import Priors, batched_box_iou, per_image_box_iou
 
 
 def _low_quality_matches(overlaps: Tensor, min_pos_iou: float) -> Tensor:
@@ -31,7 +31,8 @@ def max_iou_assign(
     match_low_quality: bool = True,
     valid: Tensor | None = None,
 ) -> AssignResult:
-    """Assign anchors `[N, 4]` to padded GT `gt_boxes [B, M, 4]`, `gt_labels [B, M]` (−1 = padding).
+    """Assign anchors `[N, 4]` (or per-image boxes `[B, N, 4]`, e.g. proposals) to padded GT `gt_boxes [B, M, 4]`,
+    `gt_labels [B, M]` (−1 = padding).
 
     An anchor's best IoU < neg_iou_thr makes it background, ≥ pos_iou_thr positive for that GT, and anything in
     between ignored (−2). With `match_low_quality`, each GT then also claims every anchor tying its best IoU
@@ -40,10 +41,14 @@ def max_iou_assign(
     """
     batch, num_gt = gt_labels.shape
     if num_gt == 0:
-        return AssignResult.all_background(batch, anchors.shape[0], anchors.device)
+        result = AssignResult.all_background(batch, anchors.shape[-2], anchors.device)
+        if valid is not None:  # candidates outside their image (or padded proposals) stay ignored
+            result.assigned_gt = torch.where(valid, result.assigned_gt, IGNORED)
+        return result
     gt_valid = gt_labels >= 0  # [B, M]
     usable = gt_valid[:, None] if valid is None else gt_valid[:, None] & valid[..., None]  # [B, N|1, M]
-    overlaps = batched_box_iou(anchors, gt_boxes).masked_fill(~usable, -1)  # [B, N, M]
+    overlaps = batched_box_iou(anchors, gt_boxes) if anchors.dim() == 2 else per_image_box_iou(anchors, gt_boxes)
+    overlaps = overlaps.masked_fill(~usable, -1)  # [B, N, M]
     best_iou, best_gt = overlaps.max(dim=2)  # [B, N]
     assigned = torch.full_like(best_gt, IGNORED)
     assigned = torch.where(best_iou < neg_iou_thr, BACKGROUND, assigned)

@@ -27,7 +27,13 @@ def check_ablation(kd_branch: str, pkd_on: str, kd_strategy: str, cross_head: bo
 
 
 def check_compatible(student: DenseDetector, teacher: DenseDetector) -> None:
-    """Raise a one-line CheckpointError when the teacher cannot distil this student (classes, FPN levels)."""
+    """Raise a one-line CheckpointError when the teacher cannot distil this student (detector family, classes, FPN
+    levels)."""
+    if teacher.two_stage != student.two_stage:
+        raise CheckpointError(
+            f"the teacher is a {_family(teacher)} and the student a {_family(student)}: distil a Faster R-CNN "
+            "student from a Faster R-CNN teacher, and a dense student from a dense teacher"
+        )
     if teacher.nc != student.nc:
         raise CheckpointError(
             f"teacher has {teacher.nc} classes but the student's data has {student.nc}: "
@@ -39,6 +45,25 @@ def check_compatible(student: DenseDetector, teacher: DenseDetector) -> None:
             f"teacher strides {t_strides} ({len(t_strides)} levels) differ from the student's {s_strides} "
             f"({len(s_strides)} levels): give both model YAMLs the same FPN levels"
         )
+
+
+def _family(detector: DenseDetector) -> str:
+    kind = "two-stage" if detector.two_stage else "dense"
+    return f"{kind} detector ({detector.head_type})"
+
+
+def check_two_stage(kd: str, supported: bool, kd_idx: int | None, kd_strategy: str, pkd_on: str, kd_cls_loss: str,
+                    kd_region: str) -> None:
+    """One-line ConfigErrors for KD settings a two-stage (Faster R-CNN) pair cannot honour: methods without a
+    two-stage pass, and the dense heads' hold point, strategies, PKD positions and prediction-KD options."""
+    if not supported:
+        raise ConfigError(f"kd={kd} has no Faster R-CNN pass; use kd=crosskd, pkd, crosskd+pkd or none")
+    dense_only = {"kd_idx": (kd_idx, (None, 0)), "kd_strategy": (kd_strategy, ("a",)), "pkd_on": (pkd_on, ("neck",)),
+                  "kd_cls_loss": (kd_cls_loss, ("qfl",)), "kd_region": (kd_region, ("all",))}
+    for name, (value, allowed) in dense_only.items():
+        if value not in allowed:
+            raise ConfigError(f"{name}={value} applies to dense heads only: the Faster R-CNN cross-head pass is the "
+                              f"teacher's whole R-CNN stage on the student's FPN maps; leave {name} unset")
 
 
 def check_same_head(student_head: DenseHead, teacher_head: DenseHead, setting: str) -> None:

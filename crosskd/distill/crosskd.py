@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from crosskd.distill.adapters import check_ablation, check_compatible, resolve_kd_idx
+from crosskd.distill.adapters import check_ablation, check_compatible, check_two_stage, resolve_kd_idx
 from crosskd.distill.kd_losses import ABLATION_DEFAULTS, DEFAULT_WEIGHTS, KDOptions, KDWeights, check_choice
 from crosskd.distill.methods.base import KDContext, KDSetup, PredictionInputs
 from crosskd.distill.passes import KD_HOLDS, StudentPass, TeacherPass, feat_sizes, head_pass
@@ -31,7 +31,7 @@ def resolve_kd_weights(
 ) -> KDWeights:
     """Per-term weights: the teacher head type's defaults as the `kd` methods change them, overridden where given,
     as the methods tie them, × kd_weight (e.g. PKD alone weighs 10, LD alone takes kd_reg_weight as its weight)."""
-    classes = [method_class(name) for name in components(kd)]
+    classes = [method_class(name, head_type) for name in components(kd)]
     alone = len(classes) == 1
     weights = DEFAULT_WEIGHTS[head_type]
     for method in classes:
@@ -53,7 +53,8 @@ class Distiller(nn.Module):
 
     Args:
         student, teacher (DenseDetector): detectors with the same classes; their FPN outputs must have equal
-            sizes (same strides), while widths may differ (1x1 adapters and connectors).
+            sizes (same strides), while widths may differ (1x1 adapters and connectors). Both dense, or both
+            two-stage (FasterRCNN: the student pass is its `loss_and_rois`, and crosskd the registry's R-CNN variant).
         kd_idx (int | None): CrossKD hold point, a tower step; None takes the teacher head's default.
         kd_align (bool): standardise the hold features fed to the other head to its own per-channel statistics.
         kd_hold: the hold features of both heads, 'post' (after step kd_idx's activation, as the reference
@@ -86,13 +87,16 @@ class Distiller(nn.Module):
         valid_region: str = "mmdet",
     ) -> None:
         super().__init__()
+        check_compatible(student, teacher)
         names = components(kd)
-        classes = [method_class(name) for name in names]
+        classes = [method_class(name, teacher.head.head_type) for name in names]
         self.kd = str(kd).strip().lower()
         options = KDOptions(cls_loss=kd_cls_loss, region=kd_region)
         check_ablation(kd_branch, pkd_on, kd_strategy, any(c.cross_head_pass for c in classes))
         check_choice("kd_hold", kd_hold, KD_HOLDS)
-        check_compatible(student, teacher)
+        if student.two_stage:
+            check_two_stage(self.kd, all(c.two_stage for c in classes), kd_idx, kd_strategy, pkd_on, kd_cls_loss,
+                            kd_region)
         student.head.use_valid_region(valid_region)
         teacher.head.use_valid_region(valid_region)
         self.student = student
@@ -157,6 +161,8 @@ class Distiller(nn.Module):
         w = self.weights
         cross_head = any(method.cross_head_pass for method in self.methods.values())
         cross = f", kd_idx={self.kd_idx}, hold={self.kd_hold}, align={self.kd_align}" if cross_head else ""
+        if cross_head and self.student.two_stage:
+            cross = ", cross-head: the teacher's R-CNN stage at the student's RoIs (no align)"
         changed = {k: v for k, v in self.settings().items() if k in ABLATION_DEFAULTS and v != ABLATION_DEFAULTS[k]}
         ablation = "".join(f", {k}={v}" for k, v in changed.items())
         LOGGER.info(
@@ -192,22 +198,31 @@ class Distiller(nn.Module):
         Returns:
             dict[str, Tensor]: scalar losses, already weighted.
         """
-        s_head = self.student.head
-        s_feats = self.student.extract_features(batch.images)
-        holds, outputs = head_pass(s_head, s_feats, self.kd_idx, self.kd_hold)
-        priors = s_head.priors(feat_sizes(s_feats), s_feats[0].device)
-        targets = s_head.get_targets(priors, batch, outputs)
-        losses = dict(s_head.loss(outputs, priors, targets))
+        losses, student = self.student_pass(batch)
         if not self.methods:
             return losses
-        passes = StudentPass(s_feats, holds, outputs, priors, targets), self.teacher_pass(batch)
-        ctx = KDContext(batch, (s_head, self.teacher.head), list(self.student.strides), passes,
+        passes = student, self.teacher_pass(batch)
+        ctx = KDContext(batch, (self.student.head, self.teacher.head), list(self.student.strides), passes,
                         self.prediction_inputs)
         for method in self.methods.values():
             terms = method.named_losses(ctx)
             assert not terms.keys() & losses.keys(), f"KD terms {sorted(terms)} overwrite {sorted(losses)}"
             losses.update(terms)
         return losses
+
+    def student_pass(self, batch: Any) -> tuple[dict[str, Tensor], StudentPass]:
+        """The student's detection losses (exactly its own `loss(batch)`) and what the KD methods read of its pass:
+        a dense head split at kd_idx with its priors and targets, or a two-stage detector's FPN maps and sampled
+        training RoIs [K, 5]."""
+        if self.student.two_stage:
+            run = self.student.loss_and_rois(batch)
+            return dict(run.losses), StudentPass(run.feats, None, None, None, None, run.rois)
+        s_head = self.student.head
+        s_feats = self.student.extract_features(batch.images)
+        holds, outputs = head_pass(s_head, s_feats, self.kd_idx, self.kd_hold)
+        priors = s_head.priors(feat_sizes(s_feats), s_feats[0].device)
+        targets = s_head.get_targets(priors, batch, outputs)
+        return dict(s_head.loss(outputs, priors, targets)), StudentPass(s_feats, holds, outputs, priors, targets)
 
     @torch.no_grad()
     def teacher_pass(self, batch: Any) -> TeacherPass:

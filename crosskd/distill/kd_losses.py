@@ -58,6 +58,8 @@ DEFAULT_WEIGHTS = {
     "retinanet": KDWeights(cls=1.0, reg=1.0, feat=2.0),
     "atss": KDWeights(cls=1.0, reg=1.0, ctr=1.0, feat=1.0),
     "fcos": KDWeights(cls=0.4, reg=0.75, feat=2.0),
+    # crosskd(+pkd)_r18_faster-rcnn_r50_fpn_1x_coco: KL (T=3) 0.5, L1 1.0, PKD 6 (distill/two_stage.py)
+    "faster_rcnn": KDWeights(cls=0.5, reg=1.0, feat=6.0),
 }
 LD_WEIGHTS = KDWeights(reg=0.25)
 

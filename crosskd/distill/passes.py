@@ -21,13 +21,14 @@ HoldFeatures = list[tuple[Tensor, Tensor]]  # per level: (cls, reg) tower featur
 
 
 class StudentPass(NamedTuple):
-    """What the student's forward produced for one batch."""
+    """What the student's forward produced for one batch (a two-stage student: feats and rois only)."""
 
     feats: list[Tensor]  # FPN outputs, [B, C_s, H_l, W_l] per level
-    holds: HoldFeatures
-    outputs: HeadOutputs
-    priors: Priors
-    targets: Targets
+    holds: HoldFeatures | None
+    outputs: HeadOutputs | None
+    priors: Priors | None
+    targets: Targets | None
+    rois: Tensor | None = None  # [K, 5] (image index, x1, y1, x2, y2): a two-stage student's sampled training RoIs
 
 
 class TeacherPass(NamedTuple):

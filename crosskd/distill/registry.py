@@ -3,7 +3,9 @@
 It imports nothing but `crosskd.errors`, so the run settings read the `kd` choices from it without loading torch
 models: built-in methods are named by "module:Class" and imported when a Distiller first builds one; a method
 registered at run time (`register`) is a class. A combination is an ordered tuple of method names: the Distiller runs
-them in that order, which is also the order of their terms in the loss dict and results.csv.
+them in that order, which is also the order of their terms in the loss dict and results.csv. A method whose pass
+differs for a detector family has a variant per teacher head type (`VARIANTS`, e.g. CrossKD for Faster R-CNN runs the
+teacher's R-CNN stage instead of a dense head's tower): the same `kd=` name, another class.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ METHODS: dict[str, Any] = {  # kd= name -> its KDMethod class, or "module:Class"
     "pm": "crosskd.distill.methods.pm:PredictionMimicking",
     "ld": "crosskd.distill.methods.ld:LD",
     "pkd": "crosskd.distill.methods.pkd:PKD",
+}
+VARIANTS: dict[tuple[str, str], Any] = {  # (kd= name, teacher head type) -> the class used for that teacher
+    ("crosskd", "faster_rcnn"): "crosskd.distill.methods.crosskd_rcnn:RoICrossKD",
 }
 COMBINATIONS: dict[str, tuple[str, ...]] = {  # kd= name -> its methods, in the order they run
     "crosskd+pkd": ("pkd", "crosskd"),
@@ -63,9 +68,10 @@ def components(kd: str) -> tuple[str, ...]:
     return COMBINATIONS[key]
 
 
-def method_class(name: str) -> type:
-    """The KDMethod class of a single method name (a built-in one is imported here on first use)."""
-    entry = METHODS[name]
+def method_class(name: str, head_type: str | None = None) -> type:
+    """The KDMethod class of a single method name for a teacher of `head_type` (its variant when `VARIANTS` has one;
+    a built-in one is imported here on first use)."""
+    entry = VARIANTS.get((name, head_type), METHODS[name])
     if isinstance(entry, str):
         module, _, attr = entry.partition(":")
         entry = getattr(importlib.import_module(module), attr)

@@ -19,10 +19,12 @@ from .backbones import MobileNetV2, ResNet, SwinT
 from .dense_detector import IMAGENET_MEAN, IMAGENET_STD, DenseDetector
 from .heads import ATSSHead, FCOSHead, GFLHead, RetinaHead
 from .neck import FPN
+from .two_stage import FasterRCNN, FasterRCNNHead
 
 BACKBONES = {"resnet": ResNet, "mobilenetv2": MobileNetV2, "swin_t": SwinT}
 NECKS = {"fpn": FPN}
-HEADS = {"gfl": GFLHead, "retinanet": RetinaHead, "fcos": FCOSHead, "atss": ATSSHead}
+HEADS = {"gfl": GFLHead, "retinanet": RetinaHead, "fcos": FCOSHead, "atss": ATSSHead, "faster_rcnn": FasterRCNNHead}
+DETECTORS: dict[str, type[DenseDetector]] = {"faster_rcnn": FasterRCNN}  # head type -> detector; else DenseDetector
 SECTIONS: dict[str, dict[str, type[nn.Module]]] = {"backbone": BACKBONES, "neck": NECKS, "head": HEADS}
 AUTO_ARGS = {"backbone": set(), "neck": {"in_channels"}, "head": {"num_classes", "in_channels", "layout"}}
 FORWARDED = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
@@ -162,7 +164,8 @@ def _check_strides(source: str, backbone: nn.Module, neck: FPN, head: nn.Module)
 
 
 def build_detector(model_cfg: dict | str | Path, nc: int) -> DenseDetector:
-    """Build a DenseDetector for `nc` classes from a model YAML path, shipped name or dict."""
+    """Build a DenseDetector (a FasterRCNN for `head.type: faster_rcnn`) for `nc` classes from a model YAML path,
+    shipped name or dict."""
     cfg, source = load_model_yaml(model_cfg)
     unknown = [k for k in cfg if k not in TOP_KEYS]
     if unknown:
@@ -178,4 +181,5 @@ def build_detector(model_cfg: dict | str | Path, nc: int) -> DenseDetector:
     head_cls, head_kwargs = parts["head"][0], _assigner(*parts["head"], source)
     head = _construct(head_cls, source, num_classes=nc, in_channels=neck.out_channels, **head_kwargs)
     _check_strides(source, backbone, neck, head)
-    return DenseDetector(backbone, neck, head, yaml={**cfg, "nc": nc}, **normalisation)
+    detector_cls = DETECTORS.get(head.head_type, DenseDetector)
+    return detector_cls(backbone, neck, head, yaml={**cfg, "nc": nc}, **normalisation)

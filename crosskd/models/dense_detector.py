@@ -26,6 +26,8 @@ class DenseDetector(nn.Module):
         bgr (bool): reverse the channels to BGR before normalising (MMDetection caffe-style weights).
     """
 
+    two_stage = False  # FasterRCNN: proposals and an R-CNN stage after the FPN (the distiller's passes differ)
+
     def __init__(
         self,
         backbone: nn.Module,

@@ -10,7 +10,8 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
 from crosskd.errors import ConfigError
 
-EXTRA_SOURCES = ("on_input", "on_output")
+EXTRA_SOURCES = ("on_input", "on_output", "max_pool")  # max_pool: no convs, P6 = P5 subsampled (Faster R-CNN)
+NECK_NORMS = ("none", "bn")  # bn: every lateral and output conv without bias, then BatchNorm (torchvision's v2 FPN)
 
 
 class ExtraConvs(ExtraFPNBlock):
@@ -38,13 +39,32 @@ class ExtraConvs(ExtraFPNBlock):
         return results, names
 
 
+class ExtraPools(ExtraFPNBlock):
+    """Extra levels without parameters: each a 1×1 max-pool of stride 2 of the previous output (MMDetection's FPN
+    without extra convs, torchvision's LastLevelMaxPool)."""
+
+    def __init__(self, num_extra: int) -> None:
+        super().__init__()
+        self.num_extra = num_extra
+
+    def forward(self, results: list[Tensor], x: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
+        """Append `num_extra` maps [B, C, ⌈H/2⌉, ⌈W/2⌉], each from the last output."""
+        for _ in range(self.num_extra):
+            results.append(F.max_pool2d(results[-1], 1, stride=2))
+            names.append(f"p{len(names)}")
+        return results, names
+
+
 class FPN(nn.Module):
     """Feature pyramid over backbone levels (C3–C5) with `num_outs` outputs (P3–P7 by default).
 
     Args:
         in_channels (Sequence[int]): channels of the backbone outputs, e.g. (512, 1024, 2048) for C3–C5.
         out_channels (int): channels of every output level.
-        num_outs (int): output levels; those beyond the inputs come from stride-2 convs (`add_extra_convs`).
+        num_outs (int): output levels; those beyond the inputs come from stride-2 convs fed as `add_extra_convs` says
+            (on_input: C5, on_output: P5) or, with `max_pool`, from 1×1 max-pools of stride 2 (no parameters).
+        norm (str): 'none' (convs with bias) or 'bn' (lateral and output convs without bias, each followed by
+            BatchNorm: torchvision's FPN with norm_layer=BatchNorm2d, as in fasterrcnn_resnet50_fpn_v2).
     """
 
     def __init__(
@@ -54,6 +74,7 @@ class FPN(nn.Module):
         num_outs: int = 5,
         add_extra_convs: str = "on_input",
         relu_before_extra_convs: bool = False,
+        norm: str = "none",
     ) -> None:
         super().__init__()
         in_channels = list(in_channels)
@@ -63,14 +84,24 @@ class FPN(nn.Module):
             )
         if add_extra_convs not in EXTRA_SOURCES:
             raise ConfigError(f"neck.add_extra_convs '{add_extra_convs}' is not one of {', '.join(EXTRA_SOURCES)}")
+        if norm not in NECK_NORMS:
+            raise ConfigError(f"neck.norm '{norm}' is not one of {', '.join(NECK_NORMS)}")
         num_extra = num_outs - len(in_channels)
-        extra = ExtraConvs(in_channels[-1], out_channels, num_extra, add_extra_convs, relu_before_extra_convs)
-        self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=extra if num_extra else None)
+        extra = (
+            ExtraPools(num_extra)
+            if add_extra_convs == "max_pool"
+            else ExtraConvs(in_channels[-1], out_channels, num_extra, add_extra_convs, relu_before_extra_convs)
+        )
+        norm_layer = nn.BatchNorm2d if norm == "bn" else None
+        self.fpn = FeaturePyramidNetwork(
+            in_channels, out_channels, extra_blocks=extra if num_extra else None, norm_layer=norm_layer
+        )
         self.out_channels, self.num_outs = out_channels, num_outs
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
         """`num_outs` maps [B, out_channels, H/s, W/s] (s = 8..128) from backbone maps [B, in_channels[i], H_i, W_i]."""

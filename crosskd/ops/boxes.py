@@ -69,6 +69,18 @@ def batched_box_iou(priors: Tensor, gt_boxes: Tensor) -> Tensor:
     return ious.view(-1, batch, num_gt).permute(1, 0, 2)  # [B, N, M]
 
 
+def per_image_box_iou(boxes: Tensor, gt_boxes: Tensor) -> Tensor:
+    """IoU of each image's own boxes with its ground truth: `[B, N, 4]`, `[B, M, 4]` -> `[B, N, M]`.
+
+    For candidates that differ per image (a two-stage detector's proposals), where `batched_box_iou` shares priors.
+    """
+    top_left = torch.maximum(boxes[:, :, None, :2], gt_boxes[:, None, :, :2])  # [B, N, M, 2]
+    bottom_right = torch.minimum(boxes[:, :, None, 2:], gt_boxes[:, None, :, 2:])  # [B, N, M, 2]
+    inter = (bottom_right - top_left).clamp(min=0).prod(-1)  # [B, N, M]
+    union = box_areas(boxes)[:, :, None] + box_areas(gt_boxes)[:, None, :] - inter
+    return inter / union.clamp(min=torch.finfo(boxes.dtype).eps)
+
+
 def clip_boxes(boxes: Tensor, max_shape: tuple[int, int] | Tensor) -> Tensor:
     """Clip xyxy boxes to an image of `max_shape` (h, w), or per image with a `[B, 2]` tensor for `[B, N, 4]` boxes.
 

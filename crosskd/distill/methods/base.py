@@ -87,6 +87,7 @@ class KDMethod(nn.Module):
     needs: ClassVar[frozenset[str]] = frozenset()
     combined_prefix: ClassVar[str] = "kd"
     cross_head_pass: ClassVar[bool] = False  # runs a cross-head pass: kd_strategy and kd_align apply to it
+    two_stage: ClassVar[bool] = False  # also distils a two-stage (Faster R-CNN) pair, reading only FPN maps and RoIs
 
     def __init__(self, student: DenseDetector, teacher: DenseDetector, setup: KDSetup) -> None:
         super().__init__()

@@ -24,6 +24,7 @@ class PKD(KDMethod):
     differ."""
 
     needs = frozenset({"neck"})
+    two_stage = True  # on the FPN maps (pkd_on=neck): any detector with an FPN
 
     def __init__(self, student: DenseDetector, teacher: DenseDetector, setup: KDSetup) -> None:
         super().__init__(student, teacher, setup)

@@ -52,7 +52,9 @@ class ExportModel(nn.Module):
     """The student DenseDetector plus decoding (and optionally NMS) as one graph: images [B,3,H,W] 0..1 RGB -> output0.
 
     Without NMS output0 is the Ultralytics layout [B, 4+C, N]: centre x, centre y, width, height in input pixels,
-    then the final class scores. With `nms=True` it is [B, max_det, 6] = x1, y1, x2, y2, score, class.
+    then the final class scores. With `nms=True` it is [B, max_det, 6] = x1, y1, x2, y2, score, class. A two-stage
+    detector (Faster R-CNN) has only the latter: proposals, RoIAlign, the R-CNN stage and NMS all in the graph
+    (`FasterRCNN.detection_rows`, the path eager `predict` takes).
     """
 
     def __init__(
@@ -68,11 +70,15 @@ class ExportModel(nn.Module):
         super().__init__()
         if not isinstance(detector, DenseDetector):
             raise TypeError(f"ExportModel takes a student DenseDetector, not {type(detector).__name__}")
+        if detector.two_stage and not nms:
+            raise ValueError("a two-stage detector exports with NMS in the graph (nms=True)")
         self.detector = detector
         self.nms, self.conf, self.iou, self.max_det, self.nms_pre = nms, conf, iou, max_det, nms_pre
         self.multi_label = multi_label
 
     def forward(self, images: Tensor) -> Tensor:
+        if self.detector.two_stage:
+            return self.detector.detection_rows(images, self.conf, self.iou, self.max_det, self.multi_label)[0]
         boxes, scores, num_per_level = self.detector.decode(images)  # [B, N, 4] xyxy, [B, N, C]
         if self.nms:
             return select_detections(boxes, scores, num_per_level, self.conf, self.iou, self.max_det, self.nms_pre,
@@ -207,13 +213,21 @@ def export_settings(args: Args, detector: DenseDetector, train_args: dict, devic
         "int8": args.int8,
         "calib_method": args.calib_method,
         "precision": export_precision(args.int8, args.half),
-        "nms": args.nms,
+        "nms": export_nms(args, detector),
         "conf": EXPORT_CONF if args.conf is None else args.conf,
         "iou": args.iou,
         "max_det": args.max_det,
         "nms_pre": args.nms_pre,
         "multi_label": True if args.multi_label is None else args.multi_label,
     }
+
+
+def export_nms(args: Args, detector: DenseDetector) -> bool:
+    """nms=; always True for a two-stage detector, whose per-class boxes exist only after its R-CNN stage."""
+    if detector.two_stage and not args.nms:
+        LOGGER.info(f"{detector.head_type}: exporting with proposals and NMS in the graph (nms=True)")
+        return True
+    return bool(args.nms)
 
 
 def export_path(model: str | Path | None, fmt: str, precision: str = "fp32") -> Path:

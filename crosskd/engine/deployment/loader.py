@@ -168,7 +168,7 @@ def is_detector_checkpoint(source: str | Path) -> bool:
         return False
     obj = read_torch_file(source)
     return is_crosskd_checkpoint(obj) or (
-        is_mmdet_checkpoint(obj) and any(key.startswith("bbox_head.") for key in obj["state_dict"])
+        is_mmdet_checkpoint(obj) and any(key.startswith(("bbox_head.", "roi_head.")) for key in obj["state_dict"])
     )
 
 

@@ -12,6 +12,11 @@ Definitions (every probability is sigmoid(cls logit), [B, N, C], without centern
   above 0.5), or a negative where the teacher gives some class more than 0.5.
 - Fig. 3 ratio(τ) = conflicting locations (positive and negative) / positive locations, for thresholds τ.
 Medians and p90 come from a 1000-bin histogram (within 0.001); means, maxima and conflict counts are exact.
+
+A Faster R-CNN pair (the cross-head is the teacher's R-CNN stage, distill/two_stage.py) is measured where its KD
+acts: at the student's sampled training RoIs (the R-CNN sampler's positives and negatives), grouped by the pyramid
+level each RoI is pooled from, on softmax probabilities over the C+1 classes (background last; y is the one-hot of
+the sampled label, the background at negatives). DEFINITIONS_RCNN lists what changes.
 """
 
 from __future__ import annotations
@@ -35,9 +40,11 @@ from crosskd.config import check_required, imgsz_hw, setting_or_model_default
 from crosskd.data import DetectionDataset, build_dataloader, load_data_yaml
 from crosskd.distill import Distiller
 from crosskd.distill.passes import feat_sizes, head_pass
+from crosskd.distill.two_stage import frcnn_cross_head
 from crosskd.engine.deployment.checkpoint import read_kd_state
 from crosskd.engine.deployment.loader import Runtime, load_runtime, load_teacher
 from crosskd.errors import DataError
+from crosskd.ops.roi import roi_levels
 from crosskd.paths import make_save_dir
 from crosskd.utils import LOGGER, colorstr, console, select_device
 
@@ -58,6 +65,14 @@ DEFINITIONS = {
     "regions": "positives / negatives of the student's assigner; ignored priors and batch padding left out",
     "conflict": f"teacher_vs_gt > {CONFLICT_THRESHOLD}",
     "fig3_ratio": "conflicting locations (pos + neg) / positive locations, per threshold",
+}
+DEFINITIONS_RCNN = {  # a Faster R-CNN pair: locations are the student's sampled R-CNN RoIs
+    **DEFINITIONS,
+    "probability": "softmax over the C+1 classes (background last) of the R-CNN logits at the student's sampled "
+    "training RoIs (train-setting proposals, the R-CNN sampler); levels: the FPN level each RoI is pooled from",
+    "teacher_vs_gt": "discrepancy(one-hot sampled label over C+1 classes, teacher); the background at negatives",
+    "regions": "positive / negative RoIs of the student's R-CNN sampler",
+    "fig3_ratio": "conflicting RoIs (pos + neg) / positive RoIs, per threshold",
 }
 
 
@@ -240,9 +255,22 @@ class Analyzer:
                            "cross-head numbers use an untrained 1x1 adapter; pass the distilled student's last.pt")
         return distiller.eval()
 
+    @property
+    def two_stage(self) -> bool:
+        """A Faster R-CNN student (the Distiller has already refused a dense/two-stage mix)."""
+        return getattr(self.distiller.student, "two_stage", False)
+
+    @property
+    def level_strides(self) -> list[int]:
+        """The levels the numbers are grouped by: the student's FPN levels, or those its RoIs are pooled from."""
+        student = self.distiller.student
+        return list(student.head.roi_head.strides if self.two_stage else student.strides)
+
     @torch.no_grad()
     def measure(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
         """One batch -> levels [N], regions [B, N] and discrepancies [B, N, K] (KINDS order) on the student's priors."""
+        if self.two_stage:
+            return self.measure_rois(batch)
         d = self.distiller
         s_head, t_head = d.student.head, d.teacher.head
         s_feats = d.student.extract_features(batch.images)
@@ -262,14 +290,36 @@ class Analyzer:
         regions = region_index(targets.pos_mask, targets.label_weights)
         return level_index(priors.num_per_level, values.device), regions, values
 
+    @torch.no_grad()
+    def measure_rois(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """A Faster R-CNN batch -> levels [K], regions [1, K] and discrepancies [1, K, KINDS] at the student's K
+        sampled training RoIs, on softmax probabilities over C+1 classes (DEFINITIONS_RCNN)."""
+        d = self.distiller
+        student, roi_head = d.student, d.teacher.head.roi_head
+        s_feats = student.extract_features(batch.images)
+        sampled = student.sampled_rois(s_feats, batch, student.head.rpn.train_proposals)
+        own = student.head.roi_head(student.head.roi_head.pool(s_feats, sampled.rois))
+        adapter = d.methods["crosskd"].adapter
+        maps = s_feats[: len(roi_head.strides)]
+        maps = maps if adapter is None else [adapter(x) for x in maps]  # student width -> teacher width
+        cross = frcnn_cross_head(roi_head, maps, d.teacher.extract_features(batch.images), sampled.rois)
+        p_student, p_cross, p_teacher = (out.cls_score.float().softmax(dim=1) for out in (own, *cross))  # [K, C+1]
+        gt = F.one_hot(sampled.labels, p_teacher.shape[-1]).float()  # background (label C) at negatives
+        values = torch.stack(
+            [discrepancy(p_teacher, p_student), discrepancy(p_teacher, p_cross), discrepancy(gt, p_teacher)], dim=-1
+        )  # [K, KINDS]
+        regions = torch.where(sampled.labels < roi_head.num_classes, 0, 1)  # [K]
+        levels = roi_levels(sampled.rois[:, 1:], len(roi_head.strides), roi_head.finest_scale)  # [K]
+        return levels, regions[None], values[None]
+
     def run(self) -> dict[str, Any]:
         """Measure the split, print the table, write analysis.json / .csv and the plots; return the JSON dict."""
         save_dir = make_save_dir(self.args, "analyze")  # before measuring: an unwritable folder fails at once
-        stats = ConflictStats(len(self.distiller.student.strides), self.device)
+        stats = ConflictStats(len(self.level_strides), self.device)
         for batch in self.loader:
             stats.update(*self.measure(batch.to(self.device)))
         summary = summarize(stats)
-        names = level_names(list(self.distiller.student.strides))
+        names = level_names(self.level_strides)
         report = self.report_dict(summary, names)
         console.print(results_table(summary, names, report["setup"]))
         write_outputs(report, summary, names, save_dir, self.args.plots)
@@ -286,7 +336,8 @@ class Analyzer:
             "teacher_head": d.teacher.head_type, "student_head": d.student.head_type, "kd_idx": d.kd_idx,
             "kd_align": d.kd_align, "kd_hold": d.kd_hold, "adapter": self.adapter_status,
         }
-        return {"setup": setup, "definitions": DEFINITIONS, "conflict_threshold": CONFLICT_THRESHOLD,
+        definitions = DEFINITIONS_RCNN if self.two_stage else DEFINITIONS
+        return {"setup": setup, "definitions": definitions, "conflict_threshold": CONFLICT_THRESHOLD,
                 "thresholds": list(THRESHOLDS), "levels": level_records(summary, names)}
 
 

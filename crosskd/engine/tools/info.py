@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 from rich.table import Table
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from crosskd.config import imgsz_hw
@@ -19,9 +19,13 @@ from crosskd.utils import console
 DEFAULT_NC = 80
 
 
+CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+
+
 def count_layers(model: nn.Module) -> int:
-    """Number of leaf modules (layers without children)."""
-    return sum(1 for m in model.modules() if not any(m.children()))
+    """Number of leaf modules (layers without children); an empty container (e.g. a Faster R-CNN's `rpn.extra_convs`
+    with one RPN conv) holds no layer."""
+    return sum(1 for m in model.modules() if not any(m.children()) and not isinstance(m, CONTAINERS))
 
 
 def count_params(model: nn.Module) -> int:
@@ -29,24 +33,47 @@ def count_params(model: nn.Module) -> int:
 
 
 def gflops(model: nn.Module, imgsz: int | tuple[int, int] = 640) -> float:
-    """Forward GFLOPs (2 per multiply-add) of one image at `imgsz`, counted with torch's FlopCounterMode."""
+    """Forward GFLOPs (2 per multiply-add) of one image at `imgsz`, counted with torch's FlopCounterMode.
+
+    A two-stage detector's R-CNN stage costs per RoI, and how many proposals survive depends on the image, so it is
+    counted at a fixed `rcnn_rois(model)` RoIs (the test setting's proposals per image), not on a blank image's.
+    """
     param = next(model.parameters())
     images = torch.zeros(1, 3, *imgsz_hw(imgsz), device=param.device, dtype=param.dtype)
     was_training = model.training
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(images)
+        if getattr(model, "two_stage", False):
+            _two_stage_pass(model, images)
+        else:
+            model(images)
     model.train(was_training)
     return counter.get_total_flops() / 1e9
+
+
+def rcnn_rois(model: nn.Module) -> int | None:
+    """The RoIs a two-stage detector's GFLOPs count its R-CNN stage at (`rpn_test_post_nms`); None if dense."""
+    return model.head.rpn.test_proposals.post_nms if getattr(model, "two_stage", False) else None
+
+
+def _two_stage_pass(model: nn.Module, images: Tensor) -> None:
+    """Backbone, FPN, RPN and the R-CNN stage on `rcnn_rois(model)` whole-image RoIs [K, 5] (image 0)."""
+    feats = model.extract_features(images)
+    model.head.rpn(feats)
+    height, width = images.shape[-2:]
+    rois = images.new_tensor([0.0, 0.0, 0.0, width, height]).expand(rcnn_rois(model), 5)  # [K, 5]
+    roi_head = model.head.roi_head
+    roi_head(roi_head.pool(feats, rois))
 
 
 def model_info(detector: DenseDetector, imgsz: int | tuple[int, int] = 640) -> str:
     """One summary line: `name summary: N layers, P parameters, G GFLOPs at WxH`."""
     height, width = imgsz_hw(imgsz)
     name = detector.yaml.get("name", detector.head_type)
-    flops = gflops(detector, (height, width))
+    flops, num_rois = gflops(detector, (height, width)), rcnn_rois(detector)
     layers, params = count_layers(detector), count_params(detector)
-    return f"{name} summary: {layers} layers, {params:,} parameters, {flops:.1f} GFLOPs at {width}x{height}"
+    rois = "" if num_rois is None else f" (R-CNN stage at {num_rois} RoIs)"
+    return f"{name} summary: {layers} layers, {params:,} parameters, {flops:.1f} GFLOPs at {width}x{height}{rois}"
 
 
 def module_table(detector: DenseDetector) -> Table:

@@ -1,4 +1,4 @@
-"""MMDetection 2.x / 3.x checkpoints (GFL, RetinaNet, FCOS, ATSS; ResNet or Swin-T) onto crosskd detectors.
+"""MMDetection 2.x / 3.x checkpoints (GFL, RetinaNet, FCOS, ATSS, Faster R-CNN; ResNet or Swin-T) onto crosskd.
 
 An MMDetection checkpoint is `{'state_dict': ..., 'meta': ...}`. 2.x `meta` holds `mmdet_version`, `CLASSES` and
 `config` (the merged python config as text); 3.x (mmengine) `meta` holds `dataset_meta['classes']`,
@@ -7,6 +7,7 @@ to pick and adjust a shipped model YAML. Tensors move through one explicit key m
 `load_mapped`, so every source tensor is accounted for. A caffe-style ResNet (`style='caffe'`, MMDetection's plain
 FCOS zoo files) has the same keys as a pytorch-style one; it maps onto `backbone.style: caffe` and an `input:`
 section with the config's normalisation (BGR, 0..255, std 1), as in the shipped `fcos_r{50,101}_caffe.yaml`.
+A Faster R-CNN (`rpn_head.*`, `roi_head.bbox_head.*`) maps its two stages through `mmdet_rcnn.py`.
 
 Source keys dropped on purpose: `bbox_head.integral.project` (GFL's constant 0..reg_max projection buffer; the
 shape of `gfl_reg` already fixes reg_max) and mmcv 2.x EMAHook's `ema_*` copies (mmcv swaps the averaged weights
@@ -30,8 +31,18 @@ from crosskd.models.build import HEADS, build_detector, constructor_parameters, 
 from crosskd.models.dense_detector import DenseDetector
 
 from .mapping import load_mapped
+from .mmdet_rcnn import (
+    RCNN_CLASSIFIER,
+    RCNN_PREFIXES,
+    has_rcnn_keys,
+    is_faster_rcnn,
+    rcnn_head_overrides,
+    rcnn_num_classes,
+    rcnn_source_name,
+    rcnn_unsupported,
+)
 
-MMDET_PREFIXES = ("backbone.", "neck.", "bbox_head.")
+MMDET_PREFIXES = ("backbone.", "neck.", "bbox_head.", *RCNN_PREFIXES)
 DERIVED_KEYS = ("bbox_head.integral.project",)
 MMDET_HEADS = {"GFLHead": "gfl", "RetinaHead": "retinanet", "FCOSHead": "fcos", "ATSSHead": "atss"}
 CLS_PREDICTORS = {"gfl": "gfl_cls", "retinanet": "retina_cls", "fcos": "conv_cls", "atss": "atss_cls"}
@@ -60,13 +71,15 @@ def _meta(ckpt: Mapping) -> Mapping:
 
 def _has_mmdet_keys(state: Mapping) -> bool:
     keys = [k.removeprefix("module.") for k in state if not k.startswith("ema_")]
-    return any(k.startswith("bbox_head.") for k in keys) and all(k.startswith(MMDET_PREFIXES) for k in keys)
+    has_head = any(k.startswith("bbox_head.") for k in keys) or has_rcnn_keys(keys)
+    return has_head and all(k.startswith(MMDET_PREFIXES) for k in keys)
 
 
 def is_mmdet_checkpoint(obj: Any) -> bool:
     """True for an MMDetection checkpoint: a dict with `state_dict` and 2.x meta (`mmdet_version`) or MMDet keys.
 
-    A 3.x (mmengine) checkpoint is recognised by its `backbone.`/`neck.`/`bbox_head.` state_dict keys, since its
+    A 3.x (mmengine) checkpoint is recognised by its `backbone.`/`neck.`/`bbox_head.` (Faster R-CNN: `rpn_head.`,
+    `roi_head.`) state_dict keys, since its
     `meta` (`mmengine_version`, `dataset_meta`, `cfg`) is shared with other OpenMMLab projects.
     """
     if not isinstance(obj, Mapping) or not isinstance(obj.get("state_dict"), Mapping):
@@ -124,7 +137,8 @@ def mmdet_config_model(ckpt: Mapping) -> dict | None:
 
 def _unsupported(what: str) -> CheckpointError:
     return CheckpointError(
-        f"MMDetection {what} has no crosskd equivalent; supported: GFL/RetinaNet/FCOS/ATSS heads on pytorch- or "
+        f"MMDetection {what} has no crosskd equivalent; supported: GFL/RetinaNet/FCOS/ATSS heads and Faster R-CNN "
+        "(RPN + Shared2FCBBoxHead) on pytorch- or "
         f"caffe-style ResNet-{'/'.join(map(str, RESNET_DEPTHS))} or Swin-T with an FPN"
     )
 
@@ -164,7 +178,9 @@ def _neck_section(neck: dict) -> dict:
     extra = neck.get("add_extra_convs", False)
     if extra is True:
         extra = "on_input" if neck.get("extra_convs_on_inputs", True) else "on_output"
-    if neck.get("type") != "FPN" or extra not in ("on_input", "on_output"):
+    elif extra is False:
+        extra = "max_pool"  # MMDet's FPN without extra convs max-pools the last output (Faster R-CNN's P6)
+    if neck.get("type") != "FPN" or extra not in ("on_input", "on_output", "max_pool"):
         raise _unsupported(f"neck '{neck.get('type')}' with add_extra_convs={extra!r}")
     return {
         "type": "fpn",
@@ -256,15 +272,19 @@ def mmdet_model_cfg(ckpt: Mapping) -> dict | None:
 def _model_yaml(model: dict, img_norm_cfg: Any = None) -> dict:
     """Our model YAML dict for MMDet's parsed `model` dict (and 2.x's top-level `img_norm_cfg`)."""
     head, neck = model.get("bbox_head") or {}, model.get("neck") or {}
-    head_type = MMDET_HEADS.get(head.get("type"))
+    head_type = "faster_rcnn" if is_faster_rcnn(model) else MMDET_HEADS.get(head.get("type"))
     if head_type is None:
         raise _unsupported(f"head '{head.get('type')}' (detector '{model.get('type')}')")
+    if head_type == "faster_rcnn" and (problem := rcnn_unsupported(model)):
+        raise _unsupported(problem)
     backbone = _backbone_section(model.get("backbone") or {}, neck)
     suffix = "swint" if backbone["type"] == "swin_t" else f"r{backbone['depth']}"
     suffix += "_caffe" if backbone.get("style") == "caffe" else ""
     base = _base_yaml(head_type, suffix)
     accepted = constructor_parameters(HEADS[head_type])
-    overrides = {k: v for k, v in _head_overrides(head, model.get("train_cfg") or {}).items() if k in accepted}
+    train_cfg = model.get("train_cfg") or {}
+    found = rcnn_head_overrides(model) if head_type == "faster_rcnn" else _head_overrides(head, train_cfg)
+    overrides = {k: v for k, v in found.items() if k in accepted}
     normalisation = _input_section(model, img_norm_cfg)
     return {
         **base,
@@ -318,7 +338,8 @@ def mmdet_key_map(detector: DenseDetector) -> dict[str, str]:
     backbone: ResNet names are identical; Swin-T `features.*` -> `stages.i.blocks.j.*` / `stages.i.downsample.*`
     / `patch_embed.*`, `norms.k` -> `norm{out_index}`. neck: `fpn.inner_blocks.i.0` -> `lateral_convs.i.conv`,
     `fpn.layer_blocks.i.0` -> `fpn_convs.i.conv`, `fpn.extra_blocks.convs.j` -> `fpn_convs.{levels+j}.conv`.
-    head: `head.` -> `bbox_head.`, tower `norm` -> `gn`; predictors and `scales.i.scale` keep their names.
+    head: `head.` -> `bbox_head.`, tower `norm` -> `gn`; predictors and `scales.i.scale` keep their names;
+    a Faster R-CNN's `head.rpn.*` / `head.roi_head.*` -> `rpn_head.*` / `roi_head.bbox_head.*` (mmdet_rcnn.py).
     """
     num_inputs = len(detector.neck.fpn.inner_blocks)
     key_map = {}
@@ -328,6 +349,8 @@ def mmdet_key_map(detector: DenseDetector) -> dict[str, str]:
             source = "backbone." + _backbone_name(detector.backbone, rest)
         elif part == "neck":
             source = "neck." + _neck_name(num_inputs, rest)
+        elif getattr(detector, "two_stage", False):
+            source = rcnn_source_name(rest)
         else:
             source = "bbox_head." + re.sub(r"_convs\.(\d+)\.norm\.", r"_convs.\1.gn.", rest)
         key_map[source] = key
@@ -372,6 +395,8 @@ def _anchors_per_location(head: dict) -> int:
 def _num_classes(state: Mapping[str, Tensor], cfg: dict, source_name: str) -> int:
     """nc from the classifier's output channels divided by the anchors per location of the YAML's head."""
     head_type = (cfg.get("head") or {}).get("type")
+    if head_type == "faster_rcnn":
+        return _rcnn_num_classes(state, source_name)
     if head_type not in CLS_PREDICTORS:
         raise CheckpointError(f"model YAML head.type '{head_type}' is not one of {', '.join(CLS_PREDICTORS)}")
     key = f"bbox_head.{CLS_PREDICTORS[head_type]}.weight"
@@ -382,6 +407,17 @@ def _num_classes(state: Mapping[str, Tensor], cfg: dict, source_name: str) -> in
             "check that the model YAML (model_cfg=/teacher_cfg=) matches the checkpoint's architecture"
         )
     return state[key].shape[0] // anchors
+
+
+def _rcnn_num_classes(state: Mapping[str, Tensor], source_name: str) -> int:
+    """nc of a Faster R-CNN checkpoint: its softmax classifier's rows minus the background row."""
+    nc = rcnn_num_classes(state)
+    if nc is None:
+        raise CheckpointError(
+            f"'{source_name}' has no {RCNN_CLASSIFIER} with C+1 rows: it is not a Faster R-CNN checkpoint; check that "
+            "the model YAML (model_cfg=/teacher_cfg=) matches the checkpoint's architecture"
+        )
+    return nc
 
 
 def _check_resnet_style(cfg: dict, inferred: dict | None, source_name: str) -> None:

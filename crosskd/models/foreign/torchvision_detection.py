@@ -1,10 +1,13 @@
-"""torchvision's COCO detectors (RetinaNet v1/v2, FCOS) as crosskd DenseDetectors with the 80 contiguous COCO classes.
+"""torchvision's COCO detectors (RetinaNet v1/v2, FCOS, Faster R-CNN v1/v2) as crosskd detectors with the 80 contiguous
+COCO classes.
 
 Each supported name has a shipped YAML that rebuilds torchvision's model exactly (cfg/models/*_tv.yaml), and an
 explicit key map from torchvision's state dict onto ours. torchvision's classifiers predict 91 slots (COCO category
 ids: 0 background and 10 'N/A' slots are never used by a sigmoid head); the loader keeps the 80 used rows, so our
-label i is torchvision's label `COCO80_TO_91[i]`. Named weights come through torchvision's weights API and torch hub's
-cache (`$TORCH_HOME/hub/checkpoints`); nothing else is ever downloaded.
+label i is torchvision's label `COCO80_TO_91[i]`. Faster R-CNN's softmax classifier and class-specific box predictor
+keep those 80 rows and the background slot, moved from torchvision's first place to MMDetection's last
+(`frcnn_rows`). Named weights come through torchvision's weights API and torch hub's cache
+(`$TORCH_HOME/hub/checkpoints`); nothing else is ever downloaded.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from pathlib import Path
 from torch import Tensor
 from torchvision.models import WeightsEnum
 from torchvision.models.detection import (
+    FasterRCNN_MobileNet_V3_Large_320_FPN_Weights,
+    FasterRCNN_MobileNet_V3_Large_FPN_Weights,
+    FasterRCNN_ResNet50_FPN_V2_Weights,
+    FasterRCNN_ResNet50_FPN_Weights,
     FCOS_ResNet50_FPN_Weights,
     RetinaNet_ResNet50_FPN_V2_Weights,
     RetinaNet_ResNet50_FPN_Weights,
@@ -43,8 +50,9 @@ class TorchvisionDetector:
 
     yaml: str
     weights: WeightsEnum
-    tower: str  # "conv_norm_act": conv.{i}.0 conv, conv.{i}.1 norm (RetinaNet); "flat": conv.{3i}, conv.{3i+1} (FCOS)
-    predictors: dict[str, str]  # our head predictor -> torchvision's
+    tower: str  # "conv_norm_act": conv.{i}.0 conv, conv.{i}.1 norm (RetinaNet); "flat": conv.{3i}, conv.{3i+1} (FCOS);
+    # "none": no tower (Faster R-CNN)
+    predictors: dict[str, str]  # our head module -> torchvision's (predictors; for Faster R-CNN every head module)
 
 
 RETINA_PREDICTORS = {
@@ -56,6 +64,26 @@ FCOS_PREDICTORS = {
     "conv_reg": "regression_head.bbox_reg",
     "conv_centerness": "regression_head.bbox_ctrness",
 }
+FRCNN_MODULES = {
+    "rpn.conv": "rpn.head.conv.0.0",
+    "rpn.cls": "rpn.head.cls_logits",
+    "rpn.reg": "rpn.head.bbox_pred",
+    "roi_head.fcs.0": "roi_heads.box_head.fc6",
+    "roi_head.fcs.1": "roi_heads.box_head.fc7",
+    "roi_head.cls": "roi_heads.box_predictor.cls_score",
+    "roi_head.reg": "roi_heads.box_predictor.bbox_pred",
+}
+FRCNN_V2_MODULES = {  # RPNHead(conv_depth=2), FastRCNNConvFCHead: box_head.{0..3} conv-BN-ReLU, .4 Flatten, .5 FC
+    "rpn.conv": "rpn.head.conv.0.0",
+    "rpn.extra_convs.0": "rpn.head.conv.1.0",
+    **{f"roi_head.convs.{i}.{part}": f"roi_heads.box_head.{i}.{index}"
+       for i in range(4) for part, index in (("conv", 0), ("norm", 1))},
+    "roi_head.fcs.0": "roi_heads.box_head.5",
+    "rpn.cls": "rpn.head.cls_logits",
+    "rpn.reg": "rpn.head.bbox_pred",
+    "roi_head.cls": "roi_heads.box_predictor.cls_score",
+    "roi_head.reg": "roi_heads.box_predictor.bbox_pred",
+}
 TORCHVISION_DETECTORS: dict[str, TorchvisionDetector] = {
     "retinanet_resnet50_fpn": TorchvisionDetector(
         "retinanet_r50_tv.yaml", RetinaNet_ResNet50_FPN_Weights.COCO_V1, "conv_norm_act", RETINA_PREDICTORS
@@ -66,17 +94,40 @@ TORCHVISION_DETECTORS: dict[str, TorchvisionDetector] = {
     "fcos_resnet50_fpn": TorchvisionDetector(
         "fcos_r50_tv.yaml", FCOS_ResNet50_FPN_Weights.COCO_V1, "flat", FCOS_PREDICTORS
     ),
+    "fasterrcnn_resnet50_fpn": TorchvisionDetector(
+        "faster_rcnn_r50_tv.yaml", FasterRCNN_ResNet50_FPN_Weights.COCO_V1, "none", FRCNN_MODULES
+    ),
+    "fasterrcnn_resnet50_fpn_v2": TorchvisionDetector(
+        "faster_rcnn_r50_tv_v2.yaml", FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1, "none", FRCNN_V2_MODULES
+    ),
+}
+MOBILENET_V3_REASON = "crosskd has no MobileNetV3-Large backbone, and its two FPN maps share stride 32"
+UNSUPPORTED: dict[str, tuple[WeightsEnum, str]] = {  # torchvision detectors crosskd cannot rebuild, and why
+    "fasterrcnn_mobilenet_v3_large_fpn": (FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1, MOBILENET_V3_REASON),
+    "fasterrcnn_mobilenet_v3_large_320_fpn": (
+        FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.COCO_V1, MOBILENET_V3_REASON
+    ),
 }
 CLASSIFIER_KEYS = ("head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias")
+FRCNN_CLASS_KEYS = ("roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_score.bias")
+FRCNN_BOX_KEYS = ("roi_heads.box_predictor.bbox_pred.weight", "roi_heads.box_predictor.bbox_pred.bias")
 BRANCHES = {"cls_convs": "classification_head", "reg_convs": "regression_head"}
 TOWER_KEY = re.compile(r"head\.(cls_convs|reg_convs)\.(\d+)\.(conv|norm)\.(\w+)")
 
 
 def torchvision_spec(name: str) -> TorchvisionDetector:
     """The supported detector called `name` (e.g. 'retinanet_resnet50_fpn_v2'), or one ConfigError line."""
+    if name in UNSUPPORTED:
+        raise ConfigError(unsupported_message(name))
     if name not in TORCHVISION_DETECTORS:
         raise ConfigError(f"unknown torchvision detector '{name}'; valid: {', '.join(TORCHVISION_DETECTORS)}")
     return TORCHVISION_DETECTORS[name]
+
+
+def unsupported_message(name: str) -> str:
+    """Why torchvision's detector `name` (one of UNSUPPORTED) does not load, and what does."""
+    return (f"torchvision detector '{name}' is not supported ({UNSUPPORTED[name][1]}); supported: "
+            f"{', '.join(TORCHVISION_DETECTORS)}")
 
 
 def weights_file_name(name: str) -> str:
@@ -85,12 +136,16 @@ def weights_file_name(name: str) -> str:
 
 
 def torchvision_name(source: str | Path) -> str | None:
-    """The detector name of 'torchvision:<name>' or of a file named like its real weights file, else None."""
+    """The detector name of 'torchvision:<name>' or of a file named like its real weights file, else None; an
+    unsupported detector's name or real file name is one ConfigError/CheckpointError line."""
     text = str(source)
     if text.startswith(TORCHVISION_PREFIX):
         name = text[len(TORCHVISION_PREFIX) :]
         torchvision_spec(name)  # an unknown name is one ConfigError line
         return name
+    unsupported = [name for name, (weights, _) in UNSUPPORTED.items() if cached_file(weights).name == Path(text).name]
+    if unsupported:
+        raise CheckpointError(f"'{Path(text).name}': {unsupported_message(unsupported[0])}")
     return next((name for name in TORCHVISION_DETECTORS if weights_file_name(name) == Path(text).name), None)
 
 
@@ -135,7 +190,9 @@ def _source_names(key: str, spec: TorchvisionDetector) -> list[str]:
         branch, step, part, param = tower.groups()
         return _tower_sources(branch, int(step), part, param, spec.tower)
     module, _, param = key[len("head.") :].rpartition(".")
-    return [f"head.{spec.predictors[module]}.{param}"] if module in spec.predictors else []
+    if module not in spec.predictors:
+        return []
+    return [f"{spec.predictors[module]}.{param}" if spec.tower == "none" else f"head.{spec.predictors[module]}.{param}"]
 
 
 def torchvision_key_map(detector: DenseDetector, name: str) -> dict[str, str]:
@@ -155,13 +212,33 @@ def coco80_rows(tensor: Tensor) -> Tensor:
     return rows[:, list(COCO80_TO_91)].flatten(0, 1)  # [A*80, ...]
 
 
+def frcnn_rows(tensor: Tensor) -> Tensor:
+    """Softmax-classifier or per-class box rows [91·k, ...] (torchvision: background slot 0 first) -> [81·k, ...]:
+    the 80 used COCO categories, then the background (MMDetection's order); k = 1 (scores) or 4 (box deltas).
+
+    A tensor whose rows are not a multiple of 91 is returned unchanged, for load_mapped to report as mis-shaped.
+    """
+    if tensor.shape[0] % len(COCO91_NAMES):
+        return tensor
+    rows = tensor.unflatten(0, (len(COCO91_NAMES), -1))  # [91, k, ...]
+    return rows[[*COCO80_TO_91, 0]].flatten(0, 1)  # [81*k, ...]
+
+
+def _transforms(spec: TorchvisionDetector) -> dict[str, Callable[[Tensor], Tensor]]:
+    """The class-axis transforms of `spec`'s classifier (and, for Faster R-CNN, box predictor) tensors."""
+    if spec.tower == "none":
+        return {key: frcnn_rows for key in (*FRCNN_CLASS_KEYS, *FRCNN_BOX_KEYS)}
+    return {key: coco80_rows for key in CLASSIFIER_KEYS}
+
+
 def _is_bn_counter(key: str) -> bool:
     """BatchNorm step counters: absent from torchvision's FrozenBatchNorm2d checkpoints, unused in eval."""
     return key.endswith("num_batches_tracked")
 
 
 def load_torchvision_detector(name: str, weights_path: str | Path | None = None) -> DenseDetector:
-    """torchvision detector `name` as an eval DenseDetector with the 80 COCO classes and their `names`.
+    """torchvision detector `name` as an eval DenseDetector (a FasterRCNN for fasterrcnn_resnet50_fpn and _v2) with the
+    80 COCO classes and their `names`.
 
     Weights come from `weights_path` (a torchvision state-dict file) or torchvision's COCO weights through torch hub's
     cache; every tensor is copied through an explicit key map, the classifier keeping its 80 used COCO rows.
@@ -170,7 +247,7 @@ def load_torchvision_detector(name: str, weights_path: str | Path | None = None)
     state = torchvision_state_dict(name, weights_path)
     detector = build_detector(spec.yaml, len(COCO80_NAMES))
     source = str(weights_path) if weights_path is not None else f"{TORCHVISION_PREFIX}{name}"
-    transforms: dict[str, Callable[[Tensor], Tensor]] = {key: coco80_rows for key in CLASSIFIER_KEYS}
+    transforms = _transforms(spec)
     count = load_mapped(detector, state, torchvision_key_map(detector, name), source, _is_bn_counter, transforms)
     LOGGER.info(f"Loaded {count} tensors of {TORCHVISION_PREFIX}{name} from {source} into {spec.yaml}")
     detector.names = dict(COCO80_NAMES)
