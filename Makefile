@@ -25,7 +25,7 @@ demo: .venv
 test: .venv
 	$(PYTHON) -m pytest -q tests
 
-# Everything but the tests marked slow (overfit, torchrun, kill-and-resume, CLI matrix, full-size models): 960 tests, ~4-5 min on 2 busy cores.
+# Everything but the tests marked slow (overfit, torchrun, kill-and-resume, CLI matrix, full-size models): 1,029 tests.
 test-fast: .venv
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
