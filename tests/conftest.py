@@ -2,6 +2,7 @@
 
 import importlib.util
 import sys
+import urllib.error
 from pathlib import Path
 from types import ModuleType
 from typing import NamedTuple
@@ -101,3 +102,15 @@ def trained_digits(tmp_path_factory, write_digits_yaml) -> TrainedDigits:
     ckpt = make_checkpoint(detector.eval(), epoch=-1, best_fitness=None, names=DIGIT_NAMES,
                            train_args={"imgsz": TRAINED_IMGSZ, "data": str(data), "model": "gfl.yaml"})
     return TrainedDigits(data, save_checkpoint(ckpt, root / "best.pt"))
+
+
+@pytest.fixture
+def offline_torch_home(tmp_path, monkeypatch) -> Path:
+    """A fresh TORCH_HOME whose downloads fail: anything named (a teacher, a detector) must come from its hub cache."""
+
+    def no_network(url, *args, **kwargs):
+        raise urllib.error.URLError(f"no network in tests ({url})")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    return tmp_path / "torch" / "hub" / "checkpoints"

@@ -5,7 +5,6 @@ Every best.pt holds the student alone and exports to an ONNX graph holding the s
 """
 
 import os
-import urllib.error
 from pathlib import Path
 
 import onnx
@@ -51,17 +50,6 @@ def torchvision_retinanet(work) -> tuple[nn.Module, Path]:
     torch.save(model.state_dict(), path)
     return model, path
 
-
-@pytest.fixture
-def offline_torch_home(tmp_path, monkeypatch) -> Path:
-    """A fresh TORCH_HOME whose downloads fail: a named teacher must come from its hub cache."""
-
-    def no_network(url, *args, **kwargs):
-        raise urllib.error.URLError(f"no network in tests ({url})")
-
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    return tmp_path / "torch" / "hub" / "checkpoints"
 
 
 def distil(work: Path, name: str, data: str, **overrides) -> DistillTrainer:

@@ -5,7 +5,6 @@ torchvision's checkpoints: proposals, R-CNN outputs and detections equal torchvi
 import re
 import subprocess
 import sys
-import urllib.error
 from collections import OrderedDict
 from types import SimpleNamespace
 
@@ -264,17 +263,6 @@ def test_torchvision_frcnn_names_and_rows():
     assert moved[-1].tolist() == [0, 1, 2, 3] and moved[0].tolist() == [4, 5, 6, 7]  # person (slot 1) first
     assert moved[:, 0].tolist() == [4 * s for s in (*COCO80_TO_91, 0)]
 
-
-@pytest.fixture
-def offline_torch_home(tmp_path, monkeypatch):
-    """A fresh TORCH_HOME whose downloads fail: a named detector must come from its hub cache."""
-
-    def no_network(url, *args, **kwargs):
-        raise urllib.error.URLError(f"no network in tests ({url})")
-
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    return tmp_path / "torch" / "hub" / "checkpoints"
 
 
 def torchvision_frcnn_by_name(name: str, tv_model: torch.nn.Module, tmp_path, hub_dir) -> FasterRCNN:

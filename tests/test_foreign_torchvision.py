@@ -5,7 +5,6 @@ exact real file name into a temporary TORCH_HOME (in the real checkpoint's key l
 network cut off, and feeds both models the same image.
 """
 
-import urllib.error
 from collections import OrderedDict
 
 import pytest
@@ -41,17 +40,6 @@ FROZEN_BN = {"retinanet_resnet50_fpn", "fcos_resnet50_fpn"}  # their COCO files 
 POST = {"conf": 0.05, "iou": 0.5, "max_det": 100, "nms_pre": 1000}
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
-
-@pytest.fixture
-def offline_torch_home(tmp_path, monkeypatch):
-    """A fresh TORCH_HOME whose downloads fail: anything read must come from its hub cache."""
-
-    def no_network(url, *args, **kwargs):
-        raise urllib.error.URLError(f"no network in tests ({url})")
-
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    return tmp_path / "torch" / "hub" / "checkpoints"
 
 
 def randomised_torchvision(name: str) -> nn.Module:

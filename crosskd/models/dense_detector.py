@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .heads import DenseHead, HeadOutputs, Priors
-from .postprocess import Decoded, Detections, decode_outputs, postprocess, scale_boxes
+from .postprocess import Decoded, Detections, decode_outputs, postprocess, to_original_pixels
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, 0..255 units (MMDetection's img_norm_cfg / data_preprocessor)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -118,7 +118,7 @@ class DenseDetector(nn.Module):
         dets = postprocess(*self.decode(images), conf, iou, max_det, nms_pre, multi_label, img_sizes,
                            self.head.min_bbox_size)
         if ratios is not None:
-            dets = [d._replace(boxes=scale_boxes(d.boxes, r)) for d, r in zip(dets, ratios)]
+            dets = to_original_pixels(dets, ratios)
         return dets
 
     @torch.no_grad()
@@ -135,4 +135,4 @@ class DenseDetector(nn.Module):
         decoded = decode_outputs(self.head, outputs, batch.images.shape[-2:])
         dets = postprocess(*decoded, conf, iou, max_det, nms_pre, multi_label, getattr(batch, "img_sizes", None),
                            self.head.min_bbox_size)
-        return [d._replace(boxes=scale_boxes(d.boxes, r)) for d, r in zip(dets, batch.ratios)], losses
+        return to_original_pixels(dets, batch.ratios), losses

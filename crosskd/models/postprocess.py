@@ -239,3 +239,8 @@ def postprocess(
 def scale_boxes(boxes: Tensor, ratio: float | Tensor) -> Tensor:
     """Boxes in input pixels → original-image pixels (input = original × ratio)."""
     return boxes / ratio
+
+
+def to_original_pixels(dets: list[Detections], ratios: Tensor) -> list[Detections]:
+    """Each image's detections with their boxes in original-image pixels (`ratios` [B]: input = original × ratio)."""
+    return [d._replace(boxes=scale_boxes(d.boxes, r)) for d, r in zip(dets, ratios, strict=True)]

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from crosskd.ops.boxes import Priors
 
 from ..dense_detector import DenseDetector
-from ..postprocess import Detections, scale_boxes, traceable_priors, unpad
+from ..postprocess import Detections, to_original_pixels, traceable_priors, unpad
 from .roi_head import RoIHead, RoIOutputs, SampledRoIs, rois_from_proposals
 from .rpn import Proposals, ProposalSettings, RPNHead, RPNOutputs
 
@@ -243,7 +243,7 @@ class FasterRCNN(DenseDetector):
         proposals and boxes clipped to each image's (h, w) `img_sizes` [B, 2] when given. `nms_pre` is unused."""
         dets = self.detect(self(images, img_sizes), images, conf, iou, max_det, multi_label, img_sizes)
         if ratios is not None:
-            dets = [d._replace(boxes=scale_boxes(d.boxes, r)) for d, r in zip(dets, ratios)]
+            dets = to_original_pixels(dets, ratios)
         return dets
 
     @torch.no_grad()
@@ -258,7 +258,7 @@ class FasterRCNN(DenseDetector):
         outputs = self.run_stages(feats, batch.images, img_sizes)
         losses = self.losses_from(feats, batch, self.head.rpn.test_proposals)[0]
         dets = self.detect(outputs, batch.images, conf, iou, max_det, multi_label, img_sizes)
-        return [d._replace(boxes=scale_boxes(d.boxes, r)) for d, r in zip(dets, batch.ratios)], losses
+        return to_original_pixels(dets, batch.ratios), losses
 
     def decode(self, images: Tensor) -> Any:
         """Not available: a two-stage detector's per-class boxes come from its RoIs (see `detection_rows`)."""
