@@ -102,7 +102,12 @@ def check_strategy(student_head: DenseHead, teacher_head: DenseHead, idx: int, k
 
 
 def feature_channels(detector: DenseDetector) -> int:
-    """Channels of the FPN outputs, i.e. the head's input width."""
+    """Channels of the FPN outputs, i.e. the head's input width; one line when they differ per level (a YOLO neck),
+    which PKD's one shared connector cannot serve."""
+    widths = set(detector.head.level_channels)
+    if len(widths) > 1:
+        raise ConfigError(f"pkd_on=neck needs one width on every level, but the {detector.head_type} neck has "
+                          f"{detector.head.level_channels}: use kd=sl2 (per-level projectors) or pkd_on=cls|reg")
     return int(detector.head.in_channels)
 
 
@@ -144,11 +149,21 @@ class TowerAdapter(nn.Module):
         return self.cls(cls_feat), self.reg(reg_feat)
 
 
+def level_hold_channels(head: DenseHead, idx: int) -> list[tuple[int, int]]:
+    """(cls, reg) hold widths at step `idx` on every level (they differ per level only at step 0 of a YOLO head)."""
+    return [head.hold_channels(idx, level) for level in range(len(head.strides))]
+
+
 def build_adapter(student_head: DenseHead, teacher_head: DenseHead, idx: int) -> TowerAdapter | None:
-    """A TowerAdapter when the hold features' widths differ, else None."""
-    s_channels, t_channels = hold_channels(student_head, idx), hold_channels(teacher_head, idx)
-    if s_channels == t_channels:
+    """A TowerAdapter when the hold features' widths differ, else None; one line when they differ on some levels
+    only in a way one shared adapter cannot map (the per-level neck widths at kd_idx=0 of YOLO heads)."""
+    s_levels, t_levels = level_hold_channels(student_head, idx), level_hold_channels(teacher_head, idx)
+    if s_levels == t_levels:
         return None
+    if len(set(s_levels)) > 1 or len(set(t_levels)) > 1:
+        raise ConfigError(f"kd_idx={idx} holds the neck outputs, whose widths differ per level ({s_levels[0][0]}.. in "
+                          f"the student, {t_levels[0][0]}.. in the teacher): use kd_idx=1 or 2 for a YOLO head")
+    s_channels, t_channels = s_levels[0], t_levels[0]
     LOGGER.info(f"CrossKD: student hold features have {_widths(s_channels)} channels, the teacher's "
                 f"{_widths(t_channels)}; adding learned 1x1 adapters (cls, reg)")
     return TowerAdapter(s_channels, t_channels)

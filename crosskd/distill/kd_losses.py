@@ -60,6 +60,8 @@ DEFAULT_WEIGHTS = {
     "fcos": KDWeights(cls=0.4, reg=0.75, feat=2.0),
     # crosskd(+pkd)_r18_faster-rcnn_r50_fpn_1x_coco: KL (T=3) 0.5, L1 1.0, PKD 6 (distill/two_stage.py)
     "faster_rcnn": KDWeights(cls=0.5, reg=1.0, feat=6.0),
+    # YOLO's head is GFL's (sigmoid scores, DFL bins): GFL's recipe and weights; feat is Ultralytics' dis=6.0 (kd=sl2)
+    "yolo": KDWeights(cls=1.0, reg=4.0, feat=6.0),
 }
 LD_WEIGHTS = KDWeights(reg=0.25)
 
@@ -198,12 +200,28 @@ def fcos_kd(
     return {"kd_cls": kd_cls * weights.cls, "kd_reg": kd_reg * weights.reg}
 
 
+def yolo_kd(
+    inputs: KDInputs, head: DenseHead, weights: KDWeights, options: KDOptions = DEFAULT_OPTIONS
+) -> dict[str, Tensor]:
+    """YOLO: GFL's terms, KD-QFL divided by the YOLO detection loss's normaliser (the sum of the task-aligned soft
+    class targets, at least 1) and DFL-KL (T 1, summed bins) w-weighted, / 4 / Σw."""
+    targets = inputs.targets
+    mask = region_mask(targets, options.region)  # [B,N]
+    scores = targets.label_scores if targets.label_scores is not None else targets.pos_mask.float()
+    kd_cls = kd_cls_sum(inputs.pred.cls, inputs.target.cls, mask, options.cls_beta) / scores.sum().clamp(min=1.0)
+    w = teacher_box_weight(inputs.target.cls, mask)  # [B,N]
+    kl = dfl_kl_sum(inputs.pred.reg, inputs.target.reg, w, temperature=1.0, reduction="sum")
+    kd_reg = kl / 4.0 / w.sum().clamp(min=EPS)
+    return {"kd_cls": kd_cls * weights.cls, "kd_reg": kd_reg * weights.reg}
+
+
 Recipe = Callable[[KDInputs, "DenseHead", KDWeights, KDOptions], dict[str, Tensor]]
 RECIPES: dict[str, Recipe] = {
     "gfl": gfl_kd,
     "retinanet": retina_kd,
     "atss": atss_kd,
     "fcos": fcos_kd,
+    "yolo": yolo_kd,
 }
 
 
@@ -235,6 +253,13 @@ def ld_loss(student: FlatOutputs, teacher: FlatOutputs, targets: Targets, weight
     w = student.cls.detach().float().amax(dim=-1).sigmoid() * pos  # [B,N]
     kl = dfl_kl_sum(student.reg, teacher.reg, w, temperature=LD_TEMPERATURE, reduction="mean")
     return kl / LD_AVG_FACTOR * weight
+
+
+def score_weighted_l2(student: Tensor, teacher: Tensor, score: Tensor, eps: float = 1e-9) -> Tensor:
+    """Ultralytics' feature KD on one level: the squared difference of [B, C, H, W] maps weighted per position by the
+    teacher's score [B, 1, H, W], summed and divided by C·Σscore (a scalar)."""
+    squared = (student.float() - teacher.detach().float()).square()
+    return (squared * score).sum() / (score.sum() * student.shape[1] + eps)
 
 
 def feature_kd(

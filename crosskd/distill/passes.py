@@ -85,11 +85,11 @@ def head_pass(
     Returns:
         holds: per level (cls, reg), each [B, feat_channels, H_l, W_l]; outputs: HeadOutputs.
     """
-    pre = [head.forward_tower(x, idx) for x in feats]
+    pre = [head.forward_tower(x, idx, level) for level, x in enumerate(feats)]
     if hold == "pre":
         outputs = [head.forward_from(cls_feat, reg_feat, level, idx) for level, (cls_feat, reg_feat) in enumerate(pre)]
         return pre, stack_levels(outputs)
-    holds = [head.activate_hold(cls_feat, reg_feat, idx) for cls_feat, reg_feat in pre]
+    holds = [head.activate_hold(cls_feat, reg_feat, idx, level) for level, (cls_feat, reg_feat) in enumerate(pre)]
     outputs = [head.forward_from(cls_feat, reg_feat, level, idx, activated=True)
                for level, (cls_feat, reg_feat) in enumerate(holds)]
     return holds, stack_levels(outputs)

@@ -21,6 +21,7 @@ METHODS: dict[str, Any] = {  # kd= name -> its KDMethod class, or "module:Class"
     "pm": "crosskd.distill.methods.pm:PredictionMimicking",
     "ld": "crosskd.distill.methods.ld:LD",
     "pkd": "crosskd.distill.methods.pkd:PKD",
+    "sl2": "crosskd.distill.methods.sl2:ScoreWeightedL2",
 }
 VARIANTS: dict[tuple[str, str], Any] = {  # (kd= name, teacher head type) -> the class used for that teacher
     ("crosskd", "faster_rcnn"): "crosskd.distill.methods.crosskd_rcnn:RoICrossKD",

@@ -12,12 +12,14 @@ from crosskd.distill.kd_losses import LD_WEIGHTS, KDWeights, keep_branch, ld_los
 from crosskd.distill.methods.base import KDContext, KDMethod, KDSetup
 from crosskd.errors import CheckpointError, ConfigError
 
+BOX_DISTRIBUTION_HEADS = ("gfl", "yolo")  # heads whose regression is DFL bin logits
+
 if TYPE_CHECKING:
     from crosskd.models import DenseDetector
 
 
 class LD(KDMethod):
-    """kd_reg (ld_reg beside CrossKD), weighted by `weights.ld`; needs GFL heads of one layout."""
+    """kd_reg (ld_reg beside CrossKD), weighted by `weights.ld`; needs GFL or YOLO heads of one layout."""
 
     needs = frozenset({"teacher_outputs"})
     combined_prefix = "ld"
@@ -27,9 +29,9 @@ class LD(KDMethod):
         if setup.alone and setup.kd_branch == "cls":
             raise ConfigError("kd=ld has no classification term, so kd_branch=cls keeps nothing: use kd=pm "
                               "kd_branch=cls")
-        if teacher.head.head_type != "gfl":
-            raise CheckpointError(f"kd=ld distils GFL box distributions, but the teacher is {teacher.head.head_type}: "
-                                  "use a GFL teacher or kd=crosskd")
+        if teacher.head.head_type not in BOX_DISTRIBUTION_HEADS:
+            raise CheckpointError(f"kd=ld distils box distributions (GFL, YOLO), but the teacher is "
+                                  f"{teacher.head.head_type}: use a GFL or YOLO teacher, or kd=crosskd")
         check_same_head(student.head, teacher.head, "kd=ld")
 
     @classmethod

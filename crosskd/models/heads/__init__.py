@@ -5,6 +5,7 @@ from .base import ConvBlock, DenseHead, FlatOutputs, HeadLayout, HeadOutputs, Le
 from .fcos import FCOSHead
 from .gfl import GFLHead
 from .retinanet import RetinaHead
+from .yolo import YOLOHead
 
 __all__ = [
     "ATSSHead",
@@ -20,4 +21,5 @@ __all__ = [
     "RetinaHead",
     "Scale",
     "Targets",
+    "YOLOHead",
 ]

@@ -146,6 +146,7 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
                        _branch("reg_depth", reg_depth, "stacked_convs", stacked_convs)])
         check_towers(norm, act, num_groups, widths, depths)
         self.num_classes, self.in_channels, self.feat_channels = num_classes, in_channels, feat_channels
+        self.level_channels = [in_channels] * len(strides)  # input width per level (a YOLO head's differ)
         self.cls_channels = feat_channels if cls_channels is None else cls_channels
         self.reg_channels = feat_channels if reg_channels is None else reg_channels
         self.cls_depth = stacked_convs if cls_depth is None else cls_depth
@@ -182,8 +183,9 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
             )
         self.assigner.check_levels(len(self.strides))
 
-    def hold_channels(self, step: int) -> tuple[int, int]:
-        """Channels (cls, reg) of `forward_tower(x, step)`'s features (the head input where a tower has not begun)."""
+    def hold_channels(self, step: int, level: int = 0) -> tuple[int, int]:
+        """Channels (cls, reg) of `forward_tower(x, step)`'s features (the head input where a tower has not begun);
+        the same on every level of a shared-tower head."""
         cls = self.cls_channels if min(step, self.cls_depth) else self.in_channels
         reg = self.reg_channels if min(step, self.reg_depth) else self.in_channels
         return cls, reg
@@ -213,7 +215,7 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
         nn.init.constant_(cls_pred.bias, -math.log((1 - PRIOR_PROB) / PRIOR_PROB))
 
     # ----- forward: the CrossKD seam -------------------------------------------------------------------
-    def forward_tower(self, x: Tensor, stop: int) -> tuple[Tensor, Tensor]:
+    def forward_tower(self, x: Tensor, stop: int, level: int = 0) -> tuple[Tensor, Tensor]:
         """Cls and reg tower features after step `stop`, before its activation; `stop=0` returns (x, x).
 
         A tower shallower than `stop` returns its last step's pre-activation (x itself when it has no steps).
@@ -221,6 +223,7 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
         Args:
             x (Tensor[B, in_channels, H, W]): one FPN level.
             stop (int): tower step, 0 ≤ stop ≤ stacked_convs (the deeper tower's depth).
+            level (int): the level `x` is from (the towers are shared here; a head with per-level branches uses it).
 
         Returns:
             (cls_feat, reg_feat): Tensor[B, C_cls, H, W], Tensor[B, C_reg, H, W], widths `hold_channels(stop)`.
@@ -249,9 +252,9 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
         reg_feat = finish_tower(self.reg_convs, reg_feat, start, activated)
         return self.predict_level(cls_feat, reg_feat, level)
 
-    def activate_hold(self, cls_feat: Tensor, reg_feat: Tensor, step: int) -> tuple[Tensor, Tensor]:
-        """The activation of tower step `step` on `forward_tower(x, step)`'s features (unchanged at step 0 and for a
-        tower without steps): the post-activation hold features, [B, C, H, W] each."""
+    def activate_hold(self, cls_feat: Tensor, reg_feat: Tensor, step: int, level: int = 0) -> tuple[Tensor, Tensor]:
+        """The activation of tower step `step` on `forward_tower(x, step, level)`'s features (unchanged at step 0 and
+        for a tower without steps): the post-activation hold features, [B, C, H, W] each."""
         return activate_step(self.cls_convs, cls_feat, step), activate_step(self.reg_convs, reg_feat, step)
 
     @abstractmethod
@@ -400,6 +403,8 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
         box_targets = torch.where(pos[..., None], box_targets, 0.0)
         num_pos = self.count_positives(pos)
         targets = Targets(assigned, labels, (assigned != IGNORED).float(), box_targets, pos, num_pos)
+        if result.scores is not None:
+            targets.label_scores = torch.where(pos, result.scores, 0.0)
         if self.with_centerness:
             ctr = centerness_target(distance_encode(priors.points, box_targets))  # [B, N]
             targets.centerness_targets = torch.where(pos, ctr, 0.0)

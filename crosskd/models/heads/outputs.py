@@ -42,3 +42,4 @@ class Targets:
     num_pos: Tensor  # scalar float, averaged over ranks, >= 1
     centerness_targets: Tensor | None = None  # [B, N] (FCOS, ATSS), zeros on non-positives
     centerness_denorm: Tensor | None = None  # scalar: averaged sum of positive centerness targets
+    label_scores: Tensor | None = None  # [B, N] soft target of the assigned class (task-aligned), 0 off positives
