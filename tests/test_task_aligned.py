@@ -10,6 +10,7 @@ from ultralytics_peer import run_peer
 from crosskd.assigners import ASSIGNERS, BACKGROUND, IGNORED, Predictions, TaskAlignedAssigner, task_aligned_assign
 from crosskd.assigners.task_aligned import candidate_min_side
 from crosskd.losses.detection import ciou_loss
+from crosskd.losses.dfl import DFL
 from crosskd.ops.boxes import Priors, aligned_box_ciou, make_points
 
 # Six points in a row at x = 2, 6, ..., 22, y = 2; one level of stride 4 (GT sides below 4 px are raised to 4).
@@ -39,11 +40,11 @@ def scores_for(label: int, values: list[float], num_classes: int = 3) -> list[li
     return [[value if c == label else 0.5 for c in range(num_classes)] for value in values]
 
 
-# Image 0: gt0 [0,0,12,4] (class 1) holds points 0, 1, 2; gt1 [8,0,20,4] (class 2) holds points 2, 3, 4.
+# The conflict case: gt0 [0,0,12,4] (class 1) holds points 0, 1, 2; gt1 [8,0,20,4] (class 2) holds points 2, 3, 4.
 CONFLICT_GT = [[0.0, 0.0, 12.0, 4.0], [8.0, 0.0, 20.0, 4.0]]
 CONFLICT_PREDS = [CONFLICT_GT[0], FAR, [6.0, 0.0, 18.0, 4.0], CONFLICT_GT[1], CONFLICT_GT[1], FAR]
-# Point 2's box [6,0,18,4] has CIoU 0.227451 with gt0 and 40/56 − 2²/(14²+4²) = 0.695418 with gt1.
-CIOU_P2_GT1 = 40 / 56 - 2**2 / (14**2 + 4**2)
+# Point 2's box [6,0,18,4] is gt0 shifted by 6 and gt1 shifted by −2.
+CIOU_P2_GT1 = CIOU_SHIFT_2
 CONFLICT_SCORES = [
     [0.5, 0.25, 0.5], [0.5, 0.01, 0.5], [0.5, 0.81, 0.64], [0.5, 0.5, 0.36], [0.5, 0.5, 0.0025], [0.5, 0.5, 0.5]
 ]
@@ -80,6 +81,15 @@ def test_ciou_broadcasts_pairwise_and_holds_alpha_constant():
     alpha = v / (1 - 0.5 + v)
     dv_dh = 4 / math.pi**2 * 2 * (math.atan(2.0) - math.atan(1.0)) * -0.08
     assert pred.grad[0, 3].item() == pytest.approx(0.1 + 0.0125 - alpha * dv_dh, abs=1e-6)
+
+
+def test_dfl_clamps_targets_as_yolo_does():
+    # Ultralytics clamps DFL targets to reg_max − 1 − 0.01 bins (16 bins: 14.99); here 3 bins, a side of 3 -> 1.99.
+    logits = torch.log(torch.tensor([1.0, 2.0, 3.0])).repeat(4)[None]  # bin probabilities 1/6, 2/6, 3/6 per side
+    points, target = torch.tensor([[10.0, 10.0]]), torch.tensor([[9.0, 9.0, 13.0, 11.0]])  # ltrb 1, 1, 3, 1
+    nll = -torch.log(torch.tensor([1 / 6, 2 / 6, 3 / 6]))
+    want = torch.stack([nll[1], nll[1], 0.01 * nll[1] + 0.99 * nll[2], nll[1]])[None]
+    torch.testing.assert_close(DFL(reg_max=2, target_eps=0.01).loss(logits, points, target), want)
 
 
 def test_top_k_conflict_and_normalised_scores():
@@ -215,9 +225,8 @@ def test_equals_ultralytics_task_aligned_assigner(tmp_path):
     run_peer(PEER_SCRIPT, tmp_path / "inputs.pt", tmp_path / "outputs.pt")
     peer_outputs = torch.load(tmp_path / "outputs.pt")
     for case, peer in zip(cases, peer_outputs, strict=True):
-        num_priors = case["points"].shape[0]
-        priors = Priors(torch.zeros(num_priors, 4), case["points"], torch.zeros(num_priors), [256, 64, 16])
-        priors = priors._replace(strides=make_points(FEAT_SIZES, STRIDES, "cpu")[1])
+        points, strides = make_points(FEAT_SIZES, STRIDES, "cpu")
+        priors = Priors(torch.zeros(points.shape[0], 4), points, strides, [h * w for h, w in FEAT_SIZES])
         result = TaskAlignedAssigner(topk=case["topk"], topk2=case["topk2"])(
             priors, case["gt_boxes"], case["gt_labels"], None,
             Predictions(lambda case=case: (case["pred_boxes"], case["pred_scores"])),
