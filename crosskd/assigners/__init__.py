@@ -8,8 +8,14 @@ from crosskd.assigners.base import Assigner, Predictions
 from crosskd.assigners.fcos import FCOSAssigner, fcos_assign
 from crosskd.assigners.max_iou import MaxIoUAssigner, max_iou_assign
 from crosskd.assigners.result import BACKGROUND, IGNORED, AssignResult
+from crosskd.assigners.task_aligned import TaskAlignedAssigner, task_aligned_assign
 
-ASSIGNERS: dict[str, type[Assigner]] = {"atss": ATSSAssigner, "max_iou": MaxIoUAssigner, "fcos": FCOSAssigner}
+ASSIGNERS: dict[str, type[Assigner]] = {
+    "atss": ATSSAssigner,
+    "max_iou": MaxIoUAssigner,
+    "fcos": FCOSAssigner,
+    "task_aligned": TaskAlignedAssigner,
+}
 
 __all__ = [
     "ASSIGNERS",
@@ -21,7 +27,9 @@ __all__ = [
     "FCOSAssigner",
     "MaxIoUAssigner",
     "Predictions",
+    "TaskAlignedAssigner",
     "atss_assign",
     "fcos_assign",
     "max_iou_assign",
+    "task_aligned_assign",
 ]

@@ -17,11 +17,14 @@ class AssignResult:
     max_overlaps: `[B, N]` float, IoU with the assigned GT for positives; for the rest, the best IoU with any real GT
         where the assigner computes all IoUs (max-IoU), else 0 (ATSS, and FCOS, whose points have no extent).
     labels: `[B, N]` long, the class of the assigned GT for positives, else −1.
+    scores: `[B, N]` float, the soft classification target of the assigned class for positives (task-aligned: the
+        normalised alignment metric), 0 elsewhere; None: hard targets of 1.0 (every other assigner).
     """
 
     assigned_gt: Tensor
     max_overlaps: Tensor
     labels: Tensor
+    scores: Tensor | None = None
 
     @property
     def pos_mask(self) -> Tensor:
@@ -37,13 +40,15 @@ class AssignResult:
         return torch.where(self.pos_mask[..., None], boxes, torch.zeros_like(boxes))
 
     @classmethod
-    def build(cls, assigned_gt: Tensor, gt_labels: Tensor, max_overlaps: Tensor | None = None) -> "AssignResult":
+    def build(
+        cls, assigned_gt: Tensor, gt_labels: Tensor, max_overlaps: Tensor | None = None, scores: Tensor | None = None
+    ) -> "AssignResult":
         """Fill labels from `assigned_gt [B, N]` and `gt_labels [B, M]` (M ≥ 1); max_overlaps default to 0."""
         positive = assigned_gt >= 0
         labels = torch.where(positive, gt_labels.gather(1, assigned_gt.clamp(min=0)), BACKGROUND)
         if max_overlaps is None:
             max_overlaps = torch.zeros_like(assigned_gt, dtype=torch.float32)
-        return cls(assigned_gt, max_overlaps, labels)
+        return cls(assigned_gt, max_overlaps, labels, scores)
 
     @classmethod
     def all_background(cls, batch: int, num_priors: int, device: torch.device) -> "AssignResult":

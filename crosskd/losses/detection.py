@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import sigmoid_focal_loss
 
-from crosskd.ops.boxes import aligned_box_giou, aligned_box_iou
+from crosskd.ops.boxes import aligned_box_ciou, aligned_box_giou, aligned_box_iou
 
 REDUCTIONS = ("mean", "sum", "none")
 IOU_MODES = ("log", "linear", "square")
@@ -87,6 +87,11 @@ def distribution_focal_loss(logits: Tensor, target: Tensor) -> Tensor:
 def giou_loss(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tensor:
     """1 − GIoU `[...]` of corresponding xyxy boxes `[..., 4]`; finite for degenerate (zero-size, inverted) boxes."""
     return 1 - aligned_box_giou(pred.float(), target.float(), eps=eps)
+
+
+def ciou_loss(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tensor:
+    """1 − CIoU `[...]` of corresponding xyxy boxes `[..., 4]` (YOLOv8's box loss, before its weighting)."""
+    return 1 - aligned_box_ciou(pred.float(), target.float(), eps=eps)
 
 
 def iou_loss(pred: Tensor, target: Tensor, mode: str = "log", eps: float = 1e-6) -> Tensor:

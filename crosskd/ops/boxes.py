@@ -62,6 +62,29 @@ def aligned_box_giou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tenso
     return inter / (union + eps) - (enclose - union) / (enclose + eps)
 
 
+def aligned_box_ciou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
+    """Complete IoU (Zheng et al. 2020) of corresponding xyxy boxes: `[..., 4]` × `[..., 4]` -> `[...]`, broadcast.
+
+    IoU − centre distance² / enclosing diagonal² − α·v, with v = 4/π² (atan(w2/h2) − atan(w1/h1))² and the trade-off
+    α = v / (1 − IoU + v + eps) held constant (no gradient). Ultralytics' formula: `eps` is added to both heights,
+    the union and the diagonal, and widths are not clamped (boxes are expected well-formed).
+    """
+    x1, y1, x2, y2 = boxes1.unbind(-1)
+    u1, v1, u2, v2 = boxes2.unbind(-1)
+    width1, height1 = x2 - x1, y2 - y1 + eps
+    width2, height2 = u2 - u1, v2 - v1 + eps
+    inter = (x2.minimum(u2) - x1.maximum(u1)).clamp(min=0) * (y2.minimum(v2) - y1.maximum(v1)).clamp(min=0)
+    iou = inter / (width1 * height1 + width2 * height2 - inter + eps)
+    enclose_width = x2.maximum(u2) - x1.minimum(u1)
+    enclose_height = y2.maximum(v2) - y1.minimum(v1)
+    diagonal_sq = enclose_width.pow(2) + enclose_height.pow(2) + eps
+    centre_dist_sq = ((u1 + u2 - x1 - x2).pow(2) + (v1 + v2 - y1 - y2).pow(2)) / 4
+    aspect = (4 / math.pi**2) * ((width2 / height2).atan() - (width1 / height1).atan()).pow(2)
+    with torch.no_grad():
+        trade_off = aspect / (1 - iou + aspect + eps)
+    return iou - (centre_dist_sq / diagonal_sq + aspect * trade_off)
+
+
 def batched_box_iou(priors: Tensor, gt_boxes: Tensor) -> Tensor:
     """IoU of priors shared over a batch with each image's boxes: `[N, 4]`, `[B, M, 4]` -> `[B, N, M]`."""
     batch, num_gt = gt_boxes.shape[:2]
