@@ -1,4 +1,4 @@
-"""TEMP stand-in (lead's scratch, replaced by helper's blocks.py at merge)."""
+"""TEMP stand-in."""
 import math
 from torch import nn
 
