@@ -4,6 +4,7 @@ import pytest
 import torch
 import yaml
 
+from crosskd.engine.tools.info import _part_children
 from crosskd.errors import ConfigError
 from crosskd.models.build import build_detector, load_model_yaml, resolve_model_file, scale_kwargs
 from crosskd.models.yolo import YOLOBackbone, YOLONeck
@@ -116,3 +117,11 @@ def test_scale_arguments_come_from_scale_only():
         build_detector(cfg, nc=3)
     with pytest.raises(ConfigError, match="scale: needs a backbone that takes depth, width, max_channels, c3k"):
         build_detector({**resnet, "scales": {"n": [0.5, 0.25, 1024]}, "scale": "n"}, nc=3)
+
+
+def test_info_table_lists_every_body_layer_by_ultralytics_index():
+    backbone, neck = body_parts("yolov8n", device="meta")
+    rows = _part_children(neck)
+    assert [name for name, _ in rows] == [f"layers.{i}" for i in range(12)]  # neck layer i is Ultralytics' 10 + i
+    assert [type(layer).__name__ for _, layer in rows[:3]] == ["Upsample", "Concat", "C2f"]
+    assert len(_part_children(backbone)) == 10
