@@ -21,7 +21,7 @@ MODELS_DIR = CFG_DIR / "models"
 SHIPPED = sorted(p.stem for p in MODELS_DIR.glob("*.yaml"))
 SMALL = ["gfl_r18s", "gfl_r18t", "gfl_r34s", "retinanet_r18s", "fcos_r18s", "atss_r18s"]
 FULL_SIZE = ("_r50", "_r101", "_swin")  # name parts of the full-size models, whose tests are marked slow
-DENSE = [n for n in SHIPPED if not n.startswith("faster_rcnn")]  # two-stage YAMLs: tests/test_faster_rcnn.py
+DENSE = [n for n in SHIPPED if not n.startswith(("faster_rcnn", "yolo"))]  # see test_faster_rcnn, test_yolo_models
 SHIPPED_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if any(k in n for k in FULL_SIZE) else n for n in DENSE]
 
 

@@ -1,10 +1,13 @@
 """Build a DenseDetector from a model YAML: each section is `type:` plus constructor keyword arguments (no registry).
 
 The head section may hold an `assigner:` section of the same form (`type:` plus the assigner's keyword arguments).
+A YAML with a `scales:` table (name -> [depth, width, max_channels], as Ultralytics' model YAMLs) builds the row its
+`scale:` names, passed to the backbone and neck; `yolo11n.yaml` names yolo11.yaml at scale n, as in Ultralytics.
 """
 
 import difflib
 import inspect
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,31 +23,87 @@ from .dense_detector import IMAGENET_MEAN, IMAGENET_STD, DenseDetector
 from .heads import ATSSHead, FCOSHead, GFLHead, RetinaHead
 from .neck import FPN
 from .two_stage import FasterRCNN, FasterRCNNHead
+from .yolo import YOLOBackbone, YOLONeck
 
-BACKBONES = {"resnet": ResNet, "mobilenetv2": MobileNetV2, "swin_t": SwinT}
-NECKS = {"fpn": FPN}
+BACKBONES = {"resnet": ResNet, "mobilenetv2": MobileNetV2, "swin_t": SwinT, "yolo": YOLOBackbone}
+NECKS = {"fpn": FPN, "yolo": YOLONeck}
 HEADS = {"gfl": GFLHead, "retinanet": RetinaHead, "fcos": FCOSHead, "atss": ATSSHead, "faster_rcnn": FasterRCNNHead}
 DETECTORS: dict[str, type[DenseDetector]] = {"faster_rcnn": FasterRCNN}  # head type -> detector; else DenseDetector
 SECTIONS: dict[str, dict[str, type[nn.Module]]] = {"backbone": BACKBONES, "neck": NECKS, "head": HEADS}
 AUTO_ARGS = {"backbone": set(), "neck": {"in_channels"}, "head": {"num_classes", "in_channels", "layout"}}
 FORWARDED = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 INPUT_KEYS = ("mean", "std", "bgr")  # the optional `input` section: DenseDetector's normalisation arguments
-TOP_KEYS = (*SECTIONS, "input", "nc", "name", "recipe")  # recipe: the training recipe's name (crosskd/data/recipes.py)
+# recipe: the training recipe's name (crosskd/data/recipes.py); scales/scale: the model's size rows and the one built
+TOP_KEYS = (*SECTIONS, "input", "nc", "name", "recipe", "scales", "scale")
+SCALE_KEYS = ("depth", "width", "max_channels")  # a scales: row, in order; passed to the backbone and neck
+C3K_SCALES = ("m", "l", "x")  # Ultralytics' parse_model: at these scales every C3k2 uses C3k blocks (c3k=True)
+SCALED_NAME = re.compile(r"(.*\d)([a-z])")  # yolo11n -> yolo11 at scale n
 
 
-def load_model_yaml(model_cfg: dict | str | Path) -> tuple[dict[str, Any], str]:
-    """The model dict and a source name for messages (the file name, or 'model' for a dict)."""
-    if isinstance(model_cfg, dict):
-        return dict(model_cfg), str(model_cfg.get("name", "model"))
-    path = resolve_cfg_file(model_cfg, "models")
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         cfg = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path.name}: not valid YAML ({str(e).splitlines()[0]})") from e
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path.name}: expected a mapping with backbone, neck and head sections")
-    cfg.setdefault("name", path.stem)
-    return cfg, path.name
+    return cfg
+
+
+def resolve_model_file(model_cfg: str | Path) -> tuple[Path, str | None]:
+    """The model YAML a name means and the scale the name picks: `yolo11n.yaml` is yolo11.yaml (which has `scales:`)
+    at scale 'n' when no yolo11n.yaml exists; any other name is resolve_cfg_file's, at its own scale (None)."""
+    try:
+        return resolve_cfg_file(model_cfg, "models"), None
+    except ConfigError as not_found:
+        named = Path(model_cfg)
+        match = SCALED_NAME.fullmatch(named.stem)
+        if match is None:
+            raise
+        try:
+            path = resolve_cfg_file(named.with_name(f"{match[1]}{named.suffix or '.yaml'}"), "models")
+        except ConfigError:
+            raise not_found from None
+        if "scales" not in _read_yaml(path):
+            raise not_found from None
+        return path, match[2]
+
+
+def load_model_yaml(model_cfg: dict | str | Path) -> tuple[dict[str, Any], str]:
+    """The model dict and a source name for messages (the file name, or 'model' for a dict)."""
+    if isinstance(model_cfg, dict):
+        cfg, source = dict(model_cfg), str(model_cfg.get("name", "model"))
+    else:
+        path, scale = resolve_model_file(model_cfg)
+        cfg, source = _read_yaml(path), path.name if scale is None else f"{path.stem}{scale}{path.suffix}"
+        if scale is not None:
+            cfg["scale"] = scale
+        cfg.setdefault("name", f"{path.stem}{cfg.get('scale', '') if 'scales' in cfg else ''}")
+    _check_scale(cfg, source)
+    return cfg, source
+
+
+def _check_scale(cfg: dict[str, Any], source: str) -> None:
+    """A `scales:` table of name -> [depth, width, max_channels] and a `scale:` naming one of its rows."""
+    if "scales" not in cfg and "scale" not in cfg:
+        return
+    scales = cfg.get("scales")
+    if not isinstance(scales, dict) or not scales:
+        raise ConfigError(f"{source}: scale: needs a scales: table of name: [depth, width, max_channels]")
+    for name, row in scales.items():
+        if not _is_three_numbers(row) or min(row) <= 0 or not isinstance(row[2], int):
+            raise ConfigError(f"{source}: scales.{name} {row!r} must be [depth, width, max_channels] > 0, e.g. "
+                              "[0.50, 0.25, 1024]")
+    if cfg.get("scale") not in scales:
+        given = f"scale {cfg['scale']!r} is not one of" if "scale" in cfg else "scale: must name one of"
+        raise ConfigError(f"{source}: {given} the scales {', '.join(map(str, scales))} (e.g. yolo11n.yaml: scale n)")
+
+
+def scale_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The backbone's and neck's arguments of the YAML's scale (none without `scales:`)."""
+    if "scales" not in cfg:
+        return {}
+    return {**dict(zip(SCALE_KEYS, cfg["scales"][cfg["scale"]])), "c3k": cfg["scale"] in C3K_SCALES}
 
 
 def _suggest(name: str, options: list[str]) -> str:
@@ -156,11 +215,36 @@ def _construct(cls: type[nn.Module], source: str, **kwargs: Any) -> nn.Module:
         raise ConfigError(f"{source}: {e}") from e
 
 
-def _check_strides(source: str, backbone: nn.Module, neck: FPN, head: nn.Module) -> None:
+def _scaled(parts: dict[str, tuple[type[nn.Module], dict]], cfg: dict, source: str) -> dict[str, tuple]:
+    """`parts` with the scale's arguments added to the backbone's and neck's (which must take them, from scale: only).
+    """
+    scaling = scale_kwargs(cfg)
+    if not scaling:
+        return parts
+    for section in ("backbone", "neck"):
+        cls, kwargs = parts[section]
+        if any(key not in constructor_parameters(cls) for key in scaling):
+            raise ConfigError(f"{source}: scale: needs a {section} that takes {', '.join(scaling)}; "
+                              f"{section}.type {cfg[section]['type']} does not (drop scales: and scale:)")
+        given = [key for key in scaling if key in kwargs]
+        if given:
+            raise ConfigError(f"{source}: {section}.{given[0]} is set by scale: {cfg['scale']}; drop it")
+        parts[section] = (cls, {**kwargs, **scaling})
+    return parts
+
+
+def _feature_strides(backbone: nn.Module, neck: nn.Module) -> list[int]:
+    """The neck's output strides: its own `strides` (YOLO), else from the backbone's first stage and FPN's levels."""
+    if hasattr(neck, "strides"):
+        return list(neck.strides)
     first = 2 ** (backbone.out_indices[0] + 2)
-    expected = [first * 2**i for i in range(neck.num_outs)]
-    if head.strides != expected:
-        raise ConfigError(f"{source}: head.strides {head.strides} must be {expected} for this backbone and neck")
+    return [first * 2**i for i in range(neck.num_outs)]
+
+
+def _check_strides(source: str, backbone: nn.Module, neck: nn.Module, head: nn.Module) -> None:
+    expected = _feature_strides(backbone, neck)
+    if list(head.strides) != expected:
+        raise ConfigError(f"{source}: head.strides {list(head.strides)} must be {expected} for this backbone and neck")
 
 
 def build_detector(model_cfg: dict | str | Path, nc: int) -> DenseDetector:
@@ -174,7 +258,7 @@ def build_detector(model_cfg: dict | str | Path, nc: int) -> DenseDetector:
         raise ConfigError(f"{source}: number of classes {nc!r} must be a positive int")
     if not isinstance(cfg.get("recipe", ""), str):
         raise ConfigError(f"{source}: recipe: {cfg['recipe']!r} must be a recipe name, e.g. recipe: ultralytics")
-    parts = {section: _section_kwargs(cfg, section, source) for section in SECTIONS}
+    parts = _scaled({section: _section_kwargs(cfg, section, source) for section in SECTIONS}, cfg, source)
     normalisation = _input_kwargs(cfg, source)
     backbone = _construct(parts["backbone"][0], source, **parts["backbone"][1])
     neck = _construct(parts["neck"][0], source, in_channels=backbone.out_channels, **parts["neck"][1])

@@ -18,6 +18,7 @@ from crosskd.engine.deployment.formats import exported_sources, format_of_path
 from crosskd.engine.deployment.runtimes.exported import CROSSKD_INPUT, ExportedDetector, InputConvention
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import DenseDetector, build_detector
+from crosskd.models.build import resolve_model_file
 from crosskd.models.foreign.mapping import load_mapped
 from crosskd.models.foreign.mmdet import is_mmdet_checkpoint, load_mmdet
 from crosskd.models.foreign.torchvision_detection import (
@@ -27,7 +28,6 @@ from crosskd.models.foreign.torchvision_detection import (
     torchvision_name,
 )
 from crosskd.models.pretrained import transfer_matching
-from crosskd.paths import resolve_cfg_file
 from crosskd.utils import LOGGER, read_torch_file
 
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -183,7 +183,9 @@ def _foreign_runtime(detector: DenseDetector, source: str, kind: str) -> Runtime
 
 
 def _from_yaml(source: str | Path, nc: int | None, weights: str | Path | None) -> Runtime:
-    path = resolve_cfg_file(source, "models")
+    path, scale = resolve_model_file(source)
+    if scale is not None:  # yolo11n.yaml: yolo11.yaml at scale n, still named yolo11n.yaml (a source that rebuilds it)
+        path = path.with_name(f"{path.stem}{scale}{path.suffix}")
     if weights is None:
         if nc is None:
             raise ConfigError(f"building '{source}' needs the number of classes; pass data= with the dataset")

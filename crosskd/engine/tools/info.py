@@ -83,9 +83,18 @@ def module_table(detector: DenseDetector) -> Table:
         table.add_column(column, justify=justify)
     for part_name, part in detector.named_children():
         table.add_row(part_name, type(part).__name__, f"{count_params(part):,}", style="bold")
-        for child_name, child in part.named_children():
+        for child_name, child in _part_children(part):
             table.add_row(f"  {part_name}.{child_name}", type(child).__name__, f"{count_params(child):,}")
     return table
+
+
+def _part_children(part: nn.Module) -> list[tuple[str, nn.Module]]:
+    """A part's children, with a YOLO body's layer list (`layers`, Ultralytics' numbering) one row per layer."""
+    children = []
+    for name, child in part.named_children():
+        is_layer_list = name == "layers" and isinstance(child, nn.ModuleList)
+        children += [(f"layers.{i}", layer) for i, layer in enumerate(child)] if is_layer_list else [(name, child)]
+    return children
 
 
 def _num_classes(args: Any) -> int:
