@@ -98,7 +98,7 @@ def test_choices_are_checked_and_canonicalised():
     assert (args.optimizer, args.format, args.kd) == ("AdamW", "onnx", "none")
     with pytest.raises(ConfigError) as error:
         get_args({"kd": "fitnet"})
-    assert str(error.value) == ("'kd=fitnet' is invalid: 'kd' must be one of crosskd, pm, ld, pkd, "
+    assert str(error.value) == ("'kd=fitnet' is invalid: 'kd' must be one of crosskd, pm, ld, pkd, sl2, "
                                   "crosskd+pkd, crosskd+pm, crosskd+ld, none")
     with pytest.raises(ConfigError, match="'optimizer' must be one of auto, SGD, AdamW"):
         get_args({"optimizer": "Adam"})
@@ -217,7 +217,7 @@ def test_default_yaml_loads_back_to_the_spec_defaults_with_their_types():
 
 def test_generated_files_carry_every_key_help_choice_and_alias():
     text, reference = render_default_yaml(), render_cli_reference()
-    assert "kd: crosskd  # distillation method: crosskd | pm | ld | pkd | crosskd+pkd | crosskd+pm | " in text
+    assert "kd: crosskd  # distillation method: crosskd | pm | ld | pkd | sl2 | crosskd+pkd | crosskd+pm | " in text
     assert "kd_weight: 1.0  # global multiplier of every distillation loss (alias dis)" in text
     assert "lr_steps: [8, 11]  # step-decay epochs" in text
     assert "| `lr0` | empty | a number | between 0 and 1 |  | initial learning rate" in reference
@@ -249,7 +249,7 @@ def test_kd_choices_are_the_distillation_methods():
     """The spec reads the names from the one method registry (on use, so the CLI's start imports no distill)."""
     assert SETTINGS["kd"].choices is KD_METHOD_NAMES
     assert tuple(KD_METHOD_NAMES) == kd_names() == (
-        "crosskd", "pm", "ld", "pkd", "crosskd+pkd", "crosskd+pm", "crosskd+ld", "none")
+        "crosskd", "pm", "ld", "pkd", "sl2", "crosskd+pkd", "crosskd+pm", "crosskd+ld", "none")
 
 
 def out_of_range_values(name: str) -> list:

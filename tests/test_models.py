@@ -148,7 +148,7 @@ def test_bad_head_type_names_the_field(tmp_path):
     cfg["head"]["type"] = "gfll"
     with pytest.raises(ConfigError) as e:
         build_detector(write_yaml(tmp_path, "gfl_bad.yaml", cfg), nc=3)
-    assert str(e.value) == "gfl_bad.yaml: head.type 'gfll' is not one of gfl, retinanet, fcos, atss, faster_rcnn"
+    assert str(e.value) == "gfl_bad.yaml: head.type 'gfll' is not one of gfl, retinanet, fcos, atss, faster_rcnn, yolo"
 
 
 @pytest.mark.parametrize(

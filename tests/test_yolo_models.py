@@ -125,3 +125,20 @@ def test_info_table_lists_every_body_layer_by_ultralytics_index():
     assert [name for name, _ in rows] == [f"layers.{i}" for i in range(12)]  # neck layer i is Ultralytics' 10 + i
     assert [type(layer).__name__ for _, layer in rows[:3]] == ["Upsample", "Concat", "C2f"]
     assert len(_part_children(backbone)) == 10
+
+
+@pytest.mark.parametrize(("name", "params"), [("yolov8n", 3_157_200), ("yolov8s", 11_166_560), ("yolo11n", 2_624_080),
+                                              ("yolo11s", 9_458_752), ("yolo11m", 20_114_688)])
+def test_whole_model_has_ultralytics_parameter_count(name, params):
+    with torch.device("meta"):
+        detector = build_detector(f"{name}.yaml", 80)
+    assert sum(p.numel() for p in detector.parameters()) == params
+    assert detector.strides == [8, 16, 32] and detector.head_type == "yolo"
+
+
+def test_whole_model_forward_at_64x96():
+    torch.manual_seed(0)
+    detector = build_detector("yolo11n.yaml", 3).eval()
+    outputs = detector(torch.rand(1, 3, 64, 96))
+    assert [tuple(m.shape) for m in outputs.cls_scores] == [(1, 3, 8, 12), (1, 3, 4, 6), (1, 3, 2, 3)]
+    assert [m.shape[1] for m in outputs.bbox_preds] == [64, 64, 64]

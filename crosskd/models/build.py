@@ -20,14 +20,15 @@ from crosskd.paths import resolve_cfg_file
 
 from .backbones import MobileNetV2, ResNet, SwinT
 from .dense_detector import IMAGENET_MEAN, IMAGENET_STD, DenseDetector
-from .heads import ATSSHead, FCOSHead, GFLHead, RetinaHead
+from .heads import ATSSHead, FCOSHead, GFLHead, RetinaHead, YOLOHead
 from .neck import FPN
 from .two_stage import FasterRCNN, FasterRCNNHead
 from .yolo import YOLOBackbone, YOLONeck
 
 BACKBONES = {"resnet": ResNet, "mobilenetv2": MobileNetV2, "swin_t": SwinT, "yolo": YOLOBackbone}
 NECKS = {"fpn": FPN, "yolo": YOLONeck}
-HEADS = {"gfl": GFLHead, "retinanet": RetinaHead, "fcos": FCOSHead, "atss": ATSSHead, "faster_rcnn": FasterRCNNHead}
+HEADS = {"gfl": GFLHead, "retinanet": RetinaHead, "fcos": FCOSHead, "atss": ATSSHead, "faster_rcnn": FasterRCNNHead,
+         "yolo": YOLOHead}
 DETECTORS: dict[str, type[DenseDetector]] = {"faster_rcnn": FasterRCNN}  # head type -> detector; else DenseDetector
 SECTIONS: dict[str, dict[str, type[nn.Module]]] = {"backbone": BACKBONES, "neck": NECKS, "head": HEADS}
 AUTO_ARGS = {"backbone": set(), "neck": {"in_channels"}, "head": {"num_classes", "in_channels", "layout"}}

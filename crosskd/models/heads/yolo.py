@@ -118,6 +118,7 @@ class YOLOHead(DenseHead):
         layout = HeadLayout(TaskAlignedAssigner(topk=topk, alpha=alpha, beta=beta), use_scale=False)
         super().__init__(num_classes, in_channels[0], stacked_convs=0, norm="bn", strides=strides, act="silu",
                          assigner=assigner, min_bbox_size=None, layout=layout)
+        del self.cls_convs, self.reg_convs  # the shared towers' places: this head's branches are per level
         self.level_channels, self.reg_max, self.cls_branch = list(in_channels), reg_max, cls_branch
         self.reg_channels = max(16, in_channels[0] // 4, 4 * reg_max)
         self.cls_channels = max(in_channels[0], min(num_classes, 100))
