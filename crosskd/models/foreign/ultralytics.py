@@ -45,6 +45,9 @@ SCALES = ("n", "s", "m", "l", "x")
 DFL_KEY = "dfl.conv.weight"
 DETECT_BRANCHES = {"cv2": ("reg_branches", "reg_preds"), "cv3": ("cls_branches", "cls_preds")}
 BRANCH_CONVS = 2  # cv2.{l}.0, cv2.{l}.1 are the branch; cv2.{l}.2 is the predictor
+READ_ERRORS = (  # a damaged file, or a pickle of unexpected shape (an inert class called with arguments)
+    pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, TypeError, KeyError,
+)
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,7 @@ def _read_dict(path: Path) -> dict:
             f"'{path}' was refused: its pickle names {refused.name}, which could run code when loaded; crosskd reads "
             "Ultralytics YOLOv8/YOLO11 checkpoints without running their code, so only their model classes may appear"
         ) from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+    except READ_ERRORS as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"cannot read Ultralytics checkpoint '{path}' (corrupt or truncated: {reason}); "
                               "use a complete copy (re-download it or save it again)") from None
