@@ -3,7 +3,7 @@ VENV = .venv
 PYTHON = $(VENV)/bin/python
 STAMP = $(VENV)/.crosskd-installed
 
-.PHONY: .venv demo test test-fast lint
+.PHONY: .venv demo test test-fast lint compare
 
 .venv: $(STAMP)
 
@@ -31,3 +31,17 @@ test-fast: .venv
 
 lint: .venv
 	$(VENV)/bin/ruff check .
+
+# Ultralytics 8.4.190 as a project-local peer for the equality tests (tests/ultralytics_peer.py): installed into
+# .compare/ without its dependencies, plus the pure ones crosskd's venv lacks. Only the tests' subprocesses put it
+# on PYTHONPATH, so crosskd itself can never import ultralytics.
+COMPARE = .compare
+COMPARE_STAMP = $(COMPARE)/.installed
+COMPARE_PACKAGES = ultralytics==8.4.190 ultralytics-thop==2.2.3 polars==2.1.0 polars-runtime-32==2.1.0 \
+	requests==2.34.2 urllib3==2.8.0 idna==3.21 charset-normalizer==3.5.3 certifi==2026.10.19.post1
+
+compare: $(COMPARE_STAMP)
+
+$(COMPARE_STAMP): | $(PYTHON)
+	$(PYTHON) -m pip install --quiet --target $(COMPARE) --no-deps $(COMPARE_PACKAGES)
+	touch $(COMPARE_STAMP)

@@ -1,4 +1,4 @@
-"""`crosskd convert`: foreign detector weights (MMDetection, torchvision) written once as a crosskd .pt."""
+"""`crosskd convert`: foreign detector weights (Ultralytics, MMDetection, torchvision) written once as a crosskd .pt."""
 
 from __future__ import annotations
 

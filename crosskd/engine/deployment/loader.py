@@ -27,6 +27,11 @@ from crosskd.models.foreign.torchvision_detection import (
     load_torchvision_detector,
     torchvision_name,
 )
+from crosskd.models.foreign.ultralytics import (
+    is_ultralytics_checkpoint,
+    read_ultralytics,
+    ultralytics_detector,
+)
 from crosskd.models.pretrained import transfer_matching
 from crosskd.utils import LOGGER, read_torch_file
 
@@ -51,7 +56,7 @@ class Runtime:
 
     model: DenseDetector | ExportedDetector  # eval mode, on the requested device
     source: str  # the resolved file the model came from
-    kind: str  # "checkpoint", "yaml", "mmdetection", "torchvision", or an export format's name ("onnx", ...)
+    kind: str  # "checkpoint", "yaml", "mmdetection", "torchvision", "ultralytics", or an export format's name ("onnx")
     names: dict[int, str]
     imgsz: tuple[int, int] | None  # the model's own input size (h, w): training or export size; None for a YAML
     checkpoint: dict = field(default_factory=dict)  # the crosskd checkpoint dict, empty for other kinds
@@ -100,13 +105,13 @@ def load_runtime(
 ) -> Runtime:
     """The one model loader: every model source crosskd accepts, as a ready Runtime.
 
-    Sources: a crosskd .pt; an MMDetection .pth (2.x/3.x); a torchvision detector (`torchvision:NAME`, or its state
-    dict file with `model_cfg` naming the matching *_tv.yaml); an exported .onnx / .torchscript / *_openvino_model
-    folder; a model YAML (+ `weights`, a crosskd .pt of that architecture). `model_cfg` is the YAML a foreign
-    checkpoint maps onto (inferred from an MMDetection checkpoint's embedded config when absent). `nc` is the class
-    count of a YAML built without weights; with `adapt_nc` a model with other classes gets a new head for `nc`
-    (fine-tuning). Every unusable source ends in one ConfigError/CheckpointError line naming the setting it came
-    from (`role`, e.g. teacher).
+    Sources: a crosskd .pt; an Ultralytics YOLOv8/YOLO11 .pt (read without running its pickled code); an MMDetection
+    .pth (2.x/3.x); a torchvision detector (`torchvision:NAME`, or its state dict file with `model_cfg` naming the
+    matching *_tv.yaml); an exported .onnx / .torchscript / *_openvino_model folder; a model YAML (+ `weights`, a
+    crosskd .pt of that architecture). `model_cfg` is the YAML a foreign checkpoint maps onto (inferred from an
+    MMDetection checkpoint's embedded config when absent). `nc` is the class count of a YAML built without weights;
+    with `adapt_nc` a model with other classes gets a new head for `nc` (fine-tuning). Every unusable source ends in
+    one ConfigError/CheckpointError line naming the setting it came from (`role`, e.g. teacher).
     """
     text, suffix = str(source), Path(source).suffix.lower()
     if weights is not None and not is_yaml(source):
@@ -142,7 +147,9 @@ def with_classes(detector: DenseDetector, nc: int, source: str) -> DenseDetector
 
 
 def _from_torch_file(path: Path, model_cfg: str | Path | None, role: str) -> Runtime:
-    """A crosskd checkpoint, an MMDetection checkpoint or a torchvision detector state dict, told apart by content."""
+    """A crosskd, Ultralytics or MMDetection checkpoint or a torchvision detector state dict, told apart by content."""
+    if is_ultralytics_checkpoint(path):
+        return _ultralytics_runtime(path)
     obj = read_torch_file(path)
     if is_crosskd_checkpoint(obj):
         ckpt = check_checkpoint(obj, path)
@@ -160,12 +167,22 @@ def _from_torch_file(path: Path, model_cfg: str | Path | None, role: str) -> Run
     )
 
 
+def _ultralytics_runtime(path: Path) -> Runtime:
+    """An Ultralytics YOLOv8/YOLO11 .pt as crosskd's YOLO detector (read without running its pickled code)."""
+    ckpt = read_ultralytics(path)
+    detector = ultralytics_detector(ckpt, str(path))
+    imgsz = _hw_or_none(ckpt.train_args.get("imgsz"))
+    return Runtime(detector, str(path.resolve()), "ultralytics", detector.names, imgsz)
+
+
 def is_detector_checkpoint(source: str | Path) -> bool:
-    """A whole detector's weights (crosskd, MMDetection with a head, torchvision), not just a backbone's."""
+    """A whole detector's weights (crosskd, Ultralytics, MMDetection with a head, torchvision), not a backbone's."""
     if str(source).startswith(TORCHVISION_PREFIX) or torchvision_name(source) is not None:
         return True
     if Path(source).suffix.lower() not in CHECKPOINT_SUFFIXES or not Path(source).is_file():
         return False
+    if is_ultralytics_checkpoint(source):
+        return True
     obj = read_torch_file(source)
     return is_crosskd_checkpoint(obj) or (
         is_mmdet_checkpoint(obj) and any(key.startswith(("bbox_head.", "roi_head.")) for key in obj["state_dict"])

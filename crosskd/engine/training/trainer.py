@@ -413,7 +413,7 @@ class Trainer:
 
 
 def load_pretrained(model: DenseDetector, pretrained: bool | str | None, model_cfg: str | None = None) -> None:
-    """The weights training starts from: a detector checkpoint (crosskd, MMDetection, torchvision) given as
+    """The weights training starts from: a detector checkpoint (crosskd, Ultralytics, MMDetection, torchvision) given as
     pretrained= transfers every tensor of matching name and shape; anything else (the YAML's backbone.pretrained when
     None, imagenet, a weights name, a backbone .pth, false) goes to the backbone."""
     if isinstance(pretrained, str) and is_detector_checkpoint(pretrained):

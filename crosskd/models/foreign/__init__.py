@@ -1,1 +1,1 @@
-"""Weights from other frameworks (MMDetection, torchvision detection) mapped onto crosskd detectors."""
+"""Weights from other frameworks (Ultralytics, MMDetection, torchvision detection) mapped onto crosskd detectors."""

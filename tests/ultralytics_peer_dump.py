@@ -1,0 +1,85 @@
+"""Run by the Ultralytics peer (never by crosskd's python): YOLOv8n and YOLO11n with seeded random weights, saved with
+Ultralytics' own `Model.save`, and what Ultralytics computes from each saved file for one fixed input.
+
+    <peer python> tests/ultralytics_peer_dump.py OUT_DIR
+
+writes, per model NAME in MODELS: OUT_DIR/NAME.pt (the Ultralytics checkpoint) and OUT_DIR/NAME_expected.pt, a plain
+dict of tensors (loadable with weights_only=True): `state` (the reloaded model's state_dict, float32), `input`
+[1, 3, H, W] in 0..1, per level `box` [1, 4*16, h, w] and `cls` [1, nc, h, w] (Detect's cv2 / cv3 outputs), `decoded`
+[1, 4 + nc, N] (xywh pixels, class scores) and `detections` [K, 6] (xyxy, score, class) after Ultralytics' NMS with
+CONF, IOU and MAX_DET.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from ultralytics import YOLO
+from ultralytics.nn.tasks import DetectionModel
+from ultralytics.utils.nms import non_max_suppression
+
+MODELS = ("yolov8n", "yolo11n")
+NAMES = {0: "cat", 1: "dog", 2: "bird"}
+INPUT_HW = (96, 128)
+CONF, IOU, MAX_DET = 0.25, 0.7, 300
+SEED = 0
+
+
+def randomise(model: nn.Module, generator: torch.Generator) -> None:
+    """BatchNorm statistics and affine terms away from their identity init, and class biases near logit -2, so that
+    every layer matters and some boxes pass CONF."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                size = module.num_features
+                module.weight.copy_(torch.rand(size, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(size, generator=generator) * 0.1)
+                module.running_mean.copy_(torch.randn(size, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
+        for predictor in (branch[-1] for branch in model.model[-1].cv3):
+            predictor.bias.copy_(torch.randn(predictor.bias.shape, generator=generator) - 2)
+
+
+def save_seeded(name: str, path: Path) -> None:
+    """A `name` model for NAMES with seeded weights, written by Ultralytics' Model.save (half precision)."""
+    torch.manual_seed(SEED)
+    yolo = YOLO(f"{name}.yaml")
+    yolo.model = DetectionModel(f"{name}.yaml", nc=len(NAMES), verbose=False)
+    yolo.model.names = dict(NAMES)
+    randomise(yolo.model, torch.Generator().manual_seed(SEED))
+    yolo.save(path)
+
+
+def expected_outputs(path: Path) -> dict:
+    """What Ultralytics computes from the saved file for one seeded input."""
+    model = YOLO(path).model.float().eval()
+    detect = model.model[-1]
+    levels: dict[str, list[torch.Tensor]] = {"box": [], "cls": []}
+    for key, branches in (("box", detect.cv2), ("cls", detect.cv3)):
+        for branch in branches:
+            branch.register_forward_hook(lambda module, args, out, key=key: levels[key].append(out.detach().clone()))
+    image = torch.rand(1, 3, *INPUT_HW, generator=torch.Generator().manual_seed(SEED))
+    with torch.no_grad():
+        output = model(image)
+    decoded = output[0] if isinstance(output, tuple | list) else output
+    detections = non_max_suppression(decoded, conf_thres=CONF, iou_thres=IOU, max_det=MAX_DET)[0]
+    return {
+        "state": {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()},
+        "input": image, "box": levels["box"], "cls": levels["cls"], "decoded": decoded, "detections": detections,
+        "names": dict(NAMES), "conf": CONF, "iou": IOU, "max_det": MAX_DET,
+    }
+
+
+def main(out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in MODELS:
+        path = out_dir / f"{name}.pt"
+        save_seeded(name, path)
+        expected = expected_outputs(path)
+        torch.save(expected, out_dir / f"{name}_expected.pt")
+        print(f"{name}: {len(expected['detections'])} detections")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
