@@ -61,9 +61,15 @@ class CrossKD(KDMethod):
             reverse = s_head.flatten_outputs(self.reverse_cross_head(s_head, t_holds, s_holds))
         return (inputs.own, reverse, s_head) if strategy == "b" else (reverse, inputs.teacher, s_head)
 
+    def enters_activated(self, head: DenseHead) -> bool:
+        """Post-activation holds skip the activation of step kd_idx in `head` unless it is idempotent (ReLU, which
+        the reference applies again after align_scale)."""
+        return self.setup.kd_hold == "post" and not head.reactivates_hold
+
     def cross_head(self, teacher_head: DenseHead, s_holds: HoldFeatures, t_holds: HoldFeatures) -> HeadOutputs:
         """Student hold features (adapted, aligned to the teacher's) through the rest of the teacher's head, which
-        starts with step kd_idx's activation (the reference's ReLU after align_scale, also on post-activation holds).
+        starts with step kd_idx's activation (the reference's ReLU after align_scale, also on post-activation holds;
+        not a SiLU on post-activation holds: `enters_activated`).
 
         Not under no_grad: the KD gradient flows through the frozen teacher layers into the student. Hold features
         are per level (cls, reg) pairs: the student's [B, C_s, H_l, W_l], the teacher's [B, C_t, H_l, W_l].
@@ -74,7 +80,8 @@ class CrossKD(KDMethod):
                 s_cls, s_reg = self.adapter(s_cls, s_reg)
             if self.setup.kd_align:
                 s_cls, s_reg = align_scale(s_cls, t_cls), align_scale(s_reg, t_reg)
-            levels.append(teacher_head.forward_from(s_cls, s_reg, level, self.setup.kd_idx))
+            levels.append(teacher_head.forward_from(s_cls, s_reg, level, self.setup.kd_idx,
+                                                    activated=self.enters_activated(teacher_head)))
         return stack_levels(levels)
 
     def reverse_cross_head(self, student_head: DenseHead, t_holds: HoldFeatures, s_holds: HoldFeatures) -> HeadOutputs:
@@ -84,5 +91,6 @@ class CrossKD(KDMethod):
         for level, ((t_cls, t_reg), (s_cls, s_reg)) in enumerate(zip(t_holds, s_holds)):
             if self.setup.kd_align:
                 t_cls, t_reg = align_scale(t_cls, s_cls), align_scale(t_reg, s_reg)
-            levels.append(student_head.forward_from(t_cls, t_reg, level, self.setup.kd_idx))
+            levels.append(student_head.forward_from(t_cls, t_reg, level, self.setup.kd_idx,
+                                                    activated=self.enters_activated(student_head)))
         return stack_levels(levels)

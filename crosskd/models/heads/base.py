@@ -153,6 +153,7 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
         self.reg_depth = stacked_convs if reg_depth is None else reg_depth
         self.stacked_convs = max(self.cls_depth, self.reg_depth)  # tower steps a hold point may take
         self.strides = list(strides)
+        self.act = act
         self._set_priors(layout)
         block = {"norm": norm, "num_groups": num_groups, "bias": conv_bias, "act": act}
         self.cls_convs = self._tower(self.cls_channels, self.cls_depth, block)
@@ -256,6 +257,13 @@ class DenseHead(nn.Module, metaclass=ABCMeta):
         """The activation of tower step `step` on `forward_tower(x, step, level)`'s features (unchanged at step 0 and
         for a tower without steps): the post-activation hold features, [B, C, H, W] each."""
         return activate_step(self.cls_convs, cls_feat, step), activate_step(self.reg_convs, reg_feat, step)
+
+    @property
+    def reactivates_hold(self) -> bool:
+        """Whether a cross-head pass applies step kd_idx's activation again to post-activation hold features: only
+        an idempotent one (ReLU), where it is the reference's clamp of the aligned features; a SiLU would be applied
+        twice, so its post-activation holds enter the rest of the head as they are."""
+        return self.act == "relu"
 
     @abstractmethod
     def predict_level(self, cls_feat: Tensor, reg_feat: Tensor, level: int) -> LevelOutput:
