@@ -140,7 +140,7 @@ def test_the_input_convention_is_read_from_metadata_and_followed():
     convention = InputConvention.from_metadata(json.dumps({**vars(CROSSKD_INPUT), "pad_value": 114}),
                                                Path("m.onnx"))
     assert convention.pad_value == 114 and InputConvention.from_metadata(None, Path("old.onnx")) == CROSSKD_INPUT
-    with pytest.raises(CheckpointError, match="'m.onnx' expects input .*'center'.*re-export it"):
-        InputConvention.from_metadata(json.dumps({"pad": "center", "pad_value": 114}), Path("m.onnx"))
+    with pytest.raises(CheckpointError, match="'m.onnx' expects input .*'stretch'.*re-export it"):
+        InputConvention.from_metadata(json.dumps({"resize": "stretch", "pad_value": 114}), Path("m.onnx"))
     images, _ = preprocess([np.zeros((64, 128, 3), np.uint8)], (128, 128), 128, torch.device("cpu"), pad_value=114)
     assert images[0, :, 64:].unique().tolist() == [pytest.approx(114 / 255)]  # padded rows carry the value

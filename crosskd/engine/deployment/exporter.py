@@ -31,7 +31,12 @@ from crosskd.engine.deployment.quantization import (
     calibration_set,
     export_precision,
 )
-from crosskd.engine.deployment.runtimes.exported import CROSSKD_INPUT, ExportedDetector
+from crosskd.engine.deployment.runtimes.exported import (
+    CROSSKD_INPUT,
+    ULTRALYTICS_INPUT,
+    ExportedDetector,
+    InputConvention,
+)
 from crosskd.errors import ConfigError
 from crosskd.models import DenseDetector
 from crosskd.models.postprocess import select_detections
@@ -124,7 +129,7 @@ def export_metadata(
         "channels": "3",
         "names": str({int(k): str(v) for k, v in names.items()}),
         "end2end": "False",
-        "input": CROSSKD_INPUT.to_metadata(),
+        "input": input_convention(detector).to_metadata(),
         "head_type": detector.head_type,
         "num_anchors": str(detector.head.num_anchors),
         "min_bbox_size": str(detector.head.min_bbox_size),
@@ -134,6 +139,12 @@ def export_metadata(
         "model_yaml": json.dumps(detector.yaml),
         "train_args": json.dumps(train_args, default=str),
     }
+
+
+def input_convention(detector: DenseDetector) -> InputConvention:
+    """What the exported graph is fed: Ultralytics' letterbox for a YOLO model, so that Ultralytics clients and
+    crosskd's runtimes give it the same input; crosskd's own convention for every other head."""
+    return ULTRALYTICS_INPUT if detector.head_type == "yolo" else CROSSKD_INPUT
 
 
 def latency_ms(

@@ -19,6 +19,7 @@ from torchvision.ops import box_convert
 
 from crosskd.errors import CheckpointError
 from crosskd.models.postprocess import Detections, postprocess, reclip_detections, unpad
+from crosskd.ops.boxes import clip_boxes
 
 REQUIRED_METADATA = ("names", "stride", "strides", "imgsz", "batch", "num_anchors", "args")
 
@@ -28,8 +29,9 @@ class InputConvention:
 
     crosskd's convention is the training loader's: keep-ratio resize so the long side is imgsz (an h,w imgsz: fit
     inside it), pad bottom/right with `pad_value` (0..255) to a multiple of the largest stride (a static graph: to
-    its size), RGB, pixels / 255 (0..1), ImageNet mean/std subtracted inside the graph. Ultralytics clients instead
-    centre the image on grey 114 ("letterbox"); see docs/deploy.md.
+    its size), RGB, pixels / 255 (0..1), the model's mean/std subtracted inside the graph. A YOLO export records
+    Ultralytics' letterbox instead (`ULTRALYTICS_INPUT`: the image centred on grey 114), which every Ultralytics client
+    applies; crosskd's runtimes then centre the image the same way (`centre_images`); see docs/deploy.md.
     """
 
     resize: str = "keep-ratio long side"
@@ -49,15 +51,42 @@ class InputConvention:
             return cls()
         given = json.loads(text)
         convention = cls(**{f.name: given[f.name] for f in fields(cls) if f.name in given})
-        differs = {f.name: getattr(convention, f.name) for f in fields(cls)
-                   if f.name != "pad_value" and getattr(convention, f.name) != getattr(CROSSKD_INPUT, f.name)}
+        differs = {f.name: getattr(convention, f.name) for f in fields(cls) if f.name not in ("pad", "pad_value")
+                   and getattr(convention, f.name) != getattr(CROSSKD_INPUT, f.name)}
+        if convention.pad not in PADS:
+            differs["pad"] = convention.pad
         if differs or not 0 <= int(convention.pad_value) <= 255:
             raise CheckpointError(f"'{path.name}' expects input {given}, which crosskd's predictor does not produce; "
                                   "re-export it with 'crosskd export'")
         return convention
 
+    @property
+    def centred(self) -> bool:
+        return self.pad == "center"
 
+
+PADS = ("bottom-right", "center")  # where the image sits in the padded input: top-left, or centred (Ultralytics)
 CROSSKD_INPUT = InputConvention()
+ULTRALYTICS_INPUT = InputConvention(pad="center", pad_value=114)  # Ultralytics' LetterBox, what its clients feed
+
+
+def centre_offsets(img_sizes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(left, top) [B, 2] of each (h, w) image of `img_sizes` [B, 2] centred in a height x width input, rounded as
+    Ultralytics' LetterBox rounds them (an odd padding puts the extra pixel bottom/right)."""
+    spare = torch.tensor([width, height], device=img_sizes.device) - img_sizes.flip(1)  # [B, 2] (w, h) padding
+    return torch.round(spare / 2 - 0.1).long()
+
+
+def centre_images(
+    images: torch.Tensor, img_sizes: torch.Tensor, size: tuple[int, int], pad_value: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [B, 3, H, W] whose (h, w) `img_sizes` [B, 2] sit top-left -> [B, 3, *size] with each image centred on
+    `pad_value` (0..1), and the (left, top) offsets [B, 2] added to its pixels."""
+    offsets = centre_offsets(img_sizes, *size)
+    canvas = images.new_full((len(images), images.shape[1], *size), pad_value)
+    for image, out, (h, w), (left, top) in zip(images, canvas, img_sizes.tolist(), offsets.tolist(), strict=True):
+        out[:, top: top + h, left: left + w] = image[:, :h, :w]
+    return canvas, offsets
 
 
 def parse_metadata(metadata: dict[str, str], path: Path) -> dict:
@@ -167,16 +196,38 @@ class ExportedDetector(ABC):
         `multi_label` as in `DenseDetector.predict`; an NMS-embedded graph keeps the choice made at export.
         `img_sizes` [B, 2] (h, w) of each image inside the padded input: boxes are clipped to it before NMS here; an
         NMS-embedded graph only knows its padded input, so its rows are clipped and suppressed again on the host.
+        A file with a centred input convention is run as Ultralytics runs it (`predict_centred`).
         """
-        output = self.run(images)
-        if self.nms:
-            detections = self.filter_embedded(output, conf, max_det, img_sizes, iou)
+        hw = self.input_hw(images)
+        if self.input_convention.centred:
+            detections = self.predict_centred(images, conf, iou, max_det, nms_pre, hw, multi_label, img_sizes)
+        elif self.nms:
+            detections = self.filter_embedded(self.run(images), conf, max_det, img_sizes, iou)
         else:
-            hw = self.input_hw(images)
-            detections = self.postprocess_raw(output, conf, iou, max_det, nms_pre, hw, multi_label, img_sizes)
+            detections = self.postprocess_raw(self.run(images), conf, iou, max_det, nms_pre, hw, multi_label,
+                                              img_sizes)
         if ratios is None:
             return detections
         return [Detections(d.boxes / r, d.scores, d.labels) for d, r in zip(detections, ratios.tolist(), strict=True)]
+
+    def predict_centred(
+        self, images: torch.Tensor, conf: float, iou: float, max_det: int, nms_pre: int, hw: tuple[int, int],
+        multi_label: bool, img_sizes: torch.Tensor | None,
+    ) -> list[Detections]:
+        """Detections in the top-left frame of `images` for a file fed as Ultralytics feeds it: each (h, w) image of
+        `img_sizes` [B, 2] (without them, all of `images`) centred in the (H, W) input `hw`; NMS on the boxes as the
+        graph clipped them to that input, then the boxes moved back and clipped to each image (Ultralytics' order)."""
+        if img_sizes is None:
+            img_sizes = torch.tensor(images.shape[2:], device=images.device).expand(len(images), 2)
+        img_sizes = img_sizes.to(images.device)
+        canvas, offsets = centre_images(images, img_sizes, hw, self.input_convention.pad_value / 255)
+        output = uncentre(self.run(canvas), offsets.to(images.device, torch.float32), self.nms)
+        if self.nms:
+            detections = self.filter_embedded(output, conf, max_det)
+        else:
+            detections = self.postprocess_raw(output, conf, iou, max_det, nms_pre, hw, multi_label)
+        return [Detections(clip_boxes(d.boxes[None], size[None])[0], d.scores, d.labels)
+                for d, size in zip(detections, img_sizes, strict=True)]
 
     def input_hw(self, images: torch.Tensor) -> tuple[int, int]:
         """The (H, W) the graph actually ran at for these images."""
@@ -212,6 +263,14 @@ class ExportedDetector(ABC):
             output, counts = reclip_detections(output[:, :max_det], counts, img_sizes.to(output.device), self.nc, iou,
                                                self.min_bbox_size)
         return unpad(output, counts)
+
+
+def uncentre(output: torch.Tensor, offsets: torch.Tensor, nms: bool) -> torch.Tensor:
+    """Boxes of output0 moved by -(left, top) `offsets` [B, 2]: raw [B, 4+C, N] (centre x, y first) or NMS rows
+    [B, K, 6] (x1, y1, x2, y2 first)."""
+    if nms:
+        return torch.cat([output[..., :4] - offsets.repeat(1, 2)[:, None], output[..., 4:]], dim=-1)
+    return torch.cat([output[:, :2] - offsets[..., None], output[:, 2:]], dim=1)
 
 
 @contextlib.contextmanager
