@@ -32,7 +32,7 @@ from crosskd.engine.training.optim import (
     resolve_run_length_defaults,
 )
 from crosskd.engine.training.recipe import apply_recipe
-from crosskd.engine.training.trainer import Trainer
+from crosskd.engine.training.trainer import Trainer, scales_loss_by_batch
 from crosskd.models import build_detector
 from crosskd.paths import CFG_DIR
 
@@ -164,9 +164,10 @@ def test_the_papers_recipe_is_todays_optimisation():
 
 
 def test_a_yolo_loss_is_back_propagated_times_the_images_on_all_ranks():
+    scaled = [scales_loss_by_batch(build_detector(name, nc=2)) for name in ("yolo11n.yaml", "gfl_r18t.yaml")]
+    assert scaled == [True, False]
     total, batch = torch.tensor(2.5), SimpleNamespace(images=torch.zeros(6, 3, 8, 8))
-    yolo = SimpleNamespace(model=build_detector("yolo11n.yaml", nc=2), world_size=2)
-    gfl = SimpleNamespace(model=build_detector("gfl_r18t.yaml", nc=2), world_size=2)
+    yolo, gfl = (SimpleNamespace(batch_scaled_loss=flag, world_size=2) for flag in scaled)
     assert Trainer.loss_for_backward(yolo, total, batch) == 2.5 * 6 * 2
     assert Trainer.loss_for_backward(gfl, total, batch) is total
 

@@ -86,7 +86,9 @@ class RunState:
         self.best_fitness = ckpt.get("best_fitness")
         self.elapsed_before = float((ckpt.get("train_metrics") or {}).get("elapsed", 0.0))
         trainer.restore_extras(ckpt)
-        trainer.restore_pending_gradients((ckpt.get("scheduler") or {}).get("pending_gradients") or {})
+        pending = (ckpt.get("scheduler") or {}).get("pending_gradients")
+        if pending:
+            trainer.restore_pending_gradients(pending)
         if ckpt.get("rng") is not None and trainer.world_size == 1:
             set_rng_state(ckpt["rng"])
         if is_main_process():

@@ -33,6 +33,7 @@ from crosskd.engine.training.callbacks import (
 from crosskd.engine.training.compile import compile_detector
 from crosskd.engine.training.nonfinite import NonFiniteGuard
 from crosskd.engine.training.optim import (
+    Accumulation,
     ModelEMA,
     build_accumulation,
     build_optimizer,
@@ -90,6 +91,8 @@ class Trainer:
         self.lr = 0.0
         self.save_dir: Path | None = None
         self.ema: ModelEMA | None = None
+        self.accumulation = Accumulation()  # one optimiser step per batch until setup reads nbs
+        self.batch_scaled_loss = False  # the loss is back-propagated times the batch (set from the model's head)
         self.nonfinite = NonFiniteGuard()
         self.mixing_closed = False  # close_mosaic was logged
         self.state = RunState(self)  # resume, mid-epoch progress, checkpoints, stopping
@@ -108,6 +111,7 @@ class Trainer:
         self.data_info = load_data_yaml(self.args.data, self.args.datasets_dir)
         self.names = dict(self.data_info.names)
         self.model = self.build_model().to(self.device)
+        self.batch_scaled_loss = scales_loss_by_batch(self.model)
         self.args = apply_recipe(self.args, getattr(self.model, "yaml", None) or {})
         self.loss_module = self.build_loss_module().to(self.device)
         self.train_module = self.wrap_ddp(self.loss_module)
@@ -361,10 +365,10 @@ class Trainer:
         return losses
 
     def loss_for_backward(self, total: Tensor, batch: Any) -> Tensor:
-        """The total loss as it is back-propagated: for a head with `batch_scaled_loss` (YOLO; with a Distiller its KD
+        """The total loss as it is back-propagated: with `batch_scaled_loss` (a YOLO model; with a Distiller its KD
         terms too) times the step's images on all ranks, as Ultralytics multiplies by the batch and, under DDP whose
         gradients are averaged, by the world size; else as it is."""
-        if not getattr(self.model.head, "batch_scaled_loss", False):
+        if not self.batch_scaled_loss:
             return total
         return total * (len(batch.images) * self.world_size)
 
@@ -445,6 +449,11 @@ class Trainer:
         self.callbacks.run("on_train_end", self)
         LOGGER.info(f"Results saved to {colorstr('bold', str(self.save_dir))}")
         ddp.cleanup_distributed()
+
+
+def scales_loss_by_batch(model: nn.Module) -> bool:
+    """Whether the model's head has its loss back-propagated times the batch (`batch_scaled_loss`: YOLO)."""
+    return bool(getattr(getattr(model, "head", None), "batch_scaled_loss", False))
 
 
 def load_pretrained(model: DenseDetector, pretrained: bool | str | None, model_cfg: str | None = None) -> None:
