@@ -275,7 +275,7 @@ def _load_runner(mode: str) -> Callable[[Args], Any]:
 
 def _help_values(mode: str, extra: list[str]) -> dict[str, Any]:
     """The values `crosskd MODE key=value ... --help` shows instead of the defaults: the keys given, and for train
-    and distill with a model the augmentation keys as the model's recipe resolves them."""
+    and distill with a model the recipe keys (augmentation, optimisation) as the model's recipe resolves them."""
     overrides = parse_cli_args([word for word in extra if "=" in word])
     if not overrides:
         return {}

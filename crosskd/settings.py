@@ -164,17 +164,39 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
                 example="weights"),
         Setting("exist_ok", "bool", False, "reuse an existing run directory instead of incrementing its name"),
         Setting("optimizer", "str", "auto", "optimizer; auto = the paper's SGD for runs of 10000 iterations or more, "
-                "else AdamW (cfg=coco_1x.yaml: the paper's COCO recipe)", choices=("auto", "SGD", "AdamW")),
-        Setting("lr0", "float", None, "initial learning rate for batch 16 (scaled linearly with batch); empty = by "
-                "optimizer: SGD 0.01, AdamW 0.004", low=0, high=1, example="0.01"),
-        Setting("lrf", "float", 0.01, "final learning rate as a fraction of lr0 (cosine schedule)", low=0, high=1),
-        Setting("momentum", "float", 0.9, "SGD momentum / AdamW beta1", low=0, high=1),
-        Setting("weight_decay", "float", 0.0001, "optimizer weight decay", low=0, high=1),
+                "else AdamW (cfg=coco_1x.yaml: the paper's COCO recipe); with nbs > 0 Ultralytics' rule: SGD (lr0 "
+                "0.01) past 10000 optimiser steps, else AdamW with lr0 round(0.002 * 5 / (4 + nc), 6), beta1 0.9",
+                choices=("auto", "SGD", "AdamW")),
+        Setting("lr0", "float", None, "initial learning rate: for batch 16 and scaled linearly with batch (nbs=0), "
+                "or as it is (nbs > 0); empty = by optimizer: SGD 0.01, AdamW 0.004" + RECIPE_NOTE, low=0, high=1,
+                example="0.01"),
+        Setting("lrf", "float", 0.01, "final learning rate as a fraction of lr0 (cosine schedule; lr_schedule="
+                "ultralytics: linear too)", low=0, high=1),
+        Setting("momentum", "float", 0.9, "SGD momentum / AdamW beta1" + RECIPE_NOTE, low=0, high=1),
+        Setting("nesterov", "bool", False, "Nesterov momentum for SGD" + RECIPE_NOTE),
+        Setting("weight_decay", "float", 0.0001, "optimizer weight decay (nbs > 0: scaled by batch x accumulation / "
+                "nbs)" + RECIPE_NOTE, low=0, high=1),
+        Setting("norm_bias_decay", "bool", True, "weight decay on norm weights and biases too, one parameter group "
+                "(the paper); false = Ultralytics' three groups: weights with decay, norm weights and biases without"
+                + RECIPE_NOTE),
+        Setting("nbs", "int", 0, "nominal batch size: gradients accumulate over round(nbs / batch) batches per "
+                "optimiser step (from 1 during warm-up) and lr0 is not scaled with batch (Ultralytics); 0 = one step "
+                "per batch" + RECIPE_NOTE, low=0),
+        Setting("lr_schedule", "str", "mmdet", "mmdet = warm-up over warmup_iters from warmup_ratio, then x0.1 at "
+                "lr_steps or a per-iteration cosine (cos_lr); ultralytics = warm-up over warmup_epochs (at most "
+                "epochs - 1) from 0 (biases from warmup_bias_lr, SGD momentum from warmup_momentum), then linear "
+                "(or cos_lr cosine) to lr0 x lrf, set once per epoch" + RECIPE_NOTE, choices=("mmdet", "ultralytics")),
         Setting("warmup_iters", "int", 500, "linear warm-up iterations; when not given, at most 10% of the run's "
                 "iterations", low=0),
-        Setting("warmup_epochs", "float", 0.0, "warm-up length in epochs; overrides warmup_iters when > 0", low=0),
+        Setting("warmup_epochs", "float", 0.0, "warm-up length in epochs; overrides warmup_iters when > 0"
+                + RECIPE_NOTE, low=0),
         Setting("warmup_ratio", "float", 0.001, "learning-rate factor at the start of warm-up", low=0, high=1),
-        Setting("cos_lr", "bool", False, "cosine learning-rate schedule instead of step decay"),
+        Setting("warmup_bias_lr", "float", 0.0, "lr_schedule=ultralytics with norm_bias_decay=false: the biases' "
+                "learning rate at the start of warm-up, falling to lr0" + RECIPE_NOTE, low=0, high=1),
+        Setting("warmup_momentum", "float", None, "lr_schedule=ultralytics: SGD momentum at the start of warm-up, "
+                "rising to momentum; empty = momentum throughout" + RECIPE_NOTE, low=0, high=1, example="0.8"),
+        Setting("cos_lr", "bool", False, "cosine learning-rate schedule instead of step decay (lr_schedule="
+                "ultralytics: instead of linear)"),
         Setting("lr_steps", "int_list", (8, 11), "step-decay epochs of a 12-epoch schedule, scaled to epochs", low=0),
         Setting("amp", "bool", True, "automatic mixed precision on CUDA"),
         Setting("compile", "bool", False, "torch.compile the model's backbone, neck and head (and the teacher's); "
@@ -183,11 +205,11 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
                 "image padded up to a multiple of 32 (MMDetection's valid flags; every point for FCOS, as "
                 "MMDetection's FCOS and the CrossKD reference), image = only the unpadded image (stricter)",
                 choices=("mmdet", "image")),
-        Setting("clip_grad", "float", 0.0, "gradient clipping max norm; 0 disables", low=0),
+        Setting("clip_grad", "float", 0.0, "gradient clipping max norm; 0 disables" + RECIPE_NOTE, low=0),
         Setting("nan_patience", "int", 10, "a step with a NaN/Inf loss is skipped; stop after this many in a row "
                 "(0 never stops)", low=0),
-        Setting("ema", "bool", False, "keep an exponential moving average of the weights"),
-        Setting("ema_decay", "float", 0.9998, "EMA decay", low=0, high=1),
+        Setting("ema", "bool", False, "keep an exponential moving average of the weights" + RECIPE_NOTE),
+        Setting("ema_decay", "float", 0.9998, "EMA decay" + RECIPE_NOTE, low=0, high=1),
         Setting("seed", "int", 0, "random seed"),
         Setting("deterministic", "bool", True, "deterministic algorithms where available"),
         Setting("resume", "resume", False, "resume from last.pt: true for the newest run or a path", example="true"),

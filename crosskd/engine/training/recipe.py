@@ -1,5 +1,5 @@
-"""A run's augmentation settings: the model's recipe under the keys the user gave, the per-image multi-scale sizes
-and the per-batch input size of `multi_scale`."""
+"""A run's recipe settings (augmentation and optimisation): the model's recipe under the keys the user gave, the
+per-image multi-scale sizes and the per-batch input size of `multi_scale`."""
 
 from pathlib import Path
 from typing import Any
@@ -18,13 +18,15 @@ STEP_STREAM = 1  # tells the step draws' seeds apart from the samples' (loader.s
 
 
 def apply_recipe(args: Args, model_yaml: dict[str, Any]) -> Args:
-    """`args` with the model's recipe (its YAML's `recipe:`, else the paper's) for every augmentation key not given."""
+    """`args` with the model's recipe (its YAML's `recipe:`, else the paper's) for every augmentation and optimisation
+    key not given."""
     name = model_yaml.get("recipe") or DEFAULT_RECIPE
     if name not in RECIPES:
         raise ConfigError(f"model recipe: {name!r} is not a training recipe; use one of {', '.join(RECIPES)}")
     given = {key for key in RECIPES[name] if args.typed(key)}
     resolved = args.with_values(**{key: value for key, value in RECIPES[name].items() if key not in given})
-    LOGGER.info(f"augmentation: the {name} recipe" + (f", with {', '.join(sorted(given))} as given" if given else ""))
+    typed = f", with {', '.join(sorted(given))} as given" if given else ""
+    LOGGER.info(f"recipe: {name} (augmentation and optimisation){typed}")
     return resolved
 
 
@@ -41,7 +43,7 @@ def model_yaml_of(model: str | None) -> dict[str, Any]:
 
 
 def resolved_help_values(args: Args) -> dict[str, Any]:
-    """The augmentation keys as a run of `args` would use them (the model's recipe under the keys given), for
+    """The recipe keys as a run of `args` would use them (the model's recipe under the keys given), for
     `crosskd train model=... --help`."""
     resolved = apply_recipe(args, model_yaml_of(args.model or args.student))
     return {key: getattr(resolved, key) for key in RECIPES[DEFAULT_RECIPE]}

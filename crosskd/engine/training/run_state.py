@@ -24,6 +24,9 @@ from crosskd.utils import LOGGER, remove_stale_temp_files
 OLDER_RUN_VALUES = {  # settings added after runs were saved -> the value a checkpoint without the key ran with
     "kd_hold": "pre",  # before kd_hold the hold features were the pre-activation ones
     "valid_region": "image",  # before valid_region only priors inside the unpadded image counted
+    # before the recipes had optimisation settings every run (YOLO's too) was optimised the paper's way
+    "nbs": 0, "norm_bias_decay": True, "nesterov": False, "lr_schedule": "mmdet", "warmup_bias_lr": 0.0,
+    "warmup_momentum": None,
 }
 RESUME_WHITELIST = (  # may change when resuming
     "device", "workers", "val", "plots", "tensorboard", "save_period", "save_period_iters", "nan_patience", "compile",
@@ -83,6 +86,9 @@ class RunState:
         self.best_fitness = ckpt.get("best_fitness")
         self.elapsed_before = float((ckpt.get("train_metrics") or {}).get("elapsed", 0.0))
         trainer.restore_extras(ckpt)
+        pending = (ckpt.get("scheduler") or {}).get("pending_gradients")
+        if pending:
+            trainer.restore_pending_gradients(pending)
         if ckpt.get("rng") is not None and trainer.world_size == 1:
             set_rng_state(ckpt["rng"])
         if is_main_process():
@@ -130,12 +136,19 @@ class RunState:
             scaler=trainer.scaler,
             ema=ema.module if ema is not None else None,
             ema_updates=ema.updates if ema is not None else 0,
-            scheduler={**trainer.schedule.state_dict(), "iteration": self.iterations_done},
+            scheduler=self.scheduler_state(),
             train_metrics={**trainer.metrics, "fitness": trainer.fitness, "elapsed": self.elapsed},
             rng=get_rng_state(),
             partial_epoch=partial,
             **trainer.checkpoint_extras(),
         )
+
+    def scheduler_state(self) -> dict:
+        """The schedule's fields, the iterations done and, inside an accumulation window (nbs > 0), the gradients
+        accumulated so far (`pending_gradients`), so a resume steps with the same gradients as an uninterrupted run."""
+        state = {**self.trainer.schedule.state_dict(), "iteration": self.iterations_done}
+        pending = self.trainer.pending_gradients()
+        return {**state, "pending_gradients": pending} if pending else state
 
     @property
     def iterations_done(self) -> int:
@@ -201,6 +214,7 @@ class RunState:
         reason = f"DDP: lost {ddp.lost_node_text(error)}"
         if self.in_epoch and self.batches_done == trainer.iteration - trainer.epoch * len(trainer.train_loader):
             trainer.nonfinite.restore_buffers()  # the step of this iteration was not applied
+            trainer.optimizer.zero_grad(set_to_none=True)  # its gradients may be half reduced: drop the window's
         if is_main_process():
             self.stop_and_save(reason, ddp.LOST_NODE_EXIT, collective=False)
         last = trainer.weights_dir / "last.pt"

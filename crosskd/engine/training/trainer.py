@@ -32,7 +32,17 @@ from crosskd.engine.training.callbacks import (
 )
 from crosskd.engine.training.compile import compile_detector
 from crosskd.engine.training.nonfinite import NonFiniteGuard
-from crosskd.engine.training.optim import ModelEMA, build_optimizer, build_schedule, resolve_run_length_defaults, set_lr
+from crosskd.engine.training.optim import (
+    Accumulation,
+    ModelEMA,
+    build_accumulation,
+    build_optimizer,
+    build_schedule,
+    describe_optimizer,
+    effective_weight_decay,
+    parameter_groups,
+    resolve_run_length_defaults,
+)
 from crosskd.engine.training.progress import EpochProgress, epoch_header
 from crosskd.engine.training.recipe import apply_recipe, multiscale_size, multiscale_sizes, step_generator
 from crosskd.engine.training.run_state import RunState
@@ -81,6 +91,8 @@ class Trainer:
         self.lr = 0.0
         self.save_dir: Path | None = None
         self.ema: ModelEMA | None = None
+        self.accumulation = Accumulation()  # one optimiser step per batch until setup reads nbs
+        self.batch_scaled_loss = False  # the loss is back-propagated times the batch (set from the model's head)
         self.nonfinite = NonFiniteGuard()
         self.mixing_closed = False  # close_mosaic was logged
         self.state = RunState(self)  # resume, mid-epoch progress, checkpoints, stopping
@@ -99,11 +111,13 @@ class Trainer:
         self.data_info = load_data_yaml(self.args.data, self.args.datasets_dir)
         self.names = dict(self.data_info.names)
         self.model = self.build_model().to(self.device)
+        self.batch_scaled_loss = scales_loss_by_batch(self.model)
         self.args = apply_recipe(self.args, getattr(self.model, "yaml", None) or {})
         self.loss_module = self.build_loss_module().to(self.device)
         self.train_module = self.wrap_ddp(self.loss_module)
         self.train_loader, val_loader = self.build_dataloaders()
-        self.args = resolve_run_length_defaults(self.args, len(self.train_loader))
+        self.args = resolve_run_length_defaults(self.args, len(self.train_loader),
+                                                num_images=len(self.train_loader.dataset), nc=self.data_info.nc)
         self.schedule = build_schedule(self.args, len(self.train_loader))
         self.build_optimization()
         self.save_dir = self.prepare_save_dir()
@@ -175,15 +189,17 @@ class Trainer:
         return train_loader, val_loader
 
     def build_optimization(self) -> None:
-        """Optimiser over the loss module's trainable parameters, AMP scaler and optional EMA."""
+        """Optimiser over the loss module's trainable parameters (one group or Ultralytics' three), gradient
+        accumulation, AMP scaler and optional EMA."""
         args = self.args
-        params = [p for p in self.loss_module.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(params, args.optimizer, self.schedule.base_lr, args.momentum,
-                                         args.weight_decay)
-        LOGGER.info(
-            f"{colorstr('optimizer:')} {args.optimizer}(lr={self.schedule.base_lr:.5g} = lr0 {args.lr0} x batch "
-            f"{args.batch}/16, momentum={args.momentum}, weight_decay={args.weight_decay}), {len(params)} tensors"
-        )
+        weight_decay = effective_weight_decay(args)
+        params = parameter_groups(self.loss_module, weight_decay, args.norm_bias_decay)
+        self.optimizer = build_optimizer(params, args.optimizer, self.schedule.base_lr, args.momentum, weight_decay,
+                                         nesterov=args.nesterov)
+        self.accumulation = build_accumulation(args, len(self.train_loader), self.schedule.warmup_iters)
+        LOGGER.info(f"{colorstr('optimizer:')} {describe_optimizer(args, self.schedule.base_lr, params, weight_decay)}"
+                    + (f", one step per {self.accumulation.nominal} batches (nbs {args.nbs})"
+                       if self.accumulation.nominal > 1 else ""))
         self.amp = bool(args.amp) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.ema = ModelEMA(self.model, args.ema_decay) if args.ema else None
@@ -261,8 +277,7 @@ class Trainer:
                            completed=first) as bar:
             for i, batch in enumerate(self.train_loader, start=first):
                 self.iteration = self.epoch * num_batches + i
-                self.lr = self.schedule(self.iteration)
-                set_lr(self.optimizer, self.lr)
+                self.lr = self.schedule.apply(self.optimizer, self.iteration)
                 self.batch = batch = self.preprocess_batch(batch)
                 self.loss_items = self.train_step(batch)
                 applied = self.nonfinite.in_row == 0  # a skipped (non-finite) step adds nothing to the means
@@ -315,34 +330,58 @@ class Trainer:
                         f"(close_mosaic={self.args.close_mosaic})")
 
     def train_step(self, batch: Any) -> dict[str, Tensor]:
-        """Forward (AMP on CUDA), backward, optional gradient clipping, optimiser and EMA step; detached losses.
+        """Forward (AMP on CUDA) and backward; at the end of an accumulation window (every iteration unless nbs > 0)
+        optional gradient clipping, optimiser and EMA step. Returns the detached losses.
 
-        A step whose total loss (or, without AMP, a gradient) is NaN/Inf on any rank is skipped (`skip_step`); with
-        AMP the GradScaler skips steps with overflowed gradients itself.
+        A batch whose total loss (or, without AMP, a gradient) is NaN/Inf on any rank is skipped (`skip_step`) with
+        the gradients accumulated before it in its window; with AMP the GradScaler skips steps with overflowed
+        gradients itself.
         """
         batch = batch.to(self.device)
         self.nonfinite.save_buffers(self.train_module)
         with torch.autocast(self.device.type, enabled=self.amp):
             losses = self.compute_loss(batch)
         total = sum(losses.values())
-        self.scaler.scale(total).backward()
+        self.scaler.scale(self.loss_for_backward(total, batch)).backward()
+        steps = self.accumulation.steps_at(self.iteration)
         grads = None if self.amp else self.gradients()  # with AMP the GradScaler checks the gradients
-        if self.args.clip_grad > 0:
+        if steps and self.args.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             norm = nn.utils.clip_grad_norm_(params, self.args.clip_grad)
             grads = None if self.amp else [norm]  # finite exactly when every gradient is: no second pass
         losses = {name: value.detach().float() for name, value in losses.items()}
-        if self.nonfinite.is_finite(total, grads):
-            self.nonfinite.record(applied=True)
+        if not self.nonfinite.is_finite(total, grads):
+            self.skip_step(losses)
+            self.optimizer.zero_grad(set_to_none=True)
+            return losses
+        self.nonfinite.record(applied=True)
+        if steps:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             if self.ema is not None:
                 self.ema.update(self.model)
-        else:
-            self.skip_step(losses)
-        self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=True)
         return losses
+
+    def loss_for_backward(self, total: Tensor, batch: Any) -> Tensor:
+        """The total loss as it is back-propagated: with `batch_scaled_loss` (a YOLO model; with a Distiller its KD
+        terms too) times the step's images on all ranks, as Ultralytics multiplies by the batch and, under DDP whose
+        gradients are averaged, by the world size; else as it is."""
+        if not self.batch_scaled_loss:
+            return total
+        return total * (len(batch.images) * self.world_size)
+
+    def pending_gradients(self) -> dict[str, Tensor]:
+        """The gradients accumulated since the last optimiser step by parameter name, on the CPU ({} right after a
+        step), for a checkpoint taken inside an accumulation window."""
+        return {name: p.grad.detach().cpu() for name, p in self.loss_module.named_parameters() if p.grad is not None}
+
+    def restore_pending_gradients(self, gradients: dict[str, Tensor]) -> None:
+        """Put back the gradients `pending_gradients` saved."""
+        for name, param in self.loss_module.named_parameters():
+            if name in gradients:
+                param.grad = gradients[name].to(param.device)
 
     def gradients(self) -> list[Tensor]:
         """The .grad of every optimised parameter that has one."""
@@ -410,6 +449,11 @@ class Trainer:
         self.callbacks.run("on_train_end", self)
         LOGGER.info(f"Results saved to {colorstr('bold', str(self.save_dir))}")
         ddp.cleanup_distributed()
+
+
+def scales_loss_by_batch(model: nn.Module) -> bool:
+    """Whether the model's head has its loss back-propagated times the batch (`batch_scaled_loss`: YOLO)."""
+    return bool(getattr(getattr(model, "head", None), "batch_scaled_loss", False))
 
 
 def load_pretrained(model: DenseDetector, pretrained: bool | str | None, model_cfg: str | None = None) -> None:
