@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from crosskd.errors import CheckpointError
-from crosskd.paths import resolve_cfg_file
+from crosskd.paths import CFG_DIR
 
 from ..build import build_detector
 from ..dense_detector import DenseDetector
@@ -282,8 +282,11 @@ def key_transforms(key_map: Mapping[str, str]) -> dict[str, Callable[[Tensor], T
 
 # ----- the crosskd detector -------------------------------------------------------------------------------
 def ultralytics_detector(ckpt: UltralyticsCheckpoint, source_name: str) -> DenseDetector:
-    """crosskd's YOLO detector of the checkpoint's family, scale and classes, with its weights and names."""
-    detector = build_detector(resolve_cfg_file(ckpt.model_yaml, "models"), ckpt.nc)
+    """crosskd's YOLO detector of the checkpoint's family, scale and classes, with its weights and names.
+
+    The shipped family YAML at the file's scale (cfg/models/yolo11.yaml at n for .../yolo11n.yaml, never a same-named
+    file in the working directory); `detector.yaml` keeps the scale, so rebuilding from it gives the same widths."""
+    detector = build_detector(CFG_DIR / "models" / ckpt.model_yaml, ckpt.nc)
     key_map = ultralytics_key_map(list(ckpt.state), ckpt.family)
     load_mapped(detector, ckpt.state, key_map, source_name, transforms=key_transforms(key_map))
     detector.names = dict(ckpt.names)
