@@ -299,13 +299,18 @@ def test_segmentation_model_is_refused(tmp_path):
     assert "SegmentationModel" in one_line(error)
 
 
-def test_unknown_layers_are_refused(tmp_path):
-    path = tmp_path / "v5.pt"
+def write_yolov5u_checkpoint(path: Path) -> None:
+    """A YOLOv5su-like file: YOLOv8's layers but a C3 block, a family crosskd does not map."""
     with ultralytics_classes() as c:
         model = detection_model(c, "yolov8")
         model.yaml["backbone"][2][2] = "C3"
         model.yaml["yaml_file"] = "yolov5su.yaml"
         torch.save({"ema": model.half(), "model": None}, path)
+
+
+def test_unknown_layers_are_refused(tmp_path):
+    path = tmp_path / "v5.pt"
+    write_yolov5u_checkpoint(path)
     with pytest.raises(CheckpointError) as error:
         read_ultralytics(path)
     message = one_line(error)

@@ -137,8 +137,9 @@ def _read_dict(path: Path) -> dict:
         ckpt = read_inert(path)
     except RefusedGlobal as refused:
         raise CheckpointError(
-            f"'{path}' was refused: its pickle names {refused.name}, which could run code when loaded; crosskd reads "
-            "Ultralytics YOLOv8/YOLO11 checkpoints without running their code, so only their model classes may appear"
+            f"'{path}' was refused: its pickle names {refused.name}, which could run code when loaded (crosskd reads "
+            "Ultralytics checkpoints without running their code, so only their model classes may appear); use a "
+            "checkpoint written by Ultralytics (its training or model.save())"
         ) from None
     except READ_ERRORS as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
