@@ -21,12 +21,12 @@ $(STAMP): pyproject.toml | $(PYTHON)
 demo: .venv
 	$(PYTHON) scripts/demo.py
 
-# Everything, the slow tests included (CI).
-test: .venv
+# Everything, the slow tests included (CI). Both test targets install the Ultralytics peer first (`compare`, below).
+test: .venv compare
 	$(PYTHON) -m pytest -q tests
 
 # Everything but the tests marked slow (overfit, torchrun, kill-and-resume, CLI matrix, full-size models): 1,029 tests.
-test-fast: .venv
+test-fast: .venv compare
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
 lint: .venv

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from test_ultralytics_checkpoints import write_checkpoint as write_ultralytics_checkpoint
+from test_ultralytics_checkpoints import write_yolov5u_checkpoint
 
 from crosskd.data.digits import generate_digits
 from crosskd.engine.deployment.checkpoint import make_checkpoint, save_checkpoint
@@ -71,6 +73,17 @@ CASES = {
     "pickle_that_would_run_code": Case("val model={S}/malicious.pt " + TINY, "was refused (loading it could run code)",
                                        "use a .pt written by crosskd"),
     "truncated_checkpoint": Case("val model={S}/truncated.pt " + TINY, "corrupt", "use a complete copy"),
+    "ultralytics_pickle_that_would_run_code": Case("val model={S}/ultralytics_malicious.pt " + TINY,
+                                                   "its pickle names posix.mkdir, which could run code",
+                                                   "use a checkpoint written by Ultralytics"),
+    "ultralytics_segmentation_model": Case("val model={S}/ultralytics_seg.pt " + TINY,
+                                           "is an Ultralytics SegmentationModel",
+                                           "pass a YOLOv8 or YOLO11 detection checkpoint"),
+    "ultralytics_unmapped_family": Case("val model={S}/yolov5su.pt " + TINY,
+                                        "holds Ultralytics yolov5su.yaml, whose layers crosskd does not map",
+                                        "supported: YOLOv8"),
+    "ultralytics_truncated": Case("val model={S}/ultralytics_truncated.pt " + TINY,
+                                  "ultralytics_truncated.pt' (corrupt", "use a complete copy"),
     "image_as_model": Case("val model={S}/image.jpg " + TINY, "cannot load model", "expected one of .yaml, .pt"),
     "missing_model": Case("val model={S}/missing.pt " + TINY, "missing.pt' not found", "pass model="),
     "missing_resume_checkpoint": Case("train resume={S}/missing/last.pt", "last.pt' not found", "pass an existing"),
@@ -147,6 +160,12 @@ def write_checkpoints(shared: Path) -> None:
     torch.save({"model": Malicious(shared / MARKER)}, shared / "malicious.pt")
     data = (shared / "tiny.pt").read_bytes()
     (shared / "truncated.pt").write_bytes(data[: len(data) // 2])
+    write_ultralytics_checkpoint(shared / "ultralytics_malicious.pt", git=Malicious(shared / MARKER))
+    write_ultralytics_checkpoint(shared / "ultralytics_seg.pt", model_class="SegmentationModel")
+    write_yolov5u_checkpoint(shared / "yolov5su.pt")
+    write_ultralytics_checkpoint(shared / "ultralytics_truncated.pt")
+    data = (shared / "ultralytics_truncated.pt").read_bytes()
+    (shared / "ultralytics_truncated.pt").write_bytes(data[: len(data) // 2])
     (shared / "typo.yaml").write_text("backbone: {type: resnett, depth: 18}\nneck: {type: fpn}\nhead: {type: gfl}\n")
 
 

@@ -6,6 +6,7 @@ only while torch.save runs, nested with Ultralytics' attribute names (tiny width
 """
 
 import copy
+import logging
 import os
 import subprocess
 import sys
@@ -13,13 +14,23 @@ import types
 from contextlib import contextmanager
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
+import yaml
 from torch import nn
 from ultralytics_peer import ultralytics_python
 
+from crosskd import cli
+from crosskd.api import Detector
+from crosskd.config import get_args
+from crosskd.engine.deployment import converter
 from crosskd.engine.deployment.loader import is_detector_checkpoint, load_runtime
+from crosskd.engine.training import launch
+from crosskd.engine.training.trainer import load_pretrained
 from crosskd.errors import CheckpointError
+from crosskd.models import build_detector
 from crosskd.models.foreign.inert_pickle import InertObject, RefusedGlobal, pickle_globals, resolve_global
 from crosskd.models.foreign.ultralytics import (
     FAMILIES,
@@ -28,6 +39,8 @@ from crosskd.models.foreign.ultralytics import (
     read_ultralytics,
     ultralytics_key_map,
 )
+from crosskd.models.postprocess import postprocess
+from crosskd.ops.boxes import clip_boxes
 
 FAKE_CLASSES = {
     "ultralytics.nn.tasks": ("DetectionModel", "SegmentationModel"),
@@ -286,13 +299,18 @@ def test_segmentation_model_is_refused(tmp_path):
     assert "SegmentationModel" in one_line(error)
 
 
-def test_unknown_layers_are_refused(tmp_path):
-    path = tmp_path / "v5.pt"
+def write_yolov5u_checkpoint(path: Path) -> None:
+    """A YOLOv5su-like file: YOLOv8's layers but a C3 block, a family crosskd does not map."""
     with ultralytics_classes() as c:
         model = detection_model(c, "yolov8")
         model.yaml["backbone"][2][2] = "C3"
         model.yaml["yaml_file"] = "yolov5su.yaml"
         torch.save({"ema": model.half(), "model": None}, path)
+
+
+def test_unknown_layers_are_refused(tmp_path):
+    path = tmp_path / "v5.pt"
+    write_yolov5u_checkpoint(path)
     with pytest.raises(CheckpointError) as error:
         read_ultralytics(path)
     message = one_line(error)
@@ -339,11 +357,13 @@ def test_key_map(family):
 
 # ----- the Ultralytics peer -------------------------------------------------------------------------------------
 PEER_DUMP = Path(__file__).with_name("ultralytics_peer_dump.py")
+PEER_MODELS = [("yolov8n", "yolov8"), ("yolo11n", "yolo11")]
+PEER_NAMES = {0: "cat", 1: "dog", 2: "bird"}  # ultralytics_peer_dump.NAMES
 
 
 @pytest.fixture(scope="module")
 def peer_files(tmp_path_factory):
-    """YOLOv8n and YOLO11n files written by Ultralytics itself, with what it computes from them."""
+    """YOLOv8n, YOLO11n and YOLO11s files written by Ultralytics itself, with what it computes from the first two."""
     out = tmp_path_factory.mktemp("peer")
     env = {**os.environ, "YOLO_CONFIG_DIR": str(out / "config"), "YOLO_OFFLINE": "1"}
     subprocess.run([*ultralytics_python(), str(PEER_DUMP), str(out)], check=True, env=env, cwd=out,
@@ -351,9 +371,20 @@ def peer_files(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name, family", [("yolov8n", "yolov8"), ("yolo11n", "yolo11")])
+def peer_expected(peer_files: Path, name: str) -> dict:
+    return torch.load(peer_files / f"{name}_expected.pt", weights_only=True)
+
+
+def peer_boxes_and_scores(decoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ultralytics' decoded output [1, 4 + nc, N] (xywh pixels, class scores) as boxes [N, 4] xyxy, scores [N, nc]."""
+    rows = decoded[0].T  # [N, 4 + nc]
+    centre, size = rows[:, :2], rows[:, 2:4]
+    return torch.cat([centre - size / 2, centre + size / 2], dim=1), rows[:, 4:]
+
+
+@pytest.mark.parametrize("name, family", PEER_MODELS)
 def test_reader_matches_ultralytics_state_dict(peer_files, name, family):
-    expected = torch.load(peer_files / f"{name}_expected.pt", weights_only=True)
+    expected = peer_expected(peer_files, name)
     ckpt = read_ultralytics(peer_files / f"{name}.pt")
     assert ckpt.state.keys() == expected["state"].keys()
     assert all(torch.equal(ckpt.state[k], expected["state"][k]) for k in ckpt.state)
@@ -361,3 +392,186 @@ def test_reader_matches_ultralytics_state_dict(peer_files, name, family):
     key_map = ultralytics_key_map(list(ckpt.state), ckpt.family)
     assert key_map.keys() == ckpt.state.keys()
     assert len(set(key_map.values())) == len(key_map)
+
+
+@pytest.mark.parametrize("name, family", PEER_MODELS)
+def test_peer_file_fills_every_tensor_of_the_scaled_model(peer_files, name, family):
+    expected = peer_expected(peer_files, name)["state"]
+    runtime = load_runtime(peer_files / f"{name}.pt")
+    detector = runtime.model
+    assert (runtime.kind, runtime.names, runtime.nc) == ("ultralytics", PEER_NAMES, len(PEER_NAMES))
+    assert (detector.yaml["name"], detector.yaml["scale"]) == (name, "n")
+    own = detector.state_dict()
+    key_map = ultralytics_key_map(list(expected), FAMILIES[family])
+    assert sorted(key_map.values()) == sorted(own)  # every crosskd tensor filled, nothing left over
+    assert all(torch.equal(own[key_map[k]], v.reshape(own[key_map[k]].shape)) for k, v in expected.items())
+    assert torch.equal(detector.head.dfl_bins, torch.arange(16.0)) and not detector.head.dfl_bins.requires_grad
+
+
+def test_new_classes_rebuild_the_same_scale(peer_files):
+    """adapt_nc rebuilds from detector.yaml, which keeps scale n: only the class predictors change shape."""
+    original = load_runtime(peer_files / "yolo11n.pt").model.state_dict()
+    rebuilt = load_runtime(peer_files / "yolo11n.pt", nc=5, adapt_nc=True).model.state_dict()
+    assert rebuilt.keys() == original.keys()
+    changed = {k for k in original if rebuilt[k].shape != original[k].shape}
+    assert changed == {f"head.cls_preds.{level}.{p}" for level in range(3) for p in ("weight", "bias")}
+    assert all(torch.equal(rebuilt[k], original[k]) for k in original if k not in changed)
+
+
+@pytest.mark.parametrize("name", [name for name, _ in PEER_MODELS])
+def test_head_outputs_equal_ultralytics(peer_files, name):
+    """Per level bbox_pred = Detect's cv2 output and cls_score = its cv3 output, for the same input tensor: the
+    peer's model input is the image already divided by 255, which is what crosskd's YOLO takes (0..1 RGB, nothing
+    divided further). Equal to 1e-9 in float64; in float32 (two convolution stacks rounding differently) to 1e-4 of
+    each output's largest magnitude."""
+    expected = peer_expected(peer_files, name)
+    detector = load_runtime(peer_files / f"{name}.pt").model
+    with torch.no_grad():
+        outputs32 = detector(expected["input"])
+        outputs64 = detector.double()(expected["input"].double())
+    for outputs, suffix, tolerance in ((outputs64, "", 1e-9), (outputs32, "32", 1e-4)):
+        for ours, theirs in zip([*outputs.bbox_preds, *outputs.cls_scores],
+                                [*expected[f"box{suffix}"], *expected[f"cls{suffix}"]], strict=True):
+            assert (ours - theirs).abs().max() <= tolerance * theirs.abs().max()
+
+
+@pytest.mark.parametrize("name", [name for name, _ in PEER_MODELS])
+def test_decoded_boxes_and_scores_equal_ultralytics(peer_files, name):
+    """crosskd's decoded boxes are Ultralytics' (xywh -> xyxy) clamped to the input; Ultralytics clips only after
+    NMS, so the head's own decode (before the clamp) equals them unclipped. crosskd decodes in float32 (here from
+    float64 head outputs), so boxes of up to ~700 px agree to 1e-4 px and scores to 1e-6."""
+    expected = peer_expected(peer_files, name)
+    detector = load_runtime(peer_files / f"{name}.pt").model.double()
+    image = expected["input"].double()
+    boxes, scores = peer_boxes_and_scores(expected["decoded"])
+    with torch.no_grad():
+        outputs = detector(image)
+        unclipped = detector.head.decode_boxes(detector.head.flatten_outputs(outputs).reg, detector.priors_for(outputs))
+        decoded = detector.decode(image)
+    torch.testing.assert_close(unclipped[0], boxes.float(), rtol=0, atol=1e-4)
+    torch.testing.assert_close(decoded.boxes[0], clip_boxes(boxes.float(), image.shape[-2:]), rtol=0, atol=1e-4)
+    torch.testing.assert_close(decoded.scores[0], scores.float(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [name for name, _ in PEER_MODELS])
+def test_detections_equal_ultralytics_nms(peer_files, name):
+    """crosskd's post-processing with Ultralytics' predict semantics (the best class per box, the same conf, iou and
+    max_det, class-aware NMS, no minimum box size) keeps exactly the detections of Ultralytics' non_max_suppression.
+
+    What differs, so the comparison starts from boxes not clipped to the image: crosskd's predict clips boxes to the
+    image before NMS and Ultralytics after it, so boxes reaching past an edge (here all: random DFL logits give sides
+    of ~7.5 strides) overlap differently in NMS; and crosskd first keeps the nms_pre best priors per level where
+    Ultralytics keeps max_nms (30,000) over all levels (the same here: 252 priors). Boxes agree to 1e-4 px, scores
+    to 1e-6 (crosskd decodes in float32).
+    """
+    expected = peer_expected(peer_files, name)
+    detector = load_runtime(peer_files / f"{name}.pt").model.double()
+    assert detector.head.min_bbox_size is None
+    with torch.no_grad():
+        outputs = detector(expected["input"].double())
+        priors = detector.priors_for(outputs)
+        flat = detector.head.flatten_outputs(outputs)
+        boxes, scores = detector.head.decode_boxes(flat.reg, priors), detector.head.scores(flat)
+    detections = postprocess(boxes, scores, priors.num_per_level, expected["conf"], expected["iou"],
+                             expected["max_det"], nms_pre=1000, multi_label=False, min_bbox_size=None)[0]
+    theirs = expected["detections"]  # [K, 6] xyxy, score, class
+    assert 20 < len(theirs) < int((scores.amax(-1) > expected["conf"]).sum())  # NMS removed some
+    assert len(detections.boxes) == len(theirs)
+    assert torch.equal(detections.labels, theirs[:, 5].long())
+    torch.testing.assert_close(detections.boxes, theirs[:, :4].float(), rtol=0, atol=1e-4)
+    torch.testing.assert_close(detections.scores, theirs[:, 4].float(), rtol=0, atol=1e-6)
+
+
+# ----- every mode takes a file Ultralytics wrote ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def self_labelled(peer_files, tmp_path_factory):
+    """Four seeded noise images labelled with YOLO11n's own predictions (`Detector` on the Ultralytics file), so that
+    validating the file on them must score AP 1; returns the dataset YAML."""
+    root = tmp_path_factory.mktemp("self_labelled")
+    images, labels = root / "images" / "train", root / "labels" / "train"
+    images.mkdir(parents=True)
+    labels.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        cv2.imwrite(str(images / f"{i}.png"), rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    for result in Detector(str(peer_files / "yolo11n.pt"), device="cpu").predict(str(images), imgsz=64, conf=0.25):
+        assert len(result) > 0 and result.names == PEER_NAMES
+        rows = [f"{int(c)} {' '.join(f'{v:.6f}' for v in box)}"
+                for c, box in zip(result.boxes.cls, result.boxes.xywhn.tolist(), strict=True)]
+        (labels / f"{Path(result.path).stem}.txt").write_text("\n".join(rows) + "\n")
+    data = root / "data.yaml"
+    data.write_text(yaml.safe_dump({"path": str(root), "train": "images/train", "val": "images/train",
+                                    "names": list(PEER_NAMES.values())}))
+    return data
+
+
+def run_cli(*words: str) -> None:
+    cli.main([*words, "device=cpu"])
+
+
+def test_val_on_its_own_predictions_scores_ap_1(self_labelled, peer_files, tmp_path, capsys):
+    """`crosskd val model=yolo11n.pt` sees the model `Detector(...).predict` ran: same weights, names, input."""
+    run_cli("val", f"model={peer_files / 'yolo11n.pt'}", f"data={self_labelled}", "imgsz=64", "batch=4", "workers=0",
+            "plots=False", f"project={tmp_path}")
+    out = capsys.readouterr().out
+    assert "AP 1.0000  AP50 1.0000" in out
+    assert all(name in out for name in PEER_NAMES.values())
+
+
+def test_predict_and_info_take_the_ultralytics_file(self_labelled, peer_files, tmp_path, capsys):
+    run_cli("predict", f"model={peer_files / 'yolo11n.pt'}", f"source={self_labelled.parent / 'images' / 'train'}",
+            "imgsz=64", f"project={tmp_path}", "name=predict")
+    assert sorted(path.name for path in (tmp_path / "predict").iterdir()) == ["0.png", "1.png", "2.png", "3.png"]
+    assert "1 cat" in capsys.readouterr().out
+    run_cli("info", f"model={peer_files / 'yolo11n.pt'}")
+    assert "yolo11n summary: " in capsys.readouterr().out
+
+
+def test_convert_writes_a_crosskd_file_with_identical_outputs(peer_files, tmp_path):
+    converted = converter.run(get_args({"model": str(peer_files / "yolo11n.pt"), "save_dir": str(tmp_path)},
+                                       "convert"))
+    assert converted == tmp_path / "yolo11n.pt"
+    original, reloaded = load_runtime(peer_files / "yolo11n.pt"), load_runtime(converted)
+    assert (reloaded.kind, reloaded.names, reloaded.model.yaml["scale"]) == ("checkpoint", PEER_NAMES, "n")
+    image = torch.rand(1, 3, 96, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for ours, theirs in zip(reloaded.model(image), original.model(image), strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(ours or [], theirs or [], strict=True))
+
+
+def test_pretrained_transfers_every_tensor(peer_files, caplog):
+    torch.manual_seed(0)
+    student = build_detector("yolo11n.yaml", nc=3)
+    with caplog.at_level(logging.INFO, logger="crosskd"):
+        load_pretrained(student, str(peer_files / "yolo11n.pt"))
+    total = len(student.state_dict())
+    assert f"Transferred {total}/{total} items from pretrained weights" in caplog.text
+    source = load_runtime(peer_files / "yolo11n.pt").model.state_dict()
+    assert all(torch.equal(tensor, source[key]) for key, tensor in student.state_dict().items())
+
+
+@pytest.mark.slow  # ONNX export of YOLO11n with its parity and speed check, ~10 s
+def test_onnx_export_of_the_ultralytics_file(peer_files, tmp_path):
+    weights = tmp_path / "yolo11n.pt"
+    weights.write_bytes((peer_files / "yolo11n.pt").read_bytes())
+    run_cli("export", f"model={weights}", "format=onnx", "imgsz=64")
+    exported = load_runtime(tmp_path / "yolo11n.onnx")
+    assert (exported.kind, exported.names, exported.imgsz) == ("onnx", PEER_NAMES, (64, 64))
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    ours, theirs = (Detector(str(source)).predict(image, imgsz=64) for source in (exported.source, weights))
+    assert len(ours[0]) == len(theirs[0]) > 0
+    torch.testing.assert_close(ours[0].boxes.xyxy, theirs[0].boxes.xyxy, rtol=0, atol=1e-2)
+
+
+def test_distill_from_an_ultralytics_teacher(self_labelled, peer_files, tmp_path):
+    args = get_args({"teacher": str(peer_files / "yolo11s.pt"), "model": "yolo11n.yaml", "data": str(self_labelled),
+                     "imgsz": 64, "batch": 4, "workers": 0, "epochs": 1, "plots": False, "device": "cpu",
+                     "project": str(tmp_path)}, "distill")
+    teacher_state = load_runtime(peer_files / "yolo11s.pt").model.state_dict()
+    trainer = launch.fit(args)
+    assert trainer.teacher.yaml["scale"] == "s" and trainer.teacher.head.reg_branches[0][0].conv.out_channels == 64
+    assert all(torch.equal(tensor, teacher_state[key]) for key, tensor in trainer.teacher.state_dict().items())
+    results = (trainer.save_dir / "results.csv").read_text().splitlines()
+    row = dict(zip(results[0].split(","), results[1].split(","), strict=True))
+    assert all(0 < float(row[f"train/{key}_loss"]) < float("inf") for key in ("kd_cls", "kd_reg"))
+    assert load_runtime(trainer.weights_dir / "best.pt").names == PEER_NAMES

@@ -5,9 +5,10 @@ Ultralytics' own `Model.save`, and what Ultralytics computes from each saved fil
 
 writes, per model NAME in MODELS: OUT_DIR/NAME.pt (the Ultralytics checkpoint) and OUT_DIR/NAME_expected.pt, a plain
 dict of tensors (loadable with weights_only=True): `state` (the reloaded model's state_dict, float32), `input`
-[1, 3, H, W] in 0..1, per level `box` [1, 4*16, h, w] and `cls` [1, nc, h, w] (Detect's cv2 / cv3 outputs), `decoded`
-[1, 4 + nc, N] (xywh pixels, class scores) and `detections` [K, 6] (xyxy, score, class) after Ultralytics' NMS with
-CONF, IOU and MAX_DET.
+[1, 3, H, W] in 0..1 (Ultralytics' model input: the image already divided by 255), per level `box` [1, 4*16, h, w]
+and `cls` [1, nc, h, w] (Detect's cv2 / cv3 outputs; float64, and float32 as `box32` / `cls32`), `decoded`
+[1, 4 + nc, N] (xywh pixels, class scores; float64) and `detections` [K, 6] (xyxy, score, class) after Ultralytics'
+NMS with CONF, IOU and MAX_DET (float64). Per name in TEACHERS only the checkpoint OUT_DIR/NAME.pt.
 """
 
 import sys
@@ -20,25 +21,32 @@ from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils.nms import non_max_suppression
 
 MODELS = ("yolov8n", "yolo11n")
+TEACHERS = ("yolo11s",)  # checkpoints only: a larger teacher for the distillation run
 NAMES = {0: "cat", 1: "dog", 2: "bird"}
 INPUT_HW = (96, 128)
 CONF, IOU, MAX_DET = 0.25, 0.7, 300
 SEED = 0
+BN_MOMENTUM = 0.03  # Ultralytics' initialize_weights
 
 
 def randomise(model: nn.Module, generator: torch.Generator) -> None:
-    """BatchNorm statistics and affine terms away from their identity init, and class biases near logit -2, so that
-    every layer matters and some boxes pass CONF."""
+    """BatchNorm affine terms away from identity and running statistics measured on seeded random images (with the
+    init's identity statistics the features fade to near-constant maps by the head, whose equal scores tie in NMS),
+    and class biases near logit -2, so that every layer matters and some boxes pass CONF."""
+    batchnorms = [module for module in model.modules() if isinstance(module, nn.BatchNorm2d)]
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                size = module.num_features
-                module.weight.copy_(torch.rand(size, generator=generator) + 0.5)
-                module.bias.copy_(torch.randn(size, generator=generator) * 0.1)
-                module.running_mean.copy_(torch.randn(size, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
+        for batchnorm in batchnorms:
+            batchnorm.weight.copy_(torch.rand(batchnorm.num_features, generator=generator) + 0.5)
+            batchnorm.bias.copy_(torch.randn(batchnorm.num_features, generator=generator) * 0.1)
+            batchnorm.reset_running_stats()
+            batchnorm.momentum = None  # a cumulative average: the statistics of the one calibration batch
         for predictor in (branch[-1] for branch in model.model[-1].cv3):
             predictor.bias.copy_(torch.randn(predictor.bias.shape, generator=generator) - 2)
+        model.train()
+        model(torch.rand(4, 3, *INPUT_HW, generator=generator))
+    model.eval()
+    for batchnorm in batchnorms:
+        batchnorm.momentum = BN_MOMENTUM
 
 
 def save_seeded(name: str, path: Path) -> None:
@@ -51,22 +59,31 @@ def save_seeded(name: str, path: Path) -> None:
     yolo.save(path)
 
 
-def expected_outputs(path: Path) -> dict:
-    """What Ultralytics computes from the saved file for one seeded input."""
-    model = YOLO(path).model.float().eval()
+def head_outputs(model: nn.Module, image: torch.Tensor) -> tuple[dict[str, list[torch.Tensor]], torch.Tensor]:
+    """Detect's per-level cv2 (box) and cv3 (class) outputs and the decoded [1, 4 + nc, N] output for `image`."""
     detect = model.model[-1]
     levels: dict[str, list[torch.Tensor]] = {"box": [], "cls": []}
-    for key, branches in (("box", detect.cv2), ("cls", detect.cv3)):
-        for branch in branches:
-            branch.register_forward_hook(lambda module, args, out, key=key: levels[key].append(out.detach().clone()))
-    image = torch.rand(1, 3, *INPUT_HW, generator=torch.Generator().manual_seed(SEED))
+    hooks = [branch.register_forward_hook(lambda module, args, out, key=key: levels[key].append(out.detach().clone()))
+             for key, branches in (("box", detect.cv2), ("cls", detect.cv3)) for branch in branches]
     with torch.no_grad():
         output = model(image)
-    decoded = output[0] if isinstance(output, tuple | list) else output
+    for hook in hooks:
+        hook.remove()
+    return levels, output[0] if isinstance(output, tuple | list) else output
+
+
+def expected_outputs(path: Path) -> dict:
+    """What Ultralytics computes from the saved file for one seeded input: in float64 (free of rounding, so that
+    crosskd in float64 must agree to ~1e-12) and, for the raw outputs, in float32 as models run."""
+    model = YOLO(path).model.eval()
+    image = torch.rand(1, 3, *INPUT_HW, generator=torch.Generator().manual_seed(SEED))
+    levels32, _ = head_outputs(model.float(), image)
+    levels, decoded = head_outputs(model.double(), image.double())
     detections = non_max_suppression(decoded, conf_thres=CONF, iou_thres=IOU, max_det=MAX_DET)[0]
     return {
-        "state": {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()},
-        "input": image, "box": levels["box"], "cls": levels["cls"], "decoded": decoded, "detections": detections,
+        "state": {k: v.float() if v.is_floating_point() else v for k, v in model.float().state_dict().items()},
+        "input": image, "box": levels["box"], "cls": levels["cls"], "box32": levels32["box"],
+        "cls32": levels32["cls"], "decoded": decoded, "detections": detections,
         "names": dict(NAMES), "conf": CONF, "iou": IOU, "max_det": MAX_DET,
     }
 
@@ -79,6 +96,8 @@ def main(out_dir: Path) -> None:
         expected = expected_outputs(path)
         torch.save(expected, out_dir / f"{name}_expected.pt")
         print(f"{name}: {len(expected['detections'])} detections")
+    for name in TEACHERS:
+        save_seeded(name, out_dir / f"{name}.pt")
 
 
 if __name__ == "__main__":

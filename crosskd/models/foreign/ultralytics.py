@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from crosskd.errors import CheckpointError
-from crosskd.paths import resolve_cfg_file
+from crosskd.paths import CFG_DIR
 
 from ..build import build_detector
 from ..dense_detector import DenseDetector
@@ -137,8 +137,9 @@ def _read_dict(path: Path) -> dict:
         ckpt = read_inert(path)
     except RefusedGlobal as refused:
         raise CheckpointError(
-            f"'{path}' was refused: its pickle names {refused.name}, which could run code when loaded; crosskd reads "
-            "Ultralytics YOLOv8/YOLO11 checkpoints without running their code, so only their model classes may appear"
+            f"'{path}' was refused: its pickle names {refused.name}, which could run code when loaded (crosskd reads "
+            "Ultralytics checkpoints without running their code, so only their model classes may appear); use a "
+            "checkpoint written by Ultralytics (its training or model.save())"
         ) from None
     except READ_ERRORS as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -282,8 +283,11 @@ def key_transforms(key_map: Mapping[str, str]) -> dict[str, Callable[[Tensor], T
 
 # ----- the crosskd detector -------------------------------------------------------------------------------
 def ultralytics_detector(ckpt: UltralyticsCheckpoint, source_name: str) -> DenseDetector:
-    """crosskd's YOLO detector of the checkpoint's family, scale and classes, with its weights and names."""
-    detector = build_detector(resolve_cfg_file(ckpt.model_yaml, "models"), ckpt.nc)
+    """crosskd's YOLO detector of the checkpoint's family, scale and classes, with its weights and names.
+
+    The shipped family YAML at the file's scale (cfg/models/yolo11.yaml at n for .../yolo11n.yaml, never a same-named
+    file in the working directory); `detector.yaml` keeps the scale, so rebuilding from it gives the same widths."""
+    detector = build_detector(CFG_DIR / "models" / ckpt.model_yaml, ckpt.nc)
     key_map = ultralytics_key_map(list(ckpt.state), ckpt.family)
     load_mapped(detector, ckpt.state, key_map, source_name, transforms=key_transforms(key_map))
     detector.names = dict(ckpt.names)
