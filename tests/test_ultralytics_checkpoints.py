@@ -361,3 +361,13 @@ def test_reader_matches_ultralytics_state_dict(peer_files, name, family):
     key_map = ultralytics_key_map(list(ckpt.state), ckpt.family)
     assert key_map.keys() == ckpt.state.keys()
     assert len(set(key_map.values())) == len(key_map)
+
+
+@pytest.mark.parametrize("name", ["yolov8n", "yolo11n"])
+def test_ultralytics_file_loads_as_a_detector_of_its_scale(peer_files, name):
+    ckpt = read_ultralytics(peer_files / f"{name}.pt")
+    runtime = load_runtime(peer_files / f"{name}.pt")  # `crosskd val model=<Ultralytics best.pt>` builds it so
+    detector = runtime.model
+    assert sum(v.numel() for v in detector.state_dict().values()) == sum(v.numel() for v in ckpt.state.values())
+    head = detector.state_dict()["head.reg_preds.0.weight"]
+    assert torch.equal(head, ckpt.state[f"model.{ckpt.family.detect_index}.cv2.0.2.weight"])

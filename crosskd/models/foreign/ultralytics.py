@@ -30,7 +30,6 @@ import torch
 from torch import Tensor
 
 from crosskd.errors import CheckpointError
-from crosskd.paths import resolve_cfg_file
 
 from ..build import build_detector
 from ..dense_detector import DenseDetector
@@ -283,7 +282,7 @@ def key_transforms(key_map: Mapping[str, str]) -> dict[str, Callable[[Tensor], T
 # ----- the crosskd detector -------------------------------------------------------------------------------
 def ultralytics_detector(ckpt: UltralyticsCheckpoint, source_name: str) -> DenseDetector:
     """crosskd's YOLO detector of the checkpoint's family, scale and classes, with its weights and names."""
-    detector = build_detector(resolve_cfg_file(ckpt.model_yaml, "models"), ckpt.nc)
+    detector = build_detector(ckpt.model_yaml, ckpt.nc)  # yolo11n.yaml: the family YAML at that scale
     key_map = ultralytics_key_map(list(ckpt.state), ckpt.family)
     load_mapped(detector, ckpt.state, key_map, source_name, transforms=key_transforms(key_map))
     detector.names = dict(ckpt.names)
