@@ -24,7 +24,7 @@ def test_epoch_seconds_from_cumulative_times_leave_out_the_validating_last_epoch
 def write_results(bench, out, aps):
     for (side, name), values in aps.items():
         for seed, ap in enumerate(values):
-            record = {"side": side, "run": name, "seed": seed, "AP": ap, "own_AP": ap, "epoch_s": 1.0}
+            record = {"side": side, "run": name, "seed": seed, "epochs": 2, "AP": ap, "own_AP": ap, "epoch_s": 1.0}
             (out / f"{side}-{name}-seed{seed}.json").write_text(json.dumps(record))
 
 
@@ -51,6 +51,8 @@ def test_commands_resume_from_last_pt_and_name_each_sides_teacher(bench, tmp_pat
     sl2, distill = (next(r for r in bench.RUNS if r.name == name) for name in ("sl2", "distill_model"))
     ours = bench.command(tmp_path, data, sl2, 1, ["peer-python"])
     assert ours[2:4] == ["crosskd", "distill"] and "kd=sl2" in ours and "fliplr=0.0" in ours
+    assert f"close_mosaic={bench.close_mosaic(bench.EPOCHS)}" in ours and bench.close_mosaic(40) == 4
+    assert bench.close_mosaic(1) == 1
     assert f"teacher={tmp_path / 'crosskd' / 'teacher' / 'seed1' / 'weights' / 'best.pt'}" in ours
     theirs = bench.command(tmp_path, data, distill, 1, ["peer-python"])
     assert theirs[:3] == ["peer-python", str(bench.PEER_SCRIPT), "train"]
@@ -71,7 +73,7 @@ def test_coco_commands_cover_both_tools_and_teachers(bench):
     for teacher in ("yolo11m", "yolo11s"):
         assert f"crosskd distill teacher={teacher}.pt student=yolo11n.yaml kd=crosskd" in text
         assert f"distill_model={teacher}.pt" in text
-    assert text.count("epochs=100") == 8 and "YOLO11N 39.5, YOLO11S 47.0, YOLO11M 51.5" in text
+    assert text.count("epochs=100") == 8 and "YOLO11n 39.5, YOLO11s 47.0, YOLO11m 51.5" in text
 
 
 @pytest.mark.slow
