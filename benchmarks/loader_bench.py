@@ -124,13 +124,15 @@ class CrosskdSide:
 
 
 class UltralyticsSide:
-    """Ultralytics' loader in a subprocess of the Python that has it (ultralytics_loader.py), one command at a time."""
+    """Ultralytics' side in a subprocess of the Python that has it (`script`: ultralytics_loader.py here), one JSON
+    command at a time; `python` is its path or a command prefix running it."""
 
-    def __init__(self, python: str, log_file: Path) -> None:
+    def __init__(self, python: str | list[str], log_file: Path, script: Path = HERE / "ultralytics_loader.py") -> None:
         self.log_file = log_file
         env = {**os.environ, "YOLO_CONFIG_DIR": str(log_file.parent / "ultralytics_config")}
+        prefix = [python] if isinstance(python, str) else python
         with open(log_file, "w") as log:
-            self.process = subprocess.Popen([python, str(HERE / "ultralytics_loader.py")], stdin=subprocess.PIPE,
+            self.process = subprocess.Popen([*prefix, str(script)], stdin=subprocess.PIPE,
                                             stdout=subprocess.PIPE, stderr=log, text=True, env=env)
 
     def ask(self, **command: object) -> dict:
