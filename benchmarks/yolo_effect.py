@@ -197,11 +197,13 @@ def train(out: Path, data: dict[str, Path], run: Run, seed: int, peer: list[str]
     return f"{label}: AP {record['AP']} (own {record['own_AP']}), {record['epoch_s']} s/epoch"
 
 
-def execute(out: Path, seeds: list[int], jobs: int, peer: list[str]) -> None:
-    """Teachers first, then students and distillation, each crosskd run beside its Ultralytics counterpart."""
+def execute(out: Path, seeds: list[int], jobs: int, peer: list[str], names: list[str]) -> None:
+    """The RUNS named `names` (both sides'): teachers first, then students and distillation, each crosskd run beside
+    its Ultralytics counterpart."""
     data = prepare_data(out)
-    teachers = [run for run in RUNS if run.name == "teacher"]
-    for group in (teachers, [run for run in RUNS if run not in teachers]):
+    chosen = [run for run in RUNS if run.name in names]
+    teachers = [run for run in chosen if run.name == "teacher"]
+    for group in (teachers, [run for run in chosen if run not in teachers]):
         todo = [(run, seed) for seed in seeds for run in group]
         with ThreadPoolExecutor(jobs) as pool:
             for line in pool.map(lambda job: train(out, data, *job, peer), todo):
@@ -356,6 +358,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--sections", nargs="+", choices=("train", "step"), default=["train", "step"])
     parser.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
+    parser.add_argument("--runs", nargs="+", choices=sorted({run.name for run in RUNS}),
+                        default=[run.name for run in RUNS], help="which runs to train (both sides'; default all)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="per training (a quick check: 2)")
     parser.add_argument("--threads", type=int, default=min(8, max(1, (os.cpu_count() or 2) - 1)),
@@ -372,7 +376,7 @@ def main() -> None:
     if not args.summary:
         peer = peer_python(args.ultralytics_python)
         if "train" in args.sections:
-            execute(args.out, args.seeds, args.jobs, peer)
+            execute(args.out, args.seeds, args.jobs, peer, args.runs)
         if "step" in args.sections:
             time_step(args.out, peer, args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

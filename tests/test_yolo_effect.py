@@ -82,16 +82,15 @@ def test_toy_study_trains_both_sides_and_evaluates_them_with_crosskd(bench, tmp_
     monkeypatch.setitem(bench.DATA, "num_val", 8)
     monkeypatch.setitem(bench.DATA, "imgsz", 64)
     monkeypatch.setattr(bench, "COMMON", {**bench.COMMON, "epochs": 1, "imgsz": 64, "batch": 4})
-    monkeypatch.setattr(bench, "RUNS", [run for run in bench.RUNS if run.name == "student"])
     monkeypatch.setitem(os.environ, "YOLO_OFFLINE", "1")
-    bench.execute(tmp_path, [0], 2, ultralytics_python())
+    bench.execute(tmp_path, [0], 2, ultralytics_python(), ["student"])  # both sides' students only
     for side in ("crosskd", "ultralytics"):
         record = json.loads((tmp_path / f"{side}-student-seed0.json").read_text())
         assert 0 <= record["AP"] <= 100 and 0 <= record["own_AP"] <= 100 and record["epoch_s"] is None
         assert (tmp_path / side / "student" / "seed0" / "crosskd_val").is_dir()  # crosskd's validator ran on it
     logs = {side: (tmp_path / side / "student" / "seed0" / "train.log").stat().st_size
             for side in ("crosskd", "ultralytics")}
-    bench.execute(tmp_path, [0], 2, ["no-such-python"])  # finished: skipped, not trained again
+    bench.execute(tmp_path, [0], 2, ["no-such-python"], ["student"])  # finished: skipped, not trained again
     assert logs == {side: (tmp_path / side / "student" / "seed0" / "train.log").stat().st_size for side in logs}
     assert "| ultralytics | student | " in bench.summary(tmp_path)
 
