@@ -104,7 +104,7 @@ def check_strategy(student_head: DenseHead, teacher_head: DenseHead, idx: int, k
 def feature_channels(detector: DenseDetector) -> int:
     """Channels of the FPN outputs, i.e. the head's input width; one line when they differ per level (a YOLO neck),
     which PKD's one shared connector cannot serve."""
-    widths = set(getattr(detector.head, "level_channels", [detector.head.in_channels]))
+    widths = set(detector.head.level_channels)
     if len(widths) > 1:
         raise ConfigError(f"pkd_on=neck needs one width on every level, but the {detector.head_type} neck has "
                           f"{detector.head.level_channels}: use kd=sl2 (per-level projectors) or pkd_on=cls|reg")

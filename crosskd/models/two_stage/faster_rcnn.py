@@ -107,6 +107,7 @@ class FasterRCNNHead(nn.Module):
     ) -> None:
         super().__init__()
         self.num_classes, self.in_channels, self.strides = num_classes, in_channels, list(strides)
+        self.level_channels = [in_channels] * len(self.strides)  # the FPN width per level, as DenseHead's
         self.rpn = RPNHead(
             in_channels, rpn_feat_channels, strides, rpn_anchor_scales, rpn_anchor_ratios, rpn_anchor_sizes,
             round_anchors, clamp_below, rpn_pos_iou_thr, rpn_neg_iou_thr, rpn_min_pos_iou, rpn_num_samples,
