@@ -25,6 +25,7 @@ from rich.text import Text
 
 from crosskd import __version__
 from crosskd.config import Args, check_required, get_args, unknown_key_error
+from crosskd.dist import end_torchrun_worker, is_torchrun_worker
 from crosskd.errors import ConfigError, RunStopped, UserError
 from crosskd.paths import DEFAULT_CFG_PATH
 from crosskd.settings import ALIASES, MODES, SETTINGS, render_mode_help
@@ -87,23 +88,35 @@ Special commands:
 Docs: README.md and docs/ in the crosskd repository (docs/cli.md lists every setting)."""
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: run the command, turning user errors into one red line and exit code 2."""
+    """Console-script entry point: run the command, turning user errors into one red line and exit code 2.
+
+    A torchrun worker ends through `end_torchrun_worker` once the command has returned or failed cleanly."""
     tokens = sys.argv[1:] if argv is None else list(argv)
+    code = run_command_line(tokens)
+    if is_torchrun_worker():
+        end_torchrun_worker(code)
+    if code:
+        raise SystemExit(code)
+
+
+def run_command_line(tokens: list[str]) -> int:
+    """Run `dispatch(tokens)` and return the exit code: 0, 2 after a user error, 128 + signum after a stop."""
     try:
         dispatch(tokens)
     except UserError as error:
-        _fail(str(error))
+        return _fail(str(error))
     except RunStopped as stop:  # a signal stopped training after saving last.pt: the resume command, exit 128 + signum
         if str(stop):
             Console(stderr=True, soft_wrap=True).print(Text(str(stop), style="bold yellow"))
-        raise SystemExit(stop.exit_code) from None
+        return stop.exit_code
     except KeyboardInterrupt:
-        _fail("interrupted by the user")
+        return _fail("interrupted by the user")
+    return 0
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> int:
     Console(stderr=True, soft_wrap=True).print(Text(f"ERROR: {message}", style="bold red"))
-    raise SystemExit(2)
+    return 2
 
 
 def dispatch(tokens: list[str]) -> None:

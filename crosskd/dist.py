@@ -1,5 +1,9 @@
 """Thin helpers over torch.distributed that also work when it is not initialised."""
 
+import logging
+import os
+import sys
+
 import torch
 import torch.distributed as dist
 
@@ -33,3 +37,22 @@ def reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_dist():
         dist.barrier()
+
+
+def is_torchrun_worker() -> bool:
+    """True in a process that torchrun started as one of several (WORLD_SIZE > 1): it joins a process group."""
+    return int(os.environ.get("WORLD_SIZE", 1)) > 1
+
+
+def end_torchrun_worker(code: int) -> None:
+    """Flush the logs and end this torchrun worker now with `code`, skipping the interpreter's finalisation.
+
+    Once DistributedDataParallel has wrapped a module, torch keeps its gloo process group and the group's worker threads
+    alive after destroy_process_group (a torch leak, tests/test_dist.py watches it); while the interpreter finalises,
+    those threads can abort the process ("terminate called without an active exception", SIGABRT), failing a run that
+    had finished and saved everything. Ending with os._exit after the flush leaves nothing for them to race.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)

@@ -38,7 +38,7 @@ import os, signal, sys, threading, time
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from crosskd.cli import main
+from crosskd import cli
 from crosskd.engine.training.trainer import Trainer
 
 kind, _, value = sys.argv[1].partition(":")
@@ -76,12 +76,13 @@ if os.environ.get("FINAL_WEIGHTS"):
         torch.save({"model": self.model.state_dict(), "ema": self.ema.module.state_dict()}, os.environ["FINAL_WEIGHTS"])
         finish(self)
     Trainer.finish = dump_then_finish
-try:
-    main(sys.argv[2:])
-except SystemExit as stop:
+end_worker = cli.end_torchrun_worker
+def record_then_end(code):
     if os.environ.get("EXIT_DIR"):
-        Path(os.environ["EXIT_DIR"], "rank" + os.environ.get("RANK", "0")).write_text(str(stop.code))
-    raise
+        Path(os.environ["EXIT_DIR"], "rank" + os.environ.get("RANK", "0")).write_text(str(code))
+    end_worker(code)
+cli.end_torchrun_worker = record_then_end
+cli.main(sys.argv[2:])
 '''
 # crosskd's own relaunch (`ddp.launch`, as for device=0,1) of the command given in argv in place of torchrun's.
 LAUNCHER = '''
