@@ -7,20 +7,26 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnx
 import pytest
 import torch
 import yaml
-from test_export import export_args, onnx_metadata, write_checkpoint
+from test_export import export_args, onnx_metadata, tiny_cfg, write_checkpoint
 
 from crosskd import Detector, cli
+from crosskd.config import get_args
 from crosskd.data import load_data_yaml
 from crosskd.data.cache import load_labels
 from crosskd.engine.deployment import exporter, quantization
+from crosskd.engine.deployment.loader import Runtime
 from crosskd.engine.deployment.preprocess import letterbox
 from crosskd.engine.deployment.quantization import calibration_set, float_nodes
+from crosskd.engine.deployment.runtimes.exported import ExportedDetector, InputConvention, num_per_level
+from crosskd.engine.prediction.predictor import Predictor
 from crosskd.engine.tools import export
+from crosskd.models import build_detector
 
 DIGIT_NAMES = {i: str(i) for i in range(10)}
 DECODE_OPS = {"Sigmoid", "Softmax", "MatMul"}  # GFL's scores and DFL integral: after the last convolutions
@@ -59,6 +65,51 @@ def test_calibration_set_is_fraction_of_train_capped_and_fed_as_predict_feeds(tm
     assert 0 <= batches[0].min() and batches[0].max() <= 1
     assert json.loads(calibration.metadata()) == {"data": str(data), "split": "train", "images": 3, "available": 10,
                                                   "method": "entropy"}
+
+
+class RecordingGraph(ExportedDetector):
+    """A static exported file with `metadata` that keeps every input it is fed and detects nothing."""
+
+    def __init__(self, metadata: dict[str, str]) -> None:
+        super().__init__(Path("recorded.onnx"), metadata, torch.device("cpu"))
+        self.input_shape = (self.batch, 3, *self.imgsz)
+        self.fed: list[torch.Tensor] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.fed.append(images.clone())
+        priors = sum(num_per_level(*images.shape[2:], self.strides, self.num_anchors))
+        return images.new_zeros(len(images), 4 + self.nc, priors)
+
+
+def predict_feeds(graph: RecordingGraph, image: Path) -> np.ndarray:
+    """What `crosskd predict` feeds the exported file `graph` for `image` [1, 3, H, W]."""
+    args = get_args({"model": "recorded.onnx", "device": "cpu", "save": False, "verbose": False}, "predict")
+    runtime = Runtime(graph, "recorded.onnx", "onnx", graph.names, graph.imgsz)
+    next(Predictor(args, runtime).stream(str(image)))
+    return graph.fed[-1].numpy()
+
+
+@pytest.mark.parametrize(("model", "pad_rows", "pad_value"), [
+    ("yolo11n.yaml", [*range(32), *range(96, 128)], 114),  # Ultralytics' letterbox: centred on grey
+    (tiny_cfg("gfl"), [*range(64, 128)], 0),  # crosskd's own convention, as before: zeros bottom/right
+])
+def test_calibration_images_are_what_predict_feeds_the_exported_file(tmp_path, write_digits_yaml, model, pad_rows,
+                                                                    pad_value):
+    """A 64 x 128 image in a 128 x 128 static graph: the calibration batch equals predict's input, pixel for pixel."""
+    detector = build_detector(model, 10)
+    args = export_args(None, int8=True, data=str(write_digits_yaml(tmp_path, 2, 1)), imgsz=128)
+    settings = exporter.export_settings(args, detector, {}, torch.device("cpu"))
+    calibration = exporter.int8_calibration(args, settings, {}, detector)
+    assert calibration.convention == exporter.input_convention(detector)
+    image = np.random.default_rng(0).integers(0, 256, (64, 128, 3), dtype=np.uint8)
+    cv2.imwrite(str(calibration.paths[0]), image)
+    fed = next(iter(calibration.inputs(1)))
+    metadata = exporter.export_metadata(detector, settings, {}, calibration)
+    assert InputConvention.from_metadata(metadata["input"], Path("x.onnx")) == calibration.convention
+    assert fed.shape == (1, 3, 128, 128) and np.array_equal(fed, predict_feeds(RecordingGraph(metadata),
+                                                                             calibration.paths[0]))
+    pad = np.float32(pad_value / 255)
+    assert (fed[0, :, pad_rows] == pad).all() and (np.delete(fed[0], pad_rows, axis=1) != pad).any()
 
 
 def test_onnx_int8_export_calibrates_checks_ap_and_runs_like_any_export(tmp_path, trained_digits, capsys):

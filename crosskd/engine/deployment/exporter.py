@@ -299,14 +299,15 @@ def write_export(
     return colorstr(f"{title}:"), runtime.load(path, device)
 
 
-def int8_calibration(args: Args, settings: dict, train_args: dict, stride: int) -> CalibrationSet | None:
+def int8_calibration(args: Args, settings: dict, train_args: dict, detector: DenseDetector) -> CalibrationSet | None:
     """The calibration set of an int8=True export (None otherwise): `fraction` of the train split of data= or, when
-    data= is not given, of the checkpoint's training data."""
+    data= is not given, of the checkpoint's training data, fed as the file will be (`input_convention`)."""
     if not settings["int8"]:
         return None
     given = "data" in (getattr(args, "explicit", None) or ())
     data = calibration_data(args.data, given, train_args, args.datasets_dir)
-    return calibration_set(data, args.datasets_dir, args.fraction, args.calib_method, settings["imgsz"], stride)
+    return calibration_set(data, args.datasets_dir, args.fraction, args.calib_method, settings["imgsz"],
+                           max(detector.strides), input_convention(detector))
 
 
 def export(detector: DenseDetector, args: Args, train_args: dict | None = None) -> Path:
@@ -326,7 +327,7 @@ def export(detector: DenseDetector, args: Args, train_args: dict | None = None) 
     writable = writable_dir if export_format(settings["format"]).folder else writable_file
     path = writable(export_path(args.model, settings["format"], settings["precision"]),
                     "the export is written beside model=: copy the .pt to a folder you can write to")
-    calibration = int8_calibration(args, settings, train_args, max(detector.strides))
+    calibration = int8_calibration(args, settings, train_args, detector)
     with torch.no_grad():
         reference = model(images)
     size_mb = sum(p.numel() * p.element_size() for p in detector.state_dict().values()) / 1e6

@@ -1,6 +1,7 @@
-"""crosskd's input convention applied to images (`runtimes.exported.InputConvention`): keep-ratio resize into imgsz,
-padding bottom/right to a multiple of the largest stride, 0..1 RGB. Predict and INT8 calibration both use it, so a
-quantized graph is calibrated on exactly what it will be fed."""
+"""The first step of every input convention (`runtimes.exported.InputConvention`): keep-ratio resize into imgsz,
+padding bottom/right to a multiple of the largest stride, 0..1 RGB; `InputConvention.place` then puts the images
+where the exported graph expects them (centred for a YOLO file). Predict and INT8 calibration both take these two
+steps, so a quantized graph is calibrated on exactly what it will be fed."""
 
 from __future__ import annotations
 

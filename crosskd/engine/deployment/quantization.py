@@ -1,6 +1,7 @@
-"""INT8 exports: the calibration set (images of a dataset's train split through predict's preprocessing) and the rule
-for which nodes of the graph stay in float. The runtimes' `export_int8` (runtimes/onnx.py, runtimes/openvino.py) use
-both, so ONNX Runtime and NNCF quantize the same nodes on the same images.
+"""INT8 exports: the calibration set (images of a dataset's train split through predict's preprocessing, placed as
+the file's input convention says) and the rule for which nodes of the graph stay in float. The runtimes'
+`export_int8` (runtimes/onnx.py, runtimes/openvino.py) use both, so ONNX Runtime and NNCF quantize the same nodes on
+the same images.
 
 What stays float: every node after the last convolutions, i.e. the decode. The graph ends in one tensor holding
 boxes in pixels (0..imgsz) and scores in 0..1 side by side; one 8-bit scale for both leaves scores in steps of
@@ -19,11 +20,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from crosskd.data import load_data_yaml
 from crosskd.data.cache import load_labels
 from crosskd.engine.deployment.preprocess import letterbox
+from crosskd.engine.deployment.runtimes.exported import CROSSKD_INPUT, InputConvention
 from crosskd.errors import ConfigError, DataError, UserError
 from crosskd.utils import LOGGER
 
@@ -56,7 +57,8 @@ def calibration_data(data: str, data_given: bool, train_args: dict, datasets_dir
 @dataclass(frozen=True)
 class CalibrationSet:
     """The images an INT8 export is calibrated on: `paths` of the train split of `data`, fed to the float graph as
-    predict feeds it (keep-ratio resize into `imgsz`, zero padding bottom/right, 0..1 RGB)."""
+    predict feeds the exported file (keep-ratio resize into `imgsz`, placed and padded as `convention` says: zero
+    padding bottom/right, or centred on grey 114 for a YOLO file; 0..1 RGB)."""
 
     data: str  # the dataset YAML
     paths: tuple[Path, ...]  # the calibration images, evenly spaced over the split
@@ -64,6 +66,7 @@ class CalibrationSet:
     method: str  # calib_method: minmax, percentile or entropy
     imgsz: tuple[int, int]  # (h, w) of the graph input the images are padded to
     stride: int  # the model's largest stride
+    convention: InputConvention = CROSSKD_INPUT  # the exported file's input convention
     split: str = "train"
 
     def inputs(self, batch: int) -> CalibrationInputs:
@@ -93,11 +96,17 @@ class CalibrationInputs:
     def __iter__(self) -> Iterator[np.ndarray]:
         paths = list(self.calibration.paths)
         paths += paths[: len(self) * self.batch - len(paths)]
-        height, width = self.calibration.imgsz
         for start in range(0, len(paths), self.batch):
-            images = [read_image(path) for path in paths[start : start + self.batch]]
-            batch, _, _ = letterbox(images, self.calibration.imgsz, self.calibration.stride, torch.device("cpu"))
-            yield F.pad(batch, (0, width - batch.shape[3], 0, height - batch.shape[2])).numpy()  # [B, 3, H, W]
+            yield graph_input([read_image(path) for path in paths[start : start + self.batch]], self.calibration)
+
+
+def graph_input(images: list[np.ndarray], calibration: CalibrationSet) -> np.ndarray:
+    """BGR uint8 images -> the graph input [B, 3, *imgsz] float32 that predict gives the exported file: predict's
+    letterbox, then the images placed in the input by the file's convention."""
+    convention = calibration.convention
+    batch, _, sizes = letterbox(images, calibration.imgsz, calibration.stride, torch.device("cpu"),
+                                convention.pad_value)
+    return convention.place(batch, sizes, calibration.imgsz)[0].numpy()
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -109,15 +118,17 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def calibration_set(
-    data: str, datasets_dir: str | None, fraction: float, method: str, imgsz: tuple[int, int], stride: int
+    data: str, datasets_dir: str | None, fraction: float, method: str, imgsz: tuple[int, int], stride: int,
+    convention: InputConvention = CROSSKD_INPUT,
 ) -> CalibrationSet:
-    """`fraction` of the train split of `data` (at most MAX_CALIBRATION_IMAGES, evenly spaced)."""
+    """`fraction` of the train split of `data` (at most MAX_CALIBRATION_IMAGES, evenly spaced), fed as `convention`
+    says."""
     info = load_data_yaml(data, datasets_dir)
     index = load_labels(info.source("train"), info.nc).index
     count = min(MAX_CALIBRATION_IMAGES, max(1, round(len(index) * fraction)))
     picks = np.linspace(0, len(index) - 1, count).round().astype(int)
     paths = tuple(Path(index[int(i)].path) for i in picks)
-    calibration = CalibrationSet(str(data), paths, len(index), method, tuple(imgsz), stride)
+    calibration = CalibrationSet(str(data), paths, len(index), method, tuple(imgsz), stride, convention)
     LOGGER.info(f"INT8 calibration: {calibration.describe()} (fraction={fraction:g}, "
                 f"at most {MAX_CALIBRATION_IMAGES})")
     return calibration

@@ -64,6 +64,17 @@ class InputConvention:
     def centred(self) -> bool:
         return self.pad == "center"
 
+    def place(
+        self, images: torch.Tensor, img_sizes: torch.Tensor, size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Letterboxed images [B, 3, H, W] whose (h, w) `img_sizes` [B, 2] sit top-left -> the graph input
+        [B, 3, *size], each image centred (`pad: center`) or kept top-left on `pad_value`, and the (left, top)
+        offsets [B, 2] added to its pixels: the placement predict and val give a file, and INT8 calibration its
+        graph."""
+        if self.centred:
+            return centre_images(images, img_sizes, size, self.pad_value / 255)
+        return pad_to(images, size, self.pad_value / 255), torch.zeros_like(img_sizes)
+
 
 PADS = ("bottom-right", "center")  # where the image sits in the padded input: top-left, or centred (Ultralytics)
 CROSSKD_INPUT = InputConvention()
@@ -75,6 +86,11 @@ def centre_offsets(img_sizes: torch.Tensor, height: int, width: int) -> torch.Te
     Ultralytics' LetterBox rounds them (an odd padding puts the extra pixel bottom/right)."""
     spare = torch.tensor([width, height], device=img_sizes.device) - img_sizes.flip(1)  # [B, 2] (w, h) padding
     return torch.round(spare / 2 - 0.1).long()
+
+
+def pad_to(images: torch.Tensor, size: tuple[int, int], pad_value: float) -> torch.Tensor:
+    """Images [B, 3, H, W] padded bottom/right with `pad_value` (0..1) to [B, 3, *size]."""
+    return F.pad(images, (0, size[1] - images.shape[3], 0, size[0] - images.shape[2]), value=pad_value)
 
 
 def centre_images(
@@ -165,8 +181,7 @@ class ExportedDetector(ABC):
                 f"images of {images.shape[2]}x{images.shape[3]} do not fit the static input {height}x{width} of "
                 f"'{self.path.name}'; use imgsz={max(height, width)} or re-export with dynamic=True"
             )
-        pad = (0, width - images.shape[3], 0, height - images.shape[2])
-        return F.pad(images, pad, value=self.input_convention.pad_value / 255)
+        return pad_to(images, (height, width), self.input_convention.pad_value / 255)
 
     def run(self, images: torch.Tensor) -> torch.Tensor:
         """output0 for any batch size: a static batch is run in chunks, the last one zero-padded."""
@@ -220,8 +235,8 @@ class ExportedDetector(ABC):
         if img_sizes is None:
             img_sizes = torch.tensor(images.shape[2:], device=images.device).expand(len(images), 2)
         img_sizes = img_sizes.to(images.device)
-        canvas, offsets = centre_images(images, img_sizes, hw, self.input_convention.pad_value / 255)
-        output = uncentre(self.run(canvas), offsets.to(images.device, torch.float32), self.nms)
+        canvas, offsets = self.input_convention.place(images, img_sizes, hw)
+        output = uncentre(self.run(canvas), offsets.to(torch.float32), self.nms)
         if self.nms:
             detections = self.filter_embedded(output, conf, max_det)
         else:
