@@ -164,21 +164,34 @@ def test_nms_export_matches_pytorch_postprocess(tmp_path, head_type):
     weights = write_checkpoint(tmp_path / "nms.pt", head_type)
     conf, iou, max_det = 0.3, 0.5, 20
     path = exporter.run(export_args(weights, nms=True, conf=conf, iou=iou, max_det=max_det, batch=2, dynamic=True))
-    images = torch.rand(3, 3, 128, 128, generator=torch.Generator().manual_seed(4))
-    output = ort_run(path, images)
-    assert output.shape == (3, max_det, 6)
-    expected = tiny_detector(head_type).predict(images, conf, iou, max_det, 1000)
-    for rows, theirs in zip(output, expected, strict=True):
-        found = rows[rows[:, 4] > 0]
-        assert 0 < len(found) == len(theirs.boxes) <= max_det
-        assert (rows[len(found) :] == 0).all()  # zero padding after the detections
-        torch.testing.assert_close(found[:, :4], theirs.boxes, atol=1e-3, rtol=0)
-        torch.testing.assert_close(found[:, 4], theirs.scores, atol=1e-5, rtol=0)
-        assert torch.equal(found[:, 5].long(), theirs.labels)
+    for shape in [(3, 3, 128, 128), (2, 3, 96, 160)]:  # batch, height and width dynamic, NMS in the graph
+        images = torch.rand(*shape, generator=torch.Generator().manual_seed(4))
+        output = ort_run(path, images)
+        assert output.shape == (shape[0], max_det, 6)
+        expected = tiny_detector(head_type).predict(images, conf, iou, max_det, 1000)
+        for rows, theirs in zip(output, expected, strict=True):
+            found = rows[rows[:, 4] > 0]
+            assert 0 < len(found) == len(theirs.boxes) <= max_det
+            assert (rows[len(found) :] == 0).all()  # zero padding after the detections
+            torch.testing.assert_close(found[:, :4], theirs.boxes, atol=1e-3, rtol=0)
+            torch.testing.assert_close(found[:, 4], theirs.scores, atol=1e-5, rtol=0)
+            assert torch.equal(found[:, 5].long(), theirs.labels)
     backend = OnnxDetector(path)
-    assert backend.nms and backend.input_shape == (None, 3, 128, 128)
+    assert backend.nms and backend.input_shape == (None, 3, None, None)
     strict = backend.predict(images, 0.5, iou, max_det, 1000)  # a higher conf only filters the baked output
     assert all((d.scores > 0.5).all() for d in strict)
+
+
+def test_dynamic_nms_torchscript_runs_at_another_size(tmp_path):
+    weights = write_checkpoint(tmp_path / "nms.pt", "gfl")
+    backend = load_runtime(exporter.run(export_args(weights, format="torchscript", nms=True, conf=0.3,
+                                                    dynamic=True))).model
+    assert backend.nms and backend.input_shape == (None, 3, None, None)
+    images = torch.rand(2, 3, 96, 160, generator=torch.Generator().manual_seed(7))  # traced at 1 x 3 x 128 x 128
+    with torch.no_grad():
+        expected = ExportModel(tiny_detector("gfl"), nms=True, conf=0.3).eval()(images)
+    assert (expected[..., 4] > 0).sum() > 0
+    torch.testing.assert_close(backend.run(images), expected, atol=1e-5, rtol=0)
 
 
 def test_nms_export_without_detections_is_all_zero(tmp_path):

@@ -93,8 +93,8 @@ def sample_image() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
-    """best.pt of the seeded model, its exports (static raw, dynamic raw, NMS in the graph, TorchScript) and the
-    images (non-square, square, and the non-square one padded by hand to the static input)."""
+    """best.pt of the seeded model, its exports (static raw, dynamic raw, NMS in a static and in a dynamic graph,
+    TorchScript) and the images (non-square, square, and the non-square one padded by hand to the static input)."""
     root = tmp_path_factory.mktemp("yolo_export")
     image = sample_image()
     pad = (IMGSZ - IMAGE_HW[0]) // 2
@@ -105,8 +105,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     checkpoint = make_checkpoint(seeded_yolo(image), epoch=-1, best_fitness=None, names=NAMES,
                                  train_args={"imgsz": IMGSZ, "model": "yolo11n.yaml"})
     paths["pt"] = save_checkpoint(checkpoint, root / "best.pt")
-    exports = {"onnx": {}, "dynamic": {"dynamic": True}, "nms": {"nms": True, "conf": CONF, "iou": IOU,
-                                                                   "multi_label": False},
+    nms = {"nms": True, "conf": CONF, "iou": IOU, "multi_label": False}
+    exports = {"onnx": {}, "dynamic": {"dynamic": True}, "nms": nms, "nms_dynamic": {**nms, "dynamic": True},
                "torchscript": {"format": "torchscript"}}
     for name, overrides in exports.items():
         weights = shutil.copy(paths["pt"], root / f"{name}.pt")
@@ -145,6 +145,16 @@ def test_onnx_carries_the_metadata_and_layout_ultralytics_reads(files):
     assert nms_args["nms"] is True and nms_args["multi_label"] is False  # Ultralytics: end2end, rows taken as they are
 
 
+def test_dynamic_nms_onnx_has_ultralytics_dynamic_layout(files):
+    """nms=True dynamic=True: batch, height and width dynamic, output0 [B, max_det, 6], as Ultralytics' own export."""
+    proto = onnx.load(str(files["nms_dynamic"]))
+    dims = [[d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+            for value in (proto.graph.input[0], proto.graph.output[0])]
+    assert dims[0] == ["batch", 3, "height", "width"] and dims[1][0] == "batch" and len(dims[1]) == 3
+    args = ast.literal_eval({e.key: e.value for e in proto.metadata_props}["args"])
+    assert args["nms"] is True and args["dynamic"] is True
+
+
 def test_centring_rounds_as_ultralytics_letterbox():
     sizes = torch.tensor([[95, 160], [160, 97], [160, 160]])  # (h, w)
     assert centre_offsets(sizes, 160, 160).tolist() == [[0, 32], [31, 0], [0, 0]]  # (left, top); odd: extra after
@@ -154,10 +164,11 @@ def test_centring_rounds_as_ultralytics_letterbox():
     assert offsets.tolist() == [[0, 32]] and grey.nonzero().flatten().tolist() == [*range(32), *range(128, 160)]
 
 
+@pytest.mark.parametrize("model", ["dynamic", "nms_dynamic"])
 @pytest.mark.parametrize("image", ["rect", "square"])
-def test_dynamic_onnx_equals_the_pt(files, image):
+def test_dynamic_onnx_equals_the_pt(files, model, image):
     """Dynamic graphs are fed the letterbox at its own size: nothing padded for either image, as for the .pt."""
-    ours, pytorch = crosskd_predict(files["dynamic"], files[image]), crosskd_predict(files["pt"], files[image])
+    ours, pytorch = crosskd_predict(files[model], files[image]), crosskd_predict(files["pt"], files[image])
     assert_same_detections(ours, pytorch, box_tol=1e-2, score_tol=1e-4)
 
 
@@ -196,7 +207,7 @@ def ultralytics_predict(jobs: list[tuple[Path, Path]], root: Path) -> dict[tuple
 
 def test_ultralytics_reads_every_export_as_crosskd_does(files, tmp_path):
     """The same file, run by Ultralytics and by `crosskd predict`: the same detections (same input, same NMS)."""
-    jobs = [(files[name], files[image]) for name in ("onnx", "dynamic", "nms", "torchscript")
+    jobs = [(files[name], files[image]) for name in ("onnx", "dynamic", "nms", "nms_dynamic", "torchscript")
             for image in ("rect", "square")]
     theirs = ultralytics_predict(jobs, tmp_path)
     for model, image in jobs:

@@ -96,10 +96,10 @@ def slim(proto):
 
 
 def dynamic_axes(nms: bool) -> dict[str, dict[int, str]]:
-    """Batch, height and width of `images` (only batch with NMS inside, whose top-k sizes are fixed)."""
-    if nms:
-        return {"images": {0: "batch"}, "output0": {0: "batch"}}
-    return {"images": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch", 2: "anchors"}}
+    """Batch, height and width of `images`; of `output0` the batch and, raw, the priors (NMS rows [B, max_det, 6]
+    keep max_det), as Ultralytics' own ONNX export. The traced per-level top-k follows the input's size."""
+    output = {0: "batch"} if nms else {0: "batch", 2: "anchors"}
+    return {"images": {0: "batch", 2: "height", 3: "width"}, "output0": output}
 
 
 def export_int8(

@@ -38,7 +38,7 @@ class TorchScriptDetector(ExportedDetector):
         super().__init__(path, metadata, traced_device(path, metadata, device))
         self.module = module.to(self.device).eval()
         dynamic = bool(self.args.get("dynamic"))
-        height, width = (None, None) if dynamic and not self.nms else self.imgsz
+        height, width = (None, None) if dynamic else self.imgsz
         self.input_shape = (None if dynamic else self.batch, 3, height, width)
         self.dtype = torch.float16 if self.args.get("half") else torch.float32
 
