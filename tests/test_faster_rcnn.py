@@ -86,6 +86,27 @@ def test_torchvision_v2_layout_parameter_count_and_key_map():
     assert key_map["backbone.fpn.layer_blocks.2.1.weight"] == "neck.fpn.layer_blocks.2.1.weight"
 
 
+def test_rpn_score_threshold_drops_unlikely_proposals():
+    torch.manual_seed(0)
+    rpn = build_detector(SMALL, 3).eval().head.rpn
+    feats = [torch.randn(1, 64, 64 // s, 64 // s) for s in rpn.strides]
+    with torch.no_grad():
+        outputs = rpn(feats)
+    priors = rpn.priors([tuple(f.shape[-2:]) for f in feats], "cpu")
+    every = rpn.proposals(outputs, priors, (64, 64), rpn.test_proposals)
+    likely = rpn.proposals(outputs, priors, (64, 64), rpn.test_proposals._replace(score_thr=0.5))
+    assert 0 < int(likely.counts[0]) < int(every.counts[0])
+    assert likely.scores[likely.valid].min() >= 0.5
+    torch.testing.assert_close(likely.boxes[likely.valid], every.boxes[every.valid & (every.scores >= 0.5)])
+
+
+def test_rpn_anchor_sizes_need_as_many_on_every_level():
+    cfg, _ = load_model_yaml(SMALL)
+    cfg["head"] |= {"rpn_anchor_sizes": [[32, 64], [64], [128], [256], [512]]}
+    with pytest.raises(ConfigError, match="rpn_anchor_sizes needs as many sizes on every level"):
+        build_detector(cfg, 3)
+
+
 def v2_style_small() -> dict:
     """faster_rcnn_r18s.yaml with torchvision v2's layout: BN FPN, 2-conv RPN, 2 conv-BN-ReLU + 1 FC box head."""
     cfg, _ = load_model_yaml(SMALL)
