@@ -7,13 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from torchvision.models import resnet18
+from torch import nn
+from torchvision.models import mobilenet_v3_large, resnet18
+from torchvision.models.detection.backbone_utils import _mobilenet_extractor
 
 from crosskd.engine.deployment.checkpoint import make_checkpoint, save_checkpoint
 from crosskd.engine.tools.info import gflops, model_info, run
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import Detections, build_detector, postprocess, scale_boxes
-from crosskd.models.backbones import MobileNetV2, ResNet, SwinT
+from crosskd.models.backbones import MobileNetV2, MobileNetV3Large, ResNet, SwinT
 from crosskd.models.neck import FPN
 from crosskd.paths import CFG_DIR
 
@@ -126,6 +128,26 @@ def test_mobilenet_and_swin_outputs():
     assert swin.out_channels == [192, 384, 768]
     feats = swin(torch.rand(1, 3, 64, 64))
     assert [tuple(f.shape[1:]) for f in feats] == [(192, 8, 8), (384, 4, 4), (768, 2, 2)]
+
+
+@pytest.mark.parametrize("trainable_layers", [0, 3, 6])
+def test_mobilenet_v3_stages_and_frozen_layers_are_torchvision_extractors(trainable_layers):
+    """Stage k is torchvision's returned layer k (_mobilenet_extractor) and frozen_stages 5 − t freezes what its
+    trainable_layers t does."""
+    torch.manual_seed(0)
+    ours = MobileNetV3Large(out_indices=range(6), frozen_stages=5 - trainable_layers).eval()
+    theirs = _mobilenet_extractor(mobilenet_v3_large(norm_layer=nn.BatchNorm2d), True, trainable_layers,
+                                  returned_layers=list(range(6))).body.eval()
+    theirs.load_state_dict(ours.features.state_dict())
+    images = torch.rand(1, 3, 64, 128)
+    with torch.no_grad():
+        feats, expected = ours(images), list(theirs(images).values())
+    assert ours.out_channels == [f.shape[1] for f in expected] == [16, 24, 40, 80, 160, 960]
+    assert ours.strides == [2, 4, 8, 16, 32, 32] == [64 // f.shape[-2] for f in expected]
+    for feat, wanted in zip(feats, expected, strict=True):
+        torch.testing.assert_close(feat, wanted, atol=0, rtol=0)
+    trainable = [[p.requires_grad for p in layer.parameters()] for layer in ours.features]
+    assert trainable == [[p.requires_grad for p in layer.parameters()] for layer in theirs.children()]
 
 
 # ----- neck ----------------------------------------------------------------------------------------------------------

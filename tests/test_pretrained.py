@@ -18,10 +18,12 @@ import yaml
 from torch import nn
 from torchvision.models import (
     MobileNet_V2_Weights,
+    MobileNet_V3_Large_Weights,
     ResNet18_Weights,
     ResNet50_Weights,
     Swin_T_Weights,
     mobilenet_v2,
+    mobilenet_v3_large,
     resnet18,
     resnet34,
     resnet50,
@@ -35,7 +37,7 @@ from crosskd.engine.training.distill_trainer import DistillTrainer
 from crosskd.engine.training.trainer import Trainer, load_pretrained
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import build_detector
-from crosskd.models.backbones import MobileNetV2, ResNet, SwinT
+from crosskd.models.backbones import MobileNetV2, MobileNetV3Large, ResNet, SwinT
 from crosskd.models.pretrained import (
     cached_file,
     load_backbone_weights,
@@ -183,6 +185,17 @@ def test_pretrained_key_overrides_the_yaml_with_an_explicit_name(offline):
 def test_mobilenet_v2_imagenet_loads_every_backbone_tensor(offline):
     state = cache(MobileNet_V2_Weights.IMAGENET1K_V1, mobilenet_v2)
     backbone = MobileNetV2(pretrained="imagenet")
+    assert load_backbone_weights(backbone, backbone.pretrained) == len(backbone.state_dict())
+    assert assert_backbone_equals(backbone, state) == len(backbone.state_dict())
+    assert offline == []
+
+
+def test_mobilenet_v3_large_imagenet_loads_every_backbone_tensor(offline):
+    """torchvision's detection backbone weights (mobilenet_v3_large IMAGENET1K_V1): every features tensor, no
+    classifier."""
+    state = cache(MobileNet_V3_Large_Weights.IMAGENET1K_V1, mobilenet_v3_large)
+    assert cached_file(MobileNet_V3_Large_Weights.IMAGENET1K_V1).name == "mobilenet_v3_large-8738ca79.pth"
+    backbone = MobileNetV3Large(pretrained="imagenet")
     assert load_backbone_weights(backbone, backbone.pretrained) == len(backbone.state_dict())
     assert assert_backbone_equals(backbone, state) == len(backbone.state_dict())
     assert offline == []

@@ -1,14 +1,15 @@
-"""Backbones from torchvision building blocks: ResNet, MobileNetV2 and Swin-T.
+"""Backbones from torchvision building blocks: ResNet, MobileNetV2, MobileNetV3-Large and Swin-T.
 
-Every backbone returns a list of feature maps (strides 8, 16, 32 by default) and exposes `out_channels`.
+Every backbone returns a list of feature maps (strides 8, 16, 32 by default) and exposes `out_channels` and `strides`.
 At width 1.0 the parameter names equal torchvision's. A backbone only stores its `pretrained` spec: the weights
 are loaded when training starts (`crosskd.models.pretrained.load_pretrained_weights`), never while building.
 """
 
 from collections.abc import Sequence
+from functools import partial
 
 from torch import Tensor, nn
-from torchvision.models import SwinTransformer, mobilenet_v2
+from torchvision.models import SwinTransformer, mobilenet_v2, mobilenet_v3_large
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from crosskd.errors import ConfigError
@@ -21,6 +22,10 @@ RESNET_SPECS: dict[int, tuple[type[BasicBlock | Bottleneck], tuple[int, int, int
 }
 RESNET_STYLES = ("pytorch", "caffe")  # MMDet: stride on the 3x3 conv2 (pytorch) or the 1x1 conv1 (caffe)
 MOBILENET_STAGE_ENDS = (4, 7, 14, 18)  # torchvision features[:end] gives strides 4, 8, 16, 32
+# torchvision's _mobilenet_extractor stages of mobilenet_v3_large (the stem, the four strided blocks, the last conv):
+# stage k outputs features[MOBILENET_V3_LAYERS[k]]; trainable_layers t in 1..6 freezes the layers before stage 6 - t's
+MOBILENET_V3_LAYERS = (0, 2, 4, 7, 13, 16)
+MOBILENET_V3_STRIDES = (2, 4, 8, 16, 32, 32)
 SWIN_STAGE_ENDS = (2, 4, 6, 8)  # torchvision swin_t features[:end] gives strides 4, 8, 16, 32
 
 
@@ -33,10 +38,10 @@ def _check_out_indices(out_indices: Sequence[int], num_stages: int = 4) -> tuple
     return indices
 
 
-def _check_frozen_stages(frozen_stages: int) -> int:
-    if frozen_stages not in range(-1, 5):
+def _check_frozen_stages(frozen_stages: int, last: int = 4) -> int:
+    if frozen_stages not in range(-1, last + 1):
         raise ConfigError(
-            f"backbone.frozen_stages {frozen_stages} must be in -1..4 (-1 none, 0 stem, k stem+stages 1..k)"
+            f"backbone.frozen_stages {frozen_stages} must be in -1..{last} (-1 none, 0 stem, k stem+stages 1..k)"
         )
     return frozen_stages
 
@@ -57,11 +62,19 @@ class Backbone(nn.Module):
     """A backbone whose first `frozen_stages` stay frozen in eval mode (and all BatchNorm when `norm_eval`).
 
     `forward` takes normalised images [B, 3, H, W] and returns one map [B, out_channels[k], H/s, W/s] per entry k
-    of `out_indices`, where stage i has stride s = 4·2^i (stages 1, 2, 3 → strides 8, 16, 32).
+    of `out_indices`, where stage i has stride s = `stage_strides[i]` (4·2^i unless the backbone says otherwise:
+    stages 1, 2, 3 → strides 8, 16, 32).
     """
 
     norm_eval = False
     pretrained: bool | str | None = None  # weights spec loaded at training start (see models/pretrained.py)
+    stage_strides: tuple[int, ...] = (4, 8, 16, 32)
+    out_indices: tuple[int, ...] = ()
+
+    @property
+    def strides(self) -> list[int]:
+        """The stride of every output map."""
+        return [self.stage_strides[i] for i in self.out_indices]
 
     def _freeze_stages(self) -> None:
         raise NotImplementedError
@@ -77,14 +90,15 @@ class Backbone(nn.Module):
 
 
 class StagedFeatures(Backbone):
-    """A torchvision `features` Sequential cut into four stages at `stage_ends` (stem = its first layer)."""
+    """A torchvision `features` Sequential cut into stages at `stage_ends` (stage i outputs features[:stage_ends[i]]);
+    `frozen_stages` k freezes features[:freeze_ends[k]]."""
 
     stage_ends: tuple[int, ...] = ()
+    freeze_ends: tuple[int, ...] = ()
 
     def _freeze_stages(self) -> None:
         if self.frozen_stages >= 0:
-            end = 1 if self.frozen_stages == 0 else self.stage_ends[self.frozen_stages - 1]
-            for layer in self.features[:end]:
+            for layer in self.features[: self.freeze_ends[self.frozen_stages]]:
                 _freeze(layer)
 
     def _stage_outputs(self, x: Tensor) -> list[tuple[int, Tensor]]:
@@ -201,6 +215,7 @@ class MobileNetV2(StagedFeatures):
     """torchvision MobileNetV2 features (up to the 320-channel block), outputs at the chosen stages."""
 
     stage_ends = MOBILENET_STAGE_ENDS
+    freeze_ends = (1, *MOBILENET_STAGE_ENDS)
 
     def __init__(
         self,
@@ -227,10 +242,51 @@ class MobileNetV2(StagedFeatures):
         return [out for _, out in self._stage_outputs(x)]
 
 
+class MobileNetV3Large(StagedFeatures):
+    """torchvision MobileNetV3-Large features in the six stages of torchvision's detection backbones
+    (`_mobilenet_extractor`): stage k outputs layer MOBILENET_V3_LAYERS[k] (the stem, the first block of strides 4,
+    8, 16 and 32, the last 960-channel conv), at strides 2, 4, 8, 16, 32, 32.
+
+    `frozen_stages` k freezes the layers before stage k + 1's (torchvision's `trainable_layers` = 5 − k); `norm_eps`
+    is every BatchNorm's eps (torchvision's detection builders use 1e-5, not the classifier's 1e-3).
+    """
+
+    stage_ends = tuple(layer + 1 for layer in MOBILENET_V3_LAYERS)
+    stage_strides = MOBILENET_V3_STRIDES
+    freeze_ends = (*MOBILENET_V3_LAYERS[1:], MOBILENET_V3_LAYERS[-1] + 1)
+
+    def __init__(
+        self,
+        width: float = 1.0,
+        out_indices: Sequence[int] = (4, 5),
+        frozen_stages: int = -1,
+        norm_eval: bool = False,
+        pretrained: bool | str | None = None,
+        norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if width <= 0:
+            raise ConfigError(f"backbone.width {width} must be > 0")
+        self.width = width
+        self.out_indices = _check_out_indices(out_indices, len(self.stage_ends))
+        self.frozen_stages = _check_frozen_stages(frozen_stages, len(self.freeze_ends) - 1)
+        self.norm_eval = norm_eval
+        norm_layer = partial(nn.BatchNorm2d, eps=norm_eps)
+        self.features = mobilenet_v3_large(weights=None, width_mult=width, norm_layer=norm_layer).features
+        self.out_channels = [self.features[MOBILENET_V3_LAYERS[i]].out_channels for i in self.out_indices]
+        self.pretrained = pretrained
+        self._freeze_stages()
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """[B, 3, H, W] → one [B, out_channels[k], H/s, W/s] map per out index, s = MOBILENET_V3_STRIDES[index]."""
+        return [out for _, out in self._stage_outputs(x)]
+
+
 class SwinT(StagedFeatures):
     """torchvision Swin-T features (NHWC) with one LayerNorm per output stage (as MMDet), returned NCHW."""
 
     stage_ends = SWIN_STAGE_ENDS
+    freeze_ends = (1, *SWIN_STAGE_ENDS)
 
     def __init__(
         self,

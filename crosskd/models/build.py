@@ -18,14 +18,15 @@ from crosskd.assigners import ASSIGNERS
 from crosskd.errors import ConfigError
 from crosskd.paths import resolve_cfg_file
 
-from .backbones import MobileNetV2, ResNet, SwinT
+from .backbones import MobileNetV2, MobileNetV3Large, ResNet, SwinT
 from .dense_detector import IMAGENET_MEAN, IMAGENET_STD, DenseDetector
 from .heads import ATSSHead, FCOSHead, GFLHead, RetinaHead, YOLOHead
 from .neck import FPN
 from .two_stage import FasterRCNN, FasterRCNNHead
 from .yolo import YOLOBackbone, YOLONeck
 
-BACKBONES = {"resnet": ResNet, "mobilenetv2": MobileNetV2, "swin_t": SwinT, "yolo": YOLOBackbone}
+BACKBONES = {"resnet": ResNet, "mobilenetv2": MobileNetV2, "mobilenetv3_large": MobileNetV3Large, "swin_t": SwinT,
+             "yolo": YOLOBackbone}
 NECKS = {"fpn": FPN, "yolo": YOLONeck}
 HEADS = {"gfl": GFLHead, "retinanet": RetinaHead, "fcos": FCOSHead, "atss": ATSSHead, "faster_rcnn": FasterRCNNHead,
          "yolo": YOLOHead}
@@ -235,11 +236,12 @@ def _scaled(parts: dict[str, tuple[type[nn.Module], dict]], cfg: dict, source: s
 
 
 def _feature_strides(backbone: nn.Module, neck: nn.Module) -> list[int]:
-    """The neck's output strides: its own `strides` (YOLO), else from the backbone's first stage and FPN's levels."""
+    """The neck's output strides: its own `strides` (YOLO), else the backbone's output strides followed by FPN's
+    extra levels, each twice the stride of the one before."""
     if hasattr(neck, "strides"):
         return list(neck.strides)
-    first = 2 ** (backbone.out_indices[0] + 2)
-    return [first * 2**i for i in range(neck.num_outs)]
+    strides = list(backbone.strides)
+    return strides + [strides[-1] * 2 ** (i + 1) for i in range(neck.num_outs - len(strides))]
 
 
 def _check_strides(source: str, backbone: nn.Module, neck: nn.Module, head: nn.Module) -> None:

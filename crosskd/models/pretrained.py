@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import (
     MobileNet_V2_Weights,
+    MobileNet_V3_Large_Weights,
     ResNet18_Weights,
     ResNet34_Weights,
     ResNet50_Weights,
@@ -34,7 +35,7 @@ from torchvision.models import (
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.utils import LOGGER, TORCH_READ_ERRORS, read_torch_file
 
-from .backbones import MOBILENET_STAGE_ENDS, MobileNetV2, ResNet, SwinT
+from .backbones import MOBILENET_STAGE_ENDS, MobileNetV2, MobileNetV3Large, ResNet, SwinT
 from .foreign.mapping import load_mapped
 
 IMAGENET = "IMAGENET1K_V1"  # the torchvision weights MMDetection's `torchvision://` and configs use
@@ -66,6 +67,8 @@ def weights_class(backbone: nn.Module) -> type[WeightsEnum]:
         return RESNET_WEIGHTS[backbone.depth]
     if isinstance(backbone, MobileNetV2):
         return MobileNet_V2_Weights
+    if isinstance(backbone, MobileNetV3Large):
+        return MobileNet_V3_Large_Weights
     if isinstance(backbone, SwinT):
         return Swin_T_Weights
     raise ConfigError(f"{type(backbone).__name__} has no torchvision weights; use a .pth path or pretrained=false")
@@ -170,6 +173,8 @@ def _unused_prefixes(backbone: nn.Module) -> tuple[str, ...]:
     """Source tensors a torchvision classifier file has and the backbone does not use (classifier, last stage)."""
     if isinstance(backbone, ResNet):
         return ("fc.",)
+    if isinstance(backbone, MobileNetV3Large):
+        return ("classifier.",)
     if isinstance(backbone, MobileNetV2):
         return ("classifier.", f"features.{MOBILENET_STAGE_ENDS[-1]}.")  # the 1280-channel conv after stage 4
     if isinstance(backbone, SwinT):

@@ -1,5 +1,5 @@
-"""torchvision's COCO detectors (RetinaNet v1/v2, FCOS, Faster R-CNN v1/v2) as crosskd detectors with the 80 contiguous
-COCO classes.
+"""torchvision's COCO detectors (RetinaNet v1/v2, FCOS, Faster R-CNN v1/v2 and MobileNetV3-Large FPN) as crosskd
+detectors with the 80 contiguous COCO classes.
 
 Each supported name has a shipped YAML that rebuilds torchvision's model exactly (cfg/models/*_tv.yaml), and an
 explicit key map from torchvision's state dict onto ours. torchvision's classifiers predict 91 slots (COCO category
@@ -53,6 +53,7 @@ class TorchvisionDetector:
     tower: str  # "conv_norm_act": conv.{i}.0 conv, conv.{i}.1 norm (RetinaNet); "flat": conv.{3i}, conv.{3i+1} (FCOS);
     # "none": no tower (Faster R-CNN)
     predictors: dict[str, str]  # our head module -> torchvision's (predictors; for Faster R-CNN every head module)
+    body_prefix: str = ""  # what our backbone's keys start with and torchvision's `backbone.body` drops ("features.")
 
 
 RETINA_PREDICTORS = {
@@ -100,12 +101,13 @@ TORCHVISION_DETECTORS: dict[str, TorchvisionDetector] = {
     "fasterrcnn_resnet50_fpn_v2": TorchvisionDetector(
         "faster_rcnn_r50_tv_v2.yaml", FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1, "none", FRCNN_V2_MODULES
     ),
-}
-MOBILENET_V3_REASON = "crosskd has no MobileNetV3-Large backbone, and its two FPN maps share stride 32"
-UNSUPPORTED: dict[str, tuple[WeightsEnum, str]] = {  # torchvision detectors crosskd cannot rebuild, and why
-    "fasterrcnn_mobilenet_v3_large_fpn": (FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1, MOBILENET_V3_REASON),
-    "fasterrcnn_mobilenet_v3_large_320_fpn": (
-        FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.COCO_V1, MOBILENET_V3_REASON
+    "fasterrcnn_mobilenet_v3_large_fpn": TorchvisionDetector(
+        "faster_rcnn_mnv3_tv.yaml", FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1, "none", FRCNN_MODULES,
+        "features.",
+    ),
+    "fasterrcnn_mobilenet_v3_large_320_fpn": TorchvisionDetector(
+        "faster_rcnn_mnv3_320_tv.yaml", FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.COCO_V1, "none", FRCNN_MODULES,
+        "features.",
     ),
 }
 CLASSIFIER_KEYS = ("head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias")
@@ -117,17 +119,9 @@ TOWER_KEY = re.compile(r"head\.(cls_convs|reg_convs)\.(\d+)\.(conv|norm)\.(\w+)"
 
 def torchvision_spec(name: str) -> TorchvisionDetector:
     """The supported detector called `name` (e.g. 'retinanet_resnet50_fpn_v2'), or one ConfigError line."""
-    if name in UNSUPPORTED:
-        raise ConfigError(unsupported_message(name))
     if name not in TORCHVISION_DETECTORS:
         raise ConfigError(f"unknown torchvision detector '{name}'; valid: {', '.join(TORCHVISION_DETECTORS)}")
     return TORCHVISION_DETECTORS[name]
-
-
-def unsupported_message(name: str) -> str:
-    """Why torchvision's detector `name` (one of UNSUPPORTED) does not load, and what does."""
-    return (f"torchvision detector '{name}' is not supported ({UNSUPPORTED[name][1]}); supported: "
-            f"{', '.join(TORCHVISION_DETECTORS)}")
 
 
 def weights_file_name(name: str) -> str:
@@ -137,15 +131,12 @@ def weights_file_name(name: str) -> str:
 
 def torchvision_name(source: str | Path) -> str | None:
     """The detector name of 'torchvision:<name>' or of a file named like its real weights file, else None; an
-    unsupported detector's name or real file name is one ConfigError/CheckpointError line."""
+    unknown name after 'torchvision:' is one ConfigError line."""
     text = str(source)
     if text.startswith(TORCHVISION_PREFIX):
         name = text[len(TORCHVISION_PREFIX) :]
         torchvision_spec(name)  # an unknown name is one ConfigError line
         return name
-    unsupported = [name for name, (weights, _) in UNSUPPORTED.items() if cached_file(weights).name == Path(text).name]
-    if unsupported:
-        raise CheckpointError(f"'{Path(text).name}': {unsupported_message(unsupported[0])}")
     return next((name for name in TORCHVISION_DETECTORS if weights_file_name(name) == Path(text).name), None)
 
 
@@ -179,7 +170,7 @@ def _tower_sources(branch: str, step: int, part: str, param: str, layout: str) -
 def _source_names(key: str, spec: TorchvisionDetector) -> list[str]:
     """torchvision names that map onto our state-dict entry `key` (empty when torchvision has none)."""
     if key.startswith("backbone."):
-        return [f"backbone.body.{key[len('backbone.') :]}"]
+        return [f"backbone.body.{key[len('backbone.') :].removeprefix(spec.body_prefix)}"]
     if key.startswith("neck.fpn.extra_blocks.convs."):
         index, param = key[len("neck.fpn.extra_blocks.convs.") :].split(".")
         return [f"backbone.fpn.extra_blocks.p{6 + int(index)}.{param}"]
@@ -237,8 +228,8 @@ def _is_bn_counter(key: str) -> bool:
 
 
 def load_torchvision_detector(name: str, weights_path: str | Path | None = None) -> DenseDetector:
-    """torchvision detector `name` as an eval DenseDetector (a FasterRCNN for fasterrcnn_resnet50_fpn and _v2) with the
-    80 COCO classes and their `names`.
+    """torchvision detector `name` as an eval DenseDetector (a FasterRCNN for the fasterrcnn_* names) with the 80 COCO
+    classes and their `names`.
 
     Weights come from `weights_path` (a torchvision state-dict file) or torchvision's COCO weights through torch hub's
     cache; every tensor is copied through an explicit key map, the classifier keeping its 80 used COCO rows.

@@ -50,9 +50,12 @@ class FasterRCNNHead(nn.Module):
     """The two stages of Faster R-CNN, built from the flat keys of the YAML's head section (`rpn_*`: the RPN,
     `rcnn_*` and `roi_*`: the R-CNN stage; defaults are MMDetection's faster-rcnn_r50_fpn_1x).
 
-    `strides` are the FPN levels of the RPN (P2–P6); RoIs are pooled from the first `roi_levels` of them (P2–P5).
-    `rpn_num_convs` 3×3 convs precede the RPN predictors (torchvision v2: 2); the box head runs `num_convs` shared
-    3×3 convs of `conv_channels` with `conv_norm` (torchvision v2: 4, 256, 'bn') before its `num_fcs` FCs.
+    `strides` are the FPN levels of the RPN (P2–P6; levels may share a stride, as torchvision's MobileNetV3 FPN's
+    32, 32, 64); RoIs are pooled from the first `roi_levels` of them (P2–P5). `rpn_anchor_sizes` gives each level's
+    anchor sizes (several per location: torchvision's MobileNetV3 models have 5 sizes × 3 ratios = 15), and
+    `rpn_score_thr` drops proposals of lower objectness (torchvision's rpn_score_thresh). `rpn_num_convs` 3×3 convs
+    precede the RPN predictors (torchvision v2: 2); the box head runs `num_convs` shared 3×3 convs of
+    `conv_channels` with `conv_norm` (torchvision v2: 4, 256, 'bn') before its `num_fcs` FCs.
     """
 
     head_type = "faster_rcnn"
@@ -81,6 +84,7 @@ class FasterRCNNHead(nn.Module):
         rpn_test_post_nms: int = 1000,
         rpn_nms_iou: float = 0.7,
         rpn_min_bbox_size: float | None = 0.0,
+        rpn_score_thr: float = 0.0,
         rpn_loss_cls_weight: float = 1.0,
         rpn_loss_box_weight: float = 1.0,
         roi_levels: int = 4,
@@ -111,8 +115,9 @@ class FasterRCNNHead(nn.Module):
         self.rpn = RPNHead(
             in_channels, rpn_feat_channels, strides, rpn_anchor_scales, rpn_anchor_ratios, rpn_anchor_sizes,
             round_anchors, clamp_below, rpn_pos_iou_thr, rpn_neg_iou_thr, rpn_min_pos_iou, rpn_num_samples,
-            rpn_pos_fraction, ProposalSettings(rpn_train_pre_nms, rpn_train_post_nms, rpn_nms_iou, rpn_min_bbox_size),
-            ProposalSettings(rpn_test_pre_nms, rpn_test_post_nms, rpn_nms_iou, rpn_min_bbox_size),
+            rpn_pos_fraction,
+            ProposalSettings(rpn_train_pre_nms, rpn_train_post_nms, rpn_nms_iou, rpn_min_bbox_size, rpn_score_thr),
+            ProposalSettings(rpn_test_pre_nms, rpn_test_post_nms, rpn_nms_iou, rpn_min_bbox_size, rpn_score_thr),
             rpn_loss_cls_weight, rpn_loss_box_weight, rpn_num_convs,
         )
         self.roi_head = RoIHead(

@@ -31,6 +31,7 @@ class ProposalSettings(NamedTuple):
     post_nms: int  # proposals kept per image after NMS
     iou: float  # NMS IoU threshold (within one image and level)
     min_size: float | None  # drop boxes whose clipped width or height is not above it; None keeps all
+    score_thr: float = 0.0  # drop boxes whose objectness probability is below it (torchvision's rpn_score_thresh)
 
 
 MMDET_TRAIN_PROPOSALS = ProposalSettings(2000, 1000, 0.7, 0.0)  # faster-rcnn_r50_fpn_1x train_cfg.rpn_proposal
@@ -67,7 +68,8 @@ class RPNHead(nn.Module):
             (torchvision's fasterrcnn_resnet50_fpn_v2, conv_depth=2); the first is `conv`, the rest `extra_convs`.
         strides: one per level (P2–P6: 4 … 64).
         anchor_scales, anchor_ratios: anchors of base size `stride · scale` per ratio (MMDetection: scale 8 → 32 on
-            P2); `anchor_sizes` instead gives explicit per-level sizes (torchvision) and `round_anchors` rounds them.
+            P2); `anchor_sizes` instead gives explicit per-level sizes, as many on every level (torchvision: one per
+            level for ResNet-50, five for MobileNetV3), and `round_anchors` rounds them.
         clamp_below: the decoder clamps dw, dh from below too (MMDetection) or only from above (torchvision).
         pos_iou_thr, neg_iou_thr, min_pos_iou: the max-IoU assigner (low-quality matches allowed).
         num_samples, pos_fraction: the random sampler.
@@ -103,6 +105,8 @@ class RPNHead(nn.Module):
         self.anchor_sizes = None if anchor_sizes is None else [list(s) for s in anchor_sizes]
         if self.anchor_sizes is not None and len(self.anchor_sizes) != len(self.strides):
             raise ConfigError(f"head.rpn_anchor_sizes needs one list per level ({len(self.strides)})")
+        if self.anchor_sizes is not None and len({len(sizes) for sizes in self.anchor_sizes}) > 1:
+            raise ConfigError("head.rpn_anchor_sizes needs as many sizes on every level (the RPN's convs share them)")
         per_location = self.anchor_scales if self.anchor_sizes is None else self.anchor_sizes[0]
         self.num_anchors = len(per_location) * len(self.anchor_ratios)
         self.assign_args = (pos_iou_thr, neg_iou_thr, min_pos_iou)
@@ -189,7 +193,8 @@ class RPNHead(nn.Module):
         self, outputs: RPNOutputs, priors: Priors, image_sizes: Tensor | tuple[int, int], settings: ProposalSettings
     ) -> Proposals:
         """The best `settings.pre_nms` anchors of each level, decoded and clipped to each image (`image_sizes`:
-        [B, 2] (h, w), or one (h, w) for all), NMS per image and level, the `settings.post_nms` best per image."""
+        [B, 2] (h, w), or one (h, w) for all), those large and likely enough (`min_size`, `score_thr`), NMS per
+        image and level, the `settings.post_nms` best per image."""
         cls, reg = self.flatten(outputs)  # [B, N], [B, N, 4]
         batch = cls.shape[0]
         index, level = [], []
@@ -207,6 +212,8 @@ class RPNHead(nn.Module):
         keep = torch.ones_like(scores, dtype=torch.bool)
         if settings.min_size is not None:
             keep = large_enough(boxes, settings.min_size)  # [B, K]
+        if settings.score_thr > 0:
+            keep = keep & (scores >= settings.score_thr)
         image_index = torch.arange(batch, device=cls.device)[:, None].expand_as(index)  # [B, K]
         cand = Candidates(boxes[keep], scores[keep], level[keep], image_index[keep])
         rows, counts = nms_rows(cand, batch, len(priors.num_per_level), settings.iou, settings.post_nms)
