@@ -392,3 +392,21 @@ print("survived")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip().endswith("survived"), (done.returncode, done.stderr[-2000:])
+
+
+def test_nms_rows_are_compared_as_sets_not_by_position():
+    """Two detections whose scores differ by float rounding come out in either order: that is no difference; a box
+    that moved is, by how far it moved; a row missing from one side counts as far as its nearest row."""
+    reference = torch.tensor([[[10.0, 10, 50, 50, 0.9, 1], [60, 60, 90, 90, 0.8, 2], [0, 0, 0, 0, 0, 0]]])
+    swapped = reference.clone()
+    swapped[0, 0, 4] = swapped[0, 1, 4] = 0.85
+    tied = swapped[:, [1, 0, 2]].clone()
+    tied[0, 0, 4] += 1e-7
+    assert exporter.rows_diff(tied, swapped) < 1e-6
+    assert (tied - swapped).abs().max() > 40  # what a position-by-position check saw
+    moved = reference.clone()
+    moved[0, 1, :4] += 2.5
+    assert exporter.rows_diff(moved, reference) == pytest.approx(2.5)
+    missing = reference.clone()
+    missing[0, 1] = 0
+    assert exporter.rows_diff(missing, reference) == pytest.approx(50.0)  # to its nearest row, the first box
