@@ -1,6 +1,7 @@
 """CrossKD with Faster R-CNN through the Distiller and the KD method registry: the student's own losses unchanged,
 KD gradient only into the student (and the width adapter), the reference's weights, one-line errors for mismatched
-pairs and dense-only settings, and a distillation run on tiny digits."""
+pairs and dense-only settings, and a distillation run on tiny digits that, stopped after epoch 1 and resumed, ends
+like the uninterrupted one."""
 
 import csv
 import math
@@ -135,16 +136,41 @@ def checkpoint_of(root: Path, model_yaml: Path | str, name: str) -> Path:
     return path
 
 
-def test_distil_run_writes_kd_columns_and_student_only_best(work):
+class StopAfterFirstEpoch(Exception):
+    """Raised from a callback to leave the resumable last.pt of epoch 1 behind."""
+
+
+def distil_args(work: Path, name: str, **overrides):
+    """2 epochs of 2 iterations (batch 4 of 8 images), validation every epoch (it samples RoIs too)."""
+    settings = {"data": str(work / "data.yaml"), "imgsz": 64, "batch": 4, "epochs": 2, "workers": 0,
+                "device": "cpu", "project": str(work / "runs"), "name": name, "plots": False, "exist_ok": True}
+    return get_args({**settings, **overrides}, mode="distill")
+
+
+def final_state(trainer: DistillTrainer) -> dict[str, torch.Tensor]:
+    """The student's and the width adapters' tensors (the Distiller's state, no teacher), and the EMA's if any."""
+    ema = {f"ema.{k}": v for k, v in trainer.ema.module.state_dict().items()} if trainer.ema is not None else {}
+    return {**trainer.loss_module.state_dict(), **ema}
+
+
+def results_rows(run_dir: Path) -> list[dict[str, str]]:
+    """results.csv without its wall-clock column."""
+    with open(run_dir / "results.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k != "time"} for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(work) -> DistillTrainer:
+    """One uninterrupted crosskd+pkd run (a 96 wide teacher, so both width adapters train), finished."""
     teacher = checkpoint_of(work, wide_yaml(work), "frcnn_teacher")
-    args = get_args({"data": str(work / "data.yaml"), "imgsz": 64, "batch": 4, "epochs": 2, "workers": 0,
-                     "device": "cpu", "project": str(work / "runs"), "name": "frcnn", "plots": False,
-                     "exist_ok": True, "teacher": str(teacher), "model": SMALL, "kd": "crosskd+pkd"},
-                    mode="distill")
-    trainer = DistillTrainer(args)
+    trainer = DistillTrainer(distil_args(work, "frcnn", teacher=str(teacher), model=SMALL, kd="crosskd+pkd"))
     trainer.train()
-    with open(trainer.save_dir / "results.csv") as f:
-        rows = list(csv.DictReader(f))
+    return trainer
+
+
+def test_distil_run_writes_kd_columns_and_student_only_best(uninterrupted):
+    trainer = uninterrupted
+    rows = results_rows(trainer.save_dir)
     assert len(rows) == 2
     for key in ("kd_cls", "kd_reg", "kd_feat"):
         assert all(math.isfinite(float(row[f"train/{key}_loss"])) for row in rows)
@@ -154,6 +180,30 @@ def test_distil_run_writes_kd_columns_and_student_only_best(work):
     best = load_checkpoint(trainer.weights_dir / "best.pt")
     assert KD_STATE_KEY not in best
     assert set(best["model"]) == set(build_detector(SMALL, NC).state_dict())
+
+
+def test_resume_after_epoch_1_finishes_like_the_uninterrupted_run(work, uninterrupted):
+    """Stopped after epoch 1 and resumed, the run ends with the uninterrupted run's weights (student, adapters;
+    rtol 1e-5, as the dense resume tests) and results.csv: the RPN and R-CNN samplers draw from torch's generator,
+    whose state last.pt restores."""
+    stopped = DistillTrainer(distil_args(work, "frcnn-stopped", teacher=str(work / "frcnn_teacher.pt"), model=SMALL,
+                                         kd="crosskd+pkd"))
+
+    def stop(trainer: DistillTrainer) -> None:
+        raise StopAfterFirstEpoch
+
+    stopped.add_callback("on_fit_epoch_end", stop)
+    with pytest.raises(StopAfterFirstEpoch):
+        stopped.train()
+    resumed = DistillTrainer(distil_args(work, "ignored", resume=str(stopped.weights_dir / "last.pt")))
+    resumed.train()
+    assert resumed.state.start_epoch == 1 and resumed.save_dir == stopped.save_dir
+    expected = final_state(uninterrupted)
+    state = final_state(resumed)
+    assert set(state) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-7)
+    assert results_rows(resumed.save_dir) == results_rows(uninterrupted.save_dir)
 
 
 def test_cli_refuses_a_dense_teacher_for_a_faster_rcnn_student(work):
