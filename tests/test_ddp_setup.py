@@ -19,7 +19,7 @@ CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("model", ["gfl_r18t.yaml", "retinanet_r18s.yaml", "fcos_r18s.yaml", "atss_r18s.yaml",
-                                   "gfl_mobilenetv2.yaml"])
+                                   "gfl_mobilenetv2.yaml", "faster_rcnn_r18s.yaml"])
 def test_plain_training_reaches_every_trainable_parameter(model):
     detector = build_detector(model, nc=3).train()
     assert ddp.unused_parameters(DetectorLoss(detector), ddp.probe_batch(max(detector.strides), CPU)) == []
@@ -38,9 +38,10 @@ def test_kd_branch_leaves_one_side_of_the_width_adapter_unused(kd_branch, unused
     assert ddp.unused_parameters(distiller, ddp.probe_batch(128, CPU)) == unused
 
 
-def test_dry_check_changes_no_state():
+@pytest.mark.parametrize("model", ["retinanet_r18s.yaml", "faster_rcnn_r18s.yaml"])  # R-CNN: RPN and RoI samplers
+def test_dry_check_changes_no_state(model):
     """No .grad, no BatchNorm statistic, no RNG draw and the module's mode kept: the run is as without the check."""
-    detector = build_detector("retinanet_r18s.yaml", nc=3).train()
+    detector = build_detector(model, nc=3).train()
     buffers = {k: v.clone() for k, v in detector.state_dict().items()}
     rng = torch.get_rng_state()
     ddp.unused_parameters(DetectorLoss(detector), ddp.probe_batch(128, CPU))

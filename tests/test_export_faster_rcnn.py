@@ -1,5 +1,9 @@
 """Faster R-CNN export: the student alone to ONNX and TorchScript with proposals, RoIAlign, the R-CNN stage and NMS
-in the graph; parity with eager on inputs other than the traced one; predict and val through the exported file."""
+in the graph; parity with eager on inputs other than the traced one; predict and val through the exported file; a
+warning when the export's parity check compared empty outputs."""
+
+import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -80,3 +84,16 @@ def test_val_and_predict_run_the_exported_file(exported, tmp_path, write_digits_
                              "device": "cpu", "save": False, "project": str(tmp_path / "predict")}, mode="predict")
     results = list(Predictor(predict_args).stream())
     assert len(results) == 1 and len(results[0].boxes) > 0
+
+
+@pytest.mark.parametrize(("score", "warned"), [(0.0, True), (0.9, False)])
+def test_parity_on_no_detection_warns(monkeypatch, caplog, score, warned):
+    """A trained model finds nothing on the random check images: equal empty outputs (diff 0) prove nothing."""
+    monkeypatch.setattr(exporter, "latency_ms", lambda functions, images: {name: 1.0 for name in functions})
+    model = ExportModel(confident_detector(), nms=True, conf=CONF, max_det=MAX_DET)
+    images, rows = torch.rand(1, 3, 64, 64), torch.zeros(1, MAX_DET, 6)
+    rows[0, 0] = torch.tensor([1.0, 2.0, 30.0, 40.0, score, 3.0])
+    with caplog.at_level(logging.WARNING, logger="crosskd"):
+        diff = exporter.check_parity("ONNX:", model, SimpleNamespace(run=lambda images: rows), images, rows, "fp32")
+    assert diff == 0.0
+    assert ("parity compared empty outputs" in caplog.text) == warned

@@ -188,7 +188,8 @@ def check_parity(
     """Compare output0 of the written file, run by its inference `backend`, with PyTorch's `reference` [B, ...].
 
     Logs the largest difference and both latencies; raises when the difference exceeds the tolerance (an INT8 graph
-    has none: its check is AP on the val split).
+    has none: its check is AP on the val split). Warns when an NMS graph's reference holds no detection (a trained
+    model on the random check images): then equal outputs prove nothing.
     """
     reference = reference.float().cpu()
     output = backend.run(images).float().cpu()
@@ -204,6 +205,9 @@ def check_parity(
     LOGGER.info(f"{prefix} max abs diff {diff:.2e} vs PyTorch{checked}; {ours:.1f} ms vs PyTorch {torch_ms:.1f} ms "
                 f"per batch {tuple(images.shape)} (medians, each timed alone; PyTorch on {torch.get_num_threads()} "
                 "threads)")
+    if model.nms and not (reference[..., 4] > 0).any():  # rows [B, max_det, 6], score in column 4
+        LOGGER.warning(f"{prefix} parity compared empty outputs: no detection on the random check images scores above "
+                       f"conf={model.conf}; compare AP instead (crosskd val or crosskd benchmark)")
     if diff > tolerances[precision]:
         raise RuntimeError(f"{prefix} exported graph differs from PyTorch by {diff:.2e} "
                            f"(tolerance {tolerances[precision]:.1e})")

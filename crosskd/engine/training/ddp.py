@@ -178,16 +178,19 @@ def probe_batch(size: int, device: torch.device) -> Batch:
 def unused_parameters(module: nn.Module, batch: Batch) -> list[str]:
     """Names of the trainable parameters that the summed loss of `module(batch)` does not depend on.
 
-    One dry forward and `autograd.grad` in eval mode: no `.grad`, BatchNorm statistic or RNG state changes. What is
-    unused follows from the loss module's structure (e.g. kd_branch=cls leaves the reg side of a width adapter out),
-    not from the batch's values, so this one probe decides DDP's `find_unused_parameters`.
+    One dry forward and `autograd.grad` in eval mode: no `.grad`, BatchNorm statistic or RNG state changes (the RNG
+    is forked: Faster R-CNN's RPN and R-CNN samplers draw from it even in eval mode). What is unused follows from the
+    loss module's structure (e.g. kd_branch=cls leaves the reg side of a width adapter out), not from the batch's
+    values, so this one probe decides DDP's `find_unused_parameters`.
     """
     named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
     was_training = module.training
     module.train(False)
+    cuda = [batch.images.device] if batch.images.device.type == "cuda" else []
     try:
-        total = sum(module(batch).values())
-        grads = torch.autograd.grad(total, [p for _, p in named], allow_unused=True)
+        with torch.random.fork_rng(devices=cuda):
+            total = sum(module(batch).values())
+            grads = torch.autograd.grad(total, [p for _, p in named], allow_unused=True)
     finally:
         module.train(was_training)
     return [name for (name, _), grad in zip(named, grads, strict=True) if grad is None]
