@@ -410,3 +410,36 @@ def test_nms_rows_are_compared_as_sets_not_by_position():
     missing = reference.clone()
     missing[0, 1] = 0
     assert exporter.rows_diff(missing, reference) == pytest.approx(50.0)  # to its nearest row, the first box
+
+
+class RowsBackend:
+    """An exported file's stand-in whose NMS rows are `rows`."""
+
+    nms = True
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+
+    def run(self, images: torch.Tensor) -> torch.Tensor:
+        return self.rows
+
+
+class RowsModel:
+    nms, conf = True, 0.25
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(1)
+
+
+def test_an_fp16_nms_graph_that_kept_another_box_warns_and_fp32_refuses(monkeypatch, caplog):
+    """NMS inside an FP16 graph may keep another of two overlapping boxes (scores move by ~1e-3): a warning pointing
+    to AP; the same difference in float32 is a defect and stops the export."""
+    monkeypatch.setattr(exporter, "latency_ms", lambda functions, images: {name: 1.0 for name in functions})
+    reference = torch.tensor([[[10.0, 10, 50, 50, 0.9, 1], [0, 0, 0, 0, 0, 0]]])
+    other_box = torch.tensor([[[14.0, 10, 54, 50, 0.9, 1], [0, 0, 0, 0, 0, 0]]])
+    images = torch.zeros(1, 3, 64, 64)
+    diff = exporter.check_parity("OpenVINO FP16:", RowsModel(), RowsBackend(other_box), images, reference, "fp16")
+    assert diff == pytest.approx(4.0)
+    assert "compare AP instead" in caplog.text
+    with pytest.raises(RuntimeError, match="differs from PyTorch by 4.00e"):
+        exporter.check_parity("ONNX:", RowsModel(), RowsBackend(other_box), images, reference, "fp32")

@@ -188,7 +188,8 @@ def check_parity(
     """Compare output0 of the written file, run by its inference `backend`, with PyTorch's `reference` [B, ...].
 
     Logs the largest difference and both latencies; raises when the difference exceeds the tolerance (an INT8 graph
-    has none: its check is AP on the val split). Warns when an NMS graph's reference holds no detection (a trained
+    has none: its check is AP on the val split; an FP16 graph with NMS inside only warns, since rounding can change
+    NMS's choice among overlapping boxes). Warns when an NMS graph's reference holds no detection (a trained
     model on the random check images): then equal outputs prove nothing.
     """
     reference = reference.float().cpu()
@@ -209,8 +210,11 @@ def check_parity(
         LOGGER.warning(f"{prefix} parity compared empty outputs: no detection on the random check images scores above "
                        f"conf={model.conf}; compare AP instead (crosskd val or crosskd benchmark)")
     if diff > tolerances[precision]:
-        raise RuntimeError(f"{prefix} exported graph differs from PyTorch by {diff:.2e} "
-                           f"(tolerance {tolerances[precision]:.1e})")
+        message = f"{prefix} exported graph differs from PyTorch by {diff:.2e} (tolerance {tolerances[precision]:.1e})"
+        if not (precision == "fp16" and model.nms):
+            raise RuntimeError(message)
+        LOGGER.warning(f"{message}: FP16 moves scores by ~1e-3, enough for NMS inside the graph to keep another of "
+                       "two overlapping boxes; compare AP instead (crosskd val or crosskd benchmark)")
     return diff
 
 
