@@ -415,8 +415,6 @@ def test_nms_rows_are_compared_as_sets_not_by_position():
 class RowsBackend:
     """An exported file's stand-in whose NMS rows are `rows`."""
 
-    nms = True
-
     def __init__(self, rows: torch.Tensor):
         self.rows = rows
 

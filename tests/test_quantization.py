@@ -208,7 +208,9 @@ def test_a_large_int8_drop_warns_with_what_to_try(caplog):
     assert "drop +0.10 points" in caplog.text and "try calib_method" not in caplog.text
 
 
-def test_latency_sides_take_turns_each_timed_alone_after_a_pause():
+def test_latency_sides_take_turns_each_timed_alone_after_a_pause(monkeypatch):
+    monkeypatch.setattr(exporter, "LATENCY_ROUNDS", 3)  # the shipped turns and runs, not conftest's brief ones
+    monkeypatch.setattr(exporter, "LATENCY_MIN_RUNS", 6)
     calls = []  # (side, start, end)
 
     def side(name: str, seconds: float):

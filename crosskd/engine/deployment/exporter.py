@@ -148,16 +148,19 @@ def input_convention(detector: DenseDetector) -> InputConvention:
 
 
 def latency_ms(
-    functions: dict[str, Callable[[Tensor], object]], images: Tensor, seconds: float = LATENCY_SECONDS,
-    rounds: int = LATENCY_ROUNDS,
+    functions: dict[str, Callable[[Tensor], object]], images: Tensor, seconds: float | None = None,
+    rounds: int | None = None,
 ) -> dict[str, float]:
-    """Median wall time in ms of each `function(images)` (CUDA synchronised), each timed alone.
+    """Median wall time in ms of each `function(images)` (CUDA synchronised), each timed alone; `seconds` and `rounds`
+    default to LATENCY_SECONDS and LATENCY_ROUNDS.
 
     In each of `rounds` rounds every function takes its turn: a pause that lets the worker threads of whatever ran
     before go idle, warm-up calls (two in the first round, one after), then calls back to back for at least
     seconds / rounds and LATENCY_MIN_RUNS / rounds calls. The median is over every round's calls, so a function
     is never timed while another's threads compete, and a change in the machine's load falls on all of them.
     """
+    seconds = LATENCY_SECONDS if seconds is None else seconds
+    rounds = LATENCY_ROUNDS if rounds is None else rounds
     sync = torch.cuda.synchronize if images.device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in functions}
     for round_ in range(rounds):
@@ -177,7 +180,7 @@ def latency_ms(
     return {name: float(np.median(values)) * 1000 for name, values in times.items()}
 
 
-def median_ms(function: Callable[[Tensor], object], images: Tensor, seconds: float = LATENCY_SECONDS) -> float:
+def median_ms(function: Callable[[Tensor], object], images: Tensor, seconds: float | None = None) -> float:
     """`latency_ms` of one function."""
     return latency_ms({"function": function}, images, seconds)["function"]
 
@@ -196,7 +199,7 @@ def check_parity(
     output = backend.run(images).float().cpu()
     if output.shape != reference.shape:
         raise RuntimeError(f"{prefix} output shape {tuple(output.shape)} != PyTorch {tuple(reference.shape)}")
-    diff = (rows_diff(output, reference) if backend.nms else (output - reference).abs().max().item()) \
+    diff = (rows_diff(output, reference) if model.nms else (output - reference).abs().max().item()) \
         if output.numel() else 0.0
     tolerances = {"fp32": PARITY_TOL, "fp16": HALF_PARITY_TOL * max(1.0, reference.abs().max().item()),
                   "int8": math.inf}
