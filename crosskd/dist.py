@@ -39,9 +39,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def env_world_size() -> int:
+    """WORLD_SIZE set by torchrun (1 when not launched by it)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 def is_torchrun_worker() -> bool:
     """True in a process that torchrun started as one of several (WORLD_SIZE > 1): it joins a process group."""
-    return int(os.environ.get("WORLD_SIZE", 1)) > 1
+    return env_world_size() > 1
 
 
 def end_torchrun_worker(code: int) -> None:

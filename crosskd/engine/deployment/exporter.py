@@ -199,8 +199,7 @@ def check_parity(
     output = backend.run(images).float().cpu()
     if output.shape != reference.shape:
         raise RuntimeError(f"{prefix} output shape {tuple(output.shape)} != PyTorch {tuple(reference.shape)}")
-    diff = (rows_diff(output, reference) if model.nms else (output - reference).abs().max().item()) \
-        if output.numel() else 0.0
+    diff = output_diff(output, reference, model.nms)
     tolerances = {"fp32": PARITY_TOL, "fp16": HALF_PARITY_TOL * max(1.0, reference.abs().max().item()),
                   "int8": math.inf}
     with torch.no_grad():
@@ -219,6 +218,13 @@ def check_parity(
         LOGGER.warning(f"{message}: FP16 moves scores by ~1e-3, enough for NMS inside the graph to keep another of "
                        "two overlapping boxes; compare AP instead (crosskd val or crosskd benchmark)")
     return diff
+
+
+def output_diff(output: Tensor, reference: Tensor, nms: bool) -> float:
+    """Largest difference between two output0 tensors: element-wise for raw outputs, as sets of rows with NMS."""
+    if not output.numel():
+        return 0.0
+    return rows_diff(output, reference) if nms else (output - reference).abs().max().item()
 
 
 def rows_diff(output: Tensor, reference: Tensor) -> float:

@@ -18,7 +18,7 @@ from torch import nn
 
 from crosskd.config import get_args
 from crosskd.data import Batch, Sample, collate
-from crosskd.dist import is_dist
+from crosskd.dist import env_world_size, is_dist, is_torchrun_worker
 from crosskd.engine.training.interrupt import STOP_SIGNALS, exit_code
 from crosskd.errors import ConfigError
 from crosskd.settings import format_value
@@ -27,11 +27,6 @@ from crosskd.utils import LOGGER, colorstr, parse_device_list
 DDP_TIMEOUT = timedelta(hours=3)
 TIMEOUT_ENV = "CROSSKD_DDP_TIMEOUT"  # seconds a collective waits for the other processes before failing
 LOST_NODE_EXIT = 75  # sysexits EX_TEMPFAIL: a temporary failure, start the job again with resume=
-
-
-def env_world_size() -> int:
-    """WORLD_SIZE set by torchrun (1 when not launched by it)."""
-    return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def env_local_rank() -> int:
@@ -112,7 +107,7 @@ def run_forwarding_signals(command: list[str]) -> int:
 
 def init_distributed(device: torch.device) -> None:
     """Join torchrun's process group: NCCL on CUDA, gloo otherwise (e.g. device=cpu)."""
-    if is_dist() or env_world_size() <= 1:
+    if is_dist() or not is_torchrun_worker():
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
