@@ -39,6 +39,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_gather_object(obj: object) -> list:
+    """Every rank's `obj`, in rank order (`[obj]` without a process group); a collective."""
+    if not is_dist():
+        return [obj]
+    gathered: list = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def env_world_size() -> int:
     """WORLD_SIZE set by torchrun (1 when not launched by it)."""
     return int(os.environ.get("WORLD_SIZE", 1))

@@ -1,7 +1,8 @@
 """CrossKD with Faster R-CNN through the Distiller and the KD method registry: the student's own losses unchanged,
 KD gradient only into the student (and the width adapter), the reference's weights, one-line errors for mismatched
 pairs and dense-only settings, a distillation run on tiny digits that, stopped after epoch 1 and resumed, ends like
-the uninterrupted one, and a 2-process torchrun that matches one process where sampling leaves nothing to chance."""
+the uninterrupted one, and 2-process torchruns: one that matches one process where sampling leaves nothing to
+chance, and one stopped after epoch 1 whose resume ends like the uninterrupted run."""
 
 import csv
 import json
@@ -315,3 +316,56 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     assert max((weights[k].float() - v).abs().max().item() for k, v in start.items() if v.is_floating_point()) > 1e-3
     for part in ("model", KD_STATE_KEY):  # the student, the width adapter
         torch.testing.assert_close(last["ddp"][part], last["single"][part], rtol=2e-3, atol=1e-4)
+
+
+# A torchrun entry point: `crosskd` whose run stops resumably at the end of epoch 1, after last.pt is saved (each
+# process exits 143, torchrun 1)
+STOP_AFTER_EPOCH_1 = '''
+import sys
+from crosskd import cli
+from crosskd.engine.training.run_state import RunState
+stop_if_requested = RunState.stop_if_requested
+def stop_after_epoch_1(self):
+    if not self.in_epoch and self.trainer.epoch == 0:
+        self.stop_and_save("stopped by the test", 143)
+    stop_if_requested(self)
+RunState.stop_if_requested = stop_after_epoch_1
+cli.main(sys.argv[1:])
+'''
+
+
+def torchrun(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+
+
+@pytest.mark.slow
+def test_torchrun_resume_continues_each_ranks_sampling(tmp_path):
+    """Under a 2-process torchrun with the shipped (random) RPN and R-CNN samplers, a distillation stopped after
+    epoch 1 and resumed ends with the uninterrupted run's losses and weights: last.pt holds every rank's RNG states
+    (different ones: each rank samples with its own generator) and each rank takes up its own."""
+    square_digits(tmp_path)
+    for name, width in (("student", 16), ("teacher", 32)):
+        cfg = exhaustive_yaml(width)
+        cfg["head"].update({k: v for k, v in load_model_yaml(SMALL)[0]["head"].items() if k in EXHAUSTIVE_HEAD})
+        checkpoint_of(tmp_path, cfg, name)
+    runs = {}
+    for name, entry in (("uninterrupted", ["-m", "crosskd"]), ("stopped", ["stop_after_epoch_1.py"])):
+        (tmp_path / "stop_after_epoch_1.py").write_text(STOP_AFTER_EPOCH_1)
+        words = [f"{k}={v}" for k, v in {**ddp_settings(tmp_path, name), "epochs": 2}.items()]
+        runs[name] = torchrun(tmp_path, *entry, "distill", *words)
+    assert runs["uninterrupted"].returncode == 0, runs["uninterrupted"].stderr[-3000:]
+    stopped = runs["stopped"].stdout + runs["stopped"].stderr
+    assert "exitcode  : 143" in stopped and "stopped by the test: stopped at the end of epoch 1/2" in stopped, stopped
+    last = tmp_path / "stopped" / "weights" / "last.pt"
+    rank_rng = load_checkpoint(last)["rank_rng"]
+    assert len(rank_rng) == 2 and not torch.equal(rank_rng[0]["torch"], rank_rng[1]["torch"])
+
+    resumed = torchrun(tmp_path, "-m", "crosskd", "distill", f"resume={last}")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "from epoch 2 to 2" in resumed.stdout
+    assert ddp_losses(tmp_path / "stopped") == ddp_losses(tmp_path / "uninterrupted")
+    final = {run: load_checkpoint(tmp_path / run / "weights" / "last.pt") for run in ("stopped", "uninterrupted")}
+    for part in ("model", KD_STATE_KEY):
+        torch.testing.assert_close(final["stopped"][part], final["uninterrupted"][part], rtol=0, atol=0)

@@ -208,8 +208,8 @@ def test_nan_patience_stops_with_one_line_and_keeps_last_pt(tmp_path, write_digi
     saved = {}
     save_epoch = RunState.save_epoch
 
-    def save_and_remember(state):
-        save_epoch(state)
+    def save_and_remember(state, rank_rng=None):
+        save_epoch(state, rank_rng)
         saved[state.trainer.epoch] = (state.trainer.weights_dir / "last.pt").read_bytes()
 
     monkeypatch.setattr(RunState, "save_epoch", save_and_remember)

@@ -202,6 +202,7 @@ def strip_checkpoint(path: str | Path) -> Path:
     for key in TRAINING_STATE_KEYS:
         ckpt[key] = None
     ckpt.pop("rng", None)
+    ckpt.pop("rank_rng", None)
     ckpt.update(epoch=-1, ema_updates=0)
     save_checkpoint(ckpt, path)
     size_mb = path.stat().st_size / 1e6

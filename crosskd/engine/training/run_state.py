@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from crosskd.config import get_args
-from crosskd.dist import barrier, is_main_process, reduce_mean
+from crosskd.dist import all_gather_object, barrier, get_rank, get_world_size, is_main_process, reduce_mean
 from crosskd.engine.deployment.checkpoint import is_resumable, load_checkpoint, make_checkpoint, save_checkpoint
 from crosskd.engine.training import ddp
 from crosskd.engine.training.callbacks import trim_results_csv
@@ -89,13 +89,24 @@ class RunState:
         pending = (ckpt.get("scheduler") or {}).get("pending_gradients")
         if pending:
             trainer.restore_pending_gradients(pending)
-        if ckpt.get("rng") is not None and trainer.world_size == 1:
-            set_rng_state(ckpt["rng"])
+        self.restore_rng(ckpt)
         if is_main_process():
             trim_results_csv(trainer.save_dir / "results.csv", self.start_epoch)
             for path in remove_stale_temp_files(trainer.weights_dir):
                 LOGGER.info(f"Removed {path.name}, left by a save that was killed")
         self.log_resume(partial)
+
+    def restore_rng(self, ckpt: dict) -> None:
+        """Each rank takes up its own RNG states from the checkpoint, so that random draws inside the step (Faster
+        R-CNN's RPN and R-CNN samplers) continue as in an uninterrupted run. A checkpoint saved with another number of
+        processes, or without collectives (a lost node), leaves every rank but rank 0 with its fresh seed."""
+        states = ckpt.get("rank_rng") or [ckpt.get("rng")]  # rank_rng: [world_size] states of a DDP run
+        rank, world_size = get_rank(), get_world_size()
+        if len(states) != world_size and world_size > 1:
+            LOGGER.info(f"Resume: the checkpoint holds RNG states of {len(states)} process(es), this run has "
+                        f"{world_size}: ranks without one keep their fresh seed")
+        if rank < len(states) and states[rank] is not None:
+            set_rng_state(states[rank])
 
     def log_resume(self, partial: dict | None) -> None:
         epochs = self.trainer.args.epochs
@@ -122,9 +133,11 @@ class RunState:
         self.elapsed = self.elapsed_before + time.monotonic() - self.start_time
 
     # ------------------------------------------------------------------ checkpoints
-    def checkpoint(self, partial: dict | None = None) -> dict:
-        """The resumable state after epoch `trainer.epoch`, or with `partial` ({"batches", "loss_sums"}) inside it."""
+    def checkpoint(self, partial: dict | None = None, rank_rng: list[dict] | None = None) -> dict:
+        """The resumable state after epoch `trainer.epoch`, or with `partial` ({"batches", "loss_sums"}) inside it;
+        `rank_rng` holds the RNG states of every rank (`gather_rng_states`), by default this process's."""
         trainer = self.trainer
+        rank_rng = rank_rng or [get_rng_state()]
         ema = trainer.ema
         return make_checkpoint(
             trainer.model,
@@ -138,7 +151,8 @@ class RunState:
             ema_updates=ema.updates if ema is not None else 0,
             scheduler=self.scheduler_state(),
             train_metrics={**trainer.metrics, "fitness": trainer.fitness, "elapsed": self.elapsed},
-            rng=get_rng_state(),
+            rng=rank_rng[0],
+            rank_rng=rank_rng if len(rank_rng) > 1 else None,
             partial_epoch=partial,
             **trainer.checkpoint_extras(),
         )
@@ -154,11 +168,11 @@ class RunState:
     def iterations_done(self) -> int:
         return self.trainer.epoch * len(self.trainer.train_loader) + self.batches_done
 
-    def save_epoch(self) -> None:
+    def save_epoch(self, rank_rng: list[dict] | None = None) -> None:
         """best.pt when this epoch's fitness is the best, epoch{N}.pt every save_period, then last.pt every epoch: a
         resume reads last.pt, so a run killed between the files redoes the epoch and writes them again."""
         trainer = self.trainer
-        ckpt, weights, epoch = self.checkpoint(), trainer.weights_dir, trainer.epoch
+        ckpt, weights, epoch = self.checkpoint(rank_rng=rank_rng), trainer.weights_dir, trainer.epoch
         if trainer.fitness is not None and trainer.fitness == self.best_fitness:
             save_checkpoint(ckpt, weights / "best.pt")
         if trainer.args.save_period > 0 and (epoch + 1) % trainer.args.save_period == 0:
@@ -175,8 +189,9 @@ class RunState:
         partial = {"batches": self.batches_done, "loss_sums": dict(zip(self.loss_sums, sums.tolist(), strict=True)),
                    "skips": self.trainer.nonfinite.epoch_skips}
         self.update_elapsed()
+        rank_rng = gather_rng_states(collective)
         if is_main_process():
-            save_checkpoint(self.checkpoint(partial), self.trainer.weights_dir / "last.pt")
+            save_checkpoint(self.checkpoint(partial, rank_rng), self.trainer.weights_dir / "last.pt")
         if collective:
             barrier()
 
@@ -244,6 +259,12 @@ def resume_path(resume: bool | str) -> Path:
     if path is None:
         raise CheckpointError(f"resume=True but there is no last.pt under {runs_dir()}; pass resume=path/to/last.pt")
     return path
+
+
+def gather_rng_states(collective: bool = True) -> list[dict]:
+    """The RNG states of every rank in rank order (a collective under DDP), or with `collective=False` this rank's."""
+    own = get_rng_state()
+    return all_gather_object(own) if collective else [own]
 
 
 def get_rng_state() -> dict:

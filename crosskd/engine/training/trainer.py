@@ -45,7 +45,7 @@ from crosskd.engine.training.optim import (
 )
 from crosskd.engine.training.progress import EpochProgress, epoch_header
 from crosskd.engine.training.recipe import apply_recipe, multiscale_size, multiscale_sizes, step_generator
-from crosskd.engine.training.run_state import RunState
+from crosskd.engine.training.run_state import RunState, gather_rng_states
 from crosskd.errors import ConfigError, TrainingError
 from crosskd.models import DenseDetector
 from crosskd.models.pretrained import load_pretrained_weights, transfer_matching
@@ -247,9 +247,10 @@ class Trainer:
                     self.callbacks.run("on_train_epoch_end", self)
                     self.validate()
                     state.update_elapsed()
+                    rank_rng = gather_rng_states()
                     if is_main_process():
                         write_results_csv(self)  # before last.pt: a resume trims rows its checkpoint had not reached
-                        state.save_epoch()
+                        state.save_epoch(rank_rng)
                     state.in_epoch = False
                     self.callbacks.run("on_fit_epoch_end", self)
                     state.stop_if_requested()
