@@ -466,20 +466,21 @@ def train_and_record(run: Run, scale: Scale, out: Path) -> str | None:
 
 
 def execute(runs: list[Run], scale: Scale, out: Path, jobs: int) -> list[str]:
-    """Train every run whose metrics JSON is missing, `jobs` at a time, teachers first; returns the failed runs."""
+    """Train every run whose metrics JSON is missing, `jobs` at a time: teachers first, beside them the students that
+    distil from no teacher, then the distilled students; returns the failed runs."""
     todo = [run for run in runs if not metrics_path(out, run).is_file() or teacher_to_retrain(run, runs, out)]
     LOGGER.info(f"reproduce: {len(runs) - len(todo)} of {len(runs)} trainings finished earlier, {len(todo)} to run, "
                 f"{jobs} at a time; each training logs to <run dir>/train.log")
     load_data_yaml(data_yaml(scale, out))  # generate the digits once, before parallel trainings read them
-    teachers = [run for run in todo if run.settings["model"] in TEACHER_ROLES]
-    students = [run for run in todo if run.settings["model"] not in TEACHER_ROLES]
+    first = [run for run in todo if run.settings["model"] in TEACHER_ROLES or not run.settings.get("teacher")]
+    students = [run for run in todo if run not in first]
     threads = max(1, (os.cpu_count() or 1) // jobs)
     pool = None
     if jobs > 1:
         pool = ProcessPoolExecutor(jobs, get_context("spawn"), initializer=start_training_process, initargs=(threads,),
                                    max_tasks_per_child=1)  # each training in a fresh process: the code as it is now
     with pool or contextlib.nullcontext():
-        failed = run_group(teachers, scale, out, pool)
+        failed = run_group(first, scale, out, pool)
         failed += [f"{run.key}-seed{run.seed} (no teacher)" for run in students if teacher_missing(run, out)]
         failed += run_group([run for run in students if not teacher_missing(run, out)], scale, out, pool)
     return failed

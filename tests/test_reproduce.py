@@ -79,6 +79,20 @@ def test_table11_dry_run_lists_the_faster_rcnn_rows_with_the_papers_numbers(repr
     assert all("model=faster_rcnn_r18.yaml" in line and "epochs=12" in line for line in coco[1:]) and len(coco) == 4
 
 
+def test_execute_trains_the_undistilled_students_beside_the_teachers(reproduce, tmp_path, monkeypatch):
+    """The first group holds the teacher and the students alone (no core idles while a teacher trains), the second
+    the distilled students, which wait for their teacher's metrics."""
+    rows = [row for row in reproduce.experiment_rows(stacked_convs=2) if row.table == "11"]
+    runs = reproduce.plan_runs(rows, seeds=(0, 1))
+    groups = []
+    monkeypatch.setattr(reproduce, "load_data_yaml", lambda path: None)
+    monkeypatch.setattr(reproduce, "run_group", lambda group, *args: groups.append([r.key for r in group]) or [])
+    failed = reproduce.execute(runs, reproduce.SCALES["cpu"], tmp_path, jobs=1)
+    assert groups[0] == ["frcnn_teacher", "frcnn_student", "frcnn_student"]
+    assert groups[1] == []  # nothing trained: every distilled student lacks its teacher
+    assert len(failed) == 4 and all(name.endswith("(no teacher)") for name in failed)
+
+
 @pytest.mark.slow  # four tiny Faster R-CNN trainings, about 2 minutes on 2 cores
 def test_smoke_runs_table11_tiny(reproduce, tmp_path):
     out = tmp_path / "reproduce"
