@@ -222,6 +222,18 @@ def test_cpu_long_summary_writes_the_main_table_and_the_comparison(reproduce, tm
     assert not (tmp_path / "defaults.json").exists()  # summarising claims no folder
 
 
+def test_summary_of_some_rows_prints_them_and_keeps_every_table_in_the_file(reproduce, tmp_path, capsys):
+    crosskd = reproduce.run_key(reproduce.CROSSKD)
+    reproduce.write_json(tmp_path / "metrics" / f"{crosskd}-seed0.json",
+                         {"key": crosskd, "seed": 0, "final": {"AP": 23.0, "AP50": 30.0, "AP75": 25.0},
+                          "train_seconds": 60.0, "epochs": [{"epoch": 1, "AP": 23.0}]})
+    assert reproduce.main(["--rows", "table11", "--summary", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "### Table 11" in printed and "### Main comparison" not in printed
+    summary = (tmp_path / "summary.md").read_text()
+    assert "### Table 11" in summary and "### Table 1:" in summary and "| CrossKD | 1 | 23.0 | 30.0 |" in summary
+
+
 def test_a_teacher_without_its_checkpoint_is_trained_again_while_a_student_needs_it(reproduce, tmp_path):
     """A fresh clone has the teachers' metrics JSONs but not their .pt: students still to run need it retrained."""
     runs = reproduce.plan_runs([reproduce.Row("5", "teacher", {"model": "teacher"}),
