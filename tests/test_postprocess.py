@@ -5,10 +5,11 @@ import warnings
 
 import pytest
 import torch
+import torchvision
 from torch import Tensor, nn
 
 from crosskd.models import DenseDetector, build_detector
-from crosskd.models.postprocess import postprocess, select_detections, traceable_priors
+from crosskd.models.postprocess import grouped_nms, postprocess, select_detections, traceable_priors
 
 SMALL_MODELS = {"gfl": "gfl_r18t", "retinanet": "retinanet_r18s", "fcos": "fcos_r18s", "atss": "atss_r18s"}
 
@@ -65,6 +66,23 @@ def test_core_suppresses_within_image_and_class_only():
     assert counts.tolist() == [2, 1]
     assert rows[0, :2, 4].tolist() == pytest.approx([0.9, 0.7]) and rows[0, :2, 5].tolist() == [0, 1]
     assert rows[1, 0].tolist() == pytest.approx([1, 1, 11, 11, 0.6, 0])
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("num", [0, 30, 3000])  # 3000 boxes: batched_nms loops over groups; fewer: its offset trick
+def test_grouped_nms_eager_equals_the_traced_offset_trick(num):
+    """Eager `grouped_nms` (torchvision's batched_nms) keeps the boxes the traced one-`nms` version keeps, in the
+    same score order, with groups whose boxes overlap across groups (so a missing offset would suppress them)."""
+    generator = torch.Generator().manual_seed(1)
+    corners = torch.rand(num, 2, generator=generator) * 40
+    boxes = torch.cat([corners, corners + 8 + torch.rand(num, 2, generator=generator) * 16], 1)  # [num, 4]
+    scores = torch.rand(num, generator=generator)
+    groups = torch.randint(12, (num,), generator=generator)
+    eager = grouped_nms(boxes, scores, groups, 0.5)
+    traced = torch.jit.trace(lambda b, s, g: grouped_nms(b, s, g, 0.5), (boxes, scores, groups))(boxes, scores, groups)
+    assert torch.equal(eager, traced)
+    single = torchvision.ops.nms(boxes, scores, 0.5)
+    assert num == 0 or len(eager) > len(single)  # groups overlap: one nms over all would suppress more
 
 
 def test_nms_pre_zero_keeps_every_candidate():
