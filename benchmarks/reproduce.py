@@ -495,10 +495,13 @@ def start_training_process(threads: int) -> None:
 
 
 def stop_with_workers(signum: int, frame: Any) -> None:
-    """SIGTERM handler: end the training processes too, so a restart never races a leftover one."""
+    """SIGTERM handler: end the training processes too, so a restart never races a leftover one, and exit at once
+    (a SystemExit would wait in the pool's shutdown, which starts the queued trainings in new processes)."""
     for child in active_children():
         child.terminate()
-    sys.exit(128 + signum)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 def teacher_to_retrain(run: Run, runs: list[Run], out: Path) -> bool:
