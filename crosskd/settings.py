@@ -164,16 +164,16 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
                 example="weights"),
         Setting("exist_ok", "bool", False, "reuse an existing run directory instead of incrementing its name"),
         Setting("optimizer", "str", "auto", "optimizer; auto = the paper's SGD for runs of 10000 iterations or more, "
-                "else AdamW (cfg=coco_1x.yaml: the paper's COCO recipe); with nbs > 0 Ultralytics' rule: SGD (lr0 "
-                "0.01) past 10000 optimiser steps, else AdamW with lr0 round(0.002 * 5 / (4 + nc), 6), beta1 0.9",
-                choices=("auto", "SGD", "AdamW")),
+                "else AdamW (cfg=coco_1x.yaml: the paper's COCO recipe); with nbs > 0 Ultralytics 8.4's rule: MuSGD "
+                "(lr0 0.01) past 10000 optimiser steps, else AdamW with lr0 round(0.002 * 5 / (4 + nc), 6), beta1 0.9",
+                choices=("auto", "SGD", "AdamW", "MuSGD")),
         Setting("lr0", "float", None, "initial learning rate: for batch 16 and scaled linearly with batch (nbs=0), "
-                "or as it is (nbs > 0); empty = by optimizer: SGD 0.01, AdamW 0.004" + RECIPE_NOTE, low=0, high=1,
-                example="0.01"),
+                "or as it is (nbs > 0); empty = by optimizer: SGD 0.01, AdamW 0.004, MuSGD 0.01" + RECIPE_NOTE,
+                low=0, high=1, example="0.01"),
         Setting("lrf", "float", 0.01, "final learning rate as a fraction of lr0 (cosine schedule; lr_schedule="
                 "ultralytics: linear too)", low=0, high=1),
-        Setting("momentum", "float", 0.9, "SGD momentum / AdamW beta1" + RECIPE_NOTE, low=0, high=1),
-        Setting("nesterov", "bool", False, "Nesterov momentum for SGD" + RECIPE_NOTE),
+        Setting("momentum", "float", 0.9, "SGD and MuSGD momentum / AdamW beta1" + RECIPE_NOTE, low=0, high=1),
+        Setting("nesterov", "bool", False, "Nesterov momentum for SGD and MuSGD" + RECIPE_NOTE),
         Setting("weight_decay", "float", 0.0001, "optimizer weight decay (nbs > 0: scaled by batch x accumulation / "
                 "nbs)" + RECIPE_NOTE, low=0, high=1),
         Setting("norm_bias_decay", "bool", True, "weight decay on norm weights and biases too, one parameter group "

@@ -138,7 +138,7 @@ def test_auto_follows_ultralytics_rule_with_a_nominal_batch():
     short = resolve_run_length_defaults(args, 63, num_images=1000, nc=10)  # ceil(1000 / 64) x 100 = 1600 steps
     assert (short.optimizer, short.lr0, short.momentum, short.warmup_bias_lr) == ("AdamW", 0.000714, 0.9, 0.0)
     coco = resolve_run_length_defaults(args, 7393, num_images=118287, nc=80)  # 184900 steps
-    assert (coco.optimizer, coco.lr0, coco.momentum, coco.warmup_bias_lr) == ("SGD", 0.01, 0.937, 0.0)
+    assert (coco.optimizer, coco.lr0, coco.momentum, coco.warmup_bias_lr) == ("MuSGD", 0.01, 0.937, 0.0)
     typed = apply_recipe(get_args({"epochs": 100, "lr0": 0.002, "warmup_bias_lr": 0.05}, "train"),
                          {"recipe": "ultralytics"})
     kept = resolve_run_length_defaults(typed, 63, num_images=1000, nc=10)

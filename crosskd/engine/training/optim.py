@@ -18,17 +18,20 @@ import torch
 from torch import nn
 
 from crosskd.config import Args
+from crosskd.engine.training.musgd import MuSGD
 from crosskd.errors import ConfigError
 from crosskd.utils import LOGGER, colorstr
 
 NOMINAL_BATCH = 16  # lr0 is given for this total batch size (the paper's 8 GPUs x 2 images)
 EMA_TAU = 2000  # EMA decay ramps up as decay * (1 - exp(-updates / tau)) so early weights fade quickly
 AUTO_SGD_MIN_ITERS = 10_000  # optimizer=auto: the paper's SGD for runs this long (COCO 1x: ~88k), AdamW below
-DEFAULT_LR0 = {"SGD": 0.01, "AdamW": 0.004}  # lr0 (for batch 16) when lr0 is empty: the paper's SGD, the demo's AdamW
+DEFAULT_LR0 = {"SGD": 0.01, "AdamW": 0.004, "MuSGD": 0.01}  # lr0 (batch 16) when empty: the paper's SGD, the demo's
+# AdamW, Ultralytics' MuSGD
 WARMUP_FRACTION = 0.1  # a warmup_iters the user did not give is capped at this fraction of the run's iterations
-ULTRALYTICS_SGD_LR0 = 0.01  # optimizer=auto with nbs > 0 (Ultralytics' rule): SGD's lr0 for long runs
+ULTRALYTICS_MUSGD_LR0 = 0.01  # optimizer=auto with nbs > 0 (Ultralytics 8.4's rule): MuSGD's lr0 for long runs
 ULTRALYTICS_ADAMW_BETA1 = 0.9  # ... and AdamW's beta1 for short ones
 NORM_LAYERS = tuple(cls for name, cls in vars(nn).items() if isinstance(cls, type) and "Norm" in name)
+MUSGD_BOOST = 3.0  # MuSGD: the learning-rate factor of the parameters a model names (YOLO: the class branches)
 
 
 def scaled_lr(lr0: float, batch: int) -> float:
@@ -129,12 +132,13 @@ class EpochSchedule:
         """The learning rate without warm-up: that of the iteration's epoch."""
         return self.base_lr * self.factor(iteration // self.iters_per_epoch)
 
-    def __call__(self, iteration: int, bias: bool = False) -> float:
-        """The learning rate at `iteration` (0-based over the run) of the weights, or of the biases."""
+    def __call__(self, iteration: int, bias: bool = False, scale: float = 1.0) -> float:
+        """The learning rate at `iteration` (0-based over the run) of the weights, or of the biases, in a group whose
+        lr is `scale` times the schedule's (the biases' warm-up still starts at warmup_bias_lr, as Ultralytics')."""
         start = self.warmup_bias_lr if bias else 0.0
         if self.warmup_iters and iteration <= self.warmup_iters:
-            return interpolate(iteration, self.warmup_iters, start, self.regular(iteration))
-        return self.regular(iteration)
+            return interpolate(iteration, self.warmup_iters, start, self.regular(iteration) * scale)
+        return self.regular(iteration) * scale
 
     def momentum_at(self, iteration: int) -> float | None:
         """SGD's momentum at `iteration`; None when momentum has no warm-up."""
@@ -145,10 +149,11 @@ class EpochSchedule:
         return self.momentum
 
     def apply(self, optimizer: torch.optim.Optimizer, iteration: int) -> float:
-        """Set each group's learning rate (and SGD momentum) of `iteration`; returns the weights' learning rate."""
+        """Set each group's learning rate (times its `lr_scale`) and SGD momentum of `iteration`; returns the weights'
+        learning rate."""
         momentum = self.momentum_at(iteration)
         for group in optimizer.param_groups:
-            group["lr"] = self(iteration, bias=group.get("param_group") == "bias")
+            group["lr"] = self(iteration, bias=group.get("param_group") == "bias", scale=group.get("lr_scale", 1.0))
             if momentum is not None and "momentum" in group:
                 group["momentum"] = momentum
         return self(iteration)
@@ -237,21 +242,22 @@ def resolve_run_length_defaults(args: Args, iters_per_epoch: int, *, num_images:
 
 
 def canonical_optimizer(name: str) -> str:
-    """SGD or AdamW as DEFAULT_LR0 spells it, for any case of the name."""
+    """SGD, AdamW or MuSGD as DEFAULT_LR0 spells it, for any case of the name."""
     return next(key for key in DEFAULT_LR0 if key.lower() == name.lower())
 
 
 def resolve_ultralytics_auto(args: Args, num_images: int, nc: int) -> Args:
-    """optimizer=auto as Ultralytics 8.4 decides it: SGD (lr0 0.01) when ceil(num_images / max(batch, nbs)) x epochs
-    optimiser steps exceed AUTO_SGD_MIN_ITERS, else AdamW with lr0 round(0.002 x 5 / (4 + nc), 6) and beta1 0.9; the
-    biases' warm-up then starts at 0. Keys the user gave stay (Ultralytics' auto would override lr0 and momentum);
-    an explicit optimizer keeps lr0 (0.01 by the recipe, DEFAULT_LR0 when empty)."""
+    """optimizer=auto as Ultralytics 8.4 decides it: MuSGD (lr0 0.01) when ceil(num_images / max(batch, nbs)) x
+    epochs optimiser steps exceed AUTO_SGD_MIN_ITERS, else AdamW with lr0 round(0.002 x 5 / (4 + nc), 6) and beta1
+    0.9; the biases' warm-up then starts at 0. MuSGD's momentum is the warm-up's, which ends at `momentum`. Keys
+    the user gave stay (Ultralytics' auto would override lr0 and momentum); an explicit optimizer keeps lr0 (0.01 by
+    the recipe, DEFAULT_LR0 when empty)."""
     if args.optimizer.lower() != "auto":
         name = canonical_optimizer(args.optimizer)
         return args.with_values(optimizer=name, lr0=DEFAULT_LR0[name] if args.lr0 is None else args.lr0)
     steps = math.ceil(num_images / max(args.batch, args.nbs)) * args.epochs
-    name = "SGD" if steps > AUTO_SGD_MIN_ITERS else "AdamW"
-    fitted = {"optimizer": name, "lr0": ULTRALYTICS_SGD_LR0 if name == "SGD" else round(0.002 * 5 / (4 + nc), 6),
+    name = "MuSGD" if steps > AUTO_SGD_MIN_ITERS else "AdamW"
+    fitted = {"optimizer": name, "lr0": ULTRALYTICS_MUSGD_LR0 if name == "MuSGD" else round(0.002 * 5 / (4 + nc), 6),
               "momentum": ULTRALYTICS_ADAMW_BETA1 if name == "AdamW" else args.momentum, "warmup_bias_lr": 0.0}
     resolved = args.with_values(**{key: value for key, value in fitted.items()
                                    if key == "optimizer" or not args.typed(key)})
@@ -290,26 +296,48 @@ def build_schedule(args: Args, iters_per_epoch: int) -> LRSchedule | EpochSchedu
     )
 
 
-def parameter_groups(module: nn.Module, weight_decay: float, norm_bias_decay: bool) -> list:
+def parameter_groups(module: nn.Module, weight_decay: float, norm_bias_decay: bool, muon: bool = False,
+                     boosted: frozenset[int] = frozenset()) -> list:
     """The trainable parameters of `module` as the optimiser takes them: one plain list (every parameter decays), or
     Ultralytics' three named groups, in its order: `weight` (decay), `bn` (norm-layer weights, no decay), `bias` (every
-    bias, no decay)."""
-    if norm_bias_decay:
+    bias, no decay). With `muon` (MuSGD) the conv and linear weights form a fourth group, `muon` (decay, `use_muon`),
+    and each group is split as Ultralytics 8.4 splits it: the parameters whose ids are in `boosted` first, at
+    `lr_scale` MUSGD_BOOST, then the others (empty parts are left out)."""
+    if norm_bias_decay and not muon:
         return [p for p in module.parameters() if p.requires_grad]
-    groups = {"weight": [], "bn": [], "bias": []}
+    groups = {"weight": [], "bn": [], "bias": [], "muon": []}
     for layer in module.modules():
         for name, param in layer.named_parameters(recurse=False):
-            if not param.requires_grad:
-                continue
-            kind = "bias" if "bias" in name else "bn" if isinstance(layer, NORM_LAYERS) else "weight"
-            groups[kind].append(param)
-    decay = {"weight": weight_decay, "bn": 0.0, "bias": 0.0}
-    return [{"params": params, "weight_decay": decay[kind], "param_group": kind} for kind, params in groups.items()]
+            if param.requires_grad:
+                groups[parameter_kind(layer, name, param, muon, norm_bias_decay)].append(param)
+    decay = {"weight": weight_decay, "bn": 0.0, "bias": 0.0, "muon": weight_decay}
+    if not muon:
+        return [{"params": groups[kind], "weight_decay": decay[kind], "param_group": kind}
+                for kind in ("weight", "bn", "bias")]
+    split = []
+    for kind, params in groups.items():
+        for scale, part in ((MUSGD_BOOST, [p for p in params if id(p) in boosted]),
+                            (1.0, [p for p in params if id(p) not in boosted])):
+            if part:
+                split.append({"params": part, "weight_decay": decay[kind], "param_group": kind,
+                              "use_muon": kind == "muon", "lr_scale": scale})
+    return split
+
+
+def parameter_kind(layer: nn.Module, name: str, param: nn.Parameter, muon: bool, norm_bias_decay: bool) -> str:
+    """muon (MuSGD: every conv and linear weight), else bias, bn (norm-layer weights) or weight; with
+    `norm_bias_decay` (one decaying group) everything but the Muon weights is weight."""
+    if muon and param.ndim in (2, 4):
+        return "muon"
+    if norm_bias_decay:
+        return "weight"
+    return "bias" if "bias" in name else "bn" if isinstance(layer, NORM_LAYERS) else "weight"
 
 
 def build_optimizer(params: list, name: str, lr: float, momentum: float, weight_decay: float, nesterov: bool = False):
-    """SGD (the paper's; Nesterov's with `nesterov`) or AdamW over `params`: parameters or parameter groups (see
-    `parameter_groups`; optimizer=auto is resolved before, see `resolve_run_length_defaults`)."""
+    """SGD (the paper's; Nesterov's with `nesterov`), AdamW or MuSGD (Ultralytics 8.4's, `musgd.py`) over `params`:
+    parameters or parameter groups (see `parameter_groups`; optimizer=auto is resolved before, see
+    `resolve_run_length_defaults`)."""
     key = str(name).lower()
     if key == "sgd":
         if nesterov and momentum <= 0:
@@ -317,7 +345,9 @@ def build_optimizer(params: list, name: str, lr: float, momentum: float, weight_
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     if key == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
-    raise ConfigError(f"optimizer={name} is not supported; use optimizer=SGD or optimizer=AdamW")
+    if key == "musgd":
+        return MuSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    raise ConfigError(f"optimizer={name} is not supported; use optimizer=SGD, AdamW or MuSGD")
 
 
 def describe_optimizer(args: Args, lr: float, params: list, weight_decay: float) -> str:
@@ -325,15 +355,17 @@ def describe_optimizer(args: Args, lr: float, params: list, weight_decay: float)
     scaling = f" = lr0 {args.lr0} x batch {args.batch}/{NOMINAL_BATCH}" if args.nbs <= 0 else ""
     head = f"{args.optimizer}(lr={lr:.5g}{scaling}, momentum={args.momentum}{', nesterov' if args.nesterov else ''}"
     if params and isinstance(params[0], dict):
-        groups = ", ".join(f"{len(g['params'])} {g['param_group']}(decay={g['weight_decay']:.5g})" for g in params)
+        groups = ", ".join(f"{len(g['params'])} {g['param_group']}(decay={g['weight_decay']:.5g}"
+                           + (f", lr x{g['lr_scale']:g}" if g.get("lr_scale", 1.0) != 1.0 else "") + ")"
+                           for g in params)
         return f"{head}) with parameter groups {groups}"
     return f"{head}, weight_decay={weight_decay}), {len(params)} tensors"
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set `lr` on every parameter group."""
+    """Set `lr` (times the group's `lr_scale`, if any) on every parameter group."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 class ModelEMA:

@@ -193,7 +193,10 @@ class Trainer:
         accumulation, AMP scaler and optional EMA."""
         args = self.args
         weight_decay = effective_weight_decay(args)
-        params = parameter_groups(self.loss_module, weight_decay, args.norm_bias_decay)
+        muon = args.optimizer == "MuSGD"
+        boosted = getattr(self.model.head, "musgd_boosted_parameters", list)() if muon else []
+        params = parameter_groups(self.loss_module, weight_decay, args.norm_bias_decay, muon=muon,
+                                  boosted=frozenset(map(id, boosted)))
         self.optimizer = build_optimizer(params, args.optimizer, self.schedule.base_lr, args.momentum, weight_decay,
                                          nesterov=args.nesterov)
         self.accumulation = build_accumulation(args, len(self.train_loader), self.schedule.warmup_iters)

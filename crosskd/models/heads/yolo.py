@@ -138,6 +138,11 @@ class YOLOHead(DenseHead):
             nn.init.constant_(cls_pred.bias, math.log(5 / self.num_classes / (NOMINAL_IMAGE / stride) ** 2))
 
     # ----- the CrossKD seam, per level ------------------------------------------------------------------
+    def musgd_boosted_parameters(self) -> list[nn.Parameter]:
+        """The class branches and predictors, which Ultralytics' MuSGD trains at 3x the learning rate (its Detect
+        head's `cv3`)."""
+        return [*self.cls_branches.parameters(), *self.cls_preds.parameters()]
+
     def hold_channels(self, step: int, level: int = 0) -> tuple[int, int]:
         """Widths (cls, reg) of `forward_tower(x, step, level)`: the level's input width at step 0."""
         if step == 0:
