@@ -26,6 +26,8 @@ from crosskd.engine.deployment.checkpoint import KD_STATE_KEY, load_checkpoint, 
 from crosskd.engine.training.distill_trainer import DistillTrainer
 from crosskd.errors import CheckpointError, ConfigError
 from crosskd.models import build_detector, load_model_yaml
+from crosskd.models.two_stage import RoIHead
+from crosskd.models.two_stage import roi_head as roi_head_module
 
 SMALL = "faster_rcnn_r18s.yaml"  # FPN 64
 NC = 10
@@ -91,6 +93,39 @@ def test_student_losses_unchanged_and_kd_reaches_only_the_student(tmp_path):
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
     assert all(p.grad is None for p in teacher.parameters())
     assert not any(name.startswith("teacher") for name in distiller.state_dict())
+
+
+def test_cross_head_reuses_the_students_pooled_rois_with_the_same_result(monkeypatch):
+    """An equally wide pair whose R-CNN stages pool alike: the cross-head pass takes the student's own pooled RoI
+    features (one RoIAlign less per step) and gives the KD terms and FPN gradients of pooling the same maps again."""
+    torch.manual_seed(0)
+    student, teacher = build_detector(SMALL, 3).train(), build_detector(SMALL, 3)
+    with torch.no_grad():
+        teacher.head.roi_head.cls.weight.normal_(0, 0.5)
+    distiller = Distiller(student, teacher, kd="crosskd")
+    calls, pool = [], roi_head_module.multilevel_roi_align
+    monkeypatch.setattr(roi_head_module, "multilevel_roi_align", lambda *args: calls.append(1) or pool(*args))
+
+    def run() -> tuple[dict, list, int]:
+        student.zero_grad()
+        calls.clear()
+        batch = tiny_batch()
+        torch.manual_seed(1)
+        losses = distiller.loss(batch)
+        (losses["kd_cls"] + losses["kd_reg"]).backward()
+        grads = [p.grad.clone() for p in student.neck.parameters()]
+        return {k: v.detach() for k, v in losses.items()}, grads, len(calls)
+
+    reused = run()
+    monkeypatch.setattr(RoIHead, "pools_like", lambda self, other: False)
+    pooled_again = run()
+    assert (reused[2], pooled_again[2]) == (2, 3)  # the student's and the teacher's own; the cross-head's again
+    assert reused[0]["kd_cls"] > 0 and reused[0].keys() == pooled_again[0].keys()
+    for key, value in pooled_again[0].items():
+        torch.testing.assert_close(reused[0][key], value, rtol=1e-6, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in reused[1])
+    for ours, again in zip(reused[1], pooled_again[1], strict=True):
+        torch.testing.assert_close(ours, again, rtol=1e-5, atol=1e-7)
 
 
 def test_kd_branch_keeps_one_term(tmp_path):

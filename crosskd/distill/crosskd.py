@@ -212,11 +212,11 @@ class Distiller(nn.Module):
 
     def student_pass(self, batch: Any) -> tuple[dict[str, Tensor], StudentPass]:
         """The student's detection losses (exactly its own `loss(batch)`) and what the KD methods read of its pass:
-        a dense head split at kd_idx with its priors and targets, or a two-stage detector's FPN maps and sampled
-        training RoIs [K, 5]."""
+        a dense head split at kd_idx with its priors and targets, or a two-stage detector's FPN maps, sampled
+        training RoIs [K, 5] and their pooled features."""
         if self.student.two_stage:
             run = self.student.loss_and_rois(batch)
-            return dict(run.losses), StudentPass(run.feats, None, None, None, None, run.rois)
+            return dict(run.losses), StudentPass(run.feats, None, None, None, None, run.rois, run.roi_feats)
         s_head = self.student.head
         s_feats = self.student.extract_features(batch.images)
         holds, outputs = head_pass(s_head, s_feats, self.kd_idx, self.kd_hold)

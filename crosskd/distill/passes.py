@@ -29,6 +29,7 @@ class StudentPass(NamedTuple):
     priors: Priors | None
     targets: Targets | None
     rois: Tensor | None = None  # [K, 5] (image index, x1, y1, x2, y2): a two-stage student's sampled training RoIs
+    roi_feats: Tensor | None = None  # [K, C_s, roi, roi]: its R-CNN stage's pooled features at `rois`
 
 
 class TeacherPass(NamedTuple):

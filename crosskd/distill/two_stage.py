@@ -34,10 +34,12 @@ class CrossHeadOutputs(NamedTuple):
 
 
 def frcnn_cross_head(roi_head: RoIHead, student_feats: list[Tensor], teacher_feats: list[Tensor],
-                     rois: Tensor) -> CrossHeadOutputs:
+                     rois: Tensor, student_pooled: Tensor | None = None) -> CrossHeadOutputs:
     """The cross-head pass at RoIs [K, 5]: the teacher's RoI head `roi_head` on student FPN maps (gradient to the
-    student; already as wide as the teacher's) and on the teacher's own maps (detached)."""
-    cross = roi_head(roi_head.pool(student_feats, rois))
+    student; already as wide as the teacher's) and on the teacher's own maps (detached). `student_pooled`: the
+    student maps already pooled at `rois` as `roi_head.pool` would pool them (the student's own R-CNN input, when
+    the two heads pool alike and no adapter stands between), so RoIAlign is not run twice on the same maps."""
+    cross = roi_head(roi_head.pool(student_feats, rois) if student_pooled is None else student_pooled)
     with torch.no_grad():
         taught = roi_head(roi_head.pool(teacher_feats, rois))
     return CrossHeadOutputs(cross, RoIOutputs(taught.cls_score.detach(), taught.bbox_pred.detach()))

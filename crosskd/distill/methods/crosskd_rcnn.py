@@ -35,7 +35,9 @@ class RoICrossKD(KDMethod):
         s_maps = ctx.student.feats[: len(roi_head.strides)]  # the levels RoIAlign reads (P2–P5)
         if self.adapter is not None:
             s_maps = [self.adapter(x) for x in s_maps]  # [B, C_s, H, W] -> [B, C_t, H, W]
-        cross = frcnn_cross_head(roi_head, s_maps, ctx.teacher.feats, ctx.student.rois)
+        same_pool = self.adapter is None and roi_head.pools_like(ctx.student_head.roi_head)
+        pooled = ctx.student.roi_feats if same_pool else None  # the student's own RoIAlign of the same maps
+        cross = frcnn_cross_head(roi_head, s_maps, ctx.teacher.feats, ctx.student.rois, pooled)
         weights = self.setup.weights
         terms = frcnn_crosskd_losses(roi_head, cross, KD_T, weights.cls, weights.reg)
         return keep_branch(terms, self.setup.kd_branch)

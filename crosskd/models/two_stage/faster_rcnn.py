@@ -44,6 +44,7 @@ class TwoStageLoss(NamedTuple):
     losses: dict[str, Tensor]  # loss_rpn_cls, loss_rpn_box, loss_cls, loss_box
     feats: list[Tensor]  # FPN maps P2–P6, each [B, C, H/s, W/s]
     rois: Tensor  # [K, 5] the sampled training RoIs (image index, x1, y1, x2, y2)
+    roi_feats: Tensor  # [K, C, roi, roi] the R-CNN stage's pooled features at `rois`
 
 
 class FasterRCNNHead(nn.Module):
@@ -173,25 +174,25 @@ class FasterRCNN(DenseDetector):
         return self.loss_and_rois(batch).losses
 
     def loss_and_rois(self, batch: Any) -> "TwoStageLoss":
-        """`loss(batch)` with the FPN maps and the sampled training RoIs it used (what CrossKD's cross-head pass
-        feeds the teacher's R-CNN stage)."""
+        """`loss(batch)` with the FPN maps, the sampled training RoIs and their pooled features (what CrossKD's
+        cross-head pass feeds the teacher's R-CNN stage)."""
         feats = self.extract_features(batch.images)
         settings = self.head.rpn.train_proposals if self.training else self.head.rpn.test_proposals
-        losses, rois = self.losses_from(feats, batch, settings)
-        return TwoStageLoss(losses, feats, rois)
+        return TwoStageLoss(*self.losses_from(feats, batch, settings))
 
     def losses_from(
         self, feats: list[Tensor], batch: Any, settings: ProposalSettings
-    ) -> tuple[dict[str, Tensor], Tensor]:
-        """The four losses from FPN maps (RPN on its anchors, R-CNN on RoIs sampled from `settings`' proposals) and
-        those sampled RoIs [K, 5]."""
+    ) -> tuple[dict[str, Tensor], list[Tensor], Tensor, Tensor]:
+        """The four losses from FPN maps (RPN on its anchors, R-CNN on RoIs sampled from `settings`' proposals), the
+        maps, those sampled RoIs [K, 5] and their pooled features [K, C, roi, roi]."""
         rpn, roi_head = self.head.rpn, self.head.roi_head
         rpn_out = rpn(feats)
         priors = rpn.priors([tuple(f.shape[-2:]) for f in feats], batch.images.device)
         losses = rpn.loss(rpn_out, priors, batch)
         sampled = self.sample_from(rpn_out, priors, batch, settings)
-        losses |= roi_head.loss(roi_head(roi_head.pool(feats, sampled.rois)), sampled)
-        return losses, sampled.rois
+        pooled = roi_head.pool(feats, sampled.rois)
+        losses |= roi_head.loss(roi_head(pooled), sampled)
+        return losses, feats, sampled.rois, pooled
 
     def sampled_rois(self, feats: list[Tensor], batch: Any, settings: ProposalSettings) -> SampledRoIs:
         """The RoIs the R-CNN stage trains on for FPN maps `feats` (`settings`' proposals sampled against the

@@ -136,6 +136,11 @@ class RoIHead(nn.Module):
         return multilevel_roi_align(levels, rois, self.strides, self.roi_size, self.sampling_ratio, self.aligned,
                                     self.finest_scale)
 
+    def pools_like(self, other: "RoIHead") -> bool:
+        """True when `pool` of the two heads is one function (the same levels and RoIAlign settings)."""
+        settings = ("strides", "roi_size", "sampling_ratio", "aligned", "finest_scale")
+        return all(getattr(self, name) == getattr(other, name) for name in settings)
+
     @property
     def num_steps(self) -> int:
         """Shared steps of the R-CNN tower: the convs, then the FCs."""
