@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torchvision.ops import roi_align
+
+from crosskd.ops.roi_align import roi_align
 
 LEVEL_EPS = 1e-6  # absorbs float error at exact powers of two (torchvision's LevelMapper eps)
 
