@@ -17,6 +17,9 @@ Sections (each compares two sides called alternately, so machine noise falls on 
   d  images/s through the real loader (build_dataloader, its workers, digits data, demo settings) vs images/s of
      training steps at the same batch and size
   e  validation images/s including COCO evaluation (the Validator) vs the model's predictions alone
+  roi  Faster R-CNN on CPU: crosskd's RoIAlign (torchvision's forward, its own separable backward) vs torchvision's
+     roi_align forward + backward on one level (4096 RoIs), and a faster_rcnn_r18s train step (batch 8, 128 px) with
+     either inside; CPU only (CUDA runs torchvision's op on both sides)
   compile  a train step with and without `compile=True` (crosskd.engine.training.compile), plus the first call's cost
   loader  the training loader at COCO image size (640, mosaic 1.0, Ultralytics' default augmentation) with workers 1
      and 2 and cache none/ram/disk, vs Ultralytics' own loader on the same images when a Python with ultralytics is
@@ -45,6 +48,8 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
 
 import numpy as np
 import torch
@@ -64,10 +69,12 @@ from crosskd.engine.evaluation.validator import Validator
 from crosskd.engine.training.compile import compile_detector
 from crosskd.errors import UserError
 from crosskd.models import DenseDetector, build_detector, load_model_yaml
+from crosskd.ops import roi as roi_module
+from crosskd.ops.roi_align import roi_align as crosskd_roi_align
 from crosskd.utils import LOGGER
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results" / "speed"
-SECTIONS = ("a", "b", "c", "d", "e", "compile", "loader")
+SECTIONS = ("a", "b", "c", "d", "e", "roi", "compile", "loader")
 NUM_CLASSES = 80
 CONF, IOU, MAX_DET, NMS_PRE = 0.05, 0.5, 100, 1000  # the same post-processing on both sides of section a
 LR = 1e-5  # small enough that random-init models stay finite over the timed steps
@@ -476,6 +483,9 @@ TABLES = {  # section -> (title, columns: (JSON key, header, format))
         ("model", "model", "{}"), ("batch", "batch", "{}"), ("workers", "workers", "{}"),
         ("loader_first_pass_ips", "loader img/s (1st pass)", "{:.0f}"), ("loader_ips", "loader img/s", "{:.0f}"),
         ("train_ips", "train img/s", "{:.1f}"), ("ratio", "loader/train", "{:.1f}")]),
+    "roi": ("roi. Faster R-CNN on CPU: crosskd's RoIAlign backward vs torchvision's", [
+        ("what", "", "{}"), ("ours_ms", "ours ms", "{:.1f}"), ("torchvision_ms", "tv ms", "{:.1f}"),
+        ("ratio", "ours/tv", "{:.2f}")]),
     "e": ("e. validation incl. COCO evaluation vs predictions alone", [
         ("model", "model", "{}"), ("images", "images", "{}"), ("val_ips", "val img/s", "{:.1f}"),
         ("predict_ips", "predict img/s", "{:.1f}"), ("ratio", "val/predict", "{:.2f}")]),
@@ -564,7 +574,49 @@ def run_section(section: str, plan: Plan, device: torch.device, data: Path | Non
         return {"c": section_c, "d": section_d, "e": section_e}[section](plan, device, data)
     if section == "compile":
         return section_compile(plan, device)
+    if section == "roi":
+        return section_roi(plan, device)
     return {"a": section_a, "b": section_b}[section](plan, device)
+
+
+def section_roi(plan: Plan, device: torch.device) -> list[dict]:
+    """RoIAlign forward + backward and a Faster R-CNN train step with crosskd's backward vs torchvision's (CPU)."""
+    if device.type != "cpu":
+        return [{"skipped": "CUDA runs torchvision's roi_align on both sides"}]
+    generator = torch.Generator().manual_seed(0)
+    images, channels, side, count = (2, 16, 16, 256) if plan.quick else (8, 64, 32, 4096)
+    feat = torch.randn(images, channels, side, side, generator=generator, requires_grad=True)
+    corner = torch.rand(count, 2, generator=generator) * side * 4
+    rois = torch.cat([torch.randint(images, (count, 1), generator=generator).float(), corner,
+                      corner + 4 + torch.rand(count, 2, generator=generator) * side * 2], dim=1)
+    upstream = torch.randn(count, channels, 7, 7, generator=generator)
+
+    def op(fn: Callable) -> Callable[[], None]:
+        return lambda: torch.autograd.grad(fn(feat, rois, 7, 0.25, 0, True), feat, upstream)
+
+    timed = alternate({"ours": op(crosskd_roi_align), "torchvision": op(torchvision.ops.roi_align)}, plan, device)
+    rows = [{"what": f"RoIAlign fwd+bwd, {count} RoIs", "ours_ms": timed["ours"].seconds * 1e3,
+             "torchvision_ms": timed["torchvision"].seconds * 1e3}]
+    torch.manual_seed(0)
+    model = build_detector("faster_rcnn_r18s.yaml", 10).train()
+    size, batch = (64, 2) if plan.quick else (128, 8)
+    boxes = torch.tensor([[10.0, 12.0, 50.0, 60.0], [60.0, 20.0, 110.0, 90.0]]) * size / 128
+    sample = SimpleNamespace(images=torch.rand(batch, 3, size, size, generator=generator),
+                             gt_boxes=boxes.expand(batch, 2, 4).clone(), gt_labels=torch.tensor([[1, 2]] * batch),
+                             img_sizes=torch.tensor([[size, size]] * batch))
+    step = train_step(lambda: model.loss(sample), list(model.parameters()), device)
+
+    def step_with(fn: Callable) -> Callable[[], None]:
+        def call() -> None:
+            with mock.patch.object(roi_module, "roi_align", fn):
+                step()
+        return call
+
+    timed = alternate({"ours": step_with(crosskd_roi_align), "torchvision": step_with(torchvision.ops.roi_align)},
+                      plan, device)
+    rows.append({"what": f"faster_rcnn_r18s train step, batch {batch}, {size} px",
+                 "ours_ms": timed["ours"].seconds * 1e3, "torchvision_ms": timed["torchvision"].seconds * 1e3})
+    return [{**row, "ratio": ratio(row["ours_ms"], row["torchvision_ms"])} for row in rows]
 
 
 def section_compile(plan: Plan, device: torch.device) -> list[dict]:

@@ -11,6 +11,7 @@ NUMBERS = {  # per section: the keys that must hold a finite number in every row
     "c": ("runtime_ms", "eager_ms", "speedup"),
     "d": ("loader_first_pass_ips", "loader_ips", "train_ips", "ratio"),
     "e": ("val_ips", "predict_ips", "ratio"),
+    "roi": ("ours_ms", "torchvision_ms", "ratio"),
     "compile": ("eager_ms", "compiled_ms", "speedup", "first_call_s"),
     "loader": ("crosskd_ips", "crosskd_build_s", "train_ips_demo", "train_ips_loader_size", "loader_over_train_demo"),
 }
