@@ -48,7 +48,6 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from unittest import mock
 
 import numpy as np
@@ -600,10 +599,7 @@ def section_roi(plan: Plan, device: torch.device) -> list[dict]:
     torch.manual_seed(0)
     model = build_detector("faster_rcnn_r18s.yaml", 10).train()
     size, batch = (64, 2) if plan.quick else (128, 8)
-    boxes = torch.tensor([[10.0, 12.0, 50.0, 60.0], [60.0, 20.0, 110.0, 90.0]]) * size / 128
-    sample = SimpleNamespace(images=torch.rand(batch, 3, size, size, generator=generator),
-                             gt_boxes=boxes.expand(batch, 2, 4).clone(), gt_labels=torch.tensor([[1, 2]] * batch),
-                             img_sizes=torch.tensor([[size, size]] * batch))
+    sample = synthetic_batch(batch, size, 10)
     step = train_step(lambda: model.loss(sample), list(model.parameters()), device)
 
     def step_with(fn: Callable) -> Callable[[], None]:

@@ -13,6 +13,8 @@ map gradient channels-last (`index_add_` of C-vectors), RoIs of like size in one
 torchvision's; CUDA and traced graphs (ONNX, TorchScript) use torchvision's op throughout.
 """
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 from torchvision.ops import roi_align as torchvision_roi_align
@@ -67,12 +69,12 @@ def roi_align_feature_grad(grad: Tensor, rois: Tensor, shape: torch.Size, output
     return flat.view(batch, height, width, channels).permute(0, 3, 1, 2)
 
 
-class AxisWeights:
+class AxisWeights(NamedTuple):
     """Per RoI, the weights [K, S, L] of its S bins on a window of L map lines starting at `index[:, 0]`, and the
     window's line indices [K, L] (clamped into the map where the window runs past it; their weights are 0)."""
 
-    def __init__(self, weights: Tensor, index: Tensor) -> None:
-        self.weights, self.index = weights, index
+    weights: Tensor
+    index: Tensor
 
 
 def axis_weights(start: Tensor, end: Tensor, size: int, bins: int, sampling_ratio: int, aligned: bool) -> AxisWeights:
@@ -85,10 +87,11 @@ def axis_weights(start: Tensor, end: Tensor, size: int, bins: int, sampling_rati
         length = length.clamp(min=1.0)
     bin_length = length / bins  # [K]
     counts = torch.full_like(start, sampling_ratio) if sampling_ratio > 0 else torch.ceil(bin_length)  # [K]
+    per_bin = counts.clamp(min=1)[:, None, None]  # [K, 1, 1] samples per bin, at least 1 to divide by
     most = max(int(counts.max().item()), 1)
     grid = torch.arange(most, dtype=start.dtype, device=start.device)  # [G]
     bin_start = start[:, None] + torch.arange(bins, dtype=start.dtype, device=start.device) * bin_length[:, None]
-    samples = bin_start[:, :, None] + (grid + 0.5) * bin_length[:, None, None] / counts.clamp(min=1)[:, None, None]
+    samples = bin_start[:, :, None] + (grid + 0.5) * bin_length[:, None, None] / per_bin
     used = (grid[None, None] < counts[:, None, None]) & (samples >= -1.0) & (samples <= size)  # [K, S, G]
     position = samples.clamp(min=0.0)
     low = position.floor().long()
@@ -96,7 +99,7 @@ def axis_weights(start: Tensor, end: Tensor, size: int, bins: int, sampling_rati
     low = low.clamp(max=size - 1)
     high = torch.where(at_end, low, low + 1)
     frac = torch.where(at_end, torch.zeros_like(position), position - low.to(position.dtype))
-    scale = used.to(position.dtype) / counts.clamp(min=1)[:, None, None]  # 1 / count per used sample
+    scale = used.to(position.dtype) / per_bin  # 1 / count per used sample
     first = torch.where(used, low, torch.full_like(low, size)).amin(dim=(1, 2)).clamp(max=size - 1)  # [K]
     last = torch.where(used, high, torch.full_like(high, -1)).amax(dim=(1, 2))  # [K]
     span = max(int((last - first).max().item()) + 1, 1)
