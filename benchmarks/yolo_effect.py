@@ -104,6 +104,7 @@ RUNS = [  # in the order they start: each crosskd run beside the matching Ultral
     Run("ultralytics", "distill_model", {"model": "yolo11n.yaml", "pretrained": False}, teacher="teacher"),
     Run("crosskd", "crosskd", {"model": "yolo11n.yaml", "kd": "crosskd"}, teacher="teacher"),
 ]
+CROSSKD = RUNS[-1]
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -197,11 +198,10 @@ def train(out: Path, data: dict[str, Path], run: Run, seed: int, peer: list[str]
     return f"{label}: AP {record['AP']} (own {record['own_AP']}), {record['epoch_s']} s/epoch"
 
 
-def execute(out: Path, seeds: list[int], jobs: int, peer: list[str], names: list[str]) -> None:
-    """The RUNS named `names` (both sides'): teachers first, then students and distillation, each crosskd run beside
-    its Ultralytics counterpart."""
+def execute(out: Path, seeds: list[int], jobs: int, peer: list[str], chosen: list[Run]) -> None:
+    """The `chosen` runs: teachers first, then students and distillation, each crosskd run beside its Ultralytics
+    counterpart."""
     data = prepare_data(out)
-    chosen = [run for run in RUNS if run.name in names]
     teachers = [run for run in chosen if run.name == "teacher"]
     for group in (teachers, [run for run in chosen if run not in teachers]):
         todo = [(run, seed) for seed in seeds for run in group]
@@ -252,12 +252,19 @@ def step_line(out: Path) -> list[str]:
             f"ms, ratio {row['ratio']:.2f} (target ≤ 1.0: {verdict})"]
 
 
+def found_variants(out: Path) -> list[Run]:
+    """The CrossKD variants (`--variant`) with results in `out` that RUNS does not list."""
+    known = {run.name for run in RUNS}
+    names = {path.name.removeprefix("crosskd-").rsplit("-seed", 1)[0] for path in out.glob("crosskd-crosskd-*.json")}
+    return [Run("crosskd", name, {}, teacher="teacher") for name in sorted(names - known)]
+
+
 def summary(out: Path) -> str:
     """Per run: AP by crosskd's validator, the tool's own AP and seconds per epoch (mean ± seed spread); targets."""
     epochs = sorted({r["epochs"] for path in out.glob("*-seed*.json") for r in [json.loads(path.read_text())]})
     lines = [f"epochs {epochs}, imgsz {COMMON['imgsz']}, batch {COMMON['batch']}; n = seeds found", "",
              "| side | run | AP (crosskd val) | own AP | s/epoch |", "|---|---|---|---|---|"]
-    for run in RUNS:
+    for run in [*RUNS, *found_variants(out)]:
         found = results(out, run.side, run.name)
         lines.append(f"| {run.side} | {run.name} | {cell([r['AP'] for r in found])} | "
                      f"{cell([r['own_AP'] for r in found])} | "
@@ -344,6 +351,12 @@ def coco_commands() -> str:
 
 
 # ---------------------------------------------------------------------------------------------- main
+def variant(settings: list[str]) -> Run:
+    """crosskd's CrossKD student with extra distill settings (key=value ...), named after them."""
+    extra = dict(item.split("=", 1) for item in settings)
+    return Run("crosskd", "-".join(["crosskd", *settings]), {**CROSSKD.settings, **extra}, teacher="teacher")
+
+
 def peer_python(choice: str) -> list[str]:
     """The command prefix running Ultralytics; stops with one line when there is none."""
     python = find_ultralytics(choice)
@@ -360,6 +373,10 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
     parser.add_argument("--runs", nargs="+", choices=sorted({run.name for run in RUNS}),
                         default=[run.name for run in RUNS], help="which runs to train (both sides'; default all)")
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES), help="whose runs to train")
+    parser.add_argument("--variant", nargs="+", metavar="KEY=VALUE",
+                        help="also train crosskd's CrossKD student with these distill settings (e.g. kd_weight=4), "
+                             "as the run crosskd-KEY=VALUE")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="per training (a quick check: 2)")
     parser.add_argument("--threads", type=int, default=min(8, max(1, (os.cpu_count() or 2) - 1)),
@@ -373,10 +390,14 @@ def main() -> None:
         print(coco_commands())
         return
     COMMON.update(epochs=args.epochs, close_mosaic=close_mosaic(args.epochs))
+    chosen = [run for run in RUNS if run.name in args.runs and run.side in args.sides]
+    if args.variant:
+        chosen.append(variant(args.variant))
     if not args.summary:
-        peer = peer_python(args.ultralytics_python)
+        needs_peer = any(run.side == "ultralytics" for run in chosen) or "step" in args.sections
+        peer = peer_python(args.ultralytics_python) if needs_peer else []
         if "train" in args.sections:
-            execute(args.out, args.seeds, args.jobs, peer, args.runs)
+            execute(args.out, args.seeds, args.jobs, peer, chosen)
         if "step" in args.sections:
             time_step(args.out, peer, args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

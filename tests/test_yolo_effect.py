@@ -68,6 +68,18 @@ def test_commands_resume_from_last_pt_and_name_each_sides_teacher(bench, tmp_pat
     assert json.loads(bench.command(tmp_path, data, distill, 1, ["peer-python"])[3]) == {"resume": str(lasts[1])}
 
 
+def test_a_variant_is_crosskd_with_extra_settings_and_joins_the_summary_once_it_has_results(bench, tmp_path):
+    run = bench.variant(["kd_weight=4", "kd_cls_loss=bce"])
+    assert run.name == "crosskd-kd_weight=4-kd_cls_loss=bce" and run.teacher == "teacher"
+    assert run.settings == {"model": "yolo11n.yaml", "kd": "crosskd", "kd_weight": "4", "kd_cls_loss": "bce"}
+    data = {"crosskd": tmp_path / "c.yaml", "ultralytics": tmp_path / "u.yaml"}
+    assert {"kd=crosskd", "kd_weight=4", "kd_cls_loss=bce"} <= set(bench.command(tmp_path, data, run, 0, []))
+    assert bench.found_variants(tmp_path) == []
+    write_results(bench, tmp_path, {("crosskd", run.name): [30, 32], ("crosskd", "crosskd"): [25]})
+    assert [found.name for found in bench.found_variants(tmp_path)] == [run.name]
+    assert f"| crosskd | {run.name} | 31.0 ± 1.4 (n=2) |" in bench.summary(tmp_path)
+
+
 def test_coco_commands_cover_both_tools_and_teachers(bench):
     text = bench.coco_commands()
     for teacher in ("yolo11m", "yolo11s"):
@@ -83,14 +95,15 @@ def test_toy_study_trains_both_sides_and_evaluates_them_with_crosskd(bench, tmp_
     monkeypatch.setitem(bench.DATA, "imgsz", 64)
     monkeypatch.setattr(bench, "COMMON", {**bench.COMMON, "epochs": 1, "imgsz": 64, "batch": 4})
     monkeypatch.setitem(os.environ, "YOLO_OFFLINE", "1")
-    bench.execute(tmp_path, [0], 2, ultralytics_python(), ["student"])  # both sides' students only
+    students = [run for run in bench.RUNS if run.name == "student"]  # both sides'
+    bench.execute(tmp_path, [0], 2, ultralytics_python(), students)
     for side in ("crosskd", "ultralytics"):
         record = json.loads((tmp_path / f"{side}-student-seed0.json").read_text())
         assert 0 <= record["AP"] <= 100 and 0 <= record["own_AP"] <= 100 and record["epoch_s"] is None
         assert (tmp_path / side / "student" / "seed0" / "crosskd_val").is_dir()  # crosskd's validator ran on it
     logs = {side: (tmp_path / side / "student" / "seed0" / "train.log").stat().st_size
             for side in ("crosskd", "ultralytics")}
-    bench.execute(tmp_path, [0], 2, ["no-such-python"], ["student"])  # finished: skipped, not trained again
+    bench.execute(tmp_path, [0], 2, ["no-such-python"], students)  # finished: skipped, not trained again
     assert logs == {side: (tmp_path / side / "student" / "seed0" / "train.log").stat().st_size for side in logs}
     assert "| ultralytics | student | " in bench.summary(tmp_path)
 
