@@ -104,7 +104,6 @@ RUNS = [  # in the order they start: each crosskd run beside the matching Ultral
     Run("ultralytics", "distill_model", {"model": "yolo11n.yaml", "pretrained": False}, teacher="teacher"),
     Run("crosskd", "crosskd", {"model": "yolo11n.yaml", "kd": "crosskd"}, teacher="teacher"),
 ]
-CROSSKD = RUNS[-1]
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -253,9 +252,9 @@ def step_line(out: Path) -> list[str]:
 
 
 def found_variants(out: Path) -> list[Run]:
-    """The CrossKD variants (`--variant`) with results in `out` that RUNS does not list."""
+    """The distilled-student variants (`--variant`) with results in `out` that RUNS does not list."""
     known = {run.name for run in RUNS}
-    names = {path.name.removeprefix("crosskd-").rsplit("-seed", 1)[0] for path in out.glob("crosskd-crosskd-*.json")}
+    names = {path.name.removeprefix("crosskd-").rsplit("-seed", 1)[0] for path in out.glob("crosskd-*-*=*.json")}
     return [Run("crosskd", name, {}, teacher="teacher") for name in sorted(names - known)]
 
 
@@ -351,10 +350,11 @@ def coco_commands() -> str:
 
 
 # ---------------------------------------------------------------------------------------------- main
-def variant(settings: list[str]) -> Run:
-    """crosskd's CrossKD student with extra distill settings (key=value ...), named after them."""
+def variant(base: str, settings: list[str]) -> Run:
+    """crosskd's distilled student `base` (crosskd or sl2) with extra settings (key=value ...), named after them."""
+    run = next(run for run in RUNS if run.side == "crosskd" and run.name == base)
     extra = dict(item.split("=", 1) for item in settings)
-    return Run("crosskd", "-".join(["crosskd", *settings]), {**CROSSKD.settings, **extra}, teacher="teacher")
+    return run._replace(name="-".join([base, *settings]), settings={**run.settings, **extra})
 
 
 def peer_python(choice: str) -> list[str]:
@@ -375,8 +375,9 @@ def main() -> None:
                         default=[run.name for run in RUNS], help="which runs to train (both sides'; default all)")
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES), help="whose runs to train")
     parser.add_argument("--variant", nargs="+", metavar="KEY=VALUE",
-                        help="also train crosskd's CrossKD student with these distill settings (e.g. kd_weight=4), "
-                             "as the run crosskd-KEY=VALUE")
+                        help="also train a crosskd distilled student (--variant-of) with these settings (e.g. "
+                             "kd_weight=4), as the run <variant-of>-KEY=VALUE")
+    parser.add_argument("--variant-of", choices=("crosskd", "sl2"), default="crosskd", help="the run --variant changes")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="per training (a quick check: 2)")
     parser.add_argument("--threads", type=int, default=min(8, max(1, (os.cpu_count() or 2) - 1)),
@@ -392,7 +393,7 @@ def main() -> None:
     COMMON.update(epochs=args.epochs, close_mosaic=close_mosaic(args.epochs))
     chosen = [run for run in RUNS if run.name in args.runs and run.side in args.sides]
     if args.variant:
-        chosen.append(variant(args.variant))
+        chosen.append(variant(args.variant_of, args.variant))
     if not args.summary:
         needs_peer = any(run.side == "ultralytics" for run in chosen) or "step" in args.sections
         peer = peer_python(args.ultralytics_python) if needs_peer else []

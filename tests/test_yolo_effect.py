@@ -69,7 +69,8 @@ def test_commands_resume_from_last_pt_and_name_each_sides_teacher(bench, tmp_pat
 
 
 def test_a_variant_is_crosskd_with_extra_settings_and_joins_the_summary_once_it_has_results(bench, tmp_path):
-    run = bench.variant(["kd_weight=4", "kd_cls_loss=bce"])
+    assert bench.variant("sl2", ["kd_weight=3"]).settings == {"model": "yolo11n.yaml", "kd": "sl2", "kd_weight": "3"}
+    run = bench.variant("crosskd", ["kd_weight=4", "kd_cls_loss=bce"])
     assert run.name == "crosskd-kd_weight=4-kd_cls_loss=bce" and run.teacher == "teacher"
     assert run.settings == {"model": "yolo11n.yaml", "kd": "crosskd", "kd_weight": "4", "kd_cls_loss": "bce"}
     data = {"crosskd": tmp_path / "c.yaml", "ultralytics": tmp_path / "u.yaml"}
