@@ -60,10 +60,8 @@ DEFAULT_WEIGHTS = {
     "fcos": KDWeights(cls=0.4, reg=0.75, feat=2.0),
     # crosskd(+pkd)_r18_faster-rcnn_r50_fpn_1x_coco: KL (T=3) 0.5, L1 1.0, PKD 6 (distill/two_stage.py)
     "faster_rcnn": KDWeights(cls=0.5, reg=1.0, feat=6.0),
-    # YOLO's head is GFL's (sigmoid scores, DFL bins): GFL's recipe at 4x GFL's weights, because YOLO's detection loss
-    # (plain BCE, gains 0.5/7.5/1.5) outweighs GFL's (QFL, 1/2/0.25); 4x measured best of 1-10x (docs/results.md,
-    # issue 22). feat is Ultralytics' dis=6.0 (kd=sl2)
-    "yolo": KDWeights(cls=4.0, reg=16.0, feat=6.0),
+    # YOLO's head is GFL's (sigmoid scores, DFL bins): GFL's recipe and weights; feat is Ultralytics' dis=6.0 (kd=sl2)
+    "yolo": KDWeights(cls=1.0, reg=4.0, feat=6.0),
 }
 LD_WEIGHTS = KDWeights(reg=0.25)
 
