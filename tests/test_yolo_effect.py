@@ -81,6 +81,15 @@ def test_a_variant_is_crosskd_with_extra_settings_and_joins_the_summary_once_it_
     assert f"| crosskd | {run.name} | 31.0 ± 1.4 (n=2) |" in bench.summary(tmp_path)
 
 
+def test_the_cpu_1k_scale_has_four_times_the_training_images_and_its_own_folder(bench, tmp_path, monkeypatch):
+    monkeypatch.setitem(bench.SCALES, "cpu-1k", (bench.SCALES["cpu-1k"][0], tmp_path))
+    monkeypatch.setattr("sys.argv", ["yolo_effect.py", "--scale", "cpu-1k", "--summary"])
+    bench.main()
+    assert (bench.DATA["num_train"], bench.DATA["num_val"]) == (1024, 256)
+    assert "Targets: not all runs have finished." in (tmp_path / "summary.md").read_text()
+    assert bench.SCALES["cpu"] == ({"num_train": 256, "num_val": 128}, bench.OUT)
+
+
 def test_coco_commands_cover_both_tools_and_teachers(bench):
     text = bench.coco_commands()
     for teacher in ("yolo11m", "yolo11s"):
