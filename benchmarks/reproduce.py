@@ -467,12 +467,13 @@ def train_and_record(run: Run, scale: Scale, out: Path) -> str | None:
 
 def execute(runs: list[Run], scale: Scale, out: Path, jobs: int) -> list[str]:
     """Train every run whose metrics JSON is missing, `jobs` at a time: teachers first, beside them the students that
-    distil from no teacher, then the distilled students; returns the failed runs."""
+    distil from no teacher or from one that has finished, then the other distilled students; returns the failed
+    runs."""
     todo = [run for run in runs if not metrics_path(out, run).is_file() or teacher_to_retrain(run, runs, out)]
     LOGGER.info(f"reproduce: {len(runs) - len(todo)} of {len(runs)} trainings finished earlier, {len(todo)} to run, "
                 f"{jobs} at a time; each training logs to <run dir>/train.log")
     load_data_yaml(data_yaml(scale, out))  # generate the digits once, before parallel trainings read them
-    first = [run for run in todo if run.settings["model"] in TEACHER_ROLES or not run.settings.get("teacher")]
+    first = [run for run in todo if can_start_now(run, todo, out)]
     students = [run for run in todo if run not in first]
     threads = max(1, (os.cpu_count() or 1) // jobs)
     pool = None
@@ -484,6 +485,14 @@ def execute(runs: list[Run], scale: Scale, out: Path, jobs: int) -> list[str]:
         failed += [f"{run.key}-seed{run.seed} (no teacher)" for run in students if teacher_missing(run, out)]
         failed += run_group([run for run in students if not teacher_missing(run, out)], scale, out, pool)
     return failed
+
+
+def can_start_now(run: Run, todo: list[Run], out: Path) -> bool:
+    """A teacher, a student without one, or a student whose teacher has finished and is not to be trained again."""
+    teacher = run.settings.get("teacher")
+    if run.settings["model"] in TEACHER_ROLES or not teacher:
+        return True
+    return not teacher_missing(run, out) and teacher_run(teacher) not in todo
 
 
 def start_training_process(threads: int) -> None:

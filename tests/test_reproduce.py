@@ -92,6 +92,20 @@ def test_execute_trains_the_undistilled_students_beside_the_teachers(reproduce, 
     assert groups[1] == []  # nothing trained: every distilled student lacks its teacher
     assert len(failed) == 4 and all(name.endswith("(no teacher)") for name in failed)
 
+    teacher = runs[0]  # finished with its checkpoint (a resumed study): its students start beside the students alone
+    reproduce.metrics_path(tmp_path, teacher).parent.mkdir(parents=True)
+    reproduce.metrics_path(tmp_path, teacher).write_text("{}")
+    best = reproduce.run_dir(tmp_path, teacher) / "weights" / "best.pt"
+    best.parent.mkdir(parents=True)
+    best.touch()
+    groups.clear()
+    assert reproduce.execute(runs, reproduce.SCALES["cpu"], tmp_path, jobs=1) == []
+    assert sorted(groups[0]) == sorted(run.key for run in runs[1:]) and groups[1] == []
+    best.unlink()  # its checkpoint gone: the teacher trains again first, its students after it
+    groups.clear()
+    reproduce.execute(runs, reproduce.SCALES["cpu"], tmp_path, jobs=1)
+    assert groups[0] == ["frcnn_teacher", "frcnn_student", "frcnn_student"] and len(groups[1]) == 4
+
 
 @pytest.mark.slow  # four tiny Faster R-CNN trainings, about 2 minutes on 2 cores
 def test_smoke_runs_table11_tiny(reproduce, tmp_path):
