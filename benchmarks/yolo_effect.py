@@ -403,6 +403,8 @@ def main() -> None:
     COMMON.update(epochs=args.epochs, close_mosaic=close_mosaic(args.epochs))
     chosen = [run for run in RUNS if run.name in args.runs and run.side in args.sides]
     if args.variant:
+        if not all("=" in item for item in args.variant):
+            parser.error(f"--variant takes KEY=VALUE settings, got {' '.join(args.variant)}")
         chosen.append(variant(args.variant_of, args.variant))
     if not args.summary:
         needs_peer = any(run.side == "ultralytics" for run in chosen) or "step" in args.sections
