@@ -320,6 +320,21 @@ def claim_folder(out: Path) -> None:
     write_json(marker, defaults)
 
 
+def retrain_lost_teachers(runs: list[Run], out: Path, source_scale: Scale, source: Path) -> list[str]:
+    """Train again, in `source`, each finished teacher whose checkpoint is gone (a fresh clone holds its metrics JSON,
+    never its .pt) while a student of `runs` still has to distil from it; returns the failed ones."""
+    students_to_run = [run for run in runs if not metrics_path(out, run).is_file()]
+    lost = [run for run in runs if run.settings["model"] in TEACHER_ROLES and metrics_path(source, run).is_file()
+            and not (run_dir(source, run) / "weights" / "best.pt").is_file()
+            and any(s.settings.get("teacher") == run.settings["model"] for s in students_to_run)]
+    if not lost:
+        return []
+    claim_folder(source)
+    LOGGER.info(f"reproduce: training {len(lost)} teachers of {source} again (their checkpoints are gone)")
+    load_data_yaml(data_yaml(source_scale, source))
+    return run_group(lost, source_scale, source, None)
+
+
 def link_teachers(runs: list[Run], out: Path, source: Path) -> None:
     """Make the teachers trained in `source` this folder's: a link to each run folder and a copy of its metrics
     JSON. A teacher that has not finished there is left out (its students then fail as 'no teacher')."""
@@ -785,7 +800,10 @@ def main(argv: list[str] | None = None) -> int:
     if not opts.summary:
         claim_folder(out)
         if scale.teachers_from:
-            link_teachers(runs, out, opts.teachers or default_out(SCALES[scale.teachers_from]))
+            source_scale = SCALES[scale.teachers_from]
+            source = opts.teachers or default_out(source_scale)
+            failed += retrain_lost_teachers(runs, out, source_scale, source)
+            link_teachers(runs, out, source)
             runs = [run for run in runs if run.settings["model"] not in TEACHER_ROLES]
         signal.signal(signal.SIGTERM, stop_with_workers)
         failed = execute(runs, scale, out, max(1, opts.jobs))

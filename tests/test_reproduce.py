@@ -263,3 +263,27 @@ def test_a_teacher_without_its_checkpoint_is_trained_again_while_a_student_needs
     reproduce.write_json(reproduce.metrics_path(tmp_path, student), {"AP": 20.0})
     assert not reproduce.teacher_to_retrain(teacher, runs, tmp_path)  # every student of it has finished
     assert not reproduce.teacher_to_retrain(student, runs, tmp_path)
+
+
+def test_cpu_long_trains_the_source_scales_lost_teacher_again(reproduce, tmp_path, monkeypatch):
+    """A fresh clone's cpu-long students distil from the cpu scale's teacher, whose .pt the clone lacks."""
+    source, out = tmp_path / "cpu", tmp_path / "cpu-long"
+    runs = reproduce.plan_runs([reproduce.Row("5", "CrossKD", reproduce.CROSSKD)], seeds=(0,))
+    teacher, student = runs
+    reproduce.claim_folder(source)
+    reproduce.write_json(reproduce.metrics_path(source, teacher), {"key": "teacher", "seed": 0})
+    trained = []
+
+    def record_training(group, scale, folder, pool):
+        trained.append((group, folder))
+        return []
+
+    monkeypatch.setattr(reproduce, "load_data_yaml", lambda path: None)
+    monkeypatch.setattr(reproduce, "run_group", record_training)
+    scale = reproduce.SCALES["cpu"]
+    assert reproduce.retrain_lost_teachers(runs, out, scale, source) == []
+    assert trained == [([teacher], source)]
+    reproduce.write_json(reproduce.metrics_path(out, student), {"AP": 20.0})
+    trained.clear()
+    reproduce.retrain_lost_teachers(runs, out, scale, source)  # its only student has finished: nothing to train
+    assert trained == []
