@@ -332,7 +332,8 @@ def retrain_lost_teachers(runs: list[Run], out: Path, source_scale: Scale, sourc
     claim_folder(source)
     LOGGER.info(f"reproduce: training {len(lost)} teachers of {source} again (their checkpoints are gone)")
     load_data_yaml(data_yaml(source_scale, source))
-    return run_group(lost, source_scale, source, None)
+    with training_pool(1) as pool:  # in this process, its loader workers outlived the training and held up the exit
+        return run_group(lost, source_scale, source, pool)
 
 
 def link_teachers(runs: list[Run], out: Path, source: Path) -> None:
@@ -490,16 +491,19 @@ def execute(runs: list[Run], scale: Scale, out: Path, jobs: int) -> list[str]:
     load_data_yaml(data_yaml(scale, out))  # generate the digits once, before parallel trainings read them
     first = [run for run in todo if can_start_now(run, todo, out)]
     students = [run for run in todo if run not in first]
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    pool = None
-    if jobs > 1:
-        pool = ProcessPoolExecutor(jobs, get_context("spawn"), initializer=start_training_process, initargs=(threads,),
-                                   max_tasks_per_child=1)  # each training in a fresh process: the code as it is now
+    pool = training_pool(jobs) if jobs > 1 else None
     with pool or contextlib.nullcontext():
         failed = run_group(first, scale, out, pool)
         failed += [f"{run.key}-seed{run.seed} (no teacher)" for run in students if teacher_missing(run, out)]
         failed += run_group([run for run in students if not teacher_missing(run, out)], scale, out, pool)
     return failed
+
+
+def training_pool(jobs: int) -> ProcessPoolExecutor:
+    """`jobs` processes sharing the cores, each running one training (a fresh process: the code as it is now)."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    return ProcessPoolExecutor(jobs, get_context("spawn"), initializer=start_training_process, initargs=(threads,),
+                               max_tasks_per_child=1)
 
 
 def can_start_now(run: Run, todo: list[Run], out: Path) -> bool:
