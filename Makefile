@@ -25,7 +25,7 @@ demo: .venv
 test: .venv compare
 	$(PYTHON) -m pytest -q tests
 
-# Everything but the tests marked slow (overfit, torchrun, kill-and-resume, CLI matrix, full-size models): 1,205 tests.
+# Everything but the tests marked slow (overfit, torchrun, kill-and-resume, CLI matrix, full-size models): 1,206 tests.
 test-fast: .venv compare
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
