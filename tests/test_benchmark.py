@@ -7,6 +7,7 @@ import sys
 
 import pytest
 from test_export import write_checkpoint
+from test_quantization import INT8_AP_TOLERANCE
 
 from crosskd import cli
 from crosskd.config import get_args
@@ -35,8 +36,10 @@ def test_benchmark_every_format_end_to_end(tmp_path, trained_digits, capsys):
     floats = [by_format[name] for name in ("PyTorch", "TorchScript", "ONNX", "OpenVINO")]
     assert len({row.ap for row in floats}) == 1  # the same detections through every float runtime
     assert 0.3 < rows[0].ap < rows[0].ap50 < 1.0  # a trained model: a runtime that drifts changes its AP
-    for name in ("ONNX INT8", "OpenVINO FP16", "OpenVINO INT8"):  # close to float, and smaller files
-        assert abs(by_format[name].ap - rows[0].ap) < 0.05 and by_format[name].size_mb < 0.7 * floats[2].size_mb
+    tolerances = {"ONNX INT8": INT8_AP_TOLERANCE, "OpenVINO FP16": 0.05, "OpenVINO INT8": INT8_AP_TOLERANCE}
+    for name, tolerance in tolerances.items():
+        assert abs(by_format[name].ap - rows[0].ap) < tolerance  # close to float (INT8: the CPU's kernels decide)
+        assert by_format[name].size_mb < 0.7 * floats[2].size_mb  # and smaller files
     run_dir = tmp_path / "runs" / "bench"
     assert rows[0].file == str(weights.resolve())
     assert (run_dir / "best.onnx").is_file() and (run_dir / "best_openvino_model" / "best.xml").is_file()

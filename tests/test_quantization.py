@@ -31,6 +31,11 @@ from crosskd.models import build_detector
 DIGIT_NAMES = {i: str(i) for i in range(10)}
 DECODE_OPS = {"Sigmoid", "Softmax", "MatMul"}  # GFL's scores and DFL integral: after the last convolutions
 
+# On the fixture's 4 val images one box moves AP by several points, and the INT8 kernels differ by CPU: the drops were
+# 0.00-0.02 on AVX-512 VNNI and 0.075 (ONNX Runtime) / 0.094 (OpenVINO) on an AVX2-only EPYC (0.050 there with ONNX
+# Runtime's graph optimisations off, i.e. without its integer kernels). A broken INT8 graph scores near 0.
+INT8_AP_TOLERANCE = 0.15
+
 
 def copy_weights(trained_digits, folder: Path) -> Path:
     """The trained tiny GFL (AP ~0.68), copied where its exports may be written."""
@@ -120,7 +125,7 @@ def test_onnx_int8_export_calibrates_checks_ap_and_runs_like_any_export(tmp_path
     assert "ONNX INT8:" in out and "checked by AP instead" in out and "ms vs PyTorch" in out
     check = next(line for line in out.splitlines() if "INT8 check: AP" in line)
     float_ap, int8_ap = (float(check.split(word)[0].split()[-1]) for word in (" float", " INT8"))
-    assert 0.3 < float_ap < 1 and abs(int8_ap - float_ap) < 0.05  # a trained model: a broken INT8 graph drops
+    assert 0.3 < float_ap < 1 and abs(int8_ap - float_ap) < INT8_AP_TOLERANCE  # a broken INT8 graph drops to ~0
     assert "drop" in check and "on 4 val images" in check
 
     meta = onnx_metadata(path)
@@ -157,7 +162,7 @@ def test_openvino_int8_and_fp16(tmp_path, trained_digits, capsys):
     assert "quantizing with NNCF" in out and "OpenVINO FP16: max abs diff" in out
     check = next(line for line in out.splitlines() if "INT8 check: AP" in line)
     float_ap, int8_ap = (float(check.split(word)[0].split()[-1]) for word in (" float", " INT8"))
-    assert 0.3 < float_ap < 1 and abs(int8_ap - float_ap) < 0.05
+    assert 0.3 < float_ap < 1 and abs(int8_ap - float_ap) < INT8_AP_TOLERANCE
     metadata = [yaml.safe_load((folder / "metadata.yaml").read_text()) for folder in (int8, fp32, fp16)]
     assert [m["precision"] for m in metadata] == ["int8", "fp32", "fp16"]
     assert json.loads(metadata[0]["calibration"])["method"] == "percentile"
