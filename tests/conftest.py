@@ -99,7 +99,8 @@ def fit(model: torch.nn.Module, batch, steps: int, lr: float = 3e-3) -> torch.nn
 
 @pytest.fixture(scope="session")
 def trained_digits(tmp_path_factory, write_digits_yaml) -> TrainedDigits:
-    """A tiny GFL that scores between 0 and 1 (val AP 0.66-0.68 by CPU, AP50 0.75): 40 AdamW steps on the val images, seed 0, ~3 s.
+    """A tiny GFL that scores between 0 and 1 (val AP 0.66-0.68, by CPU; AP50 0.75): 40 AdamW steps on the val images,
+    seed 0, ~3 s.
 
     The images are 96 px and the model sees them at 128, so a validator that forgot to scale boxes back to original
     pixels scores far lower. Copy `weights` before exporting next to it: the fixture is shared by the session.
