@@ -810,7 +810,7 @@ def main(argv: list[str] | None = None) -> int:
             link_teachers(runs, out, source)
             runs = [run for run in runs if run.settings["model"] not in TEACHER_ROLES]
         signal.signal(signal.SIGTERM, stop_with_workers)
-        failed = execute(runs, scale, out, max(1, opts.jobs))
+        failed += execute(runs, scale, out, max(1, opts.jobs))
     summary = summarise(scale_rows, scale, out, seeds)  # the file covers every row of the scale, whatever --rows says
     print(summary if rows == scale_rows else summary_markdown(rows, scale, load_records(out), seeds, None))
     if scale.name in ("cpu", "cpu-long"):
