@@ -323,10 +323,7 @@ def claim_folder(out: Path) -> None:
 def retrain_lost_teachers(runs: list[Run], out: Path, source_scale: Scale, source: Path) -> list[str]:
     """Train again, in `source`, each finished teacher whose checkpoint is gone (a fresh clone holds its metrics JSON,
     never its .pt) while a student of `runs` still has to distil from it; returns the failed ones."""
-    students_to_run = [run for run in runs if not metrics_path(out, run).is_file()]
-    lost = [run for run in runs if run.settings["model"] in TEACHER_ROLES and metrics_path(source, run).is_file()
-            and not (run_dir(source, run) / "weights" / "best.pt").is_file()
-            and any(s.settings.get("teacher") == run.settings["model"] for s in students_to_run)]
+    lost = [run for run in runs if metrics_path(source, run).is_file() and teacher_to_retrain(run, runs, source, out)]
     if not lost:
         return []
     claim_folder(source)
@@ -532,13 +529,15 @@ def stop_with_workers(signum: int, frame: Any) -> None:
     os._exit(128 + signum)
 
 
-def teacher_to_retrain(run: Run, runs: list[Run], out: Path) -> bool:
+def teacher_to_retrain(run: Run, runs: list[Run], out: Path, students_out: Path | None = None) -> bool:
     """A finished teacher whose checkpoint is gone (a fresh clone holds its metrics JSON, never its .pt) while a
-    student that distils from it has still to run: it is trained again (same settings and seed)."""
+    student that distils from it has still to run (in `students_out`, default `out`): it is trained again (same
+    settings and seed)."""
     role = run.settings["model"]
     if role not in TEACHER_ROLES or (run_dir(out, run) / "weights" / "best.pt").is_file():
         return False
-    return any(r.settings.get("teacher") == role and not metrics_path(out, r).is_file() for r in runs)
+    students_out = students_out or out
+    return any(r.settings.get("teacher") == role and not metrics_path(students_out, r).is_file() for r in runs)
 
 
 def teacher_missing(run: Run, out: Path) -> bool:
