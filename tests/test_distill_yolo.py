@@ -13,7 +13,7 @@ from test_distill import tiny_batch, tiny_detector
 from crosskd.distill import Distiller
 from crosskd.distill.methods.sl2 import ULTRALYTICS_DIS
 from crosskd.engine.tools.analyzer import run as analyze
-from crosskd.errors import CheckpointError, ConfigError
+from crosskd.errors import CheckpointError
 from crosskd.models import build_detector
 from crosskd.models.build import load_model_yaml
 
@@ -93,9 +93,15 @@ def test_crosskd_across_the_two_families(student_family, teacher_family):
     assert any(grads_of(distiller.methods["crosskd"].adapter))
 
 
-def test_kd_idx_zero_between_scales_is_one_line():
-    with pytest.raises(ConfigError, match=r"kd_idx=0 holds the neck outputs.*use kd_idx=1 or 2 for a YOLO head"):
-        Distiller(tiny_yolo(), tiny_yolo(width=0.125), kd="crosskd", kd_idx=0)
+def test_kd_idx_zero_between_scales_adapts_each_neck_level():
+    distiller = Distiller(tiny_yolo(), sure_teacher(), kd="crosskd", kd_idx=0)
+    adapters = distiller.methods["crosskd"].adapter
+    student, teacher = distiller.student.head.level_channels, distiller.teacher.head.level_channels
+    assert [(a.cls.in_channels, a.cls.out_channels) for a in adapters] == list(zip(student, teacher, strict=True))
+    assert len(set(student)) == 3 and [a.reg.out_channels for a in adapters] == teacher
+    kd_only(distiller.loss(tiny_batch())).backward()
+    assert all(any(grads_of(adapter)) for adapter in adapters)
+    assert any(grads_of(distiller.student.neck)) and not any(grads_of(distiller.student.head))
 
 
 def test_kd_idx_zero_between_equal_widths_works():

@@ -148,21 +148,37 @@ class TowerAdapter(nn.Module):
         """[B, C_student, H, W] hold features → [B, C_teacher, H, W] each."""
         return self.cls(cls_feat), self.reg(reg_feat)
 
+    def for_level(self, level: int) -> TowerAdapter:
+        """The adapter of FPN `level`: this one, shared by every level."""
+        return self
+
+
+class LevelAdapters(nn.ModuleList):
+    """One TowerAdapter per level, where the hold widths differ from level to level (a YOLO neck at kd_idx=0)."""
+
+    def __init__(self, student_levels: list[tuple[int, int]], teacher_levels: list[tuple[int, int]]) -> None:
+        super().__init__(TowerAdapter(s, t) for s, t in zip(student_levels, teacher_levels, strict=True))
+
+    def for_level(self, level: int) -> TowerAdapter:
+        """The adapter of FPN `level`."""
+        return self[level]
+
 
 def level_hold_channels(head: DenseHead, idx: int) -> list[tuple[int, int]]:
     """(cls, reg) hold widths at step `idx` on every level (they differ per level only at step 0 of a YOLO head)."""
     return [head.hold_channels(idx, level) for level in range(len(head.strides))]
 
 
-def build_adapter(student_head: DenseHead, teacher_head: DenseHead, idx: int) -> TowerAdapter | None:
-    """A TowerAdapter when the hold features' widths differ, else None; one line when they differ on some levels
-    only in a way one shared adapter cannot map (the per-level neck widths at kd_idx=0 of YOLO heads)."""
+def build_adapter(student_head: DenseHead, teacher_head: DenseHead, idx: int) -> TowerAdapter | LevelAdapters | None:
+    """A TowerAdapter when the hold features' widths differ, one per level (LevelAdapters) when the widths also
+    differ from level to level (the neck outputs of YOLO heads at kd_idx=0), else None."""
     s_levels, t_levels = level_hold_channels(student_head, idx), level_hold_channels(teacher_head, idx)
     if s_levels == t_levels:
         return None
     if len(set(s_levels)) > 1 or len(set(t_levels)) > 1:
-        raise ConfigError(f"kd_idx={idx} holds the neck outputs, whose widths differ per level ({s_levels[0][0]}.. in "
-                          f"the student, {t_levels[0][0]}.. in the teacher): use kd_idx=1 or 2 for a YOLO head")
+        LOGGER.info(f"CrossKD: student hold features have {[s for s, _ in s_levels]} channels per level, the "
+                    f"teacher's {[t for t, _ in t_levels]}; adding learned 1x1 adapters (cls, reg) per level")
+        return LevelAdapters(s_levels, t_levels)
     s_channels, t_channels = s_levels[0], t_levels[0]
     LOGGER.info(f"CrossKD: student hold features have {_widths(s_channels)} channels, the teacher's "
                 f"{_widths(t_channels)}; adding learned 1x1 adapters (cls, reg)")

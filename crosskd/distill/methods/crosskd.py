@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 
 class CrossKD(KDMethod):
-    """Cross-head KD; owns the 1x1 width adapter (cls, reg) when the hold features' widths differ (strategy a)."""
+    """Cross-head KD; owns the 1x1 width adapters (cls, reg; shared, or per level where the widths differ by level)
+    when the hold features' widths differ (strategy a)."""
 
     needs = frozenset({"holds", "teacher_outputs"})
     cross_head_pass = True
@@ -77,7 +78,7 @@ class CrossKD(KDMethod):
         levels = []
         for level, ((s_cls, s_reg), (t_cls, t_reg)) in enumerate(zip(s_holds, t_holds)):
             if self.adapter is not None:
-                s_cls, s_reg = self.adapter(s_cls, s_reg)
+                s_cls, s_reg = self.adapter.for_level(level)(s_cls, s_reg)
             if self.setup.kd_align:
                 s_cls, s_reg = align_scale(s_cls, t_cls), align_scale(s_reg, t_reg)
             levels.append(teacher_head.forward_from(s_cls, s_reg, level, self.setup.kd_idx,
