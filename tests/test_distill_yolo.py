@@ -104,6 +104,15 @@ def test_kd_idx_zero_between_scales_adapts_each_neck_level():
     assert any(grads_of(distiller.student.neck)) and not any(grads_of(distiller.student.head))
 
 
+def test_per_level_adapters_round_trip_through_the_kd_state():
+    saved = Distiller(tiny_yolo(), sure_teacher(), kd="crosskd", kd_idx=0).kd_state()
+    torch.manual_seed(5)
+    restored = Distiller(tiny_yolo(), sure_teacher(), kd="crosskd", kd_idx=0)
+    restored.load_kd_state(saved)
+    assert saved["crosskd"].keys() >= {"adapter.0.cls.weight", "adapter.2.reg.bias"}
+    assert all(torch.equal(v, restored.kd_state()["crosskd"][k]) for k, v in saved["crosskd"].items())
+
+
 def test_kd_idx_zero_between_equal_widths_works():
     distiller = Distiller(tiny_yolo(seed=0), tiny_yolo(seed=1), kd="crosskd", kd_idx=0)
     assert distiller.methods["crosskd"].adapter is None and math.isfinite(kd_only(distiller.loss(tiny_batch())).item())
@@ -157,7 +166,8 @@ def test_ultralytics_feature_kd_weights_neck_errors_by_teacher_scores():
     assert any(grads_of(student.neck)) and not any(grads_of(student.head))
 
 
-def test_analyze_measures_a_yolo_pair(tmp_path, write_digits_yaml):
+@pytest.mark.parametrize(("kd_idx", "hold"), [(None, 1), (0, 0)])
+def test_analyze_measures_a_yolo_pair(tmp_path, write_digits_yaml, kd_idx, hold):
     write_digits_yaml(tmp_path, num_train=2, num_val=4)
     cfg, _ = load_model_yaml("yolo11.yaml")
     cfg["scales"], cfg["scale"] = {"t": [0.33, 0.0625, 1024]}, "t"
@@ -165,10 +175,10 @@ def test_analyze_measures_a_yolo_pair(tmp_path, write_digits_yaml):
     save_teacher(teacher_cfg, tmp_path / "teacher.pt", seed=0)
     student_yaml = tmp_path / "yolo_student.yaml"
     student_yaml.write_text(yaml.safe_dump(cfg))
-    report = analyze(analyze_args(tmp_path, "yolo", student=str(student_yaml), kd_idx=None))
+    report = analyze(analyze_args(tmp_path, "yolo", student=str(student_yaml), kd_idx=kd_idx))
     assert [lv["level"] for lv in report["levels"]] == ["P3", "P4", "P5", "all"]
     assert report["setup"]["teacher_head"] == report["setup"]["student_head"] == "yolo"
-    assert report["setup"]["kd_idx"] == 1 and report["setup"]["adapter"].startswith("untrained")
+    assert report["setup"]["kd_idx"] == hold and report["setup"]["adapter"].startswith("untrained")
     assert report["levels"][-1]["neg"]["locations"] > 0
 
 
