@@ -25,6 +25,7 @@ from ultralytics_peer import ultralytics_python
 from crosskd import cli
 from crosskd.api import Detector
 from crosskd.config import get_args
+from crosskd.distill import Distiller
 from crosskd.engine.deployment import converter
 from crosskd.engine.deployment.loader import is_detector_checkpoint, load_runtime
 from crosskd.engine.training import launch
@@ -575,3 +576,29 @@ def test_distill_from_an_ultralytics_teacher(self_labelled, peer_files, tmp_path
     row = dict(zip(results[0].split(","), results[1].split(","), strict=True))
     assert all(0 < float(row[f"train/{key}_loss"]) < float("inf") for key in ("kd_cls", "kd_reg"))
     assert load_runtime(trainer.weights_dir / "best.pt").names == PEER_NAMES
+
+
+def ultralytics_labels_as_batch(expected: dict) -> types.SimpleNamespace:
+    """The peer's images and Ultralytics-style labels (batch_idx, cls, normalised xywh) as crosskd's padded batch."""
+    images = expected["images"]
+    height, width = images.shape[-2:]
+    xywh = expected["bboxes"] * torch.tensor([width, height, width, height])
+    xyxy = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], dim=1)
+    image_index = expected["batch_idx"].long()
+    slot = torch.cat([(image_index[:i] == image_index[i]).sum().view(1) for i in range(len(image_index))])
+    gt_boxes = torch.zeros(len(images), int(slot.max()) + 1, 4)
+    gt_labels = torch.full(gt_boxes.shape[:2], -1)
+    gt_boxes[image_index, slot] = xyxy
+    gt_labels[image_index, slot] = expected["cls"][:, 0].long()
+    return types.SimpleNamespace(images=images, gt_boxes=gt_boxes, gt_labels=gt_labels)
+
+
+def test_sl2_equals_ultralytics_feature_distillation(peer_files):
+    """kd=sl2 on the same two files, projectors and batch gives Ultralytics' DistillationModel loss (dis 6.0)."""
+    expected = torch.load(peer_files / "sl2_expected.pt", weights_only=True)
+    student, teacher = (load_runtime(peer_files / f"{name}.pt").model for name in ("yolo11n", "yolo11s"))
+    distiller = Distiller(student, teacher, kd="sl2").train()
+    distiller.methods["sl2"].projectors.load_state_dict(expected["projector"])
+    losses = distiller.loss(ultralytics_labels_as_batch(expected))
+    assert distiller.weights.feat == expected["dis"] == 6.0
+    torch.testing.assert_close(losses["kd_feat"], expected["dis_loss"], rtol=1e-4, atol=0)

@@ -8,7 +8,11 @@ dict of tensors (loadable with weights_only=True): `state` (the reloaded model's
 [1, 3, H, W] in 0..1 (Ultralytics' model input: the image already divided by 255), per level `box` [1, 4*16, h, w]
 and `cls` [1, nc, h, w] (Detect's cv2 / cv3 outputs; float64, and float32 as `box32` / `cls32`), `decoded`
 [1, 4 + nc, N] (xywh pixels, class scores; float64) and `detections` [K, 6] (xyxy, score, class) after Ultralytics'
-NMS with CONF, IOU and MAX_DET (float64). Per name in TEACHERS only the checkpoint OUT_DIR/NAME.pt.
+NMS with CONF, IOU and MAX_DET (float64). Per name in TEACHERS only the checkpoint OUT_DIR/NAME.pt. And
+OUT_DIR/sl2_expected.pt: Ultralytics' own feature distillation (`distill_model=`, DistillationModel) of the YOLO11n
+file from the YOLO11s file on one seeded batch in training mode: `images` [B, 3, H, W], the labels as Ultralytics
+takes them (`batch_idx`, `cls`, `bboxes` normalised xywh), its seeded `projector` state_dict and `dis_loss` (its
+distillation loss, the `dis` gain included, before Ultralytics multiplies it by the batch size).
 """
 
 import sys
@@ -27,6 +31,9 @@ INPUT_HW = (96, 128)
 CONF, IOU, MAX_DET = 0.25, 0.7, 300
 SEED = 0
 BN_MOMENTUM = 0.03  # Ultralytics' initialize_weights
+SL2_HW = (96, 128)
+SL2_LABELS = {"batch_idx": [0.0, 0.0, 1.0], "cls": [[0.0], [2.0], [1.0]],
+              "bboxes": [[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.4], [0.5, 0.5, 0.4, 0.5]]}
 
 
 def randomise(model: nn.Module, generator: torch.Generator) -> None:
@@ -88,6 +95,22 @@ def expected_outputs(path: Path) -> dict:
     }
 
 
+def sl2_expected(student_path: Path, teacher_path: Path) -> dict:
+    """Ultralytics' DistillationModel of the two files (projectors seeded) on one seeded batch, in training mode."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.nn.distill_model import DistillationModel
+
+    student = YOLO(student_path).model
+    student.args = get_cfg(overrides={"imgsz": max(SL2_HW)})
+    torch.manual_seed(SEED)
+    model = DistillationModel(teacher_model=teacher_path, student_model=student).train()
+    images = torch.rand(2, 3, *SL2_HW, generator=torch.Generator().manual_seed(SEED + 1))
+    labels = {key: torch.tensor(value) for key, value in SL2_LABELS.items()}
+    _, items = model.loss({"img": images, **labels})
+    return {"images": images, **labels, "projector": model.projector.state_dict(), "dis": float(model.dis),
+            "dis_loss": items["dis_loss"].reshape(())}
+
+
 def main(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in MODELS:
@@ -98,6 +121,7 @@ def main(out_dir: Path) -> None:
         print(f"{name}: {len(expected['detections'])} detections")
     for name in TEACHERS:
         save_seeded(name, out_dir / f"{name}.pt")
+    torch.save(sl2_expected(out_dir / "yolo11n.pt", out_dir / "yolo11s.pt"), out_dir / "sl2_expected.pt")
 
 
 if __name__ == "__main__":
