@@ -584,8 +584,8 @@ def ultralytics_labels_as_batch(expected: dict) -> types.SimpleNamespace:
     height, width = images.shape[-2:]
     xywh = expected["bboxes"] * torch.tensor([width, height, width, height])
     xyxy = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], dim=1)
-    image_index = expected["batch_idx"].long()
-    slot = torch.cat([(image_index[:i] == image_index[i]).sum().view(1) for i in range(len(image_index))])
+    image_index = expected["batch_idx"].long()  # sorted, as Ultralytics collates
+    slot = torch.arange(len(image_index)) - torch.searchsorted(image_index, image_index)  # the box's place in its image
     gt_boxes = torch.zeros(len(images), int(slot.max()) + 1, 4)
     gt_labels = torch.full(gt_boxes.shape[:2], -1)
     gt_boxes[image_index, slot] = xyxy

@@ -31,7 +31,6 @@ INPUT_HW = (96, 128)
 CONF, IOU, MAX_DET = 0.25, 0.7, 300
 SEED = 0
 BN_MOMENTUM = 0.03  # Ultralytics' initialize_weights
-SL2_HW = (96, 128)
 SL2_LABELS = {"batch_idx": [0.0, 0.0, 1.0], "cls": [[0.0], [2.0], [1.0]],
               "bboxes": [[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.4], [0.5, 0.5, 0.4, 0.5]]}
 
@@ -101,10 +100,10 @@ def sl2_expected(student_path: Path, teacher_path: Path) -> dict:
     from ultralytics.nn.distill_model import DistillationModel
 
     student = YOLO(student_path).model
-    student.args = get_cfg(overrides={"imgsz": max(SL2_HW)})
+    student.args = get_cfg(overrides={"imgsz": max(INPUT_HW)})
     torch.manual_seed(SEED)
     model = DistillationModel(teacher_model=teacher_path, student_model=student).train()
-    images = torch.rand(2, 3, *SL2_HW, generator=torch.Generator().manual_seed(SEED + 1))
+    images = torch.rand(2, 3, *INPUT_HW, generator=torch.Generator().manual_seed(SEED + 1))
     labels = {key: torch.tensor(value) for key, value in SL2_LABELS.items()}
     _, items = model.loss({"img": images, **labels})
     return {"images": images, **labels, "projector": model.projector.state_dict(), "dis": float(model.dis),
