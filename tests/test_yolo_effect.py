@@ -93,9 +93,10 @@ def test_the_cpu_1k_scale_has_four_times_the_training_images_and_its_own_folder(
 def test_coco_commands_cover_both_tools_and_teachers(bench):
     text = bench.coco_commands()
     for teacher in ("yolo11m", "yolo11s"):
-        assert f"crosskd distill teacher={teacher}.pt student=yolo11n.yaml kd=crosskd" in text
+        assert f"crosskd distill teacher={teacher}.pt student=yolo11n.yaml kd=crosskd data" in text
+        assert f"crosskd distill teacher={teacher}.pt student=yolo11n.yaml kd=crosskd kd_idx=0 data" in text
         assert f"distill_model={teacher}.pt" in text
-    assert text.count("epochs=100") == 8 and "YOLO11n 39.5, YOLO11s 47.0, YOLO11m 51.5" in text
+    assert text.count("epochs=100") == 10 and "YOLO11n 39.5, YOLO11s 47.0, YOLO11m 51.5" in text
 
 
 @pytest.mark.slow
