@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 from torch import nn
+from torchvision.ops import box_convert
 from ultralytics_peer import ultralytics_python
 
 from crosskd import cli
@@ -582,8 +583,7 @@ def ultralytics_labels_as_batch(expected: dict) -> types.SimpleNamespace:
     """The peer's images and Ultralytics-style labels (batch_idx, cls, normalised xywh) as crosskd's padded batch."""
     images = expected["images"]
     height, width = images.shape[-2:]
-    xywh = expected["bboxes"] * torch.tensor([width, height, width, height])
-    xyxy = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], dim=1)
+    xyxy = box_convert(expected["bboxes"] * torch.tensor([width, height, width, height]), "cxcywh", "xyxy")
     image_index = expected["batch_idx"].long()  # sorted, as Ultralytics collates
     slot = torch.arange(len(image_index)) - torch.searchsorted(image_index, image_index)  # the box's place in its image
     gt_boxes = torch.zeros(len(images), int(slot.max()) + 1, 4)
